@@ -1,0 +1,1 @@
+//! Control groups (filled in by the cgroups work).

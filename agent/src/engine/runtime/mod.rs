@@ -1,0 +1,1 @@
+//! The OCI runtime (filled in by the runtime work).

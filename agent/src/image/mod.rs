@@ -1,0 +1,1 @@
+//! The image store (filled in by the image-store work).

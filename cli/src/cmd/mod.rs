@@ -1,0 +1,41 @@
+//! One module per subcommand group; each exposes `Args` and `run(Args)`.
+
+pub mod container;
+pub mod image;
+pub mod runtime;
+pub mod shim;
+
+use std::fmt;
+use std::process::ExitCode;
+
+/// An error caused by what the user asked for (a bad flag value, a malformed
+/// file, an unknown name). The binary exits 2 for these and 1 for failures.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Exit codes: 0 done, 1 failed, 2 bad usage or input.
+pub fn exit_code_for(err: &anyhow::Error) -> ExitCode {
+    if err.downcast_ref::<UsageError>().is_some() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Logs go to stderr, filtered by `GANTRY_LOG` (default: warnings).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GANTRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
