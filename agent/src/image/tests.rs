@@ -1,0 +1,1 @@
+//! Store-level tests (filled in below).
