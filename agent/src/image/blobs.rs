@@ -308,10 +308,16 @@ mod tests {
         let (dir, store) = store();
         let digest = sha256_digest(b"hello");
         let err = store.write(&digest, Some(5), &b"hell"[..]).unwrap_err();
-        assert!(matches!(err, BlobError::SizeMismatch { actual: 4, .. }), "{err}");
+        assert!(
+            matches!(err, BlobError::SizeMismatch { actual: 4, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains(&digest), "{err}");
         let err = store.write(&digest, Some(5), &b"hello!!"[..]).unwrap_err();
-        assert!(matches!(err, BlobError::SizeMismatch { actual: 6, .. }), "{err}");
+        assert!(
+            matches!(err, BlobError::SizeMismatch { actual: 6, .. }),
+            "{err}"
+        );
         assert!(!store.contains(&digest));
         assert_eq!(staged(dir.path()), 0);
     }

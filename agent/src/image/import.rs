@@ -145,7 +145,11 @@ fn import_blob(
             io_error(&path)(e)
         }
     })?;
-    blobs.write(&descriptor.digest, Some(descriptor.size), BufReader::new(file))?;
+    blobs.write(
+        &descriptor.digest,
+        Some(descriptor.size),
+        BufReader::new(file),
+    )?;
     Ok(())
 }
 
@@ -156,8 +160,8 @@ fn read_oci_layout(
 ) -> Result<Vec<Found>, ImageError> {
     let index_path = dir.join("index.json");
     let bytes = fs::read(&index_path).map_err(io_error(&index_path))?;
-    let index: Document = serde_json::from_slice(&bytes)
-        .map_err(|e| invalid(source, format!("index.json: {e}")))?;
+    let index: Document =
+        serde_json::from_slice(&bytes).map_err(|e| invalid(source, format!("index.json: {e}")))?;
     let manifests = index
         .manifests
         .ok_or_else(|| invalid(source, "index.json has no manifests"))?;
@@ -175,7 +179,8 @@ fn read_oci_layout(
         for _depth in 0..4 {
             import_blob(store, dir, source, &current)?;
             let bytes = store.blobs().read(&current.digest)?;
-            let media_type = (!current.media_type.is_empty()).then_some(current.media_type.as_str());
+            let media_type =
+                (!current.media_type.is_empty()).then_some(current.media_type.as_str());
             match manifest::parse(&bytes, &current.digest, media_type)? {
                 Parsed::Manifest(m) => {
                     import_blob(store, dir, source, &m.config)?;
@@ -391,8 +396,7 @@ fn extract_archive(path: &Path, dest: &Path) -> Result<(), ImageError> {
                     fs::create_dir_all(parent).map_err(io_error(parent))?;
                 }
                 let mut out = File::create(&target).map_err(io_error(&target))?;
-                io::copy(&mut entry, &mut out)
-                    .map_err(|e| bad(format!("entry {name:?}: {e}")))?;
+                io::copy(&mut entry, &mut out).map_err(|e| bad(format!("entry {name:?}: {e}")))?;
             }
             kind @ (tar::EntryType::Symlink | tar::EntryType::Link) => {
                 let link = entry
@@ -483,7 +487,13 @@ mod tests {
             normalize_within(Path::new("a"), Path::new("../b/layer.tar")),
             Some(PathBuf::from("b/layer.tar"))
         );
-        assert_eq!(normalize_within(Path::new("a"), Path::new("../../etc/passwd")), None);
-        assert_eq!(normalize_within(Path::new(""), Path::new("/etc/passwd")), None);
+        assert_eq!(
+            normalize_within(Path::new("a"), Path::new("../../etc/passwd")),
+            None
+        );
+        assert_eq!(
+            normalize_within(Path::new(""), Path::new("/etc/passwd")),
+            None
+        );
     }
 }

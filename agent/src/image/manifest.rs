@@ -266,7 +266,10 @@ mod tests {
             os: "linux".into(),
             variant: None,
         };
-        assert_eq!(select_platform(&list, "i", &amd64).unwrap().digest, "sha256:dd");
+        assert_eq!(
+            select_platform(&list, "i", &amd64).unwrap().digest,
+            "sha256:dd"
+        );
         let s390 = Platform {
             architecture: "s390x".into(),
             ..amd64

@@ -368,7 +368,10 @@ impl ImageStore {
         Ok(ImageDetails {
             created: config.created().clone(),
             platform: format!("{}/{}", config.os(), config.architecture()),
-            config: raw.get("config").cloned().unwrap_or(serde_json::Value::Null),
+            config: raw
+                .get("config")
+                .cloned()
+                .unwrap_or(serde_json::Value::Null),
             record,
             layers,
             leases,
@@ -755,8 +758,7 @@ fn snapshot_name(chain_id: &str) -> String {
 /// then a full id or manifest digest, then a unique id prefix.
 fn find(index: &Index, name: &str) -> Result<(usize, Match), ImageError> {
     let hex_prefix = name.strip_prefix("sha256:").unwrap_or(name);
-    let looks_like_id =
-        !hex_prefix.is_empty() && hex_prefix.bytes().all(|b| b.is_ascii_hexdigit());
+    let looks_like_id = !hex_prefix.is_empty() && hex_prefix.bytes().all(|b| b.is_ascii_hexdigit());
     if name.starts_with("sha256:") && hex_prefix.len() == 64 {
         if let Some(i) = index
             .images
@@ -785,9 +787,9 @@ fn find(index: &Index, name: &str) -> Result<(usize, Match), ImageError> {
             let repo = reference.repository();
             if let Some(i) = index.images.iter().position(|r| {
                 r.manifest_digest == *digest
-                    && r.names.iter().any(|n| {
-                        Reference::parse(n).is_ok_and(|own| own.repository() == repo)
-                    })
+                    && r.names
+                        .iter()
+                        .any(|n| Reference::parse(n).is_ok_and(|own| own.repository() == repo))
             }) {
                 return Ok((i, Match::Id));
             }

@@ -52,7 +52,13 @@ pub enum PullProgress {
 
 impl fmt::Display for PullProgress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let short = |d: &str| d.strip_prefix("sha256:").unwrap_or(d).chars().take(12).collect::<String>();
+        let short = |d: &str| {
+            d.strip_prefix("sha256:")
+                .unwrap_or(d)
+                .chars()
+                .take(12)
+                .collect::<String>()
+        };
         match self {
             PullProgress::Resolved { reference, digest } => {
                 write!(f, "{reference}: resolved to {digest}")
@@ -106,7 +112,9 @@ pub(super) fn pull(
             .into());
         }
         blobs.write_bytes(&bytes)?;
-        let content_type = content_type.as_deref().map(|c| c.split(';').next().unwrap_or(c).trim());
+        let content_type = content_type
+            .as_deref()
+            .map(|c| c.split(';').next().unwrap_or(c).trim());
         match manifest::parse(&bytes, &digest, content_type)? {
             Parsed::Manifest(m) => {
                 resolved = Some((m, digest));

@@ -245,7 +245,9 @@ fn validate_path(path: &str) -> Result<(), &'static str> {
         {
             return Err("repository name must be lowercase [a-z0-9._-]");
         }
-        if component.contains("..") || component.contains("___") || component.contains("._")
+        if component.contains("..")
+            || component.contains("___")
+            || component.contains("._")
             || component.contains("_.")
         {
             return Err("repository name has an invalid separator");
@@ -267,8 +269,14 @@ mod tests {
         assert_eq!(full("busybox"), "docker.io/library/busybox:latest");
         assert_eq!(full("busybox:1.36"), "docker.io/library/busybox:1.36");
         assert_eq!(full("user/app"), "docker.io/user/app:latest");
-        assert_eq!(full("index.docker.io/library/busybox"), "docker.io/library/busybox:latest");
-        assert_eq!(full("docker.io/busybox"), "docker.io/library/busybox:latest");
+        assert_eq!(
+            full("index.docker.io/library/busybox"),
+            "docker.io/library/busybox:latest"
+        );
+        assert_eq!(
+            full("docker.io/busybox"),
+            "docker.io/library/busybox:latest"
+        );
     }
 
     #[test]
@@ -284,7 +292,10 @@ mod tests {
         let r = Reference::parse("ghcr.io/o/app").unwrap();
         assert!(!r.is_loopback_registry());
         assert_eq!(r.registry_host(), "ghcr.io");
-        assert_eq!(Reference::parse("busybox").unwrap().registry_host(), DEFAULT_REGISTRY_HOST);
+        assert_eq!(
+            Reference::parse("busybox").unwrap().registry_host(),
+            DEFAULT_REGISTRY_HOST
+        );
     }
 
     #[test]

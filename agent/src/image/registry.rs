@@ -127,7 +127,11 @@ impl RegistryClient {
     /// Fetches `manifests/<reference>` (a tag or digest).
     pub fn manifest(&mut self, reference: &str) -> Result<Fetched, RegistryError> {
         let url = format!("{}/v2/{}/manifests/{reference}", self.base, self.repository);
-        self.get(&url, Some(ACCEPT), &format!("manifest {}:{reference}", self.repository))
+        self.get(
+            &url,
+            Some(ACCEPT),
+            &format!("manifest {}:{reference}", self.repository),
+        )
     }
 
     /// Fetches `blobs/<digest>`.
@@ -150,7 +154,12 @@ impl RegistryClient {
         Ok(bytes)
     }
 
-    fn get(&mut self, url: &str, accept: Option<&str>, what: &str) -> Result<Fetched, RegistryError> {
+    fn get(
+        &mut self,
+        url: &str,
+        accept: Option<&str>,
+        what: &str,
+    ) -> Result<Fetched, RegistryError> {
         // One retry: the first 401 tells us how to authenticate.
         for attempt in 0..2 {
             let mut request = self.agent.get(url);
@@ -220,7 +229,9 @@ impl RegistryClient {
         match scheme.to_ascii_lowercase().as_str() {
             "basic" => {
                 let creds = self.credentials.as_ref().ok_or_else(|| {
-                    auth_err("registry wants basic auth: give --username and --password-stdin".into())
+                    auth_err(
+                        "registry wants basic auth: give --username and --password-stdin".into(),
+                    )
                 })?;
                 Ok(basic(creds))
             }
@@ -256,7 +267,10 @@ impl RegistryClient {
         if !(200..300).contains(&status) {
             return Err(RegistryError::Auth {
                 url: token_url.to_string(),
-                reason: format!("token endpoint answered HTTP {status}: {}", snippet(response)),
+                reason: format!(
+                    "token endpoint answered HTTP {status}: {}",
+                    snippet(response)
+                ),
             });
         }
         let mut body = response.into_body();
@@ -378,7 +392,10 @@ mod tests {
         assert_eq!(
             params,
             vec![
-                ("realm".to_string(), "https://auth.example/token".to_string()),
+                (
+                    "realm".to_string(),
+                    "https://auth.example/token".to_string()
+                ),
                 ("service".to_string(), "registry.example".to_string()),
                 ("scope".to_string(), "repository:a/b:pull,push".to_string()),
             ]
@@ -390,7 +407,10 @@ mod tests {
 
     #[test]
     fn scopes_are_percent_encoded() {
-        assert_eq!(percent_encode("repository:a/b:pull"), "repository%3Aa%2Fb%3Apull");
+        assert_eq!(
+            percent_encode("repository:a/b:pull"),
+            "repository%3Aa%2Fb%3Apull"
+        );
     }
 
     #[test]

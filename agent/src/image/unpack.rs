@@ -84,10 +84,7 @@ pub fn unpack_layer(
     for (path, mtime) in dir_times.into_iter().rev() {
         let _ = File::open(&path).and_then(|f| f.set_modified(mtime));
     }
-    let (diff_id, _) = archive
-        .into_inner()
-        .finish()
-        .map_err(UnpackError::Stream)?;
+    let (diff_id, _) = archive.into_inner().finish().map_err(UnpackError::Stream)?;
     Ok(diff_id)
 }
 
@@ -167,7 +164,10 @@ fn check_parents(root: &Path, rel: &Path, entry: &str, create: bool) -> Result<(
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(unsafe_entry(
                     entry,
-                    format!("{} does not exist in this layer", display_rel(root, &current)),
+                    format!(
+                        "{} does not exist in this layer",
+                        display_rel(root, &current)
+                    ),
                 ));
             }
             Err(e) => return Err(io_err(&current)(e)),
@@ -241,8 +241,8 @@ fn unpack_entry<R: Read>(
     let mode = header.mode().map_err(UnpackError::Stream)? & 0o7777;
     let uid = header.uid().map_err(UnpackError::Stream)? as u32;
     let gid = header.gid().map_err(UnpackError::Stream)? as u32;
-    let mtime = SystemTime::UNIX_EPOCH
-        + Duration::from_secs(header.mtime().map_err(UnpackError::Stream)?);
+    let mtime =
+        SystemTime::UNIX_EPOCH + Duration::from_secs(header.mtime().map_err(UnpackError::Stream)?);
 
     use tar::EntryType;
     match kind {
