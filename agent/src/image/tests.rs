@@ -563,3 +563,23 @@ fn concurrent_imports_into_one_store_all_land() {
             .collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn a_directory_later_replaced_by_a_symlink_is_not_followed() {
+    let outside = tempfile::tempdir().unwrap();
+    let before = fs::metadata(outside.path()).unwrap().modified().unwrap();
+    let target = outside.path().to_str().unwrap().to_string();
+    let (dir, result) = unpack(&[E::Dir("d/"), E::Symlink("d", &target)]);
+    result.unwrap();
+    assert!(
+        fs::symlink_metadata(dir.path().join("d"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    // The directory's recorded mtime was not applied through the link.
+    assert_eq!(
+        fs::metadata(outside.path()).unwrap().modified().unwrap(),
+        before
+    );
+}

@@ -13,7 +13,7 @@
 use super::blobs::HashingReader;
 use super::manifest::Compression;
 use std::ffi::CString;
-use std::fs::{self, File, OpenOptions, Permissions};
+use std::fs::{self, OpenOptions, Permissions};
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -81,8 +81,17 @@ pub fn unpack_layer(
     }
     // Directory times last: creating entries inside a directory moves its
     // mtime, which would make every image's timestamps depend on unpack order.
-    for (path, mtime) in dir_times.into_iter().rev() {
-        let _ = File::open(&path).and_then(|f| f.set_modified(mtime));
+    // A later entry may have replaced a directory (or one of its parents)
+    // with a symlink, so the walk is checked again and nothing is followed.
+    for (rel, mtime) in dir_times.into_iter().rev() {
+        if check_parents(dest, &rel, "", false).is_err() {
+            continue;
+        }
+        let _ = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+            .open(dest.join(&rel))
+            .and_then(|f| f.set_modified(mtime));
     }
     let (diff_id, _) = archive.into_inner().finish().map_err(UnpackError::Stream)?;
     Ok(diff_id)
@@ -253,7 +262,7 @@ fn unpack_entry<R: Read>(
             std::os::unix::fs::lchown(&target, Some(uid), Some(gid)).map_err(io_err(&target))?;
             fs::set_permissions(&target, Permissions::from_mode(mode)).map_err(io_err(&target))?;
             apply_xattrs(entry, &target)?;
-            return Ok(Some((target, mtime)));
+            return Ok(Some((rel, mtime)));
         }
         EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
             clear(&target, false)?;
