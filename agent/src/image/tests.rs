@@ -442,6 +442,23 @@ fn zstd_layers_unpack_by_media_type_and_by_magic() {
     let tar = layer(&[E::Dir("etc/"), E::File("etc/zz", b"zstd")]);
     let compressed =
         ruzstd::encoding::compress_to_vec(&tar[..], ruzstd::encoding::CompressionLevel::Fastest);
+    // Two frames with a skippable frame between them, as zstd:chunked has.
+    let half = tar.len() / 2;
+    let mut chunked = ruzstd::encoding::compress_to_vec(
+        &tar[..half],
+        ruzstd::encoding::CompressionLevel::Fastest,
+    );
+    chunked.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+    chunked.extend_from_slice(&3u32.to_le_bytes());
+    chunked.extend_from_slice(b"abc");
+    chunked.extend(ruzstd::encoding::compress_to_vec(
+        &tar[half..],
+        ruzstd::encoding::CompressionLevel::Fastest,
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let diff_id = unpack_layer(&chunked[..], Compression::Zstd, dir.path()).unwrap();
+    assert_eq!(diff_id, sha256_digest(&tar));
+    assert_eq!(fs::read(dir.path().join("etc/zz")).unwrap(), b"zstd");
     for compression in [Compression::Zstd, Compression::Sniff] {
         let dir = tempfile::tempdir().unwrap();
         let diff_id = unpack_layer(&compressed[..], compression, dir.path()).unwrap();

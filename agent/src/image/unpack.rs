@@ -65,10 +65,7 @@ pub fn unpack_layer(
     };
     let decompressed: Box<dyn Read> = match compression {
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
-        Compression::Zstd => Box::new(
-            ruzstd::decoding::StreamingDecoder::new(buffered)
-                .map_err(|e| UnpackError::Stream(io::Error::other(e.to_string())))?,
-        ),
+        Compression::Zstd => Box::new(ZstdFrames::new(buffered)),
         Compression::None | Compression::Sniff => Box::new(buffered),
     };
     let mut archive = tar::Archive::new(HashingReader::new(decompressed));
@@ -95,6 +92,70 @@ pub fn unpack_layer(
     }
     let (diff_id, _) = archive.into_inner().finish().map_err(UnpackError::Stream)?;
     Ok(diff_id)
+}
+
+/// Decodes a zstd stream of any number of frames, skipping skippable ones
+/// (zstd:chunked layers have both). ruzstd's `StreamingDecoder` stops after
+/// the first frame, which would silently truncate such a layer.
+struct ZstdFrames<R> {
+    source: R,
+    decoder: ruzstd::decoding::FrameDecoder,
+    in_frame: bool,
+}
+
+impl<R: BufRead> ZstdFrames<R> {
+    fn new(source: R) -> Self {
+        ZstdFrames {
+            source,
+            decoder: ruzstd::decoding::FrameDecoder::new(),
+            in_frame: false,
+        }
+    }
+}
+
+impl<R: BufRead> Read for ZstdFrames<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use ruzstd::decoding::errors::{FrameDecoderError, ReadFrameHeaderError};
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        // Every turn yields bytes, consumes input or ends, so this is
+        // bounded by the input's length.
+        loop {
+            if self.in_frame {
+                while self.decoder.can_collect() == 0 && !self.decoder.is_finished() {
+                    self.decoder
+                        .decode_blocks(
+                            &mut self.source,
+                            ruzstd::decoding::BlockDecodingStrategy::UptoBlocks(1),
+                        )
+                        .map_err(io::Error::other)?;
+                }
+                let n = self.decoder.read(buf)?;
+                if n > 0 {
+                    return Ok(n);
+                }
+                self.in_frame = false;
+            }
+            if self.source.fill_buf()?.is_empty() {
+                return Ok(0);
+            }
+            match self.decoder.reset(&mut self.source) {
+                Ok(()) => self.in_frame = true,
+                Err(FrameDecoderError::ReadFrameHeaderError(ReadFrameHeaderError::SkipFrame {
+                    length,
+                    ..
+                })) => {
+                    let skipped =
+                        io::copy(&mut (&mut self.source).take(length.into()), &mut io::sink())?;
+                    if skipped < u64::from(length) {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                }
+                Err(e) => return Err(io::Error::other(e)),
+            }
+        }
+    }
 }
 
 /// Tells gzip and zstd from a plain tar by their magic bytes.
