@@ -420,6 +420,8 @@ fn retagging_moves_a_name_and_extra_names_are_untagged_first() {
         record.names,
         vec!["docker.io/library/app:v1", "docker.io/library/other:v2"]
     );
+    let err = store.remove(&record.id[7..15], false).unwrap_err();
+    assert!(matches!(err, ImageError::SeveralNames { .. }), "{err}");
     let removed = store.remove("other:v2", false).unwrap();
     assert_eq!(
         removed,
@@ -599,4 +601,22 @@ fn a_directory_later_replaced_by_a_symlink_is_not_followed() {
         fs::metadata(outside.path()).unwrap().modified().unwrap(),
         before
     );
+}
+
+#[test]
+fn docker_style_configs_with_nulls_and_extra_fields_parse() {
+    let config = br##"{
+        "architecture": "amd64", "os": "linux", "docker_version": "24.0.7",
+        "created": "2024-01-01T00:00:00.123456789Z",
+        "config": {"Hostname": "", "User": "", "Env": ["PATH=/bin"], "Cmd": ["sh"],
+                   "Entrypoint": null, "Volumes": null, "OnBuild": null, "Labels": null,
+                   "ExposedPorts": {"80/tcp": {}}, "WorkingDir": "", "ArgsEscaped": true},
+        "container_config": {"Cmd": ["/bin/sh", "-c", "#(nop) CMD [\"sh\"]"], "Volumes": {"/data": {}}},
+        "rootfs": {"type": "layers", "diff_ids": []},
+        "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "x", "empty_layer": true}]
+    }"##;
+    let parsed = parse_config(config, "sha256:test").unwrap();
+    let inner = parsed.config().as_ref().unwrap();
+    assert_eq!(inner.cmd().as_deref(), Some(&["sh".to_string()][..]));
+    assert_eq!(inner.entrypoint(), &None);
 }
