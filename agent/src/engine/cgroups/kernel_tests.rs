@@ -380,6 +380,7 @@ fn kernel_v2_core_on_this_hosts_unified_mount() {
         path,
         version: CgroupVersion::V2,
     };
+    device_rules_are_enforced(&root);
     let mut s = Scratch::new(root.clone());
     let cg = Cgroup::create(&root, &s.relative, None).expect("create");
     let pid = s.spawn_gated("sleep 30");
@@ -402,4 +403,53 @@ fn kernel_detect_matches_the_mount() {
         CgroupVersion::V2 => assert_eq!(fs_type, CGROUP2_MAGIC),
         CgroupVersion::V1 => assert_eq!(fs_type, TMPFS_MAGIC),
     }
+}
+
+/// Denies everything but `/dev/null` and checks from inside the group that
+/// `/dev/zero` cannot be opened while `/dev/null` can (v1 `devices.*`
+/// files, v2 an eBPF program).
+fn device_rules_are_enforced(root: &CgroupRoot) {
+    use oci_spec::runtime::{LinuxDeviceCgroupBuilder, LinuxDeviceType};
+    let mut s = Scratch::new(root.clone());
+    let rules = vec![
+        LinuxDeviceCgroupBuilder::default()
+            .allow(false)
+            .access("rwm")
+            .build()
+            .unwrap(),
+        LinuxDeviceCgroupBuilder::default()
+            .allow(true)
+            .typ(LinuxDeviceType::C)
+            .major(1)
+            .minor(3)
+            .access("rw")
+            .build()
+            .unwrap(),
+    ];
+    let resources = LinuxResourcesBuilder::default()
+        .devices(rules)
+        .build()
+        .unwrap();
+    let cg = Cgroup::create(root, &s.relative, Some(&resources)).expect("create with devices");
+    s.spawn_gated(
+        "if head -c 1 /dev/zero >/dev/null 2>&1; then exit 10; fi; \
+         echo ok >/dev/null || exit 11; exit 0",
+    );
+    cg.add_process(s.children[0].id() as i32).unwrap();
+    s.release(0);
+    let status = s
+        .wait_exit(0, Duration::from_secs(10))
+        .expect("child exits");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "10: /dev/zero was readable, 11: /dev/null was not ({})",
+        root.path.display()
+    );
+}
+
+#[test]
+fn kernel_device_rules_are_enforced() {
+    let Some(root) = host_root() else { return };
+    device_rules_are_enforced(&root);
 }
