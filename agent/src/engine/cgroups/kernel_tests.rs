@@ -254,6 +254,8 @@ fn kernel_limits_membership_update_kill_and_delete() {
         .wait_exit(0, Duration::from_secs(10))
         .expect("child exits");
     assert_eq!(status.signal(), Some(libc::SIGKILL));
+    // A container may have made groups of its own; delete removes them too.
+    std::fs::create_dir(cg.dirs()[0].join("nested")).unwrap();
     cg.delete().expect("delete");
     for dir in cg.dirs() {
         assert!(!dir.exists(), "{} left behind", dir.display());
