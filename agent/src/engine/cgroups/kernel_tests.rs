@@ -455,3 +455,80 @@ fn kernel_device_rules_are_enforced() {
     let Some(root) = host_root() else { return };
     device_rules_are_enforced(&root);
 }
+
+#[test]
+fn kernel_cpuset_is_initialised_and_set() {
+    let Some(root) = host_root() else { return };
+    let mut s = Scratch::new(root.clone());
+    let resources = LinuxResourcesBuilder::default()
+        .cpu(
+            LinuxCpuBuilder::default()
+                .cpus("0")
+                .mems("0")
+                .build()
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let cg = Cgroup::create(&root, &s.relative, Some(&resources)).expect("create with cpuset");
+    assert_eq!(read_in(&cg, "cpuset.cpus"), "0");
+    assert_eq!(read_in(&cg, "cpuset.mems"), "0");
+    // v1 refuses a task in a cpuset group whose cpus/mems were never set.
+    let pid = s.spawn_gated("sleep 30");
+    cg.add_process(pid).expect("add_process into cpuset group");
+    let allowed = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = allowed
+        .lines()
+        .find(|l| l.starts_with("Cpus_allowed_list:"))
+        .unwrap();
+    assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+}
+
+#[test]
+fn kernel_memory_and_swap_updates_in_both_directions() {
+    let Some(root) = host_root() else { return };
+    let s = Scratch::new(root.clone());
+    let mib = |n: i64| n << 20;
+    let cg = Cgroup::create(
+        &root,
+        &s.relative,
+        Some(&memory_resources(mib(32), Some(mib(64)))),
+    )
+    .expect("create");
+    for (limit, swap) in [(mib(128), mib(256)), (mib(16), mib(16)), (mib(48), -1)] {
+        cg.update(&memory_resources(limit, Some(swap)))
+            .unwrap_or_else(|e| panic!("update to {limit}/{swap}: {e}"));
+        assert_eq!(cg.stats().unwrap().memory_limit_bytes, Some(limit as u64));
+        match root.version {
+            CgroupVersion::V1 => {
+                let memsw = cg
+                    .dirs()
+                    .iter()
+                    .map(|d| d.join("memory.memsw.limit_in_bytes"))
+                    .find(|p| p.exists());
+                if let Some(memsw) = memsw {
+                    let v: i64 = std::fs::read_to_string(memsw)
+                        .unwrap()
+                        .trim()
+                        .parse()
+                        .unwrap();
+                    if swap > 0 {
+                        assert_eq!(v, swap);
+                    } else {
+                        assert!(v > mib(1 << 20), "unlimited memsw reads huge: {v}");
+                    }
+                }
+            }
+            CgroupVersion::V2 => {
+                if cg.dirs()[0].join("memory.swap.max").exists() {
+                    let expect = if swap > 0 {
+                        (swap - limit).to_string()
+                    } else {
+                        "max".to_string()
+                    };
+                    assert_eq!(read_in(&cg, "memory.swap.max"), expect);
+                }
+            }
+        }
+    }
+}
