@@ -448,6 +448,29 @@ fn device_rules_are_enforced(root: &CgroupRoot) {
         "10: /dev/zero was readable, 11: /dev/null was not ({})",
         root.path.display()
     );
+
+    // An update replaces the rules (v2: the program) rather than adding to them.
+    let allow_all = LinuxResourcesBuilder::default()
+        .devices(vec![
+            LinuxDeviceCgroupBuilder::default()
+                .allow(true)
+                .access("rwm")
+                .build()
+                .unwrap(),
+        ])
+        .build()
+        .unwrap();
+    cg.update(&allow_all).expect("update devices");
+    s.spawn_gated("head -c 1 /dev/zero >/dev/null");
+    cg.add_process(s.children[1].id() as i32).unwrap();
+    s.release(1);
+    let status = s
+        .wait_exit(1, Duration::from_secs(10))
+        .expect("child exits");
+    assert!(
+        status.success(),
+        "/dev/zero still refused after allowing all"
+    );
 }
 
 #[test]
