@@ -186,6 +186,12 @@ pub(crate) fn apply(dirs: &[PathBuf], limits: &Limits) -> Result<(), CgroupError
     if let Some(r) = limits.memory_reservation {
         write(dirs, "memory.soft_limit_in_bytes", &r.v1())?;
     }
+    if let Some(swappiness) = limits.swappiness {
+        write(dirs, "memory.swappiness", &swappiness.to_string())?;
+    }
+    if limits.disable_oom_killer {
+        write(dirs, "memory.oom_control", "1")?;
+    }
     if let Some(shares) = limits.cpu_shares {
         write(dirs, "cpu.shares", &shares.to_string())?;
     }
@@ -386,6 +392,7 @@ mod tests {
             "memory.limit_in_bytes",
             "memory.memsw.limit_in_bytes",
             "memory.soft_limit_in_bytes",
+            "memory.swappiness",
         ] {
             std::fs::write(mem.join(f), "9223372036854771712\n").unwrap();
         }
@@ -396,6 +403,7 @@ mod tests {
         let limits = Limits {
             memory: Some(Limit::Value(1 << 25)),
             memory_swap: Some(Limit::Value(1 << 26)),
+            swappiness: Some(10),
             cpu_shares: Some(512),
             cpu_quota: Some(Limit::Value(50_000)),
             cpu_period: Some(100_000),
@@ -403,6 +411,7 @@ mod tests {
         };
         apply(&dirs, &limits).unwrap();
         let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+        assert_eq!(read(mem.join("memory.swappiness")), "10");
         assert_eq!(read(mem.join("memory.limit_in_bytes")), "33554432");
         assert_eq!(read(mem.join("memory.memsw.limit_in_bytes")), "67108864");
         assert_eq!(read(cpu.join("cpu.shares")), "512");
