@@ -167,6 +167,14 @@ impl Limits {
                 v => v,
             };
             limits.disable_oom_killer = mem.disable_oom_killer() == Some(true);
+            ignored(
+                "linux.resources.memory.useHierarchy",
+                mem.use_hierarchy().is_some(),
+            );
+            ignored(
+                "linux.resources.memory.checkBeforeUpdate",
+                mem.check_before_update().is_some(),
+            );
         }
         if let Some(cpu) = resources.cpu() {
             limits.cpu_shares = match cpu.shares() {
