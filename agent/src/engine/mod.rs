@@ -7,11 +7,15 @@
 //! - [`rootfs`]: the overlayfs root of a container.
 //! - [`volumes`]: named volumes, bind mounts' checks, copy-up.
 //! - [`logs`]: json-file logs with rotation, and their reader.
+//! - [`shim`]: the per-container shim process (`gantry shim`).
+//! - [`container`]: the [`Engine`](container::Engine): Docker's container lifecycle.
 
 pub mod cgroups;
+pub mod container;
 pub mod logs;
 pub mod rootfs;
 pub mod runtime;
+pub mod shim;
 pub mod spec;
 pub mod user;
 pub mod volumes;

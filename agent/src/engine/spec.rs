@@ -430,7 +430,7 @@ pub fn env_for(
         .and_then(|c| c.env().clone())
         .unwrap_or_default();
     for entry in image_env.iter().chain(config.env.iter()) {
-        replace_or_append(&mut env, entry);
+        merge_env(&mut env, entry);
     }
     if !env.iter().any(|e| e.starts_with("HOME=")) {
         env.push(format!(
@@ -442,7 +442,7 @@ pub fn env_for(
 }
 
 /// `KEY=VALUE` replaces `KEY` in place or appends it; a bare `KEY` removes it.
-fn replace_or_append(env: &mut Vec<String>, entry: &str) {
+pub fn merge_env(env: &mut Vec<String>, entry: &str) {
     let key = entry.split_once('=').map_or(entry, |(k, _)| k);
     let position = env
         .iter()
