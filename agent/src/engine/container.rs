@@ -72,7 +72,7 @@ pub enum ContainerError {
         id: String,
     },
     /// The name is not `[a-zA-Z0-9][a-zA-Z0-9_.-]+`.
-    #[error("invalid container name {0:?}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed")]
+    #[error("invalid container name {0:?}: it must match [a-zA-Z0-9][a-zA-Z0-9_.-]+")]
     InvalidName(String),
     /// The operation needs a stopped container.
     #[error("container {0} is running: stop it first or force the removal")]
@@ -514,6 +514,9 @@ impl Engine {
             user: &resolved_user,
             mounts: &mounts,
             etc: &etc,
+            max_nofile: nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map(|(_, hard)| hard)
+                .unwrap_or(spec::NOFILE_SOFT),
         })?;
         let spec_path = dir.join("config.json");
         let spec_json =

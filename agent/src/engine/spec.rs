@@ -10,10 +10,12 @@
 //!   permitted sets, none inheritable or ambient;
 //! - runc's masked and read-only `/proc` and `/sys` paths;
 //! - the default mounts (`/proc`, `/dev`, `/dev/pts`, `/dev/shm`,
-//!   `/dev/mqueue`, `/sys`, `/sys/fs/cgroup`);
+//!   `/dev/mqueue`, `/sys`; not yet `/sys/fs/cgroup`, which the runtime
+//!   cannot mount yet);
 //! - rlimits: only `RLIMIT_NOFILE`, soft 1024 and hard 524288 (systemd's
 //!   and Go's convention, which current Docker engines end up with), so that
 //!   programs using `select(2)` keep working and servers can raise the limit;
+//!   the hard limit is capped at what the engine itself may set;
 //! - env: `PATH` default, `HOSTNAME`, the image's env, then the overrides
 //!   (a bare `KEY` removes it), `HOME` from `/etc/passwd` when unset;
 //! - `--entrypoint` resets the image's cmd; the hostname defaults to the
@@ -347,6 +349,10 @@ pub struct SpecInputs<'a> {
     pub mounts: &'a [ResolvedMount],
     /// The `/etc` files to bind-mount.
     pub etc: &'a EtcFiles,
+    /// The highest hard `RLIMIT_NOFILE` the runtime may set: raising a hard
+    /// limit needs `CAP_SYS_RESOURCE`, which the engine may lack, so the
+    /// engine passes its own hard limit and [`NOFILE_HARD`] is capped at it.
+    pub max_nofile: u64,
 }
 
 /// The hostname a container gets: the override, else the first 12
@@ -492,6 +498,8 @@ pub fn build_spec(inputs: &SpecInputs<'_>) -> Result<Spec, SpecError> {
     }
 
     let caps: Vec<&str> = DEFAULT_CAPABILITIES.to_vec();
+    let nofile_hard = NOFILE_HARD.min(inputs.max_nofile);
+    let nofile_soft = NOFILE_SOFT.min(nofile_hard);
     let mut user = json!({ "uid": inputs.user.uid, "gid": inputs.user.gid });
     if !inputs.user.additional_gids.is_empty() {
         user["additionalGids"] = json!(inputs.user.additional_gids);
@@ -559,7 +567,7 @@ pub fn build_spec(inputs: &SpecInputs<'_>) -> Result<Spec, SpecError> {
                 "effective": caps,
                 "permitted": caps,
             },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "soft": NOFILE_SOFT, "hard": NOFILE_HARD}],
+            "rlimits": [{"type": "RLIMIT_NOFILE", "soft": nofile_soft, "hard": nofile_hard}],
             "noNewPrivileges": config.no_new_privileges,
             "oomScoreAdj": 0,
         },
@@ -596,8 +604,8 @@ fn default_mounts() -> Vec<Value> {
                "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
         json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
                "options": ["nosuid", "noexec", "nodev", "ro"]}),
-        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-               "options": ["ro", "nosuid", "noexec", "nodev"]}),
+        // Docker also mounts `/sys/fs/cgroup` (type cgroup, ro) here; the
+        // runtime does not support cgroup mounts yet, so it is left out.
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
                "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
@@ -778,6 +786,7 @@ mod tests {
             user: &user,
             mounts,
             etc: &etc,
+            max_nofile: u64::MAX,
         })
         .unwrap()
     }
@@ -829,6 +838,27 @@ mod tests {
         // Compared as Specs: capabilities are sets, whose JSON order varies.
         let expected: Spec = serde_json::from_value(expected).unwrap();
         assert_eq!(spec, expected);
+    }
+
+    #[test]
+    fn nofile_is_capped_at_what_the_engine_may_set() {
+        let img = image(json!({"Cmd": ["sh"]}));
+        let (user, etc, config) = (root(), etc(), ContainerConfig::default());
+        let spec = build_spec(&SpecInputs {
+            id: ID,
+            image: &img,
+            config: &config,
+            user: &user,
+            mounts: &[],
+            etc: &etc,
+            max_nofile: 20000,
+        })
+        .unwrap();
+        let spec = serde_json::to_value(spec).unwrap();
+        assert_eq!(
+            spec["process"]["rlimits"],
+            json!([{"type": "RLIMIT_NOFILE", "soft": 1024, "hard": 20000}])
+        );
     }
 
     #[test]

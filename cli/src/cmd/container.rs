@@ -261,14 +261,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Logs(logs) => print_logs(&engine, &logs),
         Command::Exec(exec) => exec_in(&engine, exec),
         Command::Wait { containers } => {
-            let mut last = 0;
+            // As `docker wait`: the codes are printed, the command succeeds.
             for c in &containers {
                 let id = engine.resolve(c).map_err(usage_or)?;
                 let exit = engine.wait(&id)?;
                 println!("{}", exit.exit_code);
-                last = exit.exit_code;
             }
-            Ok(ExitCode::from(if last == 0 { 0 } else { 1 }))
+            Ok(ExitCode::SUCCESS)
         }
         Command::Inspect { containers } => {
             let mut out = Vec::new();
