@@ -784,6 +784,29 @@ fn resources_stats_and_shim_memory() {
         .and_then(|v| v.parse().ok())
         .unwrap();
     println!("shim {shim}: Pss {pss_kib} KiB, Rss {rss_kib} KiB (target: Pss <= 1024 KiB)");
+    // Where it goes: the largest mappings by Pss.
+    let smaps = std::fs::read_to_string(format!("/proc/{shim}/smaps")).unwrap_or_default();
+    let mut mappings: Vec<(u64, String)> = Vec::new();
+    let mut current = String::new();
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some(kib) = line.strip_prefix("Pss:") {
+            let kib = kib
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            mappings.push((kib, current.clone()));
+        } else if !first.ends_with(':') {
+            // A mapping header: "start-end perms offset dev inode path".
+            current = line.to_string();
+        }
+    }
+    mappings.sort_by_key(|m| std::cmp::Reverse(m.0));
+    for (kib, mapping) in mappings.iter().take(6) {
+        println!("  {kib:>6} KiB  {mapping}");
+    }
     let threads = std::fs::read_dir(format!("/proc/{shim}/task"))
         .unwrap()
         .count();

@@ -311,6 +311,9 @@ pub struct ContainerInfo {
     pub dir: PathBuf,
     /// The config it was created with.
     pub config: ContainerConfig,
+    /// Resource usage from its cgroup, while running (filled by
+    /// [`Engine::inspect`] only, to keep `list` cheap).
+    pub stats: Option<CgroupStats>,
 }
 
 /// What [`Engine::exec`] runs.
@@ -573,6 +576,8 @@ impl Engine {
 
     /// Starts a created or exited container: its shim creates and starts it.
     pub fn start(&self, id: &ContainerId) -> Result<(), ContainerError> {
+        // Two concurrent starts must not both spawn a shim.
+        let _lock = self.lock()?;
         let record = self.record(id)?;
         let dir = self.container_dir(id);
         match self.state_of(id)?.0 {
@@ -652,7 +657,12 @@ impl Engine {
     /// One container's details.
     pub fn inspect(&self, id: &ContainerId) -> Result<ContainerInfo, ContainerError> {
         let record = self.record(id)?;
-        self.info(record)
+        let mut info = self.info(record)?;
+        if info.state == ContainerState::Running {
+            // The container may stop meanwhile: no stats is not an error.
+            info.stats = self.stats(id).ok();
+        }
+        Ok(info)
     }
 
     /// Resource usage from the container's cgroup (running containers only).
@@ -943,6 +953,7 @@ impl Engine {
             restart_count: 0,
             error,
             config: record.config,
+            stats: None,
             id,
         })
     }

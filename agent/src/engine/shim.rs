@@ -200,15 +200,91 @@ fn shim_main(config: &ShimConfig, report: OwnedFd) -> Result<(), ShimError> {
             if let Some(mut r) = report.take() {
                 let _ = writeln!(r, "ready {}", shim.init);
             }
+            trim_memory();
             shim.run_loop()?;
             shim.finish(config, &runtime)
         }
         Err(e) => {
             fail(&mut report, &e);
-            // A half-created container must not linger in the state root.
-            let _ = runtime.delete(&config.id, true);
+            // A half-created container must not linger in the state root,
+            // but one that already existed belongs to another shim.
+            if !matches!(
+                e,
+                ShimError::Runtime(crate::engine::runtime::RuntimeError::AlreadyExists(_))
+            ) {
+                let _ = runtime.delete(&config.id, true);
+            }
             Err(e)
         }
+    }
+}
+
+/// Gives back the memory that argument parsing and setup touched but the
+/// poll loop never will, so that a shim costs little while its container
+/// runs for days:
+/// - the pages of our own executable that are still plain file pages
+///   (non-writable mappings whose `Anonymous:` is 0 in smaps): dropping them
+///   only means the few the loop uses fault back in from the page cache;
+/// - the stack below the current frame (the loop runs shallower than
+///   argument parsing did);
+/// - free heap at the top of the heap (`malloc_trim`).
+///
+/// Mappings holding private data (writable ones, and the RELRO part that the
+/// dynamic loader wrote to) are never touched: their content would be lost.
+fn trim_memory() {
+    let Ok(exe) = std::fs::read_link("/proc/self/exe") else {
+        return;
+    };
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return;
+    };
+    let here = 0u8;
+    let sp = std::ptr::addr_of!(here) as usize;
+    // Below the current frame nothing is live; the margin covers the red
+    // zone and the calls trim_memory itself makes.
+    const STACK_MARGIN: usize = 16 * 1024;
+    const PAGE: usize = 4096;
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    let mut candidate: Option<(usize, usize)> = None;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or("");
+        if let Some((start, end)) = first.split_once('-')
+            && let (Ok(start), Ok(end)) = (
+                usize::from_str_radix(start, 16),
+                usize::from_str_radix(end, 16),
+            )
+        {
+            // A mapping header: "start-end perms offset dev inode path".
+            let perms = fields.next().unwrap_or("");
+            let path = fields.nth(3).unwrap_or("");
+            candidate = None;
+            if path == "[stack]" && sp > start && sp < end {
+                let to = sp.saturating_sub(STACK_MARGIN) & !(PAGE - 1);
+                if to > start {
+                    ranges.push((start, to));
+                }
+            } else if !perms.contains('w') && Path::new(path) == exe {
+                candidate = Some((start, end));
+            }
+        } else if first == "Anonymous:"
+            && let Some(range) = candidate.take()
+            && fields.next() == Some("0")
+        {
+            ranges.push(range);
+        }
+    }
+    drop(smaps);
+    for (from, to) in ranges {
+        // SAFETY: these ranges hold only unmodified file pages (they fault
+        // back in unchanged) or stack below every live frame.
+        unsafe {
+            libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_DONTNEED);
+        }
+    }
+    // SAFETY: malloc_trim only returns free memory to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

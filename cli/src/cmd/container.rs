@@ -273,15 +273,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let mut out = Vec::new();
             for c in &containers {
                 let id = engine.resolve(c).map_err(usage_or)?;
-                let info = engine.inspect(&id)?;
-                let stats = if info.state == ContainerState::Running {
-                    engine.stats(&id).ok()
-                } else {
-                    None
-                };
-                let mut value = serde_json::to_value(&info)?;
-                value["stats"] = serde_json::to_value(stats)?;
-                out.push(value);
+                out.push(engine.inspect(&id)?);
             }
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(ExitCode::SUCCESS)
