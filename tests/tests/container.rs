@@ -814,3 +814,66 @@ fn resources_stats_and_shim_memory() {
     node.ok(&["rm", "-f", "res"]);
     assert!(!Path::new(&format!("/sys/fs/cgroup/memory/gantry/{id}")).exists());
 }
+
+#[test]
+fn entrypoint_read_only_rootfs_and_host_network() {
+    require!();
+    let node = Node::new();
+    // --entrypoint replaces the image's and drops its cmd.
+    let out = node.ok(&["run", "--rm", "--entrypoint", "echo", IMAGE, "a", "b"]);
+    assert_eq!(out, "a b\n");
+    let out = node.run(&["run", "--rm", "--entrypoint", "", IMAGE]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no command"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A read-only rootfs, with a writable tmpfs where asked.
+    let out = node.ok(&[
+        "run",
+        "--rm",
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        IMAGE,
+        "sh",
+        "-c",
+        "touch /x 2>/dev/null || echo ro; touch /tmp/y && echo tmp-rw",
+    ]);
+    assert_eq!(out, "ro\ntmp-rw\n");
+    // Host network: the host's interfaces and hostname.
+    let host_ifaces = std::fs::read_dir("/sys/class/net").unwrap().count();
+    let out = node.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "host",
+        IMAGE,
+        "sh",
+        "-c",
+        "ls /sys/class/net | wc -l; hostname",
+    ]);
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next().unwrap().trim().parse::<usize>().unwrap(),
+        host_ifaces
+    );
+    let host_name = nix::unistd::gethostname().unwrap().into_string().unwrap();
+    assert_eq!(lines.next().unwrap(), host_name);
+    // Labels and the stop timeout are kept in the record.
+    node.detach(&[
+        "--name",
+        "lab",
+        "-l",
+        "tier=web",
+        "--stop-timeout",
+        "3",
+        IMAGE,
+        "true",
+    ]);
+    node.ok(&["wait", "lab"]);
+    let info = node.inspect("lab");
+    assert_eq!(info["config"]["labels"]["tier"], "web");
+    assert_eq!(info["config"]["stop_grace_secs"], 3);
+}
