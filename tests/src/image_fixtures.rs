@@ -86,6 +86,11 @@ impl TinyImage {
     /// Builds it. Uses `/bin/busybox` when present (busybox-static), else a
     /// stand-in file, since the store does not care what the bytes are.
     pub fn new(marker: &str) -> TinyImage {
+        TinyImage::for_arch(marker, "amd64")
+    }
+
+    /// Like [`TinyImage::new`], for another architecture (GOARCH name).
+    pub fn for_arch(marker: &str, architecture: &str) -> TinyImage {
         let busybox = std::fs::read("/bin/busybox").unwrap_or_else(|_| b"#!stand-in".to_vec());
         let layers = vec![
             layer_tar(&[
@@ -105,7 +110,7 @@ impl TinyImage {
         let diff_ids: Vec<String> = layers.iter().map(|l| digest(l)).collect();
         let config = serde_json::to_vec(&serde_json::json!({
             "created": "2026-01-02T03:04:05Z",
-            "architecture": "amd64",
+            "architecture": architecture,
             "os": "linux",
             "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"], "Labels": {"marker": marker}},
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
@@ -120,28 +125,25 @@ impl TinyImage {
         digest(&self.config)
     }
 
-    /// Writes an OCI image layout into `dir`; `ref_name` becomes the
-    /// `org.opencontainers.image.ref.name` annotation. Returns the manifest digest.
-    pub fn write_oci_layout(&self, dir: &Path, ref_name: Option<&str>) -> String {
-        let blobs = dir.join("blobs/sha256");
-        std::fs::create_dir_all(&blobs).expect("mkdir blobs");
-        let put = |bytes: &[u8]| {
-            let d = digest(bytes);
-            std::fs::write(blobs.join(&d[7..]), bytes).expect("write blob");
-            d
-        };
+    /// Writes this image's layer, config and manifest blobs into the
+    /// layout `dir` (gzip layers unless `uncompressed`). Returns the
+    /// manifest's digest and size.
+    pub fn write_blobs(&self, dir: &Path, uncompressed: bool) -> (String, usize) {
         let layers: Vec<_> = self
             .layers
             .iter()
             .map(|tar| {
-                let gz = gzip(tar);
+                let (bytes, media_type) = if uncompressed {
+                    (tar.clone(), "application/vnd.oci.image.layer.v1.tar")
+                } else {
+                    (gzip(tar), "application/vnd.oci.image.layer.v1.tar+gzip")
+                };
                 serde_json::json!({
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": put(&gz), "size": gz.len()
+                    "mediaType": media_type, "digest": put_blob(dir, &bytes), "size": bytes.len()
                 })
             })
             .collect();
-        let config_digest = put(&self.config);
+        let config_digest = put_blob(dir, &self.config);
         let manifest = serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -150,25 +152,57 @@ impl TinyImage {
             "layers": layers
         }))
         .expect("manifest json");
-        let manifest_digest = put(&manifest);
-        let mut descriptor = serde_json::json!({
+        (put_blob(dir, &manifest), manifest.len())
+    }
+
+    /// Writes an OCI image layout into `dir`; `ref_name` becomes the
+    /// `org.opencontainers.image.ref.name` annotation. Returns the manifest digest.
+    pub fn write_oci_layout(&self, dir: &Path, ref_name: Option<&str>) -> String {
+        let (manifest_digest, size) = self.write_blobs(dir, false);
+        let descriptor = serde_json::json!({
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest, "size": manifest.len(),
+            "digest": manifest_digest, "size": size,
             "platform": {"architecture": "amd64", "os": "linux"}
         });
-        if let Some(name) = ref_name {
-            descriptor["annotations"] =
-                serde_json::json!({"org.opencontainers.image.ref.name": name});
-        }
-        let index = serde_json::json!({"schemaVersion": 2, "manifests": [descriptor]});
-        std::fs::write(
-            dir.join("index.json"),
-            serde_json::to_vec(&index).expect("index"),
-        )
-        .expect("write index.json");
-        std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
-            .expect("write oci-layout");
+        write_index(
+            dir,
+            descriptor,
+            ref_name.map(|n| serde_json::json!({REF_NAME: n})),
+        );
         manifest_digest
+    }
+
+    /// Writes the newer `docker save` format (Docker 25+): an OCI layout
+    /// with uncompressed layers plus a `manifest.json` whose paths point
+    /// into `blobs/`. The index names only the tag (`ref_name`), so the
+    /// full name comes from `repo_tag` in manifest.json.
+    pub fn write_docker_oci_save(&self, path: &Path, ref_name: &str, repo_tag: &str) {
+        let dir = tempfile::tempdir().expect("staging dir");
+        let (manifest_digest, size) = self.write_blobs(dir.path(), true);
+        let descriptor = serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest, "size": size
+        });
+        write_index(
+            dir.path(),
+            descriptor,
+            Some(serde_json::json!({REF_NAME: ref_name})),
+        );
+        let layers: Vec<String> = self
+            .layers
+            .iter()
+            .map(|l| format!("blobs/sha256/{}", &digest(l)[7..]))
+            .collect();
+        let manifest = serde_json::json!([{
+            "Config": format!("blobs/sha256/{}", &self.id()[7..]),
+            "RepoTags": [repo_tag], "Layers": layers
+        }]);
+        std::fs::write(
+            dir.path().join("manifest.json"),
+            serde_json::to_vec(&manifest).expect("manifest.json"),
+        )
+        .expect("write manifest.json");
+        tar_dir(dir.path(), path);
     }
 
     /// Writes a classic `docker save` archive (`manifest.json`,
@@ -193,6 +227,71 @@ impl TinyImage {
         );
         std::fs::write(path, builder.into_inner().expect("finish tar")).expect("write archive");
     }
+}
+
+/// The OCI annotation with an image's tag or name.
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+fn put_blob(dir: &Path, bytes: &[u8]) -> String {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("mkdir blobs");
+    let d = digest(bytes);
+    std::fs::write(blobs.join(&d[7..]), bytes).expect("write blob");
+    d
+}
+
+fn write_index(
+    dir: &Path,
+    mut descriptor: serde_json::Value,
+    annotations: Option<serde_json::Value>,
+) {
+    if let Some(annotations) = annotations {
+        descriptor["annotations"] = annotations;
+    }
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [descriptor]});
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&index).expect("index"),
+    )
+    .expect("write index.json");
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
+        .expect("write oci-layout");
+}
+
+/// Writes a multi-platform OCI layout: `index.json` points at an image
+/// index with `amd64` and `arm64` manifests. Returns the amd64 manifest digest.
+pub fn write_multiarch_layout(
+    dir: &Path,
+    amd64: &TinyImage,
+    arm64: &TinyImage,
+    ref_name: &str,
+) -> String {
+    let (amd64_digest, amd64_size) = amd64.write_blobs(dir, false);
+    let (arm64_digest, arm64_size) = arm64.write_blobs(dir, false);
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+             "digest": arm64_digest, "size": arm64_size,
+             "platform": {"architecture": "arm64", "os": "linux", "variant": "v8"}},
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+             "digest": amd64_digest, "size": amd64_size,
+             "platform": {"architecture": "amd64", "os": "linux"}}
+        ]
+    }))
+    .expect("index json");
+    let index_digest = put_blob(dir, &index);
+    let descriptor = serde_json::json!({
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "digest": index_digest, "size": index.len()
+    });
+    write_index(
+        dir,
+        descriptor,
+        Some(serde_json::json!({REF_NAME: ref_name})),
+    );
+    amd64_digest
 }
 
 fn append_file(builder: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {

@@ -1,9 +1,11 @@
 //! End-to-end tests of `gantry image`: the real binary against a temporary
 //! data directory, images the tests build themselves, and a real
-//! `docker-registry` on loopback (anonymous and bearer-token auth).
+//! `docker-registry` on loopback (anonymous, basic and bearer-token auth).
 
 use gantry_tests::gantry_bin;
-use gantry_tests::image_fixtures::{Registry, TinyImage, TokenIssuer, have, skopeo_push, tar_dir};
+use gantry_tests::image_fixtures::{
+    Registry, TinyImage, TokenIssuer, have, skopeo_push, tar_dir, write_multiarch_layout,
+};
 use std::io::Write as _;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -175,6 +177,42 @@ fn import_docker_save_archive() {
 }
 
 #[test]
+fn import_newer_docker_save_format() {
+    let data = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("save25.tar");
+    let image = TinyImage::new("docker25\n");
+    image.write_docker_oci_save(&archive, "new", "busybox:new");
+    let out = ok(gantry(data.path(), &["import", archive.to_str().unwrap()]));
+    assert!(out.contains("Loaded image: busybox:new"), "{out}");
+    assert_eq!(ls_json(data.path())[0]["id"], image.id());
+    check_unpacked(data.path(), "busybox:new", "docker25\n");
+}
+
+#[test]
+fn import_picks_this_platform_from_a_multiarch_layout() {
+    let data = tempfile::tempdir().unwrap();
+    let layout = tempfile::tempdir().unwrap();
+    let amd64 = TinyImage::new("amd64\n");
+    let arm64 = TinyImage::for_arch("arm64\n", "arm64");
+    let digest = write_multiarch_layout(layout.path(), &amd64, &arm64, "multi");
+    ok(gantry(
+        data.path(),
+        &[
+            "import",
+            layout.path().to_str().unwrap(),
+            "--tag",
+            "multi:latest",
+        ],
+    ));
+    let images = ls_json(data.path());
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0]["id"], amd64.id());
+    assert_eq!(images[0]["manifest_digest"], digest);
+    check_unpacked(data.path(), "multi", "amd64\n");
+}
+
+#[test]
 fn malformed_input_exits_2_and_changes_nothing() {
     let data = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
@@ -308,6 +346,89 @@ fn pull_from_a_loopback_registry() {
     );
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
+}
+
+#[test]
+fn pull_resolves_a_manifest_list_to_this_platform() {
+    if !registry_prerequisites() {
+        return;
+    }
+    let Some(registry) = Registry::start("") else {
+        println!("SKIPPED: docker-registry is not installed");
+        return;
+    };
+    let layout = tempfile::tempdir().unwrap();
+    let amd64 = TinyImage::new("amd64\n");
+    let arm64 = TinyImage::for_arch("arm64\n", "arm64");
+    let digest = write_multiarch_layout(layout.path(), &amd64, &arm64, "multi");
+    let reference = format!("{}/test/multi:multi", registry.host());
+    skopeo_push_all(layout.path(), "multi", &reference);
+    let data = tempfile::tempdir().unwrap();
+    ok(gantry(data.path(), &["pull", &reference]));
+    let images = ls_json(data.path());
+    assert_eq!(images[0]["id"], amd64.id());
+    assert_eq!(images[0]["manifest_digest"], digest);
+    check_unpacked(data.path(), &reference, "amd64\n");
+}
+
+/// `skopeo copy --all`: pushes the whole index, not just this platform.
+fn skopeo_push_all(layout: &Path, tag: &str, dest: &str) {
+    let output = Command::new("skopeo")
+        .args([
+            "copy",
+            "--all",
+            "--dest-tls-verify=false",
+            "--dest-compress=false",
+        ])
+        .arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(format!("docker://{dest}"))
+        .output()
+        .expect("run skopeo");
+    assert!(
+        output.status.success(),
+        "skopeo copy --all: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// bcrypt (cost 4) of `s3cret`, for the registry's htpasswd file.
+const HTPASSWD: &str = "gantry:$2b$04$kt4SP.GoZ0SKs3hNMfaPkeqA/AJ00Ng/ZsvC8WsvUFlUsPhsCidtG\n";
+
+#[test]
+fn pull_with_basic_auth() {
+    if !registry_prerequisites() {
+        return;
+    }
+    let htpasswd = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(htpasswd.path(), HTPASSWD).unwrap();
+    let config = format!(
+        "auth:\n  htpasswd:\n    realm: gantry-test\n    path: {}\n",
+        htpasswd.path().display()
+    );
+    let Some(registry) = Registry::start(&config) else {
+        println!("SKIPPED: docker-registry is not installed");
+        return;
+    };
+    let (layout, image) = layout_for_push("basic\n", "v1");
+    let reference = format!("{}/basic/app:v1", registry.host());
+    skopeo_push(layout.path(), "v1", &reference, Some("gantry:s3cret"))
+        .unwrap_or_else(|e| panic!("skopeo push: {e}\n{}", registry.log()));
+
+    let data = tempfile::tempdir().unwrap();
+    let out = gantry(data.path(), &["pull", &reference]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--username"), "{}", stderr(&out));
+    // Credentials from the environment this time.
+    let out = Command::new(gantry_bin())
+        .args(["image", "--data-dir"])
+        .arg(data.path())
+        .args(["pull", &reference])
+        .env("GANTRY_REGISTRY_USERNAME", "gantry")
+        .env("GANTRY_REGISTRY_PASSWORD", "s3cret")
+        .output()
+        .unwrap();
+    ok(out);
+    assert_eq!(ls_json(data.path())[0]["id"], image.id());
 }
 
 #[test]

@@ -75,6 +75,14 @@ pub enum ImageError {
         /// The container holding it.
         holder: String,
     },
+    /// Removing by id would drop several names at once (Docker's rule).
+    #[error("image {image} has several names ({names}): remove them by name, or use force")]
+    SeveralNames {
+        /// The id or prefix the caller gave.
+        image: String,
+        /// The names it has, comma-separated.
+        names: String,
+    },
     /// A reference could not be parsed.
     #[error(transparent)]
     Reference(#[from] ReferenceError),
@@ -140,6 +148,7 @@ impl ImageError {
         match self {
             ImageError::NotFound(_)
             | ImageError::Ambiguous(_)
+            | ImageError::SeveralNames { .. }
             | ImageError::Reference(_)
             | ImageError::Manifest(_)
             | ImageError::InvalidConfig { .. }
@@ -379,7 +388,8 @@ impl ImageStore {
     }
 
     /// Removes `name`. A reference that is one of several names of an image
-    /// is only untagged; otherwise the image record is deleted. A leased
+    /// is only untagged; otherwise the image record is deleted (by id, only
+    /// with `force` when that would drop several names, as Docker does). A leased
     /// image is refused unless `force`, and with `force` it is untagged but
     /// kept while leased (Docker's `rmi -f` on an image a container uses).
     pub fn remove(&self, name: &str, force: bool) -> Result<Vec<Removed>, ImageError> {
@@ -391,6 +401,12 @@ impl ImageStore {
             {
                 record.names.retain(|n| n != full);
                 return Ok(vec![Removed::Untagged(full.clone())]);
+            }
+            if matched == Match::Id && record.names.len() > 1 && !force {
+                return Err(ImageError::SeveralNames {
+                    image: name.to_string(),
+                    names: record.names.join(", "),
+                });
             }
             let id = record.id.clone();
             let holder = index

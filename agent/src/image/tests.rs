@@ -420,6 +420,8 @@ fn retagging_moves_a_name_and_extra_names_are_untagged_first() {
         record.names,
         vec!["docker.io/library/app:v1", "docker.io/library/other:v2"]
     );
+    let err = store.remove(&record.id[7..15], false).unwrap_err();
+    assert!(matches!(err, ImageError::SeveralNames { .. }), "{err}");
     let removed = store.remove("other:v2", false).unwrap();
     assert_eq!(
         removed,
@@ -435,4 +437,186 @@ fn chain_ids_follow_the_oci_definition() {
     let chains = chain_ids(&[a.clone(), b.clone()]);
     assert_eq!(chains[0], a);
     assert_eq!(chains[1], sha256_digest(format!("{a} {b}").as_bytes()));
+}
+
+#[test]
+fn zstd_layers_unpack_by_media_type_and_by_magic() {
+    let tar = layer(&[E::Dir("etc/"), E::File("etc/zz", b"zstd")]);
+    let compressed =
+        ruzstd::encoding::compress_to_vec(&tar[..], ruzstd::encoding::CompressionLevel::Fastest);
+    // Two frames with a skippable frame between them, as zstd:chunked has.
+    let half = tar.len() / 2;
+    let mut chunked = ruzstd::encoding::compress_to_vec(
+        &tar[..half],
+        ruzstd::encoding::CompressionLevel::Fastest,
+    );
+    chunked.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+    chunked.extend_from_slice(&3u32.to_le_bytes());
+    chunked.extend_from_slice(b"abc");
+    chunked.extend(ruzstd::encoding::compress_to_vec(
+        &tar[half..],
+        ruzstd::encoding::CompressionLevel::Fastest,
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let diff_id = unpack_layer(&chunked[..], Compression::Zstd, dir.path()).unwrap();
+    assert_eq!(diff_id, sha256_digest(&tar));
+    assert_eq!(fs::read(dir.path().join("etc/zz")).unwrap(), b"zstd");
+    for compression in [Compression::Zstd, Compression::Sniff] {
+        let dir = tempfile::tempdir().unwrap();
+        let diff_id = unpack_layer(&compressed[..], compression, dir.path()).unwrap();
+        assert_eq!(diff_id, sha256_digest(&tar));
+        assert_eq!(fs::read(dir.path().join("etc/zz")).unwrap(), b"zstd");
+    }
+}
+
+#[test]
+fn a_layer_that_does_not_match_its_diff_id_is_refused_and_not_kept() {
+    let data = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    // The config promises one layer, the manifest delivers another.
+    write_layout(src.path(), &[layer(&[E::File("a", b"a")])], Some("app:lie"));
+    let config_path = fs::read_dir(src.path().join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| fs::read_to_string(p).is_ok_and(|s| s.contains("diff_ids")))
+        .unwrap();
+    let config = fs::read_to_string(&config_path).unwrap();
+    let real = sha256_digest(&layer(&[E::File("a", b"a")]));
+    let fake = format!("sha256:{}", "0".repeat(64));
+    let lying = config.replace(&real, &fake);
+    // Rewrite the layout so its blobs are self-consistent except the lie.
+    fs::remove_dir_all(src.path()).unwrap();
+    fs::create_dir_all(src.path()).unwrap();
+    let blobs_dir = src.path().join("blobs/sha256");
+    fs::create_dir_all(&blobs_dir).unwrap();
+    let put = |bytes: &[u8]| {
+        let digest = sha256_digest(bytes);
+        fs::write(blobs_dir.join(&digest[7..]), bytes).unwrap();
+        digest
+    };
+    let gz = gzip(&layer(&[E::File("a", b"a")]));
+    let layer_digest = put(&gz);
+    let config_digest = put(lying.as_bytes());
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "config": {"mediaType": manifest::OCI_CONFIG, "digest": config_digest, "size": lying.len()},
+        "layers": [{"mediaType": manifest::OCI_LAYER_GZIP, "digest": layer_digest, "size": gz.len()}]
+    }))
+    .unwrap();
+    let manifest_digest = put(&manifest);
+    fs::write(
+        src.path().join("index.json"),
+        serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [
+            {"mediaType": manifest::OCI_MANIFEST, "digest": manifest_digest, "size": manifest.len()}
+        ]}))
+        .unwrap(),
+    )
+    .unwrap();
+    fs::write(src.path().join("oci-layout"), b"{}").unwrap();
+    let store = ImageStore::open(data.path().join("images")).unwrap();
+    let err = store
+        .import(src.path(), &ImportOptions::default())
+        .unwrap_err();
+    assert!(matches!(err, ImageError::DiffIdMismatch { .. }), "{err}");
+    assert!(err.to_string().contains(&layer_digest), "{err}");
+    assert_eq!(fs::read_dir(store.snapshots_dir()).unwrap().count(), 0);
+    assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
+    assert!(store.list().unwrap().is_empty());
+}
+
+#[test]
+fn fifty_default_layer_paths_fit_in_one_page_of_mount_options() {
+    let store = ImageStore {
+        root: PathBuf::from(crate::paths::DEFAULT_DATA_DIR).join("images"),
+    };
+    let chain = format!("sha256:{}", "f".repeat(64));
+    let one = store.snapshot_dir(&chain).display().to_string().len() + 1;
+    // lowerdir= plus an upperdir and workdir of similar length.
+    assert!(50 * one + 3 * 100 < 4096, "{one} bytes per layer");
+}
+
+#[test]
+fn concurrent_imports_into_one_store_all_land() {
+    let data = tempfile::tempdir().unwrap();
+    let root = data.path().join("images");
+    ImageStore::open(&root).unwrap();
+    let sources: Vec<_> = (0..4)
+        .map(|i| {
+            let dir = tempfile::tempdir().unwrap();
+            let name = format!("app:{i}");
+            let body = format!("image {i}");
+            write_layout(
+                dir.path(),
+                &[layer(&[E::File("id", body.as_bytes())])],
+                Some(name.as_str()),
+            );
+            dir
+        })
+        .collect();
+    let threads: Vec<_> = sources
+        .iter()
+        .map(|dir| {
+            let (root, path) = (root.clone(), dir.path().to_path_buf());
+            std::thread::spawn(move || {
+                // Separate handles, as separate processes would have.
+                let store = ImageStore::open(root).unwrap();
+                store.import(&path, &ImportOptions::default()).unwrap();
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let store = ImageStore::open(&root).unwrap();
+    let mut names: Vec<String> = store
+        .list()
+        .unwrap()
+        .into_iter()
+        .flat_map(|r| r.names)
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        (0..4)
+            .map(|i| format!("docker.io/library/app:{i}"))
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_directory_later_replaced_by_a_symlink_is_not_followed() {
+    let outside = tempfile::tempdir().unwrap();
+    let before = fs::metadata(outside.path()).unwrap().modified().unwrap();
+    let target = outside.path().to_str().unwrap().to_string();
+    let (dir, result) = unpack(&[E::Dir("d/"), E::Symlink("d", &target)]);
+    result.unwrap();
+    assert!(
+        fs::symlink_metadata(dir.path().join("d"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    // The directory's recorded mtime was not applied through the link.
+    assert_eq!(
+        fs::metadata(outside.path()).unwrap().modified().unwrap(),
+        before
+    );
+}
+
+#[test]
+fn docker_style_configs_with_nulls_and_extra_fields_parse() {
+    let config = br##"{
+        "architecture": "amd64", "os": "linux", "docker_version": "24.0.7",
+        "created": "2024-01-01T00:00:00.123456789Z",
+        "config": {"Hostname": "", "User": "", "Env": ["PATH=/bin"], "Cmd": ["sh"],
+                   "Entrypoint": null, "Volumes": null, "OnBuild": null, "Labels": null,
+                   "ExposedPorts": {"80/tcp": {}}, "WorkingDir": "", "ArgsEscaped": true},
+        "container_config": {"Cmd": ["/bin/sh", "-c", "#(nop) CMD [\"sh\"]"], "Volumes": {"/data": {}}},
+        "rootfs": {"type": "layers", "diff_ids": []},
+        "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "x", "empty_layer": true}]
+    }"##;
+    let parsed = parse_config(config, "sha256:test").unwrap();
+    let inner = parsed.config().as_ref().unwrap();
+    assert_eq!(inner.cmd().as_deref(), Some(&["sh".to_string()][..]));
+    assert_eq!(inner.entrypoint(), &None);
 }

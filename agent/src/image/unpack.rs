@@ -13,7 +13,7 @@
 use super::blobs::HashingReader;
 use super::manifest::Compression;
 use std::ffi::CString;
-use std::fs::{self, File, OpenOptions, Permissions};
+use std::fs::{self, OpenOptions, Permissions};
 use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -65,10 +65,7 @@ pub fn unpack_layer(
     };
     let decompressed: Box<dyn Read> = match compression {
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
-        Compression::Zstd => Box::new(
-            ruzstd::decoding::StreamingDecoder::new(buffered)
-                .map_err(|e| UnpackError::Stream(io::Error::other(e.to_string())))?,
-        ),
+        Compression::Zstd => Box::new(ZstdFrames::new(buffered)),
         Compression::None | Compression::Sniff => Box::new(buffered),
     };
     let mut archive = tar::Archive::new(HashingReader::new(decompressed));
@@ -81,11 +78,84 @@ pub fn unpack_layer(
     }
     // Directory times last: creating entries inside a directory moves its
     // mtime, which would make every image's timestamps depend on unpack order.
-    for (path, mtime) in dir_times.into_iter().rev() {
-        let _ = File::open(&path).and_then(|f| f.set_modified(mtime));
+    // A later entry may have replaced a directory (or one of its parents)
+    // with a symlink, so the walk is checked again and nothing is followed.
+    for (rel, mtime) in dir_times.into_iter().rev() {
+        if check_parents(dest, &rel, "", false).is_err() {
+            continue;
+        }
+        let _ = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+            .open(dest.join(&rel))
+            .and_then(|f| f.set_modified(mtime));
     }
     let (diff_id, _) = archive.into_inner().finish().map_err(UnpackError::Stream)?;
     Ok(diff_id)
+}
+
+/// Decodes a zstd stream of any number of frames, skipping skippable ones
+/// (zstd:chunked layers have both). ruzstd's `StreamingDecoder` stops after
+/// the first frame, which would silently truncate such a layer.
+struct ZstdFrames<R> {
+    source: R,
+    decoder: ruzstd::decoding::FrameDecoder,
+    in_frame: bool,
+}
+
+impl<R: BufRead> ZstdFrames<R> {
+    fn new(source: R) -> Self {
+        ZstdFrames {
+            source,
+            decoder: ruzstd::decoding::FrameDecoder::new(),
+            in_frame: false,
+        }
+    }
+}
+
+impl<R: BufRead> Read for ZstdFrames<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use ruzstd::decoding::errors::{FrameDecoderError, ReadFrameHeaderError};
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        // Every turn yields bytes, consumes input or ends, so this is
+        // bounded by the input's length.
+        loop {
+            if self.in_frame {
+                while self.decoder.can_collect() == 0 && !self.decoder.is_finished() {
+                    self.decoder
+                        .decode_blocks(
+                            &mut self.source,
+                            ruzstd::decoding::BlockDecodingStrategy::UptoBlocks(1),
+                        )
+                        .map_err(io::Error::other)?;
+                }
+                let n = self.decoder.read(buf)?;
+                if n > 0 {
+                    return Ok(n);
+                }
+                self.in_frame = false;
+            }
+            if self.source.fill_buf()?.is_empty() {
+                return Ok(0);
+            }
+            match self.decoder.reset(&mut self.source) {
+                Ok(()) => self.in_frame = true,
+                Err(FrameDecoderError::ReadFrameHeaderError(ReadFrameHeaderError::SkipFrame {
+                    length,
+                    ..
+                })) => {
+                    let skipped =
+                        io::copy(&mut (&mut self.source).take(length.into()), &mut io::sink())?;
+                    if skipped < u64::from(length) {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                }
+                Err(e) => return Err(io::Error::other(e)),
+            }
+        }
+    }
 }
 
 /// Tells gzip and zstd from a plain tar by their magic bytes.
@@ -253,7 +323,7 @@ fn unpack_entry<R: Read>(
             std::os::unix::fs::lchown(&target, Some(uid), Some(gid)).map_err(io_err(&target))?;
             fs::set_permissions(&target, Permissions::from_mode(mode)).map_err(io_err(&target))?;
             apply_xattrs(entry, &target)?;
-            return Ok(Some((target, mtime)));
+            return Ok(Some((rel, mtime)));
         }
         EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
             clear(&target, false)?;

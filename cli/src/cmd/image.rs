@@ -62,7 +62,7 @@ enum Command {
         #[arg(long, short, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
-    /// Show everything about an image (JSON).
+    /// Show everything about an image (JSON unless -o yaml).
     Inspect {
         /// Image reference, id or unique id prefix.
         name: String,
@@ -88,11 +88,22 @@ enum Command {
     },
 }
 
-/// Output formats: tables for people, JSON for scripts.
+/// Output formats: tables for people, JSON or YAML for scripts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Format {
     Table,
     Json,
+    Yaml,
+}
+
+/// Prints `value` as JSON or YAML; `false` for `table` (the caller's job).
+fn print_structured(value: &impl serde::Serialize, format: Format) -> anyhow::Result<bool> {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Format::Yaml => print!("{}", serde_norway::to_string(value)?),
+        Format::Table => return Ok(false),
+    }
+    Ok(true)
 }
 
 /// Runs `gantry image`.
@@ -113,10 +124,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Ls { quiet, output } => ls(&store, quiet, output),
         Command::Inspect { name, output } => {
             let details = store.inspect(&name).map_err(classify)?;
-            match output {
-                Format::Json | Format::Table => {
-                    println!("{}", serde_json::to_string_pretty(&details)?)
-                }
+            // Like `docker inspect`, there is no table: `table` means JSON.
+            if !print_structured(&details, output)? {
+                print_structured(&details, Format::Json)?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -277,8 +287,7 @@ fn ls(store: &ImageStore, quiet: bool, output: Format) -> anyhow::Result<ExitCod
         }
         return Ok(ExitCode::SUCCESS);
     }
-    if output == Format::Json {
-        println!("{}", serde_json::to_string_pretty(&images)?);
+    if print_structured(&images, output)? {
         return Ok(ExitCode::SUCCESS);
     }
     let mut rows = Vec::new();
@@ -405,7 +414,9 @@ fn rm(store: &ImageStore, names: &[String], force: bool) -> anyhow::Result<ExitC
 fn gc(store: &ImageStore, output: Format) -> anyhow::Result<ExitCode> {
     let report = store.gc().map_err(classify)?;
     match output {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Json | Format::Yaml => {
+            print_structured(&report, output)?;
+        }
         Format::Table => {
             for id in &report.images {
                 println!("Deleted image: {id}");
