@@ -529,12 +529,7 @@ impl Runtime {
             pid: None,
         };
         let cg_root = CgroupRoot::detect()?;
-        let resources = plan
-            .spec
-            .linux()
-            .as_ref()
-            .and_then(|l| l.resources().as_ref());
-        let cgroup = Cgroup::create(&cg_root, &plan.cgroup_path, resources)?;
+        let cgroup = Cgroup::create(&cg_root, &plan.cgroup_path, Some(&plan.resources))?;
         guard.cgroup = Some(cgroup.clone());
 
         let fifo = match start {

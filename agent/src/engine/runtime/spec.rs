@@ -6,7 +6,7 @@
 //! silently ignored. The result is a [`Plan`]: the namespaces to create or
 //! join and the cgroup to use, in the form the clone and the init need.
 
-use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use oci_spec::runtime::{LinuxDeviceCgroup, LinuxNamespaceType, LinuxResources, Spec};
 use std::path::{Path, PathBuf};
 
 /// Why a config was refused: the field and the reason.
@@ -64,6 +64,9 @@ pub struct Plan {
     pub namespaces: NamespacePlan,
     /// The cgroup, relative to the cgroup mount root.
     pub cgroup_path: PathBuf,
+    /// The cgroup limits: the config's, with the device rules every
+    /// container needs appended.
+    pub resources: LinuxResources,
 }
 
 /// Reads `<bundle>/config.json` and checks it.
@@ -237,13 +240,61 @@ pub fn plan(spec: Spec, bundle: &Path, id: &str) -> Result<Plan, SpecError> {
         }
     }
 
+    let resources = with_default_device_rules(
+        linux.resources().clone().unwrap_or_default(),
+        linux.devices().as_deref().unwrap_or(&[]),
+    );
+
     Ok(Plan {
+        resources,
         bundle: bundle.to_path_buf(),
         rootfs,
         namespaces,
         cgroup_path,
         spec,
     })
+}
+
+/// Appends, after the config's own device rules (typically "deny all"),
+/// the rules for the devices every container gets and for `linux.devices`,
+/// as runc does: without them a deny-all rule would make `/dev/null`
+/// unusable.
+pub fn with_default_device_rules(
+    mut resources: LinuxResources,
+    devices: &[oci_spec::runtime::LinuxDevice],
+) -> LinuxResources {
+    let rule = |typ: &str, major: Option<i64>, minor: Option<i64>, access: &str| {
+        serde_json::from_value::<LinuxDeviceCgroup>(serde_json::json!({
+            "allow": true, "type": typ, "major": major, "minor": minor, "access": access
+        }))
+        .ok()
+    };
+    let mut rules: Vec<LinuxDeviceCgroup> = resources.devices().clone().unwrap_or_default();
+    let defaults = [
+        ("c", None, None, "m"),
+        ("b", None, None, "m"),
+        ("c", Some(1), Some(3), "rwm"),
+        ("c", Some(1), Some(5), "rwm"),
+        ("c", Some(1), Some(7), "rwm"),
+        ("c", Some(1), Some(8), "rwm"),
+        ("c", Some(1), Some(9), "rwm"),
+        ("c", Some(5), Some(0), "rwm"),
+        ("c", Some(5), Some(2), "rwm"),
+        ("c", Some(136), None, "rwm"),
+    ];
+    rules.extend(
+        defaults
+            .into_iter()
+            .filter_map(|(t, ma, mi, a)| rule(t, ma, mi, a)),
+    );
+    for d in devices {
+        let typ = d.typ().as_str().to_string();
+        if let Some(r) = rule(&typ, Some(d.major()), Some(d.minor()), "rwm") {
+            rules.push(r);
+        }
+    }
+    resources.set_devices(Some(rules));
+    resources
 }
 
 /// Checks a container id: what runc accepts (letters, digits, `_+-.`), so
@@ -503,6 +554,25 @@ mod tests {
             let err = check(v).unwrap_err();
             assert_eq!(err.field, field, "{err}");
         }
+    }
+
+    #[test]
+    fn default_device_rules_follow_the_configs_own() {
+        let mut v = base();
+        v["linux"]["resources"] = json!({"devices": [{"allow": false, "access": "rwm"}]});
+        v["linux"]["devices"] =
+            json!([{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229}]);
+        let p = check(v).unwrap();
+        let rules = p.resources.devices().clone().unwrap();
+        assert!(!rules[0].allow(), "deny-all stays first");
+        let allowed = |ma: i64, mi: i64| {
+            rules
+                .iter()
+                .any(|r| r.allow() && r.major() == Some(ma) && r.minor() == Some(mi))
+        };
+        assert!(allowed(1, 3), "/dev/null");
+        assert!(allowed(5, 2), "/dev/ptmx");
+        assert!(allowed(10, 229), "linux.devices entry");
     }
 
     #[test]
