@@ -415,6 +415,14 @@ fn exit_codes_and_signals() {
     let info = node.inspect("kk");
     assert_eq!(info["exit"]["signal"], 9);
     assert!(info["status"].as_str().unwrap().starts_with("Exited (137)"));
+    // An exited container starts again, even after its rootfs mount went
+    // away (as after a reboot).
+    let dir = node.container_dir(info["id"].as_str().unwrap());
+    nix::mount::umount(&dir.join("rootfs")).unwrap();
+    node.ok(&["start", "kk"]);
+    assert_eq!(node.inspect("kk")["state"], "running");
+    node.ok(&["kill", "kk"]);
+    assert_eq!(node.ok(&["wait", "kk"]).trim(), "137");
     // A trapped signal runs the handler.
     node.detach(&[
         "--name",
