@@ -885,3 +885,49 @@ fn entrypoint_read_only_rootfs_and_host_network() {
     assert_eq!(info["config"]["labels"]["tier"], "web");
     assert_eq!(info["config"]["stop_grace_secs"], 3);
 }
+
+#[test]
+fn foreground_run_forwards_signals_to_the_container() {
+    require!();
+    let node = Node::new();
+    let child = node
+        .cmd(
+            "container",
+            &[
+                "run",
+                "--rm",
+                IMAGE,
+                "sh",
+                "-c",
+                "trap 'echo got term; exit 9' TERM; echo ready; while true; do sleep 0.05; done",
+            ],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Reap(Option<std::process::Child>);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            if let Some(mut c) = self.0.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let mut child = Reap(Some(child));
+    let c = child.0.as_mut().unwrap();
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = child.0.take().unwrap().wait().unwrap();
+    assert_eq!(rest, "got term\n");
+    assert_eq!(status.code(), Some(9));
+    assert_eq!(node.ok(&["ps", "-a", "-q"]), "");
+}

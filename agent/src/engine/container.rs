@@ -790,9 +790,25 @@ impl Engine {
         options: &LogOptions,
         sink: &mut dyn FnMut(&LogEntry) -> std::io::Result<()>,
     ) -> Result<(), ContainerError> {
+        self.logs_with(id, options, &mut || {}, sink)
+    }
+
+    /// [`Engine::logs`] that also calls `tick` every time a follower looks
+    /// for news (every few tens of milliseconds), e.g. to forward signals the
+    /// caller received to the container.
+    pub fn logs_with(
+        &self,
+        id: &ContainerId,
+        options: &LogOptions,
+        tick: &mut dyn FnMut(),
+        sink: &mut dyn FnMut(&LogEntry) -> std::io::Result<()>,
+    ) -> Result<(), ContainerError> {
         let _ = self.record(id)?;
         let path = self.container_dir(id).join(LOG_FILE);
-        let mut running = || matches!(self.state_of(id), Ok((ContainerState::Running, _)));
+        let mut running = || {
+            tick();
+            matches!(self.state_of(id), Ok((ContainerState::Running, _)))
+        };
         Ok(read_logs(&path, options, &mut running, sink)?)
     }
 

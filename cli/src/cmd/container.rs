@@ -444,7 +444,15 @@ fn run_container(engine: &Engine, run: RunArgs) -> anyhow::Result<ExitCode> {
         follow: true,
         ..Default::default()
     };
-    let result = engine.logs(&id, &options, &mut |e| write_entry(e, false));
+    // As `docker run` (sig-proxy): SIGINT, SIGTERM and SIGHUP sent to this
+    // process go to the container instead of ending the command.
+    proxy::install();
+    let mut forward = || {
+        if let Some(signal) = proxy::take() {
+            let _ = engine.kill(&id, signal);
+        }
+    };
+    let result = engine.logs_with(&id, &options, &mut forward, &mut |e| write_entry(e, false));
     let exit = engine.wait(&id);
     if run.rm {
         engine.remove(&id, true)?;
@@ -585,6 +593,12 @@ fn stats(engine: &Engine, containers: &[String]) -> anyhow::Result<ExitCode> {
 
 fn exec_in(engine: &Engine, exec: ExecArgs) -> anyhow::Result<ExitCode> {
     let id = engine.resolve(&exec.container).map_err(usage_or)?;
+    if !exec.interactive && !exec.tty {
+        // As `docker exec` without -i: the process gets no stdin. It inherits
+        // ours, so ours becomes /dev/null first.
+        let devnull = std::fs::File::open("/dev/null").context("/dev/null")?;
+        nix::unistd::dup2_stdin(&devnull).context("dup2 /dev/null")?;
+    }
     let process = engine
         .exec(
             &id,
@@ -598,6 +612,7 @@ fn exec_in(engine: &Engine, exec: ExecArgs) -> anyhow::Result<ExitCode> {
         )
         .map_err(usage_or)?;
     if let Some(master) = process.pty_master {
+        let _raw = RawTerminal::enter();
         copy_pty(master)?;
     }
     let pid = nix::unistd::Pid::from_raw(process.pid);
@@ -652,6 +667,74 @@ fn copy_pty(master: std::os::fd::OwnedFd) -> anyhow::Result<()> {
                     nix::unistd::write(&master, &buf[..n]).context("writing to the pty")?;
                 }
             }
+        }
+    }
+}
+
+/// Signals received by a foreground `run`, to forward to its container.
+mod proxy {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    use std::sync::atomic::{AtomicI32, Ordering};
+
+    static PENDING: AtomicI32 = AtomicI32::new(0);
+
+    extern "C" fn on_signal(signal: libc::c_int) {
+        // Only an atomic store: async-signal-safe.
+        PENDING.store(signal, Ordering::SeqCst);
+    }
+
+    /// Catches SIGINT, SIGTERM and SIGHUP from now on.
+    pub fn install() {
+        let action = SigAction::new(
+            SigHandler::Handler(on_signal),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            // SAFETY: the handler only stores into an atomic.
+            let _ = unsafe { sigaction(signal, &action) };
+        }
+    }
+
+    /// The last signal received since the previous call, if any.
+    pub fn take() -> Option<Signal> {
+        match PENDING.swap(0, Ordering::SeqCst) {
+            0 => None,
+            n => Signal::try_from(n).ok(),
+        }
+    }
+}
+
+/// Puts stdin's terminal (if it is one) in raw mode until dropped, so that
+/// keys reach the exec's pty as typed.
+struct RawTerminal {
+    saved: Option<nix::sys::termios::Termios>,
+}
+
+impl RawTerminal {
+    fn enter() -> RawTerminal {
+        use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+        let stdin = std::io::stdin();
+        let Ok(saved) = tcgetattr(&stdin) else {
+            return RawTerminal { saved: None };
+        };
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        if tcsetattr(&stdin, SetArg::TCSANOW, &raw).is_err() {
+            return RawTerminal { saved: None };
+        }
+        RawTerminal { saved: Some(saved) }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.saved {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                saved,
+            );
         }
     }
 }
