@@ -615,6 +615,19 @@ impl Engine {
             .arg(record.config.log.max_size.to_string())
             .arg("--log-max-files")
             .arg(record.config.log.max_files.to_string())
+            .args(
+                record
+                    .config
+                    .auto_remove
+                    .then(|| {
+                        [
+                            "--remove-from".into(),
+                            self.data.root().as_os_str().to_owned(),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
             .stdin(std::process::Stdio::null())
             .output()
             .map_err(io(&self.shim_binary))?;
@@ -1050,6 +1063,19 @@ impl Engine {
         nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, e)| sys("flock")(e))
     }
+}
+
+/// Removes container `id` of `data_dir` whose exit is recorded, for its own
+/// shim (`--rm`): the shim is still alive, so [`Engine::remove`] would see a
+/// running container.
+pub(crate) fn remove_exited(data_dir: &DataDir, id: &str) -> Result<(), ContainerError> {
+    let id: ContainerId = id.parse()?;
+    let engine = Engine::open(EngineConfig {
+        data_dir: data_dir.clone(),
+        shim_binary: PathBuf::new(),
+    })?;
+    let _lock = engine.lock()?;
+    engine.teardown(&id)
 }
 
 /// Undoes a half-done create when dropped before `done`.

@@ -92,6 +92,9 @@ pub struct ShimConfig {
     pub runtime_root: PathBuf,
     /// Log rotation.
     pub log: LogConfig,
+    /// Remove the container (rootfs, lease, directory) from this data
+    /// directory once its exit is recorded (`--rm` of a detached container).
+    pub remove_from: Option<crate::paths::DataDir>,
 }
 
 /// `shim.json`: how the engine finds a live shim.
@@ -518,7 +521,17 @@ impl Shim {
             );
         }
         let path = config.bundle.join(EXIT_FILE);
-        write_json_atomic(&path, &record).map_err(|source| ShimError::Io { path, source })
+        write_json_atomic(&path, &record).map_err(|source| ShimError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        if let Some(data_dir) = &config.remove_from {
+            let removed = crate::engine::container::remove_exited(data_dir, &config.id);
+            if let Err(e) = removed {
+                eprintln!("gantry shim {}: removing the container: {e}", config.id);
+            }
+        }
+        Ok(())
     }
 }
 

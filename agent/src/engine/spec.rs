@@ -288,6 +288,9 @@ pub struct ContainerConfig {
     pub labels: BTreeMap<String, String>,
     /// Log rotation.
     pub log: LogConfig,
+    /// Remove the container when it exits (`--rm`): its shim does it, so it
+    /// happens even when nobody waits for the container.
+    pub auto_remove: bool,
 }
 
 /// The host side of a mount, once volumes are resolved to directories.

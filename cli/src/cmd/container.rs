@@ -108,7 +108,7 @@ struct RunArgs {
     /// A unique name.
     #[arg(long)]
     name: Option<String>,
-    /// Remove the container when it exits (foreground only).
+    /// Remove the container when it exits.
     #[arg(long)]
     rm: bool,
     /// Set an environment variable (KEY=VALUE, or KEY to take it from here).
@@ -407,6 +407,7 @@ fn config_from(run: &RunArgs) -> anyhow::Result<ContainerConfig> {
         stop_grace_secs: run.stop_timeout,
         labels,
         log,
+        auto_remove: false,
     })
 }
 
@@ -423,10 +424,10 @@ fn env_entry(entry: &str) -> String {
 }
 
 fn run_container(engine: &Engine, run: RunArgs) -> anyhow::Result<ExitCode> {
-    let config = config_from(&run)?;
-    if run.rm && run.detach {
-        return Err(UsageError("--rm is only supported without -d for now".into()).into());
-    }
+    let mut config = config_from(&run)?;
+    // Detached, the shim removes the container when it exits; in the
+    // foreground this command does, once it has the exit code.
+    config.auto_remove = run.rm && run.detach;
     let id = engine.create(&config).map_err(usage_or)?;
     if let Err(e) = engine.start(&id) {
         if run.rm {

@@ -26,6 +26,9 @@ pub struct Args {
     /// Keep this many log files.
     #[arg(long, default_value_t = LogConfig::default().max_files)]
     log_max_files: u32,
+    /// Remove the container from this data directory once it exited.
+    #[arg(long)]
+    remove_from: Option<PathBuf>,
 }
 
 /// Runs `gantry shim`; only the short-lived parent returns.
@@ -38,6 +41,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             max_size: args.log_max_size,
             max_files: args.log_max_files,
         },
+        remove_from: args.remove_from.map(gantry_agent::paths::DataDir::new),
     });
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
