@@ -405,10 +405,16 @@ fn lifecycle_create_start_kill_delete() {
     let out = c.rt(&["delete", &c.id]);
     assert!(!out.status.success(), "deleted a running container");
 
+    // The user process runs now: its first output arrives (bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(c.log_path()).unwrap() != "started\n" {
+        assert!(Instant::now() < deadline, "no output after start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
     let out = c.rt(&["kill", &c.id, "9"]);
     assert!(out.status.success(), "kill: {}", stderr(&out));
     c.wait_status("stopped");
-    assert_eq!(std::fs::read_to_string(c.log_path()).unwrap(), "started\n");
 
     let out = c.rt(&["delete", &c.id]);
     assert!(out.status.success(), "delete: {}", stderr(&out));
@@ -656,4 +662,74 @@ fn pids_limit_applies() {
         out.contains("can't fork") || out.contains("Resource temporarily unavailable"),
         "{out}"
     );
+}
+
+#[test]
+fn joins_namespaces_given_by_path() {
+    if !can_run("ns-path") {
+        return;
+    }
+    let a = Ctr::new("nsa", BundleBuilder::new().args(["sleep", "100"]));
+    assert!(a.create().status.success());
+    assert!(a.rt(&["start", &a.id]).status.success());
+    let apid = a.pid();
+    let b = Ctr::new(
+        "nsb",
+        sh("readlink /proc/self/ns/net; ps -o comm")
+            .namespace_path("network", &format!("/proc/{apid}/ns/net"))
+            .namespace_path("pid", &format!("/proc/{apid}/ns/pid")),
+    );
+    let (code, out, err) = b.run();
+    assert_eq!(code, 0, "{out}{err}");
+    let theirs = std::fs::read_link(format!("/proc/{apid}/ns/net")).unwrap();
+    assert_eq!(out.lines().next(), theirs.to_str(), "{out}");
+    // B's process lives in A's pid namespace and sees A's init.
+    assert!(out.lines().any(|l| l.trim() == "sleep"), "{out}");
+}
+
+#[test]
+fn applies_sysctls() {
+    if !can_run("sysctl") {
+        return;
+    }
+    let c = Ctr::new(
+        "sysctl",
+        sh("cat /proc/sys/net/ipv4/ip_forward")
+            .edit(|s| s["linux"]["sysctl"] = serde_json::json!({"net.ipv4.ip_forward": "1"})),
+    );
+    let (code, out, err) = c.run();
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out, "1\n");
+}
+
+#[test]
+fn run_forwards_sigterm_to_the_container() {
+    if !can_run("forward") {
+        return;
+    }
+    let c = Ctr::new(
+        "fwd",
+        sh("trap 'echo got-term; exit 3' TERM; echo ready; sleep 100 & wait"),
+    );
+    let mut child = c
+        .cmd()
+        .args(["run", "-b", path_str(c.bundle.path()), &c.id])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert_eq!(status.code(), Some(3), "{rest}");
+    assert!(rest.contains("got-term"), "{rest}");
 }

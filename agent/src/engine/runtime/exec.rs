@@ -82,6 +82,8 @@ pub struct ExecChild<'a> {
     pub go: RawFd,
     /// Write end of the report pipe (close-on-exec).
     pub report: RawFd,
+    /// cgroup v1 `tasks` files to join the container's cgroup through.
+    pub cgroup_tasks: &'a [PathBuf],
 }
 
 /// Namespace descriptors with their `CLONE_NEW*` flag.
@@ -138,6 +140,7 @@ fn exec_steps(args: &ExecChild<'_>) -> StepResult<std::convert::Infallible> {
         // SAFETY: see exec_child.
         unsafe { libc::_exit(127) }
     }
+    super::init::join_cgroup_self(args.cgroup_tasks)?;
     for (fd, flag) in args.namespaces {
         sys(
             "setns",

@@ -122,6 +122,24 @@ pub struct InitArgs<'a> {
     pub start: StartSignal,
     /// Whether the parent must run prestart/createRuntime hooks (`H`).
     pub parent_hooks: bool,
+    /// cgroup v1 `tasks` files the init writes `0` to, to join its cgroup
+    /// itself (see [`join_cgroup_self`]); empty when the parent moved it.
+    pub cgroup_tasks: &'a [PathBuf],
+}
+
+/// Moves the calling (single-threaded) process into a cgroup v1 group by
+/// writing `0` to each hierarchy's `tasks` file.
+///
+/// Why not the parent writing the pid to `cgroup.procs`: moving a whole
+/// thread group takes the kernel's global `cgroup_threadgroup_rwsem` for
+/// writing, which waits for an RCU grace period (about 10 ms here, most of a
+/// container start). A thread moving itself through `tasks` skips that lock.
+pub fn join_cgroup_self(tasks: &[PathBuf]) -> StepResult<()> {
+    for path in tasks {
+        std::fs::write(path, b"0")
+            .map_err(|e| SetupError::io(format!("join cgroup {}", path.display()), e))?;
+    }
+    Ok(())
 }
 
 /// Writes one protocol message; errors are ignored since the reader may be
@@ -152,6 +170,9 @@ pub fn read_exact(fd: RawFd, buf: &mut [u8]) -> bool {
     true
 }
 
+/// Set in the init once `start` let it go in fifo mode.
+static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// The init's entry point after `clone`: sets the container up and execs,
 /// or reports the failed step and exits. Never returns.
 pub fn container_init(args: &InitArgs<'_>) -> ! {
@@ -165,6 +186,13 @@ pub fn container_init(args: &InitArgs<'_>) -> ! {
         Err(e) => e,
     };
     report(args.report, b'E', &err.to_string());
+    if STARTED.load(std::sync::atomic::Ordering::Relaxed) {
+        // After `start` nobody reads the report pipe any more (create has
+        // exited): the container's stderr is where the user will look.
+        let msg = format!("gantry init: {err}\n");
+        // SAFETY: writing a valid buffer to fd 2.
+        unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+    }
     // SAFETY: _exit skips the caller's atexit handlers and destructors,
     // which belong to the parent's copy of this process.
     unsafe { libc::_exit(1) }
@@ -180,6 +208,7 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
         unsafe { libc::_exit(1) }
     }
     let host_pid = i32::from_ne_bytes(pid_buf);
+    join_cgroup_self(args.cgroup_tasks)?;
 
     if let Some([i, o, e]) = args.stdio {
         for (from, to) in [(i, 0), (o, 1), (e, 2)] {
@@ -195,6 +224,11 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
 
     for (flag, path) in &plan.namespaces.join {
+        // The parent joined the pid namespace for us: it only applies to
+        // children, so it had to be done before the clone.
+        if *flag == libc::CLONE_NEWPID {
+            continue;
+        }
         let fd = nix::fcntl::open(
             path.as_path(),
             nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
@@ -367,6 +401,7 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
                 "write exec fifo",
                 nix::unistd::write(&fifo, b"0").map(|_| ()),
             )?;
+            STARTED.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         StartSignal::GoPipe => {
             let mut b = [0u8; 1];

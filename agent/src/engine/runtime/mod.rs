@@ -212,8 +212,10 @@ impl Runtime {
             return Err(e);
         }
         guard.disarm();
+        forward_signals_to(pid);
         self.run_poststart(&record);
         let code = wait_exit_code(pid)?;
+        forward_signals_to(0);
         self.remove(&dir, &record, false)?;
         Ok(code)
     }
@@ -352,6 +354,7 @@ impl Runtime {
             None
         };
         let cgroup = self.open_cgroup(&record)?;
+        let cgroup_tasks = self_join_tasks(&cgroup);
         let (go_r, go_w) = exec::pipe().map_err(|source| RuntimeError::Sys {
             call: "pipe",
             source,
@@ -366,6 +369,7 @@ impl Runtime {
             tty: pty.as_ref().map(|p| p.slave_path.clone()),
             go: go_r.as_raw_fd(),
             report: rep_w.as_raw_fd(),
+            cgroup_tasks: &cgroup_tasks,
         };
 
         // Enter the container's pid namespace just around the fork, so the
@@ -421,7 +425,9 @@ impl Runtime {
                 nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
         };
-        if let Err(e) = cgroup.add_process(pid) {
+        if cgroup_tasks.is_empty()
+            && let Err(e) = cgroup.add_process(pid)
+        {
             reap(pid);
             return Err(e.into());
         }
@@ -532,6 +538,7 @@ impl Runtime {
         let cgroup = Cgroup::create(&cg_root, &plan.cgroup_path, Some(&plan.resources))?;
         guard.cgroup = Some(cgroup.clone());
 
+        let cgroup_tasks = self_join_tasks(&cgroup);
         let fifo = match start {
             init::StartSignal::Fifo(_) => {
                 let path = dir.join(state::EXEC_FIFO);
@@ -588,15 +595,29 @@ impl Runtime {
                 None => init::StartSignal::GoPipe,
             },
             parent_hooks: !runtime_hooks.is_empty(),
+            cgroup_tasks: &cgroup_tasks,
         };
-        let pid = clone_init(plan.namespaces.clone_flags, || init::container_init(&args))?;
+        let pid = {
+            let _pid_ns = match plan
+                .namespaces
+                .join
+                .iter()
+                .find(|(f, _)| *f == libc::CLONE_NEWPID)
+            {
+                Some((_, path)) => Some(EnteredPidNs::enter(path)?),
+                None => None,
+            };
+            clone_init(plan.namespaces.clone_flags, || init::container_init(&args))?
+        };
         guard.pid = Some(pid);
         drop(go_r);
         drop(rep_w);
         drop(fifo);
         drop(options);
 
-        cgroup.add_process(pid)?;
+        if cgroup_tasks.is_empty() {
+            cgroup.add_process(pid)?;
+        }
         nix::unistd::write(&go_w, &pid.to_ne_bytes()).map_err(|source| RuntimeError::Sys {
             call: "write go",
             source,
@@ -744,6 +765,44 @@ fn clone_init(flags: libc::c_int, child: impl FnOnce()) -> Result<i32, RuntimeEr
     }
 }
 
+/// This process's pid namespace for children switched to another one, and
+/// switched back on drop. Joining a pid namespace only affects children, so
+/// it is done around the clone by the parent.
+struct EnteredPidNs {
+    own: OwnedFd,
+}
+
+impl EnteredPidNs {
+    fn enter(path: &Path) -> Result<EnteredPidNs, RuntimeError> {
+        let open = |p: &Path| {
+            nix::fcntl::open(
+                p,
+                nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(|e| io_err(p, e.into()))
+        };
+        let own = open(Path::new("/proc/self/ns/pid"))?;
+        let target = open(path)?;
+        nix::sched::setns(&target, nix::sched::CloneFlags::CLONE_NEWPID).map_err(|source| {
+            RuntimeError::Sys {
+                call: "setns pid",
+                source,
+            }
+        })?;
+        Ok(EnteredPidNs { own })
+    }
+}
+
+impl Drop for EnteredPidNs {
+    fn drop(&mut self) {
+        // Ours is an ancestor of the one we entered, so this is allowed.
+        if let Err(e) = nix::sched::setns(&self.own, nix::sched::CloneFlags::CLONE_NEWPID) {
+            tracing::error!("cannot return to our own pid namespace: {e}");
+        }
+    }
+}
+
 /// Reads newline-terminated messages from the init's report pipe.
 struct LineReader<'a> {
     fd: &'a OwnedFd,
@@ -795,6 +854,56 @@ fn state_json(record: &Record, status: ContainerState) -> Vec<u8> {
     let mut st = to_state(record, status);
     st.set_pid(Some(record.pid));
     serde_json::to_vec(&st).unwrap_or_default()
+}
+
+/// The `tasks` files through which a child joins `cgroup` itself (cgroup
+/// v1; see [`init::join_cgroup_self`]). Empty on v2, where the parent moves
+/// the child with [`Cgroup::add_process`].
+fn self_join_tasks(cgroup: &Cgroup) -> Vec<PathBuf> {
+    match cgroup {
+        Cgroup::V1 { dirs } => dirs.iter().map(|d| d.join("tasks")).collect(),
+        Cgroup::V2 { .. } => Vec::new(),
+    }
+}
+
+/// The pid that signals sent to `run` are passed on to (0: none).
+static FORWARD_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward_signal(sig: libc::c_int) {
+    let pid = FORWARD_PID.load(std::sync::atomic::Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// Passes SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 received by
+/// this process on to `pid`, as `runc run` does, so that stopping `run`
+/// stops the container (its init then decides what the signal means).
+fn forward_signals_to(pid: i32) {
+    FORWARD_PID.store(pid, std::sync::atomic::Ordering::Relaxed);
+    for sig in [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+    ] {
+        // SAFETY: installing a handler that only calls kill(2); SA_RESTART
+        // keeps waitpid going.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = if pid > 0 {
+                forward_signal as *const () as libc::sighandler_t
+            } else {
+                libc::SIG_DFL
+            };
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut());
+        }
+    }
 }
 
 /// Waits for our child `pid` and turns its end into an exit code.
