@@ -680,6 +680,24 @@ fn exec_runs_in_the_container() {
             .code(),
         Some(5)
     );
+    // -t: a pty inside, copied to our terminal (`script` gives us one).
+    if Path::new("/usr/bin/script").exists() {
+        let inner = format!(
+            "{} container --data-dir {} exec -t ex sh -c 'tty; echo $TERM'",
+            gantry_bin().display(),
+            node.dir().display()
+        );
+        let out = Command::new("script")
+            .args(["-qec", &inner, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let out = text(&out.stdout);
+        assert!(out.contains("/dev/pts/"), "{out:?}");
+        assert!(out.contains("xterm"), "{out:?}");
+    } else {
+        println!("SKIPPED (exec -t part): needs script(1) from util-linux");
+    }
     node.ok(&["rm", "-f", "ex"]);
     assert_eq!(node.ok(&["ps", "-a", "-q"]), "");
 }

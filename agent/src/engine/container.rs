@@ -846,7 +846,9 @@ impl Engine {
         })?;
         let mut process = oci.process().clone().unwrap_or_default();
         process.set_args(Some(exec.command.clone()));
-        process.set_terminal(Some(exec.tty));
+        // The pty is asked for through ExecOptions::tty; the runtime reads a
+        // terminal in the process itself as a console-socket request.
+        process.set_terminal(Some(false));
         let mut env = process.env().clone().unwrap_or_default();
         for entry in &exec.env {
             spec::merge_env(&mut env, entry);
