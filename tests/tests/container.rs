@@ -624,6 +624,19 @@ fn volumes_survive_removal_and_are_shared() {
     node.ok(&["rm", "reader"]);
     assert!(node.volume(&["rm", "data"]).status.success());
     assert_eq!(text(&node.volume(&["ls", "-q"]).stdout), "");
+    // A volume made with `volume create` is empty: it gets the copy too.
+    assert!(node.volume(&["create", "made"]).status.success());
+    let out = node.ok(&[
+        "run",
+        "--rm",
+        "-v",
+        "made:/srv/data",
+        IMAGE,
+        "cat",
+        "/srv/data/seed",
+    ]);
+    assert_eq!(out, "from the image\n");
+    assert!(node.volume(&["rm", "made"]).status.success());
     // Bind mounts and tmpfs.
     let host = tempfile::tempdir().unwrap();
     std::fs::write(host.path().join("h"), "host file\n").unwrap();

@@ -476,11 +476,12 @@ impl Engine {
                 } => {
                     if self.volumes.ensure(name)? {
                         undo.new_volumes.push(name.clone());
-                        volumes::copy_up_from_rootfs(
-                            &rootfs_dir,
-                            destination,
-                            &self.volumes.data_dir(name),
-                        )?;
+                    }
+                    // As Docker: an empty volume gets the image's content at
+                    // its mount point (a new one, or one made by `volume create`).
+                    let data = self.volumes.data_dir(name);
+                    if volumes::is_empty_dir(&data)? {
+                        volumes::copy_up_from_rootfs(&rootfs_dir, destination, &data)?;
                     }
                     ResolvedMount::Bind {
                         source: self.volumes.data_dir(name),

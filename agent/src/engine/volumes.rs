@@ -1,8 +1,8 @@
 //! Named volumes: directories under `<data dir>/volumes/<name>/_data` that
 //! outlive the containers using them.
 //!
-//! A volume is created on first use (or by `gantry volume create`). When a
-//! new volume is mounted over a path where the image has content, that
+//! A volume is created on first use (or by `gantry volume create`). When an
+//! empty volume is mounted over a path where the image has content, that
 //! content is copied in first, as Docker does, so that e.g. a database image's
 //! default files appear in its data volume. Which containers use a volume is
 //! not recorded here: the engine knows its containers and refuses to remove a
@@ -194,6 +194,11 @@ pub fn copy_up(from: &Path, to: &Path) -> Result<(), VolumeError> {
     };
     copy_dir(from, to, 0)?;
     set_owner_mode(to, &meta)
+}
+
+/// Whether `dir` has no entries.
+pub fn is_empty_dir(dir: &Path) -> Result<bool, VolumeError> {
+    Ok(std::fs::read_dir(dir).map_err(io(dir))?.next().is_none())
 }
 
 /// [`copy_up`] from `destination` inside `rootfs`, resolving symlinks of
