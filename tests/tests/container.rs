@@ -980,3 +980,23 @@ fn foreground_run_forwards_signals_to_the_container() {
     assert_eq!(status.code(), Some(9));
     assert_eq!(node.ok(&["ps", "-a", "-q"]), "");
 }
+
+#[test]
+fn oom_kill_is_recorded() {
+    require!();
+    let node = Node::new();
+    node.detach(&[
+        "--name",
+        "oom",
+        "-m",
+        "16m",
+        IMAGE,
+        "sh",
+        "-c",
+        "x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo survived",
+    ]);
+    let code = node.ok(&["wait", "oom"]);
+    let info = node.inspect("oom");
+    assert_eq!(code.trim(), "137", "{info}");
+    assert_eq!(info["exit"]["oom_killed"], true, "{info}");
+}
