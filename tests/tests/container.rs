@@ -135,7 +135,8 @@ fn write_layout(dir: &Path) {
         ),
         (
             APP_IMAGE,
-            json!({"Cmd": ["sh"], "Env": ["PATH=/bin"], "User": "app", "WorkingDir": "/home/app"}),
+            json!({"Cmd": ["sh"], "Env": ["PATH=/bin"], "User": "app", "WorkingDir": "/home/app",
+                   "Volumes": {"/srv/data": {}}}),
         ),
     ] {
         let config = serde_json::to_vec(&json!({
@@ -637,6 +638,18 @@ fn volumes_survive_removal_and_are_shared() {
     ]);
     assert_eq!(out, "from the image\n");
     assert!(node.volume(&["rm", "made"]).status.success());
+    // The image's VOLUME gets an anonymous volume, removed with the container.
+    let id = node.detach(&["--name", "anon", APP_IMAGE, "ls", "/srv/data"]);
+    node.ok(&["wait", "anon"]);
+    assert_eq!(node.ok(&["logs", "anon"]), "seed\n");
+    let listed = text(&node.volume(&["ls", "-q"]).stdout);
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    let anon = listed.trim().to_string();
+    assert_eq!(anon.len(), 64);
+    let used: Value = serde_json::from_slice(&node.volume(&["inspect", &anon]).stdout).unwrap();
+    assert_eq!(used[0]["used_by"][0], id);
+    node.ok(&["rm", "anon"]);
+    assert_eq!(text(&node.volume(&["ls", "-q"]).stdout), "");
     // Bind mounts and tmpfs.
     let host = tempfile::tempdir().unwrap();
     std::fs::write(host.path().join("h"), "host file\n").unwrap();

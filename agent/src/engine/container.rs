@@ -247,6 +247,10 @@ pub struct ContainerRecord {
     pub stop_signal: String,
     /// When it was created, RFC 3339.
     pub created: String,
+    /// Volumes made for the image's `VOLUME`s that no mount covered;
+    /// removed with the container.
+    #[serde(default)]
+    pub anonymous_volumes: Vec<String>,
 }
 
 /// A container's lifecycle state.
@@ -501,6 +505,39 @@ impl Engine {
             });
         }
 
+        // The image's VOLUMEs that no mount covers get an anonymous volume,
+        // as in Docker, so that their data lives outside the container's
+        // upper dir.
+        let mut anonymous_volumes = Vec::new();
+        let mut declared = image_config
+            .config()
+            .as_ref()
+            .and_then(|c| c.volumes().clone())
+            .unwrap_or_default();
+        declared.sort();
+        for destination in declared {
+            let destination = format!("/{}", destination.trim_matches('/'));
+            if destination == "/"
+                || config
+                    .mounts
+                    .iter()
+                    .any(|m| m.destination().trim_end_matches('/') == destination)
+            {
+                continue;
+            }
+            let name = ContainerId::generate()?.to_string();
+            self.volumes.ensure(&name)?;
+            undo.new_volumes.push(name.clone());
+            let data = self.volumes.data_dir(&name);
+            volumes::copy_up_from_rootfs(&rootfs_dir, &destination, &data)?;
+            mounts.push(ResolvedMount::Bind {
+                source: data,
+                destination,
+                read_only: false,
+            });
+            anonymous_volumes.push(name);
+        }
+
         let mut config = config.clone();
         config.name = Some(name.clone());
         if config.network == NetworkMode::Host && config.hostname.is_none() {
@@ -539,6 +576,7 @@ impl Engine {
             hostname,
             config,
             created: rfc3339_nano(SystemTime::now()),
+            anonymous_volumes,
         };
         let record_path = dir.join(RECORD_FILE);
         crate::engine::shim::write_json_atomic(&record_path, &record).map_err(io(&record_path))?;
@@ -787,13 +825,25 @@ impl Engine {
 
     fn teardown(&self, id: &ContainerId) -> Result<(), ContainerError> {
         let dir = self.container_dir(id);
+        let anonymous = self
+            .record(id)
+            .map(|r| r.anonymous_volumes)
+            .unwrap_or_default();
         rootfs::unmount(&dir.join("rootfs"))?;
         self.images.remove_lease(id.as_str())?;
         match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io(&dir)(e)),
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&dir)(e)),
         }
+        // Named volumes stay; the anonymous ones nobody can name again go.
+        for name in anonymous {
+            match self.volumes.remove(&name) {
+                Ok(()) | Err(VolumeError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 
     /// Reads the container's logs (see [`read_logs`]); with `follow`, until
@@ -1126,10 +1176,11 @@ fn users_of(records: &[ContainerRecord], volume: &str) -> Vec<String> {
     records
         .iter()
         .filter(|r| {
-            r.config
-                .mounts
-                .iter()
-                .any(|m| matches!(m, MountConfig::Volume { name, .. } if name == volume))
+            r.anonymous_volumes.iter().any(|a| a == volume)
+                || r.config
+                    .mounts
+                    .iter()
+                    .any(|m| matches!(m, MountConfig::Volume { name, .. } if name == volume))
         })
         .map(|r| r.id.to_string())
         .collect()
