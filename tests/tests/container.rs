@@ -775,6 +775,7 @@ fn containers_outlive_a_killed_cli_and_are_reattached() {
     let row: Value = serde_json::from_str(ps.lines().next().expect("a running container")).unwrap();
     assert_eq!(row["name"], "fg");
     assert_eq!(row["state"], "running");
+    assert_eq!(row["command"][0], "sh");
     assert!(row["pid"].as_i64().unwrap() > 0);
     // It keeps running and its exit is recorded when it ends.
     node.ok(&["exec", "fg", "touch", "/tmp/go"]);

@@ -251,6 +251,9 @@ pub struct ContainerRecord {
     /// removed with the container.
     #[serde(default)]
     pub anonymous_volumes: Vec<String>,
+    /// The command line it runs (entrypoint and cmd merged).
+    #[serde(default)]
+    pub args: Vec<String>,
 }
 
 /// A container's lifecycle state.
@@ -315,6 +318,8 @@ pub struct ContainerInfo {
     pub dir: PathBuf,
     /// The config it was created with.
     pub config: ContainerConfig,
+    /// The command line it runs (entrypoint and cmd merged).
+    pub args: Vec<String>,
     /// Resource usage from its cgroup, while running (filled by
     /// [`Engine::inspect`] only, to keep `list` cheap).
     pub stats: Option<CgroupStats>,
@@ -577,6 +582,11 @@ impl Engine {
             config,
             created: rfc3339_nano(SystemTime::now()),
             anonymous_volumes,
+            args: oci
+                .process()
+                .as_ref()
+                .and_then(|p| p.args().clone())
+                .unwrap_or_default(),
         };
         let record_path = dir.join(RECORD_FILE);
         crate::engine::shim::write_json_atomic(&record_path, &record).map_err(io(&record_path))?;
@@ -1035,6 +1045,7 @@ impl Engine {
             restart_count: 0,
             error,
             config: record.config,
+            args: record.args,
             stats: None,
             id,
         })

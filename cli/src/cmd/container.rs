@@ -524,6 +524,7 @@ fn list(engine: &Engine, ps: &PsArgs) -> anyhow::Result<ExitCode> {
                     "status": c.status,
                     "exit_code": c.exit_code,
                     "pid": c.pid,
+                    "command": c.args,
                     "created": c.created,
                 });
                 println!("{line}");
@@ -535,12 +536,7 @@ fn list(engine: &Engine, ps: &PsArgs) -> anyhow::Result<ExitCode> {
                 "CONTAINER ID", "IMAGE", "COMMAND", "STATUS"
             );
             for c in &containers {
-                let command = c
-                    .config
-                    .command
-                    .as_ref()
-                    .map(|c| c.join(" "))
-                    .unwrap_or_default();
+                let command = c.args.join(" ");
                 let command: String = command.chars().take(22).collect();
                 println!(
                     "{:<12}  {:<20}  {:<24}  {:<28}  {}",
