@@ -312,9 +312,16 @@ fn foreground_run_streams_output_and_exits_with_the_code() {
     assert_eq!(node.ok(&["ps", "-a", "-q"]), "");
     // Detached, its shim removes it when it exits: directory and mount too.
     let id = node.detach(&["--rm", IMAGE, "sh", "-c", "sleep 0.2"]);
-    assert!(wait_until(Duration::from_secs(10), || node
-        .ok(&["ps", "-a", "-q"])
-        .is_empty()));
+    assert!(wait_until(Duration::from_secs(10), || {
+        node.ok(&["ps", "-a", "-q"]).is_empty()
+    }));
+    // The listing forgets it at once; the files go right after.
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::fs::read_dir(node.dir().join("containers"))
+            .unwrap()
+            .flatten()
+            .all(|e| e.file_name() == ".lock")
+    }));
     assert!(!node.container_dir(&id).exists());
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&id), "rootfs of {id} still mounted");

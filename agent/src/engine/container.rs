@@ -51,6 +51,9 @@ pub const RECORD_FILE: &str = "container.json";
 /// The default grace period between the stop signal and SIGKILL (Docker's).
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 
+/// Container directories being removed are renamed to this prefix + id.
+const TRASH_PREFIX: &str = ".removing-";
+
 /// How long to wait for a shim to go after SIGKILL before giving up.
 const KILL_WAIT: Duration = Duration::from_secs(30);
 
@@ -357,13 +360,38 @@ impl Engine {
         for dir in [data.containers(), data.volumes(), data.runtime_root()] {
             std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         }
-        Ok(Engine {
+        let engine = Engine {
             images: ImageStore::open(data.images())?,
             volumes: VolumeStore::new(data.volumes()),
             runtime: Runtime::new(data.runtime_root()),
             shim_binary: config.shim_binary,
             data,
-        })
+        };
+        engine.finish_removals();
+        Ok(engine)
+    }
+
+    /// Deletes what removals interrupted by a crash left behind. Best
+    /// effort: a failure here must not stop the engine from opening.
+    fn finish_removals(&self) {
+        let root = self.data.containers();
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if !name.to_string_lossy().starts_with(TRASH_PREFIX) {
+                continue;
+            }
+            let path = entry.path();
+            if let Err(e) = rootfs::unmount(&path.join("rootfs")) {
+                tracing::warn!("finishing the removal of {}: {e}", path.display());
+                continue;
+            }
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                tracing::warn!("finishing the removal of {}: {e}", path.display());
+            }
+        }
     }
 
     /// The image store the engine uses.
@@ -841,10 +869,18 @@ impl Engine {
             .unwrap_or_default();
         rootfs::unmount(&dir.join("rootfs"))?;
         self.images.remove_lease(id.as_str())?;
-        match std::fs::remove_dir_all(&dir) {
+        // Out of sight in one step, then deleted: nobody lists a half-removed
+        // container, and what a crash leaves here `Engine::open` finishes.
+        let trash = self.data.containers().join(format!("{TRASH_PREFIX}{id}"));
+        match std::fs::rename(&dir, &trash) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(&dir)(e)),
+        }
+        match std::fs::remove_dir_all(&trash) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&trash)(e)),
         }
         // Named volumes stay; the anonymous ones nobody can name again go.
         for name in anonymous {
