@@ -471,9 +471,19 @@ fn exec_joins_the_container() {
             "{ns} namespace differs"
         );
     }
-    // The exec'd process is in the container's cgroup.
+    // The exec'd process is in the container's cgroup: the root of the
+    // container's cgroup namespace in every hierarchy it has.
     let (code, out) = c.exec(&[], &["cat", "/proc/self/cgroup"]);
     assert_eq!(code, 0, "{out}");
+    for line in out
+        .lines()
+        .filter(|l| l.contains("memory") || l.contains("pids"))
+    {
+        assert!(
+            line.ends_with(":/"),
+            "exec'd process outside the container's cgroup: {out}"
+        );
+    }
 
     let (code, out) = c.exec(
         &["--user", "1000:1000", "--env", "X=y", "--cwd", "/tmp"],
