@@ -743,3 +743,66 @@ fn run_forwards_sigterm_to_the_container() {
     assert_eq!(status.code(), Some(3), "{rest}");
     assert!(rest.contains("got-term"), "{rest}");
 }
+
+#[test]
+fn exec_takes_a_process_file_and_kill_all_reaches_every_process() {
+    if !can_run("exec-process") {
+        return;
+    }
+    let c = Ctr::new("execproc", BundleBuilder::new().args(["sleep", "100"]));
+    assert!(c.create().status.success());
+    assert!(c.rt(&["start", &c.id]).status.success());
+    let file = c.root.path().join("process.json");
+    std::fs::write(
+        &file,
+        serde_json::to_vec(&serde_json::json!({
+            "user": {"uid": 65534, "gid": 65534},
+            "args": ["sh", "-c", "id -u; echo $ONLY; exit 9"],
+            "env": ["ONLY=this", "PATH=/bin"],
+            "cwd": "/"
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let out = c.rt(&["exec", "--process", path_str(&file), &c.id]);
+    assert_eq!(out.status.code(), Some(9), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "65534\nthis\n");
+
+    let out = c.rt(&["kill", "--all", &c.id, "KILL"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    c.wait_status("stopped");
+    let out = c.rt(&["kill", &c.id, "KILL"]);
+    assert_eq!(out.status.code(), Some(1), "kill of a stopped container");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    if !can_run("usage") {
+        return;
+    }
+    let c = Ctr::new("usage", BundleBuilder::new());
+    assert_eq!(
+        c.rt(&["kill", &c.id, "NOSUCHSIGNAL"]).status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        c.rt(&["--systemd-cgroup", "state", &c.id]).status.code(),
+        Some(2)
+    );
+    let out = c.rt(&[
+        "create",
+        "--console-socket",
+        "/tmp/x.sock",
+        "-b",
+        path_str(c.bundle.path()),
+        &c.id,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("--console-socket"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(c.rt(&["state", &c.id]).status.code(), Some(2));
+    assert_eq!(c.rt(&["bogus-subcommand"]).status.code(), Some(2));
+}
