@@ -806,3 +806,36 @@ fn usage_errors_exit_2() {
     assert_eq!(c.rt(&["state", &c.id]).status.code(), Some(2));
     assert_eq!(c.rt(&["bogus-subcommand"]).status.code(), Some(2));
 }
+
+#[test]
+fn cgroup_mount_shows_the_containers_own_cgroup_read_only() {
+    if !can_run("cgroup-mount") {
+        return;
+    }
+    // The mount `runc spec` puts in every config.
+    let c = Ctr::new(
+        "cgmount",
+        sh(
+            "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/pids/pids.max; \
+            touch /sys/fs/cgroup/x 2>&1; mkdir /sys/fs/cgroup/memory/sub 2>&1; true",
+        )
+        .memory_limit(64 << 20)
+        .pids_limit(77)
+        .mount(
+            "/sys/fs/cgroup",
+            "cgroup",
+            "cgroup",
+            &["nosuid", "noexec", "nodev", "relatime", "ro"],
+        ),
+    );
+    let (code, out, err) = c.run();
+    if out.contains("No such file") && !Path::new("/sys/fs/cgroup/memory").exists() {
+        println!("SKIPPED: cgroup-mount: host has no cgroup v1 memory hierarchy");
+        return;
+    }
+    assert_eq!(code, 0, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], (64u64 << 20).to_string(), "{out}");
+    assert_eq!(lines[1], "77", "{out}");
+    assert_eq!(out.matches("Read-only file system").count(), 2, "{out}");
+}

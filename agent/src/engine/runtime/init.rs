@@ -303,6 +303,10 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
     let mut dev_mounted = false;
     let mut devpts_mounted = false;
     for m in spec.mounts().iter().flatten() {
+        if is_cgroup_mount(m) {
+            // Mounted once we are in our cgroup namespace, below.
+            continue;
+        }
         mounts::mount_one(rootfs, &plan.bundle, m)?;
         let dest = m.destination().as_path();
         let typ = m.typ().as_deref().unwrap_or("");
@@ -340,6 +344,14 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
             "unshare cgroup namespace",
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP),
         )?;
+    }
+    for m in spec
+        .mounts()
+        .iter()
+        .flatten()
+        .filter(|m| is_cgroup_mount(m))
+    {
+        mounts::mount_cgroups(rootfs, m)?;
     }
 
     if args.parent_hooks {
@@ -455,6 +467,10 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
     // SAFETY: setsid has no memory-safety preconditions.
     unsafe { libc::setsid() };
     prepared.exec()
+}
+
+fn is_cgroup_mount(m: &oci_spec::runtime::Mount) -> bool {
+    matches!(m.typ().as_deref(), Some("cgroup" | "cgroup2"))
 }
 
 /// Brings up `lo` in the container's new network namespace (one ioctl; no
