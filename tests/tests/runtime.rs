@@ -839,3 +839,20 @@ fn cgroup_mount_shows_the_containers_own_cgroup_read_only() {
     assert_eq!(lines[1], "77", "{out}");
     assert_eq!(out.matches("Read-only file system").count(), 2, "{out}");
 }
+
+#[test]
+fn delete_force_clears_a_half_created_container() {
+    if !can_run("half-created") {
+        return;
+    }
+    let c = Ctr::new("half", BundleBuilder::new());
+    // What a create killed before saving its state leaves behind.
+    std::fs::create_dir_all(c.root.path().join(&c.id)).unwrap();
+    let out = c.create();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("already exists"));
+    assert_eq!(c.rt(&["delete", &c.id]).status.code(), Some(2));
+    assert!(c.rt(&["delete", "--force", &c.id]).status.success());
+    assert!(!c.root.path().join(&c.id).exists());
+    assert_eq!(c.run().0, 0);
+}

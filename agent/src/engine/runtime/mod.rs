@@ -345,7 +345,20 @@ impl Runtime {
 
     /// Removes a stopped container (any container with `force`, killing it).
     pub fn delete(&self, id: &str, force: bool) -> Result<(), RuntimeError> {
-        let (dir, record) = self.load(id)?;
+        let (dir, record) = match self.load(id) {
+            Ok(found) => found,
+            // A create that died between making the directory and saving
+            // the state (killed, power loss) leaves a directory without
+            // state: `delete --force` clears it so the id can be used again.
+            Err(RuntimeError::NotFound(_)) if force && spec::check_id(id).is_ok() => {
+                let dir = self.root.join(id);
+                if dir.is_dir() {
+                    return std::fs::remove_dir_all(&dir).map_err(|e| io_err(&dir, e));
+                }
+                return Err(RuntimeError::NotFound(id.to_string()));
+            }
+            Err(e) => return Err(e),
+        };
         let status = state::status(&dir, &record);
         // A created container never ran user code: runc deletes it too.
         if status == ContainerState::Running && !force {
