@@ -30,6 +30,19 @@ pub(crate) fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
         .map_err(|e| io_err(path, e))
 }
 
+/// Like [`write`], but a file that does not exist is `Ok(false)`, so a
+/// caller can look for it in several hierarchies at the cost of one `open`.
+pub(crate) fn try_write(path: &Path, value: &str) -> Result<bool, CgroupError> {
+    let mut file = match OpenOptions::new().write(true).truncate(true).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io_err(path, e)),
+    };
+    file.write_all(value.as_bytes())
+        .map_err(|e| io_err(path, e))?;
+    Ok(true)
+}
+
 /// Reads a whole cgroup file.
 pub(crate) fn read(path: &Path) -> Result<String, CgroupError> {
     std::fs::read_to_string(path).map_err(|e| io_err(path, e))
@@ -86,6 +99,20 @@ pub(crate) fn parse_pids(path: &Path, text: &str) -> Result<Vec<i32>, CgroupErro
         .collect()
 }
 
+/// Makes `dir` (and missing parents), saying whether it was new. The common
+/// case, parent present and group absent, costs one `mkdir`.
+pub(crate) fn make_dir(dir: &Path) -> Result<bool, CgroupError> {
+    match std::fs::create_dir(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+            Ok(true)
+        }
+        Err(e) => Err(io_err(dir, e)),
+    }
+}
+
 /// How many times `rmdir` is retried while the kernel still reports the group busy.
 const RMDIR_ATTEMPTS: u32 = 60;
 /// The longest wait between two `rmdir` attempts.
@@ -108,6 +135,13 @@ fn remove_group_depth(dir: &Path, depth: u32) -> Result<(), CgroupError> {
             dir,
             std::io::Error::other("cgroup tree nested too deeply to remove"),
         ));
+    }
+    // The common case, a leaf group with no process left, is one rmdir.
+    match std::fs::remove_dir(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::ENOTEMPTY)) => {}
+        Err(e) => return Err(io_err(dir, e)),
     }
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,

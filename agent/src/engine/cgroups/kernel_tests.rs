@@ -254,6 +254,8 @@ fn kernel_limits_membership_update_kill_and_delete() {
         .wait_exit(0, Duration::from_secs(10))
         .expect("child exits");
     assert_eq!(status.signal(), Some(libc::SIGKILL));
+    // A container may have made groups of its own; delete removes them too.
+    std::fs::create_dir(cg.dirs()[0].join("nested")).unwrap();
     cg.delete().expect("delete");
     for dir in cg.dirs() {
         assert!(!dir.exists(), "{} left behind", dir.display());
@@ -380,6 +382,7 @@ fn kernel_v2_core_on_this_hosts_unified_mount() {
         path,
         version: CgroupVersion::V2,
     };
+    device_rules_are_enforced(&root);
     let mut s = Scratch::new(root.clone());
     let cg = Cgroup::create(&root, &s.relative, None).expect("create");
     let pid = s.spawn_gated("sleep 30");
@@ -401,5 +404,154 @@ fn kernel_detect_matches_the_mount() {
     match root.version {
         CgroupVersion::V2 => assert_eq!(fs_type, CGROUP2_MAGIC),
         CgroupVersion::V1 => assert_eq!(fs_type, TMPFS_MAGIC),
+    }
+}
+
+/// Denies everything but `/dev/null` and checks from inside the group that
+/// `/dev/zero` cannot be opened while `/dev/null` can (v1 `devices.*`
+/// files, v2 an eBPF program).
+fn device_rules_are_enforced(root: &CgroupRoot) {
+    use oci_spec::runtime::{LinuxDeviceCgroupBuilder, LinuxDeviceType};
+    let mut s = Scratch::new(root.clone());
+    let rules = vec![
+        LinuxDeviceCgroupBuilder::default()
+            .allow(false)
+            .access("rwm")
+            .build()
+            .unwrap(),
+        LinuxDeviceCgroupBuilder::default()
+            .allow(true)
+            .typ(LinuxDeviceType::C)
+            .major(1)
+            .minor(3)
+            .access("rw")
+            .build()
+            .unwrap(),
+    ];
+    let resources = LinuxResourcesBuilder::default()
+        .devices(rules)
+        .build()
+        .unwrap();
+    let cg = Cgroup::create(root, &s.relative, Some(&resources)).expect("create with devices");
+    s.spawn_gated(
+        "if head -c 1 /dev/zero >/dev/null 2>&1; then exit 10; fi; \
+         echo ok >/dev/null || exit 11; exit 0",
+    );
+    cg.add_process(s.children[0].id() as i32).unwrap();
+    s.release(0);
+    let status = s
+        .wait_exit(0, Duration::from_secs(10))
+        .expect("child exits");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "10: /dev/zero was readable, 11: /dev/null was not ({})",
+        root.path.display()
+    );
+
+    // An update replaces the rules (v2: the program) rather than adding to them.
+    let allow_all = LinuxResourcesBuilder::default()
+        .devices(vec![
+            LinuxDeviceCgroupBuilder::default()
+                .allow(true)
+                .access("rwm")
+                .build()
+                .unwrap(),
+        ])
+        .build()
+        .unwrap();
+    cg.update(&allow_all).expect("update devices");
+    s.spawn_gated("head -c 1 /dev/zero >/dev/null");
+    cg.add_process(s.children[1].id() as i32).unwrap();
+    s.release(1);
+    let status = s
+        .wait_exit(1, Duration::from_secs(10))
+        .expect("child exits");
+    assert!(
+        status.success(),
+        "/dev/zero still refused after allowing all"
+    );
+}
+
+#[test]
+fn kernel_device_rules_are_enforced() {
+    let Some(root) = host_root() else { return };
+    device_rules_are_enforced(&root);
+}
+
+#[test]
+fn kernel_cpuset_is_initialised_and_set() {
+    let Some(root) = host_root() else { return };
+    let mut s = Scratch::new(root.clone());
+    let resources = LinuxResourcesBuilder::default()
+        .cpu(
+            LinuxCpuBuilder::default()
+                .cpus("0")
+                .mems("0")
+                .build()
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let cg = Cgroup::create(&root, &s.relative, Some(&resources)).expect("create with cpuset");
+    assert_eq!(read_in(&cg, "cpuset.cpus"), "0");
+    assert_eq!(read_in(&cg, "cpuset.mems"), "0");
+    // v1 refuses a task in a cpuset group whose cpus/mems were never set.
+    let pid = s.spawn_gated("sleep 30");
+    cg.add_process(pid).expect("add_process into cpuset group");
+    let allowed = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = allowed
+        .lines()
+        .find(|l| l.starts_with("Cpus_allowed_list:"))
+        .unwrap();
+    assert_eq!(line.split_whitespace().nth(1), Some("0"), "{line}");
+}
+
+#[test]
+fn kernel_memory_and_swap_updates_in_both_directions() {
+    let Some(root) = host_root() else { return };
+    let s = Scratch::new(root.clone());
+    let mib = |n: i64| n << 20;
+    let cg = Cgroup::create(
+        &root,
+        &s.relative,
+        Some(&memory_resources(mib(32), Some(mib(64)))),
+    )
+    .expect("create");
+    for (limit, swap) in [(mib(128), mib(256)), (mib(16), mib(16)), (mib(48), -1)] {
+        cg.update(&memory_resources(limit, Some(swap)))
+            .unwrap_or_else(|e| panic!("update to {limit}/{swap}: {e}"));
+        assert_eq!(cg.stats().unwrap().memory_limit_bytes, Some(limit as u64));
+        match root.version {
+            CgroupVersion::V1 => {
+                let memsw = cg
+                    .dirs()
+                    .iter()
+                    .map(|d| d.join("memory.memsw.limit_in_bytes"))
+                    .find(|p| p.exists());
+                if let Some(memsw) = memsw {
+                    let v: i64 = std::fs::read_to_string(memsw)
+                        .unwrap()
+                        .trim()
+                        .parse()
+                        .unwrap();
+                    if swap > 0 {
+                        assert_eq!(v, swap);
+                    } else {
+                        assert!(v > mib(1 << 20), "unlimited memsw reads huge: {v}");
+                    }
+                }
+            }
+            CgroupVersion::V2 => {
+                if cg.dirs()[0].join("memory.swap.max").exists() {
+                    let expect = if swap > 0 {
+                        (swap - limit).to_string()
+                    } else {
+                        "max".to_string()
+                    };
+                    assert_eq!(read_in(&cg, "memory.swap.max"), expect);
+                }
+            }
+        }
     }
 }

@@ -81,6 +81,10 @@ pub(crate) struct Limits {
     pub memory_swap: Option<Limit>,
     /// Soft limit in bytes (v1 `memory.soft_limit_in_bytes`, v2 `memory.low`).
     pub memory_reservation: Option<Limit>,
+    /// Swap tendency 0..=100 (v1 only; cgroup v2 has no such knob).
+    pub swappiness: Option<u64>,
+    /// Pause instead of OOM-killing (v1 only; cgroup v2 has no such knob).
+    pub disable_oom_killer: bool,
     /// CPU shares, already range-checked.
     pub cpu_shares: Option<u64>,
     /// CFS quota in microseconds per period.
@@ -153,13 +157,23 @@ impl Limits {
                 "linux.resources.memory.kernelTCP",
                 mem.kernel_tcp().is_some(),
             );
+            limits.swappiness = match mem.swappiness() {
+                Some(v) if v > 100 => {
+                    return Err(invalid(
+                        "linux.resources.memory.swappiness",
+                        format!("{v} is above 100"),
+                    ));
+                }
+                v => v,
+            };
+            limits.disable_oom_killer = mem.disable_oom_killer() == Some(true);
             ignored(
-                "linux.resources.memory.swappiness",
-                mem.swappiness().is_some(),
+                "linux.resources.memory.useHierarchy",
+                mem.use_hierarchy().is_some(),
             );
             ignored(
-                "linux.resources.memory.disableOOMKiller",
-                mem.disable_oom_killer() == Some(true),
+                "linux.resources.memory.checkBeforeUpdate",
+                mem.check_before_update().is_some(),
             );
         }
         if let Some(cpu) = resources.cpu() {
@@ -483,6 +497,18 @@ mod tests {
             (mem(100, 50, 0), "linux.resources.memory.swap"),
             (mem(100, 0, 200), "linux.resources.memory.reservation"),
             (mem(0, -7, 0), "linux.resources.memory.swap"),
+            (
+                LinuxResourcesBuilder::default()
+                    .memory(
+                        LinuxMemoryBuilder::default()
+                            .swappiness(101u64)
+                            .build()
+                            .unwrap(),
+                    )
+                    .build()
+                    .unwrap(),
+                "linux.resources.memory.swappiness",
+            ),
             (cpu(1, 0, 0, ""), "linux.resources.cpu.shares"),
             (cpu(300_000, 0, 0, ""), "linux.resources.cpu.shares"),
             (cpu(0, 999, 0, ""), "linux.resources.cpu.quota"),

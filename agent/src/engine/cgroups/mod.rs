@@ -6,9 +6,14 @@
 //! Paths given to [`Cgroup`] are relative to the cgroup mount root, e.g.
 //! `gantry/<container-id>`, the way OCI's `linux.cgroupsPath` is read.
 //!
-//! Layout: [`limits`] validates OCI resources once (pure); `v1` and `v2`
-//! write them with plain file I/O, touching only the files whose values are
-//! set; `devices` holds the v2 device program; `fs` the shared file helpers.
+//! Layout: `limits` validates OCI resources once (pure, no I/O), so a bad
+//! spec is refused before anything is created; `v1` and `v2` write them with
+//! plain file I/O, touching only the files whose values are set; `devices`
+//! assembles the v2 device eBPF program; `fs` holds the shared file helpers.
+//!
+//! Invariant: every resource field Gantry cannot apply is either refused
+//! (`InvalidResource`, naming the OCI field) or logged as ignored, never
+//! dropped silently.
 //!
 //! The signatures of the pinned items below are what the runtime codes against.
 

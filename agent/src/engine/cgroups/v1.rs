@@ -70,9 +70,8 @@ pub(crate) fn create_dirs(
         let dir = mount.join(relative);
         if is_cpuset(&mount) {
             created |= create_cpuset(&mount, relative)?;
-        } else if !dir.is_dir() {
-            std::fs::create_dir_all(&dir).map_err(|e| fs::io_err(&dir, e))?;
-            created = true;
+        } else {
+            created |= fs::make_dir(&dir)?;
         }
         dirs.push(dir);
     }
@@ -128,30 +127,51 @@ pub(crate) fn open_dirs(root: &Path, relative: &Path) -> Result<Vec<PathBuf>, Cg
     Ok(dirs)
 }
 
+/// The group directories in the order to look for `file` in: first those
+/// whose hierarchy is named after the file's controller (`cpu,cpuacct` for
+/// `cpuacct.usage`), then the rest. The order only saves system calls; the
+/// file is taken from whichever directory actually has it.
+fn candidates<'a>(dirs: &'a [PathBuf], file: &str) -> impl Iterator<Item = &'a Path> {
+    let controller = file.split('.').next().unwrap_or_default().to_string();
+    let named = move |d: &&PathBuf| {
+        d.components().any(|c| {
+            c.as_os_str()
+                .to_str()
+                .is_some_and(|n| n.split(',').any(|x| x == controller))
+        })
+    };
+    let first = dirs.iter().filter(named.clone());
+    let rest = dirs.iter().filter(move |d| !named(d));
+    first.chain(rest).map(PathBuf::as_path)
+}
+
 /// The directory among `dirs` holding `file`, i.e. the hierarchy of its controller.
 fn dir_with<'a>(dirs: &'a [PathBuf], file: &str) -> Option<&'a Path> {
-    dirs.iter()
-        .map(PathBuf::as_path)
-        .find(|d| d.join(file).exists())
+    candidates(dirs, file).find(|d| d.join(file).exists())
 }
 
 /// Writes `file` in the hierarchy that has it.
 fn write(dirs: &[PathBuf], file: &'static str, value: &str) -> Result<(), CgroupError> {
-    match dir_with(dirs, file) {
-        Some(dir) => fs::write(&dir.join(file), value),
-        None => Err(CgroupError::MissingFile {
-            file,
-            group: dirs.first().cloned().unwrap_or_default(),
-        }),
+    for dir in candidates(dirs, file) {
+        if fs::try_write(&dir.join(file), value)? {
+            return Ok(());
+        }
     }
+    Err(CgroupError::MissingFile {
+        file,
+        group: dirs.first().cloned().unwrap_or_default(),
+    })
 }
 
 /// Reads `file` from the hierarchy that has it, `None` if none has it.
-fn read(dirs: &[PathBuf], file: &str) -> Result<Option<String>, CgroupError> {
-    match dir_with(dirs, file) {
-        Some(dir) => fs::read_opt(&dir.join(file)),
-        None => Ok(None),
+fn read(dirs: &[PathBuf], file: &str) -> Result<Option<(PathBuf, String)>, CgroupError> {
+    for dir in candidates(dirs, file) {
+        let path = dir.join(file);
+        if let Some(text) = fs::read_opt(&path)? {
+            return Ok(Some((path, text)));
+        }
     }
+    Ok(None)
 }
 
 /// Writes the limits that are set, and only those.
@@ -165,6 +185,12 @@ pub(crate) fn apply(dirs: &[PathBuf], limits: &Limits) -> Result<(), CgroupError
     apply_memory(dirs, limits)?;
     if let Some(r) = limits.memory_reservation {
         write(dirs, "memory.soft_limit_in_bytes", &r.v1())?;
+    }
+    if let Some(swappiness) = limits.swappiness {
+        write(dirs, "memory.swappiness", &swappiness.to_string())?;
+    }
+    if limits.disable_oom_killer {
+        write(dirs, "memory.oom_control", "1")?;
     }
     if let Some(shares) = limits.cpu_shares {
         write(dirs, "cpu.shares", &shares.to_string())?;
@@ -218,7 +244,7 @@ fn apply_memory(dirs: &[PathBuf], limits: &Limits) -> Result<(), CgroupError> {
         (None, Some(swap)) => write(dirs, MEMSW, &swap.v1()),
         (Some(limit), Some(swap)) => {
             let current = read(dirs, LIMIT)?
-                .and_then(|t| t.trim().parse::<u64>().ok())
+                .and_then(|(_, t)| t.trim().parse::<u64>().ok())
                 .unwrap_or(u64::MAX);
             let growing = match limit {
                 Limit::Unlimited => true,
@@ -259,9 +285,9 @@ pub(crate) fn processes(dirs: &[PathBuf]) -> Result<Vec<i32>, CgroupError> {
 /// Usage figures; a controller that is absent reads as zero.
 pub(crate) fn stats(dirs: &[PathBuf]) -> Result<CgroupStats, CgroupError> {
     let number = |file: &str| -> Result<Option<u64>, CgroupError> {
-        match (dir_with(dirs, file), read(dirs, file)?) {
-            (Some(dir), Some(text)) => fs::parse_u64(&dir.join(file), &text),
-            _ => Ok(None),
+        match read(dirs, file)? {
+            Some((path, text)) => fs::parse_u64(&path, &text),
+            None => Ok(None),
         }
     };
     let limit = number("memory.limit_in_bytes")?.filter(|&l| l < UNLIMITED_THRESHOLD);
@@ -271,7 +297,7 @@ pub(crate) fn stats(dirs: &[PathBuf]) -> Result<CgroupStats, CgroupError> {
         memory_limit_bytes: limit,
         pids_current: number("pids.current")?.unwrap_or(0),
         oom_kills: read(dirs, "memory.oom_control")?
-            .and_then(|t| fs::keyed_value(&t, "oom_kill"))
+            .and_then(|(_, t)| fs::keyed_value(&t, "oom_kill"))
             .unwrap_or(0),
     })
 }
@@ -366,6 +392,7 @@ mod tests {
             "memory.limit_in_bytes",
             "memory.memsw.limit_in_bytes",
             "memory.soft_limit_in_bytes",
+            "memory.swappiness",
         ] {
             std::fs::write(mem.join(f), "9223372036854771712\n").unwrap();
         }
@@ -376,6 +403,7 @@ mod tests {
         let limits = Limits {
             memory: Some(Limit::Value(1 << 25)),
             memory_swap: Some(Limit::Value(1 << 26)),
+            swappiness: Some(10),
             cpu_shares: Some(512),
             cpu_quota: Some(Limit::Value(50_000)),
             cpu_period: Some(100_000),
@@ -383,6 +411,7 @@ mod tests {
         };
         apply(&dirs, &limits).unwrap();
         let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+        assert_eq!(read(mem.join("memory.swappiness")), "10");
         assert_eq!(read(mem.join("memory.limit_in_bytes")), "33554432");
         assert_eq!(read(mem.join("memory.memsw.limit_in_bytes")), "67108864");
         assert_eq!(read(cpu.join("cpu.shares")), "512");

@@ -32,13 +32,7 @@ pub(crate) fn create_dir(
     for component in relative.components() {
         enable_controllers(&current, current == root, &wanted)?;
         current.push(component);
-        if !current.is_dir() {
-            match std::fs::create_dir(&current) {
-                Ok(()) => created = true,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(fs::io_err(&current, e)),
-            }
-        }
+        created = fs::make_dir(&current)?;
     }
     Ok((current, created))
 }
@@ -46,13 +40,17 @@ pub(crate) fn create_dir(
 /// Enables in `dir`'s `cgroup.subtree_control` the wanted controllers that
 /// are available there and not yet enabled, in one write.
 fn enable_controllers(dir: &Path, is_root: bool, wanted: &[&str]) -> Result<(), CgroupError> {
-    let available = fs::read_opt(&dir.join("cgroup.controllers"))?.unwrap_or_default();
     let control = dir.join("cgroup.subtree_control");
     let enabled = fs::read(&control)?;
+    let has = |list: &str, c: &str| list.split_whitespace().any(|x| x == c);
+    if wanted.iter().all(|c| has(&enabled, c)) {
+        // The usual case after the first container: one read per level.
+        return Ok(());
+    }
+    let available = fs::read_opt(&dir.join("cgroup.controllers"))?.unwrap_or_default();
     let missing: Vec<String> = wanted
         .iter()
-        .filter(|c| available.split_whitespace().any(|a| a == **c))
-        .filter(|c| !enabled.split_whitespace().any(|e| e == **c))
+        .filter(|c| has(&available, c) && !has(&enabled, c))
         .map(|c| format!("+{c}"))
         .collect();
     if missing.is_empty() {
