@@ -471,9 +471,19 @@ fn exec_joins_the_container() {
             "{ns} namespace differs"
         );
     }
-    // The exec'd process is in the container's cgroup.
+    // The exec'd process is in the container's cgroup: the root of the
+    // container's cgroup namespace in every hierarchy it has.
     let (code, out) = c.exec(&[], &["cat", "/proc/self/cgroup"]);
     assert_eq!(code, 0, "{out}");
+    for line in out
+        .lines()
+        .filter(|l| l.contains("memory") || l.contains("pids"))
+    {
+        assert!(
+            line.ends_with(":/"),
+            "exec'd process outside the container's cgroup: {out}"
+        );
+    }
 
     let (code, out) = c.exec(
         &["--user", "1000:1000", "--env", "X=y", "--cwd", "/tmp"],
@@ -732,4 +742,117 @@ fn run_forwards_sigterm_to_the_container() {
     std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
     assert_eq!(status.code(), Some(3), "{rest}");
     assert!(rest.contains("got-term"), "{rest}");
+}
+
+#[test]
+fn exec_takes_a_process_file_and_kill_all_reaches_every_process() {
+    if !can_run("exec-process") {
+        return;
+    }
+    let c = Ctr::new("execproc", BundleBuilder::new().args(["sleep", "100"]));
+    assert!(c.create().status.success());
+    assert!(c.rt(&["start", &c.id]).status.success());
+    let file = c.root.path().join("process.json");
+    std::fs::write(
+        &file,
+        serde_json::to_vec(&serde_json::json!({
+            "user": {"uid": 65534, "gid": 65534},
+            "args": ["sh", "-c", "id -u; echo $ONLY; exit 9"],
+            "env": ["ONLY=this", "PATH=/bin"],
+            "cwd": "/"
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let out = c.rt(&["exec", "--process", path_str(&file), &c.id]);
+    assert_eq!(out.status.code(), Some(9), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "65534\nthis\n");
+
+    let out = c.rt(&["kill", "--all", &c.id, "KILL"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    c.wait_status("stopped");
+    let out = c.rt(&["kill", &c.id, "KILL"]);
+    assert_eq!(out.status.code(), Some(1), "kill of a stopped container");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    if !can_run("usage") {
+        return;
+    }
+    let c = Ctr::new("usage", BundleBuilder::new());
+    assert_eq!(
+        c.rt(&["kill", &c.id, "NOSUCHSIGNAL"]).status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        c.rt(&["--systemd-cgroup", "state", &c.id]).status.code(),
+        Some(2)
+    );
+    let out = c.rt(&[
+        "create",
+        "--console-socket",
+        "/tmp/x.sock",
+        "-b",
+        path_str(c.bundle.path()),
+        &c.id,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("--console-socket"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(c.rt(&["state", &c.id]).status.code(), Some(2));
+    assert_eq!(c.rt(&["bogus-subcommand"]).status.code(), Some(2));
+}
+
+#[test]
+fn cgroup_mount_shows_the_containers_own_cgroup_read_only() {
+    if !can_run("cgroup-mount") {
+        return;
+    }
+    // The mount `runc spec` puts in every config.
+    let c = Ctr::new(
+        "cgmount",
+        sh(
+            "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/pids/pids.max; \
+            touch /sys/fs/cgroup/x 2>&1; mkdir /sys/fs/cgroup/memory/sub 2>&1; true",
+        )
+        .memory_limit(64 << 20)
+        .pids_limit(77)
+        .mount(
+            "/sys/fs/cgroup",
+            "cgroup",
+            "cgroup",
+            &["nosuid", "noexec", "nodev", "relatime", "ro"],
+        ),
+    );
+    let (code, out, err) = c.run();
+    if out.contains("No such file") && !Path::new("/sys/fs/cgroup/memory").exists() {
+        println!("SKIPPED: cgroup-mount: host has no cgroup v1 memory hierarchy");
+        return;
+    }
+    assert_eq!(code, 0, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], (64u64 << 20).to_string(), "{out}");
+    assert_eq!(lines[1], "77", "{out}");
+    assert_eq!(out.matches("Read-only file system").count(), 2, "{out}");
+}
+
+#[test]
+fn delete_force_clears_a_half_created_container() {
+    if !can_run("half-created") {
+        return;
+    }
+    let c = Ctr::new("half", BundleBuilder::new());
+    // What a create killed before saving its state leaves behind.
+    std::fs::create_dir_all(c.root.path().join(&c.id)).unwrap();
+    let out = c.create();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("already exists"));
+    assert_eq!(c.rt(&["delete", &c.id]).status.code(), Some(2));
+    assert!(c.rt(&["delete", "--force", &c.id]).status.success());
+    assert!(!c.root.path().join(&c.id).exists());
+    assert_eq!(c.run().0, 0);
 }

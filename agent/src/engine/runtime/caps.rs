@@ -152,9 +152,16 @@ pub fn raise_ambient(ambient: u64) -> StepResult<()> {
             )
         };
         if r < 0 {
+            let errno = nix::Error::last();
+            // A capability missing from the inheritable set cannot become
+            // ambient; runc's default config asks for exactly that and runc
+            // goes on without it, so we do too.
+            if errno == nix::Error::EPERM {
+                continue;
+            }
             return Err(SetupError::sys(
                 format!("raise ambient capability {cap}"),
-                nix::Error::last(),
+                errno,
             ));
         }
     }

@@ -122,9 +122,47 @@ pub struct InitArgs<'a> {
     pub start: StartSignal,
     /// Whether the parent must run prestart/createRuntime hooks (`H`).
     pub parent_hooks: bool,
-    /// cgroup v1 `tasks` files the init writes `0` to, to join its cgroup
-    /// itself (see [`join_cgroup_self`]); empty when the parent moved it.
-    pub cgroup_tasks: &'a [PathBuf],
+}
+
+/// The parent's go message: the init's host pid, then the cgroup v1 `tasks`
+/// files to join the cgroup through (see [`join_cgroup_self`]), if any.
+pub fn go_message(pid: i32, cgroup_tasks: &[PathBuf]) -> Vec<u8> {
+    let paths: Vec<&[u8]> = cgroup_tasks
+        .iter()
+        .map(|p| p.as_os_str().as_bytes())
+        .collect();
+    let joined = paths.join(&b'\n');
+    let mut msg = Vec::with_capacity(8 + joined.len());
+    msg.extend_from_slice(&pid.to_ne_bytes());
+    msg.extend_from_slice(&(joined.len() as u32).to_ne_bytes());
+    msg.extend_from_slice(&joined);
+    msg
+}
+
+/// Waits for the parent's go (see [`go_message`]), joins the cgroup if told
+/// to, and returns our host pid. Exits quietly if the parent is gone.
+fn wait_for_go(go: RawFd) -> StepResult<i32> {
+    let mut head = [0u8; 8];
+    if !read_exact(go, &mut head) {
+        // The parent died or gave up: nobody to report to.
+        // SAFETY: see container_init.
+        unsafe { libc::_exit(1) }
+    }
+    let pid = i32::from_ne_bytes([head[0], head[1], head[2], head[3]]);
+    let len = u32::from_ne_bytes([head[4], head[5], head[6], head[7]]) as usize;
+    if len > 0 {
+        let mut buf = vec![0u8; len];
+        if !read_exact(go, &mut buf) {
+            // SAFETY: see container_init.
+            unsafe { libc::_exit(1) }
+        }
+        let tasks: Vec<PathBuf> = buf
+            .split(|b| *b == b'\n')
+            .map(|p| PathBuf::from(OsStr::from_bytes(p)))
+            .collect();
+        join_cgroup_self(&tasks)?;
+    }
+    Ok(pid)
 }
 
 /// Moves the calling (single-threaded) process into a cgroup v1 group by
@@ -201,15 +239,6 @@ pub fn container_init(args: &InitArgs<'_>) -> ! {
 fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
     let plan = args.plan;
     let spec = &plan.spec;
-    let mut pid_buf = [0u8; 4];
-    if !read_exact(args.go, &mut pid_buf) {
-        // The parent died or gave up: nobody to report to.
-        // SAFETY: see container_init.
-        unsafe { libc::_exit(1) }
-    }
-    let host_pid = i32::from_ne_bytes(pid_buf);
-    join_cgroup_self(args.cgroup_tasks)?;
-
     if let Some([i, o, e]) = args.stdio {
         for (from, to) in [(i, 0), (o, 1), (e, 2)] {
             if from != to {
@@ -237,14 +266,6 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
         .map_err(|e| SetupError::sys(format!("open namespace {}", path.display()), e))?;
         nix::sched::setns(&fd, nix::sched::CloneFlags::from_bits_truncate(*flag))
             .map_err(|e| SetupError::sys(format!("join namespace {}", path.display()), e))?;
-    }
-    if plan.namespaces.new_cgroupns {
-        // Only now: the parent has put us in our cgroup, which becomes the
-        // root of the new cgroup namespace.
-        sys(
-            "unshare cgroup namespace",
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP),
-        )?;
     }
     if plan.namespaces.has(libc::CLONE_NEWUTS) {
         if let Some(name) = spec.hostname().as_deref().filter(|h| !h.is_empty()) {
@@ -282,6 +303,10 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
     let mut dev_mounted = false;
     let mut devpts_mounted = false;
     for m in spec.mounts().iter().flatten() {
+        if is_cgroup_mount(m) {
+            // Mounted once we are in our cgroup namespace, below.
+            continue;
+        }
         mounts::mount_one(rootfs, &plan.bundle, m)?;
         let dest = m.destination().as_path();
         let typ = m.typ().as_deref().unwrap_or("");
@@ -307,6 +332,26 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
         let dev = devices::from_spec(d)
             .map_err(|e| SetupError::other(format!("linux.devices[{i}]"), e))?;
         devices::create(rootfs, &dev)?;
+    }
+
+    // Everything so far ran while the parent made the cgroup; from here on
+    // we must be in it.
+    let host_pid = wait_for_go(args.go)?;
+    if plan.namespaces.new_cgroupns {
+        // Only now: we are in our cgroup, which becomes the root of the new
+        // cgroup namespace.
+        sys(
+            "unshare cgroup namespace",
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP),
+        )?;
+    }
+    for m in spec
+        .mounts()
+        .iter()
+        .flatten()
+        .filter(|m| is_cgroup_mount(m))
+    {
+        mounts::mount_cgroups(rootfs, m)?;
     }
 
     if args.parent_hooks {
@@ -422,6 +467,10 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
     // SAFETY: setsid has no memory-safety preconditions.
     unsafe { libc::setsid() };
     prepared.exec()
+}
+
+fn is_cgroup_mount(m: &oci_spec::runtime::Mount) -> bool {
+    matches!(m.typ().as_deref(), Some("cgroup" | "cgroup2"))
 }
 
 /// Brings up `lo` in the container's new network namespace (one ioctl; no

@@ -5,9 +5,31 @@
 //! re-exec of a helper as runc does), which is why it is fast and why the
 //! caller must be single-threaded.
 //!
-//! INTERFACE PINNED FOR PARALLEL WORK: the signatures below are what the shim
-//! and the CLI code against; the bodies are filled in by the runtime work.
-
+//! How a container comes to life (`create`):
+//!
+//! 1. [`spec`] reads and checks `config.json` in the caller: anything refused
+//!    is refused before a single thing exists (no state, cgroup or process).
+//! 2. The state directory `<root>/<id>` is made (its `mkdir` is the lock
+//!    against a second container of the same id), then the cgroup.
+//! 3. `clone(2)` with the namespace flags; the child is the init ([`init`]).
+//!    Parent and child talk over two close-on-exec pipes: *go* (parent →
+//!    child) and *report* (child → parent: `H` run your hooks, `R` ready,
+//!    `E<step>: <errno>` failed). On cgroup v1 the child joins its cgroup
+//!    itself through `tasks` (a parent writing `cgroup.procs` waits for an
+//!    RCU grace period, most of a start's time); on v2 the parent moves it.
+//! 4. The init mounts, makes devices, pivots, masks, reports `R` and blocks
+//!    opening `exec.fifo` for writing; `start` opens it for reading, which
+//!    lets the init exec the user's program. `run` skips the fifo: the same
+//!    process says go over the pipe.
+//! 5. A [`state::Record`] is saved atomically. Status is never stored: it is
+//!    derived from the init (alive and the same start time) and the fifo.
+//!
+//! Every error path of `create` goes through one guard that kills and reaps
+//! the init and removes the cgroup and the state directory.
+//!
+//! Invariant: nothing here starts a thread; the init and exec children are
+//! forks of a single-threaded caller and may allocate freely.
+//!
 pub mod caps;
 pub mod devices;
 pub mod exec;
@@ -191,8 +213,11 @@ impl Runtime {
             go,
             report,
             guard,
+            cgroup,
         } = launched;
         let pid = record.pid;
+        // Before the user's program can run (and a caller can react to it).
+        forward_signals_to(pid);
         let started = nix::unistd::write(&go, b"s")
             .map_err(|source| RuntimeError::Sys {
                 call: "write start",
@@ -207,16 +232,16 @@ impl Runtime {
         drop(go);
         drop(report);
         if let Err(e) = started {
+            forward_signals_to(0);
             // The guard kills and reaps the init and removes what create made.
             drop(guard);
             return Err(e);
         }
         guard.disarm();
-        forward_signals_to(pid);
         self.run_poststart(&record);
         let code = wait_exit_code(pid)?;
         forward_signals_to(0);
-        self.remove(&dir, &record, false)?;
+        self.remove(&dir, &record, false, Some(cgroup))?;
         Ok(code)
     }
 
@@ -320,13 +345,26 @@ impl Runtime {
 
     /// Removes a stopped container (any container with `force`, killing it).
     pub fn delete(&self, id: &str, force: bool) -> Result<(), RuntimeError> {
-        let (dir, record) = self.load(id)?;
+        let (dir, record) = match self.load(id) {
+            Ok(found) => found,
+            // A create that died between making the directory and saving
+            // the state (killed, power loss) leaves a directory without
+            // state: `delete --force` clears it so the id can be used again.
+            Err(RuntimeError::NotFound(_)) if force && spec::check_id(id).is_ok() => {
+                let dir = self.root.join(id);
+                if dir.is_dir() {
+                    return std::fs::remove_dir_all(&dir).map_err(|e| io_err(&dir, e));
+                }
+                return Err(RuntimeError::NotFound(id.to_string()));
+            }
+            Err(e) => return Err(e),
+        };
         let status = state::status(&dir, &record);
         // A created container never ran user code: runc deletes it too.
         if status == ContainerState::Running && !force {
             return Err(wrong_status(id, status, "delete"));
         }
-        self.remove(&dir, &record, status != ContainerState::Stopped)
+        self.remove(&dir, &record, status != ContainerState::Stopped, None)
     }
 
     /// Starts `process` inside the running container `id`: it joins all the
@@ -482,8 +520,14 @@ impl Runtime {
 
     /// Kills what is left (with `kill`), removes the cgroup, runs the
     /// poststop hooks and removes the state.
-    fn remove(&self, dir: &Path, record: &Record, kill: bool) -> Result<(), RuntimeError> {
-        let cgroup = self.open_cgroup(record).ok();
+    fn remove(
+        &self,
+        dir: &Path,
+        record: &Record,
+        kill: bool,
+        cgroup: Option<Cgroup>,
+    ) -> Result<(), RuntimeError> {
+        let cgroup = cgroup.or_else(|| self.open_cgroup(record).ok());
         if kill {
             if let Some(cg) = &cgroup {
                 let _ = cg.kill_all(nix::sys::signal::SIGKILL);
@@ -534,11 +578,6 @@ impl Runtime {
             cgroup: None,
             pid: None,
         };
-        let cg_root = CgroupRoot::detect()?;
-        let cgroup = Cgroup::create(&cg_root, &plan.cgroup_path, Some(&plan.resources))?;
-        guard.cgroup = Some(cgroup.clone());
-
-        let cgroup_tasks = self_join_tasks(&cgroup);
         let fifo = match start {
             init::StartSignal::Fifo(_) => {
                 let path = dir.join(state::EXEC_FIFO);
@@ -595,7 +634,6 @@ impl Runtime {
                 None => init::StartSignal::GoPipe,
             },
             parent_hooks: !runtime_hooks.is_empty(),
-            cgroup_tasks: &cgroup_tasks,
         };
         let pid = {
             let _pid_ns = match plan
@@ -615,13 +653,20 @@ impl Runtime {
         drop(fifo);
         drop(options);
 
+        // The cgroup is made while the child already sets up its mounts
+        // (two cores work at once); the child waits for go before it needs it.
+        let cg_root = CgroupRoot::detect()?;
+        let cgroup = Cgroup::create(&cg_root, &plan.cgroup_path, Some(&plan.resources))?;
+        guard.cgroup = Some(cgroup.clone());
+        let cgroup_tasks = self_join_tasks(&cgroup);
         if cgroup_tasks.is_empty() {
             cgroup.add_process(pid)?;
         }
-        nix::unistd::write(&go_w, &pid.to_ne_bytes()).map_err(|source| RuntimeError::Sys {
-            call: "write go",
-            source,
-        })?;
+        // A child that already failed has closed its end: its report, read
+        // below, says why, so a failed write is not the error to return.
+        if let Err(e) = write_all(&go_w, &init::go_message(pid, &cgroup_tasks)) {
+            tracing::debug!("write go: {e}");
+        }
 
         let (start_time, _) = state::proc_start_time(pid).ok_or_else(|| RuntimeError::Init {
             id: id.to_string(),
@@ -678,6 +723,7 @@ impl Runtime {
             write_pid_file(path, pid)?;
         }
         Ok(Launched {
+            cgroup,
             record,
             dir,
             go: go_w,
@@ -689,6 +735,7 @@ impl Runtime {
 
 /// A container whose init reported ready, with the pipes still open.
 struct Launched {
+    cgroup: Cgroup,
     record: Record,
     dir: PathBuf,
     go: OwnedFd,
@@ -864,6 +911,18 @@ fn self_join_tasks(cgroup: &Cgroup) -> Vec<PathBuf> {
         Cgroup::V1 { dirs } => dirs.iter().map(|d| d.join("tasks")).collect(),
         Cgroup::V2 { .. } => Vec::new(),
     }
+}
+
+/// Writes all of `data` to a pipe.
+fn write_all(fd: &OwnedFd, mut data: &[u8]) -> nix::Result<()> {
+    while !data.is_empty() {
+        match nix::unistd::write(fd, data) {
+            Ok(n) => data = &data[n..],
+            Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The pid that signals sent to `run` are passed on to (0: none).

@@ -293,6 +293,125 @@ pub fn mount_one(rootfs: &Path, bundle: &Path, m: &oci_spec::runtime::Mount) -> 
     Ok(())
 }
 
+/// One cgroup hierarchy of the host, from `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hierarchy {
+    /// The directory name under the cgroup root, e.g. `memory` or `unified`.
+    pub name: String,
+    /// `cgroup` or `cgroup2`.
+    pub fstype: String,
+    /// The mount data naming the controllers, e.g. `cpu,cpuacct` or
+    /// `name=systemd` (empty for cgroup2).
+    pub data: String,
+    /// Whether it is mounted on the cgroup root itself (a pure v2 host).
+    pub at_root: bool,
+}
+
+/// The cgroup hierarchies mounted under `cgroup_root` (`/sys/fs/cgroup`).
+pub fn parse_cgroup_mounts(mountinfo: &str, cgroup_root: &str) -> Vec<Hierarchy> {
+    let mut out = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let point = left.split_whitespace().nth(4).unwrap_or("");
+        let mut rf = right.split_whitespace();
+        let fstype = rf.next().unwrap_or("");
+        let options = rf.nth(1).unwrap_or("");
+        if fstype != "cgroup" && fstype != "cgroup2" {
+            continue;
+        }
+        let at_root = point == cgroup_root;
+        let Some(name) = point
+            .strip_prefix(cgroup_root)
+            .map(|rest| rest.trim_start_matches('/'))
+            .filter(|rest| at_root || (!rest.is_empty() && !rest.contains('/')))
+        else {
+            continue;
+        };
+        let data: Vec<&str> = options
+            .split(',')
+            .filter(|o| {
+                !matches!(
+                    *o,
+                    "rw" | "ro" | "xattr" | "nsdelegate" | "memory_recursiveprot"
+                )
+            })
+            .collect();
+        out.push(Hierarchy {
+            name: name.to_string(),
+            fstype: fstype.to_string(),
+            data: if fstype == "cgroup" {
+                data.join(",")
+            } else {
+                String::new()
+            },
+            at_root,
+        });
+    }
+    out
+}
+
+/// Mounts the container's view of its cgroups at a `cgroup` mount's
+/// destination, as runc does: on a v2 host one cgroup2 mount; on a v1 host a
+/// tmpfs with one mount per hierarchy, named as on the host. Must run in
+/// the container's cgroup namespace (so each mount shows the container's
+/// own group as its root) and before pivot_root (the host's mountinfo is
+/// read).
+pub fn mount_cgroups(rootfs: &Path, m: &oci_spec::runtime::Mount) -> StepResult<()> {
+    let opts = parse_options(m.options().as_deref().unwrap_or(&[]));
+    let target = secure_join(rootfs, m.destination());
+    let dest = m.destination().display();
+    ensure_target(&target, false)?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| SetupError::io("read /proc/self/mountinfo", e))?;
+    let hierarchies = parse_cgroup_mounts(&info, "/sys/fs/cgroup");
+    let flags = opts.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_REMOUNT);
+    if let Some(unified) = hierarchies.iter().find(|h| h.at_root) {
+        return mount(
+            Some("cgroup2"),
+            &target,
+            Some(unified.fstype.as_str()),
+            flags,
+            None::<&str>,
+        )
+        .map_err(|e| SetupError::sys(format!("mount {dest}"), e));
+    }
+    let base = flags & !MsFlags::MS_RDONLY;
+    mount(
+        Some("tmpfs"),
+        &target,
+        Some("tmpfs"),
+        base,
+        Some("mode=755"),
+    )
+    .map_err(|e| SetupError::sys(format!("mount {dest}"), e))?;
+    for h in &hierarchies {
+        let dir = target.join(&h.name);
+        ensure_target(&dir, false)?;
+        let data = (!h.data.is_empty()).then_some(h.data.as_str());
+        mount(
+            Some(h.fstype.as_str()),
+            &dir,
+            Some(h.fstype.as_str()),
+            flags,
+            data,
+        )
+        .map_err(|e| SetupError::sys(format!("mount {dest}/{}", h.name), e))?;
+    }
+    if flags.contains(MsFlags::MS_RDONLY) {
+        mount(
+            None::<&str>,
+            &target,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | flags,
+            Some("mode=755"),
+        )
+        .map_err(|e| SetupError::sys(format!("remount {dest} read-only"), e))?;
+    }
+    Ok(())
+}
+
 /// Swaps the root for `rootfs` with the `pivot_root(".", ".")` trick: no
 /// temporary directory, the old root is stacked under the new one and then
 /// lazily unmounted.
@@ -396,6 +515,29 @@ mod tests {
         assert!(o.is_bind());
         assert_eq!(o.flags, MsFlags::MS_BIND | MsFlags::MS_REC);
         assert_eq!(parse_options::<&str>(&[]), MountOptions::default());
+    }
+
+    #[test]
+    fn finds_cgroup_hierarchies() {
+        let info = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw,nsdelegate
+50 23 0:40 / /other rw - cgroup cgroup rw,memory";
+        let h = parse_cgroup_mounts(info, "/sys/fs/cgroup");
+        assert_eq!(h.len(), 3);
+        assert_eq!(
+            (h[0].name.as_str(), h[0].data.as_str()),
+            ("cpu,cpuacct", "cpu,cpuacct")
+        );
+        assert_eq!(h[1].data, "name=systemd");
+        assert_eq!((h[2].fstype.as_str(), h[2].data.as_str()), ("cgroup2", ""));
+        assert!(h.iter().all(|x| !x.at_root));
+        let v2 = parse_cgroup_mounts(
+            "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate",
+            "/sys/fs/cgroup",
+        );
+        assert!(v2[0].at_root);
     }
 
     #[test]

@@ -179,12 +179,6 @@ pub fn plan(spec: Spec, bundle: &Path, id: &str) -> Result<Plan, SpecError> {
             ));
         }
         let typ = m.typ().as_deref().unwrap_or("");
-        if typ == "cgroup" || typ == "cgroup2" {
-            return Err(refuse(
-                format!("{field}.type"),
-                format!("{typ} mounts are not supported yet"),
-            ));
-        }
         let opts = super::mounts::parse_options(m.options().as_deref().unwrap_or(&[]));
         if opts.is_bind() || typ == "bind" {
             if m.source().is_none() {
