@@ -835,6 +835,18 @@ fn resources_stats_and_shim_memory() {
     assert_eq!(info["state"], "running");
     assert_eq!(info["stats"]["memory_limit_bytes"], 64 << 20);
     assert!(info["stats"]["pids_current"].as_u64().unwrap() >= 1);
+    // The container sees its own cgroup, read-only, at /sys/fs/cgroup.
+    if Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists() {
+        let limit = node.ok(&[
+            "exec",
+            "res",
+            "cat",
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        ]);
+        assert_eq!(limit.trim(), (64u64 << 20).to_string());
+    }
+    let write = node.run(&["exec", "res", "mkdir", "/sys/fs/cgroup/x"]);
+    assert!(!write.status.success());
     let stats = node.ok(&["stats", "--no-stream", "res"]);
     assert!(stats.contains(&id[..12]), "{stats}");
     let shim = info["shim_pid"].as_i64().unwrap();

@@ -10,8 +10,7 @@
 //!   permitted sets, none inheritable or ambient;
 //! - runc's masked and read-only `/proc` and `/sys` paths;
 //! - the default mounts (`/proc`, `/dev`, `/dev/pts`, `/dev/shm`,
-//!   `/dev/mqueue`, `/sys`; not yet `/sys/fs/cgroup`, which the runtime
-//!   cannot mount yet);
+//!   `/dev/mqueue`, `/sys`, `/sys/fs/cgroup` read-only);
 //! - rlimits: only `RLIMIT_NOFILE`, soft 1024 and hard 524288 (systemd's
 //!   and Go's convention, which current Docker engines end up with), so that
 //!   programs using `select(2)` keep working and servers can raise the limit;
@@ -20,8 +19,9 @@
 //!   (a bare `KEY` removes it), `HOME` from `/etc/passwd` when unset;
 //! - `--entrypoint` resets the image's cmd; the hostname defaults to the
 //!   short container id; cgroups path `gantry/<id>`;
-//! - namespaces: pid, ipc, uts, mount and network (new, host or joined).
-//!   No cgroup namespace: Docker's default on cgroup v1 hosts like ours.
+//! - namespaces: pid, ipc, uts, mount, cgroup and network (new, host or
+//!   joined). The cgroup namespace is private on every host (Docker's
+//!   default on cgroup v2; on v1 Docker shares the host's).
 
 use crate::engine::logs::LogConfig;
 use crate::engine::user::ResolvedUser;
@@ -550,6 +550,10 @@ pub fn build_spec(inputs: &SpecInputs<'_>) -> Result<Spec, SpecError> {
         json!({"type": "ipc"}),
         json!({"type": "uts"}),
         json!({"type": "mount"}),
+        // Private, so that /sys/fs/cgroup shows the container's own groups
+        // (Docker's default on cgroup v2 hosts; on v1 Docker shares the
+        // host's, which would expose every other group here).
+        json!({"type": "cgroup"}),
     ];
     match &config.network {
         NetworkMode::None => namespaces.push(json!({"type": "network"})),
@@ -607,8 +611,8 @@ fn default_mounts() -> Vec<Value> {
                "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
         json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
                "options": ["nosuid", "noexec", "nodev", "ro"]}),
-        // Docker also mounts `/sys/fs/cgroup` (type cgroup, ro) here; the
-        // runtime does not support cgroup mounts yet, so it is left out.
+        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+               "options": ["ro", "nosuid", "noexec", "nodev"]}),
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
                "options": ["nosuid", "noexec", "nodev"]}),
         json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
@@ -833,7 +837,7 @@ mod tests {
             "linux": {
                 "cgroupsPath": format!("gantry/{ID}"),
                 "resources": {"devices": device_rules()},
-                "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}],
+                "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}, {"type": "network"}],
                 "maskedPaths": MASKED_PATHS,
                 "readonlyPaths": READONLY_PATHS,
             },
@@ -938,7 +942,7 @@ mod tests {
         assert_eq!(spec["process"]["cwd"], "/tmp");
         assert_eq!(spec["root"]["readonly"], true);
         assert_eq!(
-            spec["linux"]["namespaces"][4],
+            spec["linux"]["namespaces"][5],
             json!({"type": "network", "path": "/run/netns/x"})
         );
         let resources = &spec["linux"]["resources"];
