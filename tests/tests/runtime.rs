@@ -768,6 +768,26 @@ fn exec_takes_a_process_file_and_kill_all_reaches_every_process() {
     assert_eq!(out.status.code(), Some(9), "{}", stderr(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "65534\nthis\n");
 
+    // --detach returns at once; the process lives on in the container.
+    let started = Instant::now();
+    // (Its stdio is ours, so not pipes: those would stay open.)
+    let status = c
+        .cmd()
+        .args(["exec", "--detach", &c.id, "--", "sleep", "30"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let (_, ps) = c.exec(&[], &["ps", "-o", "comm"]);
+    assert_eq!(
+        ps.lines().filter(|l| l.trim() == "sleep").count(),
+        2,
+        "{ps}"
+    );
+
     let out = c.rt(&["kill", "--all", &c.id, "KILL"]);
     assert!(out.status.success(), "{}", stderr(&out));
     c.wait_status("stopped");
@@ -789,6 +809,9 @@ fn usage_errors_exit_2() {
         c.rt(&["--systemd-cgroup", "state", &c.id]).status.code(),
         Some(2)
     );
+    // containerd passes `--systemd-cgroup=false`: accepted.
+    let out = c.rt(&["--systemd-cgroup=false", "--log", "/dev/null", "list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
     let out = c.rt(&[
         "create",
         "--console-socket",

@@ -28,9 +28,15 @@ pub struct Args {
     /// Accepted for runc compatibility; ignored.
     #[arg(long = "log-format", global = true)]
     log_format: Option<String>,
-    /// Not supported: Gantry manages cgroupfs directly.
-    #[arg(long = "systemd-cgroup", global = true)]
-    systemd_cgroup: bool,
+    /// Not supported: Gantry manages cgroupfs directly (`=false` is accepted).
+    #[arg(
+        long = "systemd-cgroup",
+        global = true,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        require_equals = true
+    )]
+    systemd_cgroup: Option<bool>,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,6 +54,12 @@ enum Command {
         /// Not supported yet.
         #[arg(long)]
         console_socket: Option<PathBuf>,
+        /// Accepted for runc compatibility: no session keyring is made anyway.
+        #[arg(long)]
+        no_new_keyring: bool,
+        /// Not supported: the rootfs is always pivoted.
+        #[arg(long)]
+        no_pivot: bool,
         /// The container id.
         id: String,
     },
@@ -106,7 +118,7 @@ enum Command {
 
 /// Runs `gantry runtime`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    if args.systemd_cgroup {
+    if args.systemd_cgroup == Some(true) {
         return Err(
             UsageError("--systemd-cgroup: not supported (gantry drives cgroupfs)".into()).into(),
         );
@@ -118,9 +130,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             bundle,
             pid_file,
             console_socket,
+            no_new_keyring: _,
+            no_pivot,
             id,
         } => {
             no_console_socket(&console_socket)?;
+            if no_pivot {
+                return Err(UsageError("--no-pivot: not supported".into()).into());
+            }
             let options = CreateOptions {
                 stdio: InitStdio::Inherit,
                 pid_file,
@@ -229,6 +246,9 @@ struct ExecArgs {
     /// Allocate a pseudo-terminal.
     #[arg(short, long)]
     tty: bool,
+    /// Start the process and exit at once, without waiting for it.
+    #[arg(short, long)]
+    detach: bool,
     /// Working directory inside the container.
     #[arg(long)]
     cwd: Option<PathBuf>,
@@ -314,6 +334,11 @@ fn exec(rt: &Runtime, a: ExecArgs) -> anyhow::Result<ExitCode> {
         u.set_additional_gids(None);
         process.set_user(u);
     }
+    if a.detach && tty {
+        return Err(
+            UsageError("--detach with a tty needs --console-socket: not supported".into()).into(),
+        );
+    }
     let child = rt
         .exec(
             &a.id,
@@ -324,6 +349,9 @@ fn exec(rt: &Runtime, a: ExecArgs) -> anyhow::Result<ExitCode> {
             },
         )
         .map_err(classify)?;
+    if a.detach {
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Some(master) = &child.pty_master {
         relay_pty(master)?;
     }

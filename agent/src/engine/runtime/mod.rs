@@ -192,7 +192,7 @@ impl Runtime {
         bundle: &Path,
         options: CreateOptions,
     ) -> Result<State, RuntimeError> {
-        let launched = self.launch(id, bundle, options, init::StartSignal::Fifo(-1))?;
+        let launched = self.launch(id, bundle, options, StartMode::Fifo)?;
         launched.guard.disarm();
         Ok(to_state(&launched.record, ContainerState::Created))
     }
@@ -206,7 +206,7 @@ impl Runtime {
         bundle: &Path,
         options: CreateOptions,
     ) -> Result<i32, RuntimeError> {
-        let launched = self.launch(id, bundle, options, init::StartSignal::GoPipe)?;
+        let launched = self.launch(id, bundle, options, StartMode::Pipe)?;
         let Launched {
             record,
             dir,
@@ -550,7 +550,11 @@ impl Runtime {
                 tracing::warn!(id = %record.id, "poststop: {e}");
             }
         }
-        std::fs::remove_dir_all(dir).map_err(|e| io_err(dir, e))
+        match std::fs::remove_dir_all(dir) {
+            // A concurrent `delete --force` got there first: the same end.
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(dir, e)),
+            _ => Ok(()),
+        }
     }
 
     /// create up to the init's ready report; the state is saved.
@@ -559,7 +563,7 @@ impl Runtime {
         id: &str,
         bundle: &Path,
         options: CreateOptions,
-        start: init::StartSignal,
+        start: StartMode,
     ) -> Result<Launched, RuntimeError> {
         let pid_file = options.pid_file.clone();
         let bundle = std::fs::canonicalize(bundle).map_err(|e| io_err(bundle, e))?;
@@ -579,7 +583,7 @@ impl Runtime {
             pid: None,
         };
         let fifo = match start {
-            init::StartSignal::Fifo(_) => {
+            StartMode::Fifo => {
                 let path = dir.join(state::EXEC_FIFO);
                 nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o622))
                     .map_err(|e| io_err(&path, e.into()))?;
@@ -592,7 +596,7 @@ impl Runtime {
                     .map_err(|e| io_err(&path, e.into()))?,
                 )
             }
-            init::StartSignal::GoPipe => None,
+            StartMode::Pipe => None,
         };
         let (go_r, go_w) = exec::pipe().map_err(|source| RuntimeError::Sys {
             call: "pipe",
@@ -731,6 +735,15 @@ impl Runtime {
             guard,
         })
     }
+}
+
+/// How a launched init will be told to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StartMode {
+    /// Through `exec.fifo`, by a later `start` (another process).
+    Fifo,
+    /// Through the go pipe, by this process (`run`).
+    Pipe,
 }
 
 /// A container whose init reported ready, with the pipes still open.
