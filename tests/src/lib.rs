@@ -4,6 +4,7 @@
 //! root, kernel features or Debian packages check for them first and print
 //! `SKIPPED: <reason>` when they truly cannot run.
 
+pub mod bundle;
 pub mod image_fixtures;
 
 use std::path::PathBuf;
