@@ -4,6 +4,8 @@
 //! root, kernel features or Debian packages check for them first and print
 //! `SKIPPED: <reason>` when they truly cannot run.
 
+pub mod bundle;
+
 use std::path::PathBuf;
 
 /// The `gantry` binary built from this workspace.
