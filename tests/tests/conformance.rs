@@ -399,3 +399,132 @@ fn diff_marks_changed_lines_under_their_section() {
     assert_eq!(d, "== b\n+ Y\n- y\n");
     assert_eq!(diff("same\n", "same\n"), "");
 }
+
+/// The limits a process's cgroups enforce, read on the host: memory limit,
+/// pids limit and CPU quota/period, under cgroup v1 or v2.
+fn host_cgroup_limits(pid: i64) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .map_err(|e| format!("/proc/{pid}/cgroup: {e}"))?;
+    let path_of = |controller: &str| {
+        text.lines().find_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (_, list, path) = (parts.next()?, parts.next()?, parts.next()?);
+            list.split(',')
+                .any(|c| c == controller)
+                .then(|| path.to_string())
+        })
+    };
+    let read = |file: String| {
+        std::fs::read_to_string(&file)
+            .map(|v| v.trim().to_string())
+            .map_err(|e| format!("{file}: {e}"))
+    };
+    let mut limits = Vec::new();
+    if let Some(mem) = path_of("memory") {
+        if mem == "/" {
+            return Err(format!("pid {pid} is in the root memory cgroup"));
+        }
+        let cpu = path_of("cpu").ok_or("no cpu cgroup")?;
+        let pids = path_of("pids").ok_or("no pids cgroup")?;
+        let root = "/sys/fs/cgroup";
+        limits.push(format!(
+            "memory {}",
+            read(format!("{root}/memory{mem}/memory.limit_in_bytes"))?
+        ));
+        limits.push(format!(
+            "pids {}",
+            read(format!("{root}/pids{pids}/pids.max"))?
+        ));
+        limits.push(format!(
+            "cpu quota {}",
+            read(format!("{root}/cpu{cpu}/cpu.cfs_quota_us"))?
+        ));
+        limits.push(format!(
+            "cpu period {}",
+            read(format!("{root}/cpu{cpu}/cpu.cfs_period_us"))?
+        ));
+    } else {
+        let path = text
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or("no cgroup v2 line")?;
+        let dir = format!("/sys/fs/cgroup{path}");
+        limits.push(format!("memory {}", read(format!("{dir}/memory.max"))?));
+        limits.push(format!("pids {}", read(format!("{dir}/pids.max"))?));
+        limits.push(format!("cpu {}", read(format!("{dir}/cpu.max"))?));
+    }
+    Ok(limits)
+}
+
+#[test]
+fn cgroup_limits_are_applied_alike() {
+    let runtimes = match runtimes() {
+        Ok(r) => r,
+        Err(reason) => {
+            println!("SKIPPED: {reason}");
+            return;
+        }
+    };
+    let bundle = BundleBuilder::new()
+        .args(["sleep", "30"])
+        .memory_limit(96 << 20)
+        .pids_limit(64)
+        .cpu_limit(50_000, 100_000)
+        .build_temp()
+        .expect("build bundle");
+    let mut seen = Vec::new();
+    for rt in &runtimes.all {
+        let id = unique_id("limits", rt.kind);
+        let _guard = ContainerGuard {
+            runtime: rt,
+            id: id.clone(),
+        };
+        let status = rt
+            .command()
+            .arg("create")
+            .arg("--bundle")
+            .arg(bundle.path())
+            .arg(&id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .status()
+            .expect("spawn create");
+        assert!(status.success(), "{} create {id}: {status}", rt.kind);
+        let state = rt
+            .command()
+            .arg("state")
+            .arg(&id)
+            .output()
+            .expect("spawn state");
+        assert!(
+            state.status.success(),
+            "{} state {id}: {}",
+            rt.kind,
+            state.status
+        );
+        let state: serde_json::Value =
+            serde_json::from_slice(&state.stdout).expect("state is JSON");
+        assert_eq!(
+            state["status"], "created",
+            "{} state {id}: {state}",
+            rt.kind
+        );
+        let pid = state["pid"].as_i64().expect("state has a pid");
+        let limits = host_cgroup_limits(pid).unwrap_or_else(|e| panic!("{}: {e}", rt.kind));
+        seen.push((rt.kind, limits));
+    }
+    let reference = &seen
+        .iter()
+        .find(|(kind, _)| *kind == RuntimeKind::Runc)
+        .expect("runc ran")
+        .1;
+    assert!(
+        reference.contains(&"memory 100663296".to_string())
+            && reference.contains(&"pids 64".to_string()),
+        "runc applied {reference:?}"
+    );
+    for (kind, limits) in &seen {
+        assert_eq!(limits, reference, "{kind} applies other limits than runc");
+    }
+}
