@@ -525,16 +525,161 @@ mod shim {
     //! Starting detached containers with `gantry container run -d` and
     //! reading their shims' memory.
 
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    /// How long the shims may take to appear.
+    const SHIM_WAIT: Duration = Duration::from_secs(20);
+
+    /// A workload that stays up and stops at once on SIGTERM (a plain
+    /// `sleep` as PID 1 ignores it, and every stop would wait the grace period).
+    const WORKLOAD: [&str; 3] = ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"];
+
+    /// Removes the containers (and, should one survive that, kills its shim)
+    /// and the node's data directory, even when the measurement fails.
+    struct Cleanup {
+        gantry: PathBuf,
+        data: tempfile::TempDir,
+        names: Vec<String>,
+        shims: Vec<u32>,
+    }
+
+    impl Cleanup {
+        fn gantry(&self) -> Command {
+            let mut cmd = Command::new(&self.gantry);
+            cmd.env("GANTRY_DATA_DIR", self.data.path());
+            cmd
+        }
+    }
+
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for name in &self.names {
+                let _ = self
+                    .gantry()
+                    .args(["container", "rm", "--force", name])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            for pid in &self.shims {
+                // Only shims this run found under its own data directory, and
+                // only if that is still what the pid is.
+                if is_our_shim(*pid, self.data.path()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(*pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
 
     /// PSS in KiB of each shim of `count` detached containers.
     pub fn measure(gantry: &Path, workspace: &Path, count: usize) -> Result<Vec<u64>, String> {
-        let _ = (gantry, workspace, count);
-        Err("gantry container run -d is not built yet".into())
+        let help = Command::new(gantry)
+            .args(["container", "run", "--help"])
+            .output()
+            .map_err(|e| format!("{}: {e}", gantry.display()))?;
+        if !help.status.success() {
+            return Err("gantry container run is not available in this build".into());
+        }
+        let data = tempfile::Builder::new()
+            .prefix("gantry-bench-node-")
+            .tempdir()
+            .map_err(|e| format!("temp data dir: {e}"))?;
+        let mut cleanup = Cleanup {
+            gantry: gantry.to_path_buf(),
+            data,
+            names: Vec::new(),
+            shims: Vec::new(),
+        };
+        let images = cleanup.data.path().join("test-images");
+        run(Command::new(workspace.join("deploy/images/build-test-images.sh")).arg(&images))?;
+        run(cleanup
+            .gantry()
+            .args(["image", "import"])
+            .arg(images.join("busybox")))?;
+        for i in 0..count {
+            let name = format!("bench-shim-{}-{i}", std::process::id());
+            cleanup.names.push(name.clone());
+            run(cleanup
+                .gantry()
+                .args([
+                    "container",
+                    "run",
+                    "-d",
+                    "--name",
+                    &name,
+                    "gantry.test/busybox:latest",
+                ])
+                .args(WORKLOAD))?;
+        }
+        let deadline = Instant::now() + SHIM_WAIT;
+        loop {
+            cleanup.shims = find_shims(cleanup.data.path());
+            if cleanup.shims.len() >= count {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "found {} shims of {count} containers after {SHIM_WAIT:?}",
+                    cleanup.shims.len()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Let the shims settle (first-touch of their pages) before reading.
+        std::thread::sleep(Duration::from_millis(500));
+        cleanup.shims.iter().map(|pid| pss_kib(*pid)).collect()
+    }
+
+    fn run(cmd: &mut Command) -> Result<(), String> {
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("{cmd:?}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{cmd:?}: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// The pids of `gantry shim` processes of the node whose data directory
+    /// is `data` (named in their command line or environment).
+    fn find_shims(data: &Path) -> Vec<u32> {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        let mut pids: Vec<u32> = dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|pid| is_our_shim(*pid, data))
+            .collect();
+        pids.sort_unstable();
+        pids
+    }
+
+    fn is_our_shim(pid: u32, data: &Path) -> bool {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            return false;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args.get(1) != Some(&&b"shim"[..]) {
+            return false;
+        }
+        let needle = data.as_os_str().as_encoded_bytes();
+        let mentions = |bytes: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        mentions(&cmdline)
+            || std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| mentions(&env))
     }
 
     /// The `Pss:` line of `/proc/PID/smaps_rollup`, in KiB.
-    #[allow(dead_code)]
     pub fn pss_kib(pid: u32) -> Result<u64, String> {
         let path = format!("/proc/{pid}/smaps_rollup");
         let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
