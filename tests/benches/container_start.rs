@@ -2,8 +2,8 @@
 //! same busybox bundle, and the resident memory of Gantry's shims.
 //!
 //! Run: `cargo bench -p gantry-tests --bench container_start` as root. It
-//! builds the release `gantry` binary first if `target/release/gantry` is
-//! missing (or takes `GANTRY_BIN`), and takes about 1–3 minutes.
+//! first brings the release `gantry` binary up to date (`cargo build --release
+//! --bin gantry`; or measures `GANTRY_BIN`), and takes about 1–3 minutes.
 //!
 //! Measured, with memory, pids and cpu cgroup limits in the bundle:
 //! - `run_true`: `X run --bundle B ID` of `/bin/true` (create, start, wait,
@@ -373,9 +373,10 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The release `gantry`: `GANTRY_BIN`, else `target/release/gantry`, built
-/// with `cargo build --release --bin gantry` when missing. Debug builds are
-/// not what users run, so they are not measured.
+/// The release `gantry`: `GANTRY_BIN`, else `target/release/gantry` brought
+/// up to date with `cargo build --release --bin gantry` (a no-op when it is;
+/// a stale binary would measure old code). Debug builds are not what users
+/// run, so they are not measured.
 fn gantry_release_bin(workspace: &Path) -> PathBuf {
     if let Some(path) = std::env::var_os("GANTRY_BIN") {
         return PathBuf::from(path);
@@ -383,24 +384,18 @@ fn gantry_release_bin(workspace: &Path) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace.join("target"));
-    let bin = target.join("release/gantry");
-    if !bin.exists() {
-        println!(
-            "building {} (cargo build --release --bin gantry)",
-            bin.display()
-        );
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--release", "--bin", "gantry"])
-            .current_dir(workspace)
-            .status()
-            .expect("run cargo build --release --bin gantry");
-        assert!(
-            status.success(),
-            "cargo build --release --bin gantry failed"
-        );
-    }
-    bin
+    println!("cargo build --release --bin gantry");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "--bin", "gantry"])
+        .current_dir(workspace)
+        .status()
+        .expect("run cargo build --release --bin gantry");
+    assert!(
+        status.success(),
+        "cargo build --release --bin gantry failed"
+    );
+    target.join("release/gantry")
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
