@@ -1,0 +1,430 @@
+//! The container's filesystem view: mount options, config mounts, pivot_root,
+//! masked and read-only paths.
+//!
+//! Runs in the container init (after `clone`, in the new mount namespace),
+//! except the option parsing and path resolution, which are pure and tested
+//! on their own. Mount targets are resolved inside the rootfs without ever
+//! following a symlink out of it.
+
+use super::init::{SetupError, StepResult, sys};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+/// Mount options split the way `mount(2)` wants them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountOptions {
+    /// Flags to set.
+    pub flags: MsFlags,
+    /// Propagation flags, applied by a separate `mount(2)` call.
+    pub propagation: MsFlags,
+    /// Filesystem-specific data, comma separated (e.g. `mode=755,size=64k`).
+    pub data: String,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            flags: MsFlags::empty(),
+            propagation: MsFlags::empty(),
+            data: String::new(),
+        }
+    }
+}
+
+impl MountOptions {
+    /// Whether this is a bind mount (`bind` or `rbind`).
+    pub fn is_bind(&self) -> bool {
+        self.flags.contains(MsFlags::MS_BIND)
+    }
+}
+
+/// The flag of a propagation option (`rprivate`, `slave`...).
+pub fn propagation_flag(option: &str) -> Option<MsFlags> {
+    Some(match option {
+        "private" => MsFlags::MS_PRIVATE,
+        "rprivate" => MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+        "shared" => MsFlags::MS_SHARED,
+        "rshared" => MsFlags::MS_SHARED | MsFlags::MS_REC,
+        "slave" => MsFlags::MS_SLAVE,
+        "rslave" => MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        "unbindable" => MsFlags::MS_UNBINDABLE,
+        "runbindable" => MsFlags::MS_UNBINDABLE | MsFlags::MS_REC,
+        _ => return None,
+    })
+}
+
+/// Parses OCI mount options as runc does: known flags become flags, anything
+/// else is passed to the filesystem as data.
+pub fn parse_options<S: AsRef<str>>(options: &[S]) -> MountOptions {
+    let mut out = MountOptions::default();
+    let mut data = Vec::new();
+    for option in options {
+        let option = option.as_ref();
+        if let Some(p) = propagation_flag(option) {
+            out.propagation |= p;
+            continue;
+        }
+        let (set, flag) = match option {
+            "defaults" => continue,
+            "ro" => (true, MsFlags::MS_RDONLY),
+            "rw" => (false, MsFlags::MS_RDONLY),
+            "suid" => (false, MsFlags::MS_NOSUID),
+            "nosuid" => (true, MsFlags::MS_NOSUID),
+            "dev" => (false, MsFlags::MS_NODEV),
+            "nodev" => (true, MsFlags::MS_NODEV),
+            "exec" => (false, MsFlags::MS_NOEXEC),
+            "noexec" => (true, MsFlags::MS_NOEXEC),
+            "sync" => (true, MsFlags::MS_SYNCHRONOUS),
+            "async" => (false, MsFlags::MS_SYNCHRONOUS),
+            "dirsync" => (true, MsFlags::MS_DIRSYNC),
+            "remount" => (true, MsFlags::MS_REMOUNT),
+            "mand" => (true, MsFlags::MS_MANDLOCK),
+            "nomand" => (false, MsFlags::MS_MANDLOCK),
+            "atime" => (false, MsFlags::MS_NOATIME),
+            "noatime" => (true, MsFlags::MS_NOATIME),
+            "diratime" => (false, MsFlags::MS_NODIRATIME),
+            "nodiratime" => (true, MsFlags::MS_NODIRATIME),
+            "relatime" => (true, MsFlags::MS_RELATIME),
+            "norelatime" => (false, MsFlags::MS_RELATIME),
+            "strictatime" => (true, MsFlags::MS_STRICTATIME),
+            "nostrictatime" => (false, MsFlags::MS_STRICTATIME),
+            "lazytime" => (true, MsFlags::MS_LAZYTIME),
+            "nolazytime" => (false, MsFlags::MS_LAZYTIME),
+            "bind" => (true, MsFlags::MS_BIND),
+            "rbind" => (true, MsFlags::MS_BIND | MsFlags::MS_REC),
+            other => {
+                data.push(other);
+                continue;
+            }
+        };
+        if set {
+            out.flags |= flag;
+        } else {
+            out.flags &= !flag;
+        }
+    }
+    out.data = data.join(",");
+    out
+}
+
+/// Resolves `path` (absolute, as seen inside the container) under `root`,
+/// following symlinks as if `root` were `/`: the result never leaves `root`.
+/// Components that do not exist yet are kept as they are.
+pub fn secure_join(root: &Path, path: &Path) -> PathBuf {
+    // Bounded like the kernel's own symlink limit, so a loop cannot hang us.
+    let mut budget = 40;
+    let mut resolved = PathBuf::new();
+    // Components still to walk; a symlink's target is pushed in front.
+    let mut queue: std::collections::VecDeque<std::ffi::OsString> = Default::default();
+    for c in path.components() {
+        push_component(&mut queue, c, false);
+    }
+    while let Some(part) = queue.pop_front() {
+        if part == ".." {
+            resolved.pop();
+            continue;
+        }
+        if part == "/" {
+            resolved = PathBuf::new();
+            continue;
+        }
+        let candidate = root.join(&resolved).join(&part);
+        match std::fs::symlink_metadata(&candidate) {
+            Ok(meta) if meta.file_type().is_symlink() && budget > 0 => {
+                budget -= 1;
+                let Ok(target) = std::fs::read_link(&candidate) else {
+                    resolved.push(&part);
+                    continue;
+                };
+                let mut front = std::collections::VecDeque::new();
+                for c in target.components() {
+                    push_component(&mut front, c, true);
+                }
+                while let Some(c) = front.pop_back() {
+                    queue.push_front(c);
+                }
+            }
+            _ => resolved.push(&part),
+        }
+    }
+    root.join(resolved)
+}
+
+fn push_component(
+    queue: &mut std::collections::VecDeque<std::ffi::OsString>,
+    c: Component<'_>,
+    keep_root: bool,
+) {
+    match c {
+        Component::RootDir if keep_root => queue.push_back("/".into()),
+        Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        Component::ParentDir => queue.push_back("..".into()),
+        Component::Normal(n) => queue.push_back(n.to_os_string()),
+    }
+}
+
+/// `mount(2)` with the step named in the error.
+pub fn do_mount(
+    source: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> StepResult<()> {
+    mount(source, target, fstype, flags, data)
+        .map_err(|e| SetupError::sys(format!("mount {}", display_in_container(target)), e))
+}
+
+/// How a path is named in error messages: as the container sees it where
+/// possible, since that is what the config says.
+fn display_in_container(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// Makes sure `target` exists as a directory, or as a file when `file` is
+/// set (bind mounts of files need a file to mount on).
+pub fn ensure_target(target: &Path, file: bool) -> StepResult<()> {
+    if std::fs::symlink_metadata(target).is_ok() {
+        return Ok(());
+    }
+    if file {
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| SetupError::io(format!("mkdir {}", parent.display()), e))?;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(target)
+            .map_err(|e| SetupError::io(format!("create {}", target.display()), e))?;
+    } else {
+        std::fs::create_dir_all(target)
+            .map_err(|e| SetupError::io(format!("mkdir {}", target.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Mounts one config mount under `rootfs`.
+pub fn mount_one(rootfs: &Path, bundle: &Path, m: &oci_spec::runtime::Mount) -> StepResult<()> {
+    let typ = m.typ().as_deref().unwrap_or("");
+    let opts = parse_options(m.options().as_deref().unwrap_or(&[]));
+    let target = secure_join(rootfs, m.destination());
+    let dest = m.destination().display();
+    if opts.is_bind() || typ == "bind" {
+        let source = m.source().as_deref().unwrap_or(Path::new(""));
+        let source = if source.is_absolute() {
+            source.to_path_buf()
+        } else {
+            bundle.join(source)
+        };
+        let is_dir = std::fs::metadata(&source)
+            .map_err(|e| {
+                SetupError::io(format!("bind mount {dest}: source {}", source.display()), e)
+            })?
+            .is_dir();
+        ensure_target(&target, !is_dir)?;
+        let rec = opts.flags & MsFlags::MS_REC;
+        mount(
+            Some(&source),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | rec,
+            None::<&str>,
+        )
+        .map_err(|e| SetupError::sys(format!("bind mount {dest}"), e))?;
+        // A bind mount ignores every other flag: they need a remount.
+        let rest = opts.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_REMOUNT);
+        if !rest.is_empty() {
+            mount(
+                None::<&str>,
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | rest,
+                None::<&str>,
+            )
+            .map_err(|e| SetupError::sys(format!("remount {dest}"), e))?;
+        }
+    } else {
+        ensure_target(&target, false)?;
+        let source = m
+            .source()
+            .as_deref()
+            .map(|s| s.as_os_str())
+            .unwrap_or(OsStr::from_bytes(typ.as_bytes()));
+        let data = (!opts.data.is_empty()).then_some(opts.data.as_str());
+        match mount(Some(source), &target, Some(typ), opts.flags, data) {
+            Ok(()) => {}
+            // Without its own network namespace a container may not mount a
+            // fresh sysfs; runc falls back to the host's, read-only.
+            Err(nix::Error::EPERM) if typ == "sysfs" => {
+                mount(
+                    Some("/sys"),
+                    &target,
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    None::<&str>,
+                )
+                .map_err(|e| SetupError::sys(format!("bind mount {dest}"), e))?;
+                mount(
+                    None::<&str>,
+                    &target,
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | opts.flags,
+                    None::<&str>,
+                )
+                .map_err(|e| SetupError::sys(format!("remount {dest}"), e))?;
+            }
+            Err(e) => return Err(SetupError::sys(format!("mount {dest}"), e)),
+        }
+    }
+    if !opts.propagation.is_empty() {
+        mount(
+            None::<&str>,
+            &target,
+            None::<&str>,
+            opts.propagation,
+            None::<&str>,
+        )
+        .map_err(|e| SetupError::sys(format!("set propagation of {dest}"), e))?;
+    }
+    Ok(())
+}
+
+/// Swaps the root for `rootfs` with the `pivot_root(".", ".")` trick: no
+/// temporary directory, the old root is stacked under the new one and then
+/// lazily unmounted.
+pub fn pivot_root(rootfs: &Path) -> StepResult<()> {
+    nix::unistd::chdir(rootfs).map_err(|e| SetupError::sys("chdir rootfs", e))?;
+    nix::unistd::pivot_root(".", ".").map_err(|e| SetupError::sys("pivot_root", e))?;
+    // The old root must not propagate the unmount back to the host.
+    sys(
+        "make old root private",
+        mount(
+            None::<&str>,
+            ".",
+            None::<&str>,
+            MsFlags::MS_SLAVE | MsFlags::MS_REC,
+            None::<&str>,
+        ),
+    )?;
+    sys("unmount old root", umount2(".", MntFlags::MNT_DETACH))?;
+    sys("chdir /", nix::unistd::chdir("/"))?;
+    Ok(())
+}
+
+/// Hides `path` (already inside the new root): `/dev/null` over a file, an
+/// empty read-only tmpfs over a directory. Missing paths are fine.
+pub fn mask_path(path: &Path) -> StepResult<()> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(_) => return Ok(()),
+    };
+    let result = if meta.is_dir() {
+        mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+    } else {
+        mount(
+            Some("/dev/null"),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+    };
+    result.map_err(|e| SetupError::sys(format!("mask {}", path.display()), e))
+}
+
+/// Makes `path` (already inside the new root) read-only. Missing paths are fine.
+pub fn readonly_path(path: &Path) -> StepResult<()> {
+    match mount(
+        Some(path),
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    ) {
+        Ok(()) => {}
+        Err(nix::Error::ENOENT) => return Ok(()),
+        Err(e) => {
+            return Err(SetupError::sys(
+                format!("bind {} read-only", path.display()),
+                e,
+            ));
+        }
+    }
+    // Keep the flags the kernel insists on for proc files (nosuid, nodev,
+    // noexec) so the remount is not refused.
+    mount(
+        None::<&str>,
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_REC
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| SetupError::sys(format!("remount {} read-only", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn parses_flags_data_and_propagation() {
+        let o = parse_options(&["nosuid", "noexec", "mode=755", "size=64k", "rprivate", "ro"]);
+        assert_eq!(
+            o.flags,
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY
+        );
+        assert_eq!(o.propagation, MsFlags::MS_PRIVATE | MsFlags::MS_REC);
+        assert_eq!(o.data, "mode=755,size=64k");
+        let o = parse_options(&["rbind", "ro", "rw"]);
+        assert!(o.is_bind());
+        assert_eq!(o.flags, MsFlags::MS_BIND | MsFlags::MS_REC);
+        assert_eq!(parse_options::<&str>(&[]), MountOptions::default());
+    }
+
+    #[test]
+    fn secure_join_stays_inside_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("real/sub")).unwrap();
+        symlink("/real", root.join("abs")).unwrap();
+        symlink("../../..", root.join("real/up")).unwrap();
+        symlink("/etc/passwd", root.join("escape")).unwrap();
+        symlink("loop", root.join("loop")).unwrap();
+        assert_eq!(
+            secure_join(root, Path::new("/abs/sub")),
+            root.join("real/sub")
+        );
+        assert_eq!(secure_join(root, Path::new("/real/up/x")), root.join("x"));
+        assert_eq!(
+            secure_join(root, Path::new("/escape")),
+            root.join("etc/passwd")
+        );
+        assert_eq!(
+            secure_join(root, Path::new("/../../x/./y")),
+            root.join("x/y")
+        );
+        assert_eq!(
+            secure_join(root, Path::new("/new/dir")),
+            root.join("new/dir")
+        );
+        // A loop ends when the budget does, still inside the root.
+        assert!(secure_join(root, Path::new("/loop")).starts_with(root));
+    }
+}
