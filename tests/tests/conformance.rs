@@ -39,6 +39,15 @@ section umask; umask
 section env; env | busybox sort
 section limits; cat /proc/self/limits
 section fds; ls /proc/self/fd | busybox sort -n | tr '\n' ' '; echo
+section devices
+# Opening the default devices for reading and writing (the devices cgroup and
+# the nodes themselves decide); the probe avoids /dev/null elsewhere so that a
+# broken /dev/null shows up here, not as side effects.
+for d in null zero full random urandom tty ptmx; do
+    r=$( (: </dev/$d) 2>&1 ) && r=ok
+    w=$( (: >/dev/$d) 2>&1 ) && w=ok
+    echo "/dev/$d read: ${r##*: } write: ${w##*: }"
+done
 section dev
 # crun adds /dev/core (-> /proc/kcore) and chowns /dev/null to the user; both are
 # its own extras, not what a workload relies on, so owner and /dev/core are left out.
@@ -56,15 +65,15 @@ awk -v masked="$MASKED" '
 section masked
 for p in $MASKED; do
     if [ -d "$p" ]; then echo "$p dir entries=$(ls -A "$p" | wc -l)"
-    elif [ -e "$p" ]; then echo "$p file bytes=$(head -c 64 "$p" 2>/dev/null | wc -c)"
+    elif [ -e "$p" ]; then echo "$p file bytes=$(head -c 64 "$p" 2>&1 | wc -c)"
     else echo "$p absent"; fi
 done
 section readonly
 # busybox's `test -w` is always true for root, so really try to write: make a
 # directory in each directory; the error (EROFS, EPERM, ...) is part of the result.
 for p in /proc/bus /proc/fs /proc/irq /proc/sys /sys /sys/kernel /sys/fs/cgroup /proc /tmp /dev /; do
-    if mkdir "$p/.gantry-probe" 2>/dev/null; then rmdir "$p/.gantry-probe"; echo "$p writable"
-    else mkdir "$p/.gantry-probe" 2>&1 | sed 's/.*: //; s/^/'"${p//\//\\/}"' /'; fi
+    if out=$(mkdir "$p/.gantry-probe" 2>&1); then rmdir "$p/.gantry-probe"; echo "$p writable"
+    else echo "$p ${out##*: }"; fi
 done
 touch /sys/gantry-probe 2>&1
 echo x 2>&1 >/proc/sys/kernel/hostname | sed 's/.*: //'
