@@ -5,6 +5,7 @@
 //! `SKIPPED: <reason>` when they truly cannot run.
 
 pub mod bundle;
+pub mod image_fixtures;
 pub mod peers;
 
 use std::path::PathBuf;
