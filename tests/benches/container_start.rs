@@ -129,6 +129,7 @@ fn main() {
     let report = json!({
         "benchmark": "container_start",
         "date": utc_now(),
+        "gantry_commit": git_commit(&workspace),
         "machine": machine(isolation),
         "bundle": "tests/src/bundle.rs busybox bundle with default_limits(): memory 256 MiB, pids 512, cpu 100000/100000",
         "rounds": measured_rounds,
@@ -461,6 +462,18 @@ fn machine(isolation: peers::Isolation) -> Value {
     })
 }
 
+/// The workspace's `git describe --always --dirty`, if git is there.
+fn git_commit(workspace: &Path) -> String {
+    Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .current_dir(workspace)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// Now as `YYYY-MM-DDTHH:MM:SSZ` (no date crate needed for one timestamp).
 fn utc_now() -> String {
     let secs = std::time::SystemTime::now()
@@ -489,21 +502,25 @@ fn utc_now() -> String {
 /// `gantry container run -d`, PSS of each shim from smaps_rollup.
 fn shim_memory(gantry: &Path, workspace: &Path) -> Value {
     match shim::measure(gantry, workspace, SHIM_CONTAINERS) {
-        Ok(pss_kib) => {
-            let mut sorted = pss_kib.clone();
-            sorted.sort_unstable();
-            let n = sorted.len();
-            let median = if n % 2 == 1 {
-                sorted[n / 2] as f64
-            } else {
-                (sorted[n / 2 - 1] + sorted[n / 2]) as f64 / 2.0
+        Ok(shims) => {
+            let median = |f: fn(&shim::Pss) -> u64| {
+                let mut v: Vec<u64> = shims.iter().map(f).collect();
+                v.sort_unstable();
+                let n = v.len();
+                if n % 2 == 1 {
+                    v[n / 2] as f64
+                } else {
+                    (v[n / 2 - 1] + v[n / 2]) as f64 / 2.0
+                }
             };
-            let max = sorted.last().copied().unwrap_or(0);
+            let max = shims.iter().map(|p| p.total).max().unwrap_or(0);
             json!({
-                "containers": n,
-                "pss_kib": pss_kib,
-                "median_kib": median,
+                "containers": shims.len(),
+                "pss_kib": shims.iter().map(|p| p.total).collect::<Vec<_>>(),
+                "median_kib": median(|p| p.total),
                 "max_kib": max,
+                "median_anon_kib": median(|p| p.anon),
+                "median_file_kib": median(|p| p.file),
                 "target_kib": SHIM_TARGET_KIB,
                 "met": max <= SHIM_TARGET_KIB,
                 "note": "containerd-shim is not installed here, so there is no peer figure",
@@ -572,7 +589,7 @@ mod shim {
     }
 
     /// PSS in KiB of each shim of `count` detached containers.
-    pub fn measure(gantry: &Path, workspace: &Path, count: usize) -> Result<Vec<u64>, String> {
+    pub fn measure(gantry: &Path, workspace: &Path, count: usize) -> Result<Vec<Pss>, String> {
         let help = Command::new(gantry)
             .args(["container", "run", "--help"])
             .output()
@@ -627,7 +644,7 @@ mod shim {
         }
         // Let the shims settle (first-touch of their pages) before reading.
         std::thread::sleep(Duration::from_millis(500));
-        cleanup.shims.iter().map(|pid| pss_kib(*pid)).collect()
+        cleanup.shims.iter().map(|pid| pss(*pid)).collect()
     }
 
     fn run(cmd: &mut Command) -> Result<(), String> {
@@ -674,14 +691,33 @@ mod shim {
             || std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| mentions(&env))
     }
 
-    /// The `Pss:` line of `/proc/PID/smaps_rollup`, in KiB.
-    pub fn pss_kib(pid: u32) -> Result<u64, String> {
+    /// A process's proportional set size, in KiB: all of it, and the part
+    /// that is its own (anonymous) rather than shared file pages (the binary).
+    #[derive(Debug, Clone, Copy)]
+    pub struct Pss {
+        /// `Pss:`.
+        pub total: u64,
+        /// `Pss_Anon:`.
+        pub anon: u64,
+        /// `Pss_File:`.
+        pub file: u64,
+    }
+
+    /// The PSS lines of `/proc/PID/smaps_rollup`.
+    pub fn pss(pid: u32) -> Result<Pss, String> {
         let path = format!("/proc/{pid}/smaps_rollup");
         let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("Pss:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| format!("{path}: no Pss line"))
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .ok_or_else(|| format!("{path}: no {name} line"))
+        };
+        Ok(Pss {
+            total: field("Pss:")?,
+            anon: field("Pss_Anon:")?,
+            file: field("Pss_File:")?,
+        })
     }
 }
 
@@ -690,8 +726,9 @@ fn markdown(report: &Value) -> String {
     let mut md = String::new();
     let m = &report["machine"];
     md.push_str(&format!(
-        "# Container start: gantry vs runc vs crun\n\n{} — {}, kernel {}, {} CPUs ({}), cgroups {}; {} rounds (+{} warm-up), {} s\n\n",
+        "# Container start: gantry vs runc vs crun\n\n{} (gantry {}) — {}, kernel {}, {} CPUs ({}), cgroups {}; {} rounds (+{} warm-up), {} s\n\n",
         report["date"].as_str().unwrap_or(""),
+        report["gantry_commit"].as_str().unwrap_or(""),
         m["os"].as_str().unwrap_or(""),
         m["kernel"].as_str().unwrap_or(""),
         m["cpus"],
@@ -747,9 +784,11 @@ fn markdown(report: &Value) -> String {
         md.push_str(&format!("- shim PSS: not measured ({reason})\n"));
     } else {
         md.push_str(&format!(
-            "- shim PSS over {} containers: median {} KiB, max {} KiB (target ≤ {} KiB: {})\n",
+            "- shim PSS over {} containers: median {} KiB (anon {}, file {}), max {} KiB (target ≤ {} KiB: {})\n",
             shim["containers"],
             shim["median_kib"],
+            shim["median_anon_kib"],
+            shim["median_file_kib"],
             shim["max_kib"],
             shim["target_kib"],
             if shim["met"] == true {
