@@ -18,4 +18,4 @@ echo "==> build gantry"
 cargo build --locked --bin gantry
 echo "==> cargo test"
 # The end-to-end tests drive target/debug/gantry, built above.
-cargo test --workspace --locked -- --test-threads=2
+cargo test --workspace --locked --no-fail-fast -- --test-threads=2

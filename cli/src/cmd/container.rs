@@ -576,12 +576,12 @@ fn stats(engine: &Engine, containers: &[String]) -> anyhow::Result<ExitCode> {
     for id in ids {
         let s = engine.stats(&id)?;
         println!(
-            "{:<12}  {:>13.3}s  {:>13}B  {:>14}  {:>5}",
+            "{:<12}  {:>13.3}s  {:>14}  {:>14}  {:>5}",
             id.short(),
             s.cpu_usage_ns as f64 / 1e9,
-            s.memory_usage_bytes,
+            super::binary_size(s.memory_usage_bytes),
             s.memory_limit_bytes
-                .map_or_else(|| "-".to_string(), |l| format!("{l}B")),
+                .map_or_else(|| "-".to_string(), super::binary_size),
             s.pids_current
         );
     }

@@ -40,3 +40,31 @@ pub fn init_logging() {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+/// Memory sizes as `docker stats` prints them: binary units, two decimals.
+pub fn binary_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes}B")
+    } else {
+        format!("{value:.2}{}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::binary_size;
+
+    #[test]
+    fn memory_sizes_print_like_docker_stats() {
+        assert_eq!(binary_size(512), "512B");
+        assert_eq!(binary_size(569_344), "556.00KiB");
+        assert_eq!(binary_size(64 << 20), "64.00MiB");
+    }
+}
