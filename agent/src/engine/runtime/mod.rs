@@ -375,6 +375,16 @@ impl Runtime {
         process: &Process,
         options: ExecOptions,
     ) -> Result<ExecProcess, RuntimeError> {
+        // `terminal: true` is what `options.tty` does; without it there is
+        // no console socket to hand a pty to, which the check refuses.
+        let mut owned;
+        let process = if options.tty && process.terminal() == Some(true) {
+            owned = process.clone();
+            owned.set_terminal(Some(false));
+            &owned
+        } else {
+            process
+        };
         spec::check_process(process, "process").map_err(invalid)?;
         let (dir, record) = self.load(id)?;
         let status = state::status(&dir, &record);
