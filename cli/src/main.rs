@@ -28,6 +28,8 @@ enum Command {
     Image(cmd::image::Args),
     /// Run and manage containers on this node, like `docker run/ps/stop/logs/exec`.
     Container(cmd::container::Args),
+    /// Manage named volumes: create, ls, inspect, rm.
+    Volume(cmd::volume::Args),
     /// The per-container shim (started by the engine, not by people).
     #[command(hide = true)]
     Shim(cmd::shim::Args),
@@ -35,13 +37,23 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The shim lives as long as its container, once per container: it skips
+    // the logging setup (its diagnostics go to a file through stderr).
+    if let Command::Shim(args) = cli.command {
+        return finish(cmd::shim::run(args));
+    }
     cmd::init_logging();
     let result = match cli.command {
         Command::Runtime(args) => cmd::runtime::run(args),
         Command::Image(args) => cmd::image::run(args),
         Command::Container(args) => cmd::container::run(args),
+        Command::Volume(args) => cmd::volume::run(args),
         Command::Shim(args) => cmd::shim::run(args),
     };
+    finish(result)
+}
+
+fn finish(result: anyhow::Result<ExitCode>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {

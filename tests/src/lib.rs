@@ -6,6 +6,7 @@
 
 pub mod bundle;
 pub mod image_fixtures;
+pub mod peers;
 
 use std::path::PathBuf;
 

@@ -4,6 +4,7 @@ pub mod container;
 pub mod image;
 pub mod runtime;
 pub mod shim;
+pub mod volume;
 
 use std::fmt;
 use std::process::ExitCode;
