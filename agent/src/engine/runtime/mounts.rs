@@ -540,21 +540,33 @@ pub fn readonly_path(path: &Path) -> StepResult<()> {
             ));
         }
     }
-    // Keep the flags the kernel insists on for proc files (nosuid, nodev,
-    // noexec) so the remount is not refused.
-    mount(
-        None::<&str>,
-        path,
-        None::<&str>,
-        MsFlags::MS_BIND
-            | MsFlags::MS_REMOUNT
-            | MsFlags::MS_RDONLY
-            | MsFlags::MS_REC
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV
-            | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
+    let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC;
+    match mount(None::<&str>, path, None::<&str>, ro, None::<&str>) {
+        // Locked flags (nosuid, nodev, noexec of the mount below) must be
+        // kept on a remount where the kernel insists: retry with them, as
+        // runc does.
+        Err(nix::Error::EPERM) => {
+            let kept = nix::sys::statvfs::statvfs(path)
+                .map(|st| {
+                    let f = st.flags();
+                    let mut m = MsFlags::empty();
+                    use nix::sys::statvfs::FsFlags;
+                    for (from, to) in [
+                        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+                        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+                        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+                    ] {
+                        if f.contains(from) {
+                            m |= to;
+                        }
+                    }
+                    m
+                })
+                .unwrap_or(MsFlags::empty());
+            mount(None::<&str>, path, None::<&str>, ro | kept, None::<&str>)
+        }
+        other => other,
+    }
     .map_err(|e| SetupError::sys(format!("remount {} read-only", path.display()), e))
 }
 
