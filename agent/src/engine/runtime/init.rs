@@ -96,8 +96,9 @@ pub enum StartSignal {
     /// Open this `O_PATH` descriptor of `exec.fifo` for writing: it blocks
     /// until `gantry runtime start` opens the fifo for reading.
     Fifo(RawFd),
-    /// Read one byte from the go pipe (`run`: the same process starts it).
-    GoPipe,
+    /// Go on at once (`run`: the process that creates the container also
+    /// starts it, so there is nothing to wait for).
+    Immediately,
 }
 
 /// Everything the init needs, prepared by the parent before `clone`.
@@ -448,13 +449,7 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
             )?;
             STARTED.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        StartSignal::GoPipe => {
-            let mut b = [0u8; 1];
-            if !read_exact(args.go, &mut b) {
-                // SAFETY: see container_init.
-                unsafe { libc::_exit(1) }
-            }
-        }
+        StartSignal::Immediately => {}
     }
     if let Some(list) = spec
         .hooks()

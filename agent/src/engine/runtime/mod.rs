@@ -206,7 +206,9 @@ impl Runtime {
         bundle: &Path,
         options: CreateOptions,
     ) -> Result<i32, RuntimeError> {
-        let launched = self.launch(id, bundle, options, StartMode::Pipe)?;
+        let launched = self
+            .launch(id, bundle, options, StartMode::Pipe)
+            .inspect_err(|_| forward_signals_to(0))?;
         let Launched {
             record,
             dir,
@@ -216,19 +218,12 @@ impl Runtime {
             cgroup,
         } = launched;
         let pid = record.pid;
-        // Before the user's program can run (and a caller can react to it).
-        forward_signals_to(pid);
-        let started = nix::unistd::write(&go, b"s")
-            .map_err(|source| RuntimeError::Sys {
-                call: "write start",
-                source,
-            })
-            .and_then(|_| {
-                exec::read_exec_report(&report).map_err(|message| RuntimeError::Init {
-                    id: id.to_string(),
-                    message,
-                })
-            });
+        // The init did not wait for a start signal: it execs as soon as it
+        // is ready, and the report pipe closes when it did.
+        let started = exec::read_exec_report(&report).map_err(|message| RuntimeError::Init {
+            id: id.to_string(),
+            message,
+        });
         drop(go);
         drop(report);
         if let Err(e) = started {
@@ -645,7 +640,7 @@ impl Runtime {
             stdio,
             start: match &fifo {
                 Some(fd) => init::StartSignal::Fifo(fd.as_raw_fd()),
-                None => init::StartSignal::GoPipe,
+                None => init::StartSignal::Immediately,
             },
             parent_hooks: !runtime_hooks.is_empty(),
         };
@@ -662,6 +657,11 @@ impl Runtime {
             clone_init(plan.namespaces.clone_flags, || init::container_init(&args))?
         };
         guard.pid = Some(pid);
+        if start == StartMode::Pipe {
+            // `run`: from now on our signals are the container's (installed
+            // long before the user's program can run and a caller react).
+            forward_signals_to(pid);
+        }
         drop(go_r);
         drop(rep_w);
         drop(fifo);
@@ -752,7 +752,7 @@ impl Runtime {
 enum StartMode {
     /// Through `exec.fifo`, by a later `start` (another process).
     Fifo,
-    /// Through the go pipe, by this process (`run`).
+    /// At once, as soon as the init is ready (`run`).
     Pipe,
 }
 
