@@ -10,17 +10,20 @@
 //! 1. [`spec`] reads and checks `config.json` in the caller: anything refused
 //!    is refused before a single thing exists (no state, cgroup or process).
 //! 2. The state directory `<root>/<id>` is made (its `mkdir` is the lock
-//!    against a second container of the same id), then the cgroup.
+//!    against a second container of the same id).
 //! 3. `clone(2)` with the namespace flags; the child is the init ([`init`]).
 //!    Parent and child talk over two close-on-exec pipes: *go* (parent →
 //!    child) and *report* (child → parent: `H` run your hooks, `R` ready,
-//!    `E<step>: <errno>` failed). On cgroup v1 the child joins its cgroup
-//!    itself through `tasks` (a parent writing `cgroup.procs` waits for an
-//!    RCU grace period, most of a start's time); on v2 the parent moves it.
+//!    `E<step>: <errno>` failed). The parent makes the cgroup while the
+//!    child sets up its mounts, then says go. On cgroup v1 the child joins
+//!    its cgroup itself through `tasks` (a parent writing `cgroup.procs`
+//!    waits for an RCU grace period, most of a start's time), as late as it
+//!    can: just before `R`, through descriptors of the hierarchies opened
+//!    before pivot_root. On v2 the parent moves it.
 //! 4. The init mounts, makes devices, pivots, masks, reports `R` and blocks
 //!    opening `exec.fifo` for writing; `start` opens it for reading, which
-//!    lets the init exec the user's program. `run` skips the fifo: the same
-//!    process says go over the pipe.
+//!    lets the init exec the user's program. `run` skips the fifo: its init
+//!    execs as soon as it is ready.
 //! 5. A [`state::Record`] is saved atomically. Status is never stored: it is
 //!    derived from the init (alive and the same start time) and the fifo.
 //!
