@@ -324,14 +324,6 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
             }
         }
     }
-    // The namespaces the clone did not create (all but pid): see launch.
-    let unshare = plan.namespaces.clone_flags & !libc::CLONE_NEWPID;
-    if unshare != 0 {
-        sys(
-            "unshare namespaces",
-            nix::sched::unshare(nix::sched::CloneFlags::from_bits_truncate(unshare)),
-        )?;
-    }
     // Device nodes and mount targets get exactly the modes asked for.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
 

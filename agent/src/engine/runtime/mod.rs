@@ -657,13 +657,7 @@ impl Runtime {
                 Some((_, path)) => Some(EnteredPidNs::enter(path)?),
                 None => None,
             };
-            // Only the pid namespace must come with the clone (unshare
-            // would affect the init's children only); the init unshares the
-            // others itself, so that their creation (a network namespace
-            // costs about a millisecond) runs while we make the cgroup.
-            clone_init(plan.namespaces.clone_flags & libc::CLONE_NEWPID, || {
-                init::container_init(&args)
-            })?
+            clone_init(plan.namespaces.clone_flags, || init::container_init(&args))?
         };
         guard.pid = Some(pid);
         if start == StartMode::Pipe {
