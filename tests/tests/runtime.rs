@@ -879,3 +879,40 @@ fn delete_force_clears_a_half_created_container() {
     assert!(!c.root.path().join(&c.id).exists());
     assert_eq!(c.run().0, 0);
 }
+
+#[test]
+fn mount_targets_never_leave_the_rootfs() {
+    if !can_run("escape") {
+        return;
+    }
+    let host = tempfile::Builder::new()
+        .prefix("gantry-escape-")
+        .tempdir()
+        .unwrap();
+    let c = Ctr::new(
+        "escape",
+        sh("grep ' /escape\\| /tmp/gantry-escape' /proc/mounts").mount(
+            "/escape/sub",
+            "tmpfs",
+            "tmpfs",
+            &["size=1m"],
+        ),
+    );
+    // A symlink in the image pointing at a host path: inside the container
+    // it must resolve under the rootfs.
+    std::os::unix::fs::symlink(host.path(), c.bundle.rootfs().join("escape")).unwrap();
+    let (code, out, err) = c.run();
+    assert_eq!(code, 0, "{out}{err}");
+    let inside = format!("{}/sub", host.path().display());
+    assert!(out.contains(&format!("tmpfs {inside} tmpfs")), "{out}");
+    assert!(
+        !Path::new(&inside).exists(),
+        "the mount target was made on the host"
+    );
+    assert!(
+        c.bundle
+            .rootfs()
+            .join(inside.trim_start_matches('/'))
+            .is_dir()
+    );
+}

@@ -96,8 +96,9 @@ pub enum StartSignal {
     /// Open this `O_PATH` descriptor of `exec.fifo` for writing: it blocks
     /// until `gantry runtime start` opens the fifo for reading.
     Fifo(RawFd),
-    /// Read one byte from the go pipe (`run`: the same process starts it).
-    GoPipe,
+    /// Go on at once (`run`: the process that creates the container also
+    /// starts it, so there is nothing to wait for).
+    Immediately,
 }
 
 /// Everything the init needs, prepared by the parent before `clone`.
@@ -141,7 +142,7 @@ pub fn go_message(pid: i32, cgroup_tasks: &[PathBuf]) -> Vec<u8> {
 
 /// Waits for the parent's go (see [`go_message`]), joins the cgroup if told
 /// to, and returns our host pid. Exits quietly if the parent is gone.
-fn wait_for_go(go: RawFd) -> StepResult<i32> {
+fn wait_for_go(go: RawFd, roots: Option<&[CgroupRoot]>) -> StepResult<i32> {
     let mut head = [0u8; 8];
     if !read_exact(go, &mut head) {
         // The parent died or gave up: nobody to report to.
@@ -160,9 +161,83 @@ fn wait_for_go(go: RawFd) -> StepResult<i32> {
             .split(|b| *b == b'\n')
             .map(|p| PathBuf::from(OsStr::from_bytes(p)))
             .collect();
-        join_cgroup_self(&tasks)?;
+        match roots {
+            Some(roots) => join_cgroup_through(roots, &tasks)?,
+            None => join_cgroup_self(&tasks)?,
+        }
     }
     Ok(pid)
+}
+
+/// Waits for go, joins the cgroup (through `roots` when given, by path
+/// otherwise), then unshares the cgroup namespace if asked. Returns our
+/// host pid.
+fn enter_cgroup(args: &InitArgs<'_>, roots: Option<&[CgroupRoot]>) -> StepResult<i32> {
+    let pid = wait_for_go(args.go, roots)?;
+    if args.plan.namespaces.new_cgroupns {
+        // Only now: we are in our cgroup, which becomes the root of the new
+        // cgroup namespace.
+        sys(
+            "unshare cgroup namespace",
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP),
+        )?;
+    }
+    Ok(pid)
+}
+
+/// A host cgroup hierarchy, opened before pivot_root: where it is mounted
+/// on the host and a descriptor of its root, through which files below it
+/// stay reachable after the host's paths are gone.
+#[derive(Debug)]
+pub struct CgroupRoot {
+    mount_point: PathBuf,
+    fd: std::os::fd::OwnedFd,
+}
+
+/// Opens every cgroup hierarchy mounted under `/sys/fs/cgroup`.
+fn open_cgroup_roots() -> StepResult<Vec<CgroupRoot>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| SetupError::io("read /proc/self/mountinfo", e))?;
+    let mut roots = Vec::new();
+    for h in mounts::parse_cgroup_mounts(&info, "/sys/fs/cgroup") {
+        let mount_point = Path::new("/sys/fs/cgroup").join(&h.name);
+        let fd = nix::fcntl::open(
+            &mount_point,
+            nix::fcntl::OFlag::O_PATH
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| SetupError::sys(format!("open {}", mount_point.display()), e))?;
+        roots.push(CgroupRoot { mount_point, fd });
+    }
+    Ok(roots)
+}
+
+/// [`join_cgroup_self`] through descriptors opened by [`open_cgroup_roots`]:
+/// each `tasks` path is opened relative to the hierarchy that holds it.
+fn join_cgroup_through(roots: &[CgroupRoot], tasks: &[PathBuf]) -> StepResult<()> {
+    for path in tasks {
+        let step = || format!("join cgroup {}", path.display());
+        let root = roots
+            .iter()
+            .filter(|r| path.starts_with(&r.mount_point))
+            .max_by_key(|r| r.mount_point.as_os_str().len())
+            .ok_or_else(|| SetupError::other(step(), "no such cgroup hierarchy"))?;
+        let relative = path
+            .strip_prefix(&root.mount_point)
+            .map_err(|_| SetupError::other(step(), "outside its hierarchy"))?;
+        let fd = nix::fcntl::openat(
+            &root.fd,
+            relative,
+            nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| SetupError::sys(step(), e))?;
+        sys("write tasks", nix::unistd::write(&fd, b"0").map(|_| ()))
+            .map_err(|e| SetupError::other(step(), e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// Moves the calling (single-threaded) process into a cgroup v1 group by
@@ -334,25 +409,34 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
         devices::create(rootfs, &dev)?;
     }
 
-    // Everything so far ran while the parent made the cgroup; from here on
-    // we must be in it.
-    let host_pid = wait_for_go(args.go)?;
-    if plan.namespaces.new_cgroupns {
-        // Only now: we are in our cgroup, which becomes the root of the new
-        // cgroup namespace.
-        sys(
-            "unshare cgroup namespace",
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP),
-        )?;
-    }
-    for m in spec
-        .mounts()
-        .iter()
-        .flatten()
-        .filter(|m| is_cgroup_mount(m))
-    {
-        mounts::mount_cgroups(rootfs, m)?;
-    }
+    // Everything so far ran while the parent made the cgroup. The go (and
+    // joining the cgroup) waits as late as possible: until just before
+    // `R`, unless something before pivot_root needs to be in the cgroup
+    // namespace (cgroup mounts) or to know our pid (hooks). For the late
+    // join the cgroup hierarchies are opened now, while the host's paths
+    // are still reachable.
+    let late_go = !args.parent_hooks
+        && !spec.mounts().iter().flatten().any(is_cgroup_mount)
+        && spec
+            .hooks()
+            .as_ref()
+            .and_then(|h| h.create_container().as_ref())
+            .is_none_or(|l| l.is_empty());
+    let mut host_pid = 0;
+    let roots = if late_go {
+        open_cgroup_roots()?
+    } else {
+        host_pid = enter_cgroup(args, None)?;
+        for m in spec
+            .mounts()
+            .iter()
+            .flatten()
+            .filter(|m| is_cgroup_mount(m))
+        {
+            mounts::mount_cgroups(rootfs, m)?;
+        }
+        Vec::new()
+    };
 
     if args.parent_hooks {
         report(args.report, b'H', "");
@@ -362,7 +446,7 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
             unsafe { libc::_exit(1) }
         }
     }
-    let state_json = |status: &str| {
+    let state_json = |status: &str, host_pid: i32| {
         serde_json::to_vec(&serde_json::json!({
             "ociVersion": "1.0.2",
             "id": args.id,
@@ -378,7 +462,7 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
         .as_ref()
         .and_then(|h| h.create_container().as_ref())
     {
-        hooks::run_all(list, &state_json("created"))
+        hooks::run_all(list, &state_json("created", host_pid))
             .map_err(|e| SetupError::other("createContainer hook", e.to_string()))?;
     }
 
@@ -431,6 +515,10 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
             .map_err(|e| SetupError::io("write oom_score_adj", e))?;
     }
     let prepared = PreparedProcess::new(process)?;
+    if late_go {
+        host_pid = enter_cgroup(args, Some(&roots))?;
+        drop(roots);
+    }
 
     report(args.report, b'R', "");
     match args.start {
@@ -448,20 +536,14 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
             )?;
             STARTED.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        StartSignal::GoPipe => {
-            let mut b = [0u8; 1];
-            if !read_exact(args.go, &mut b) {
-                // SAFETY: see container_init.
-                unsafe { libc::_exit(1) }
-            }
-        }
+        StartSignal::Immediately => {}
     }
     if let Some(list) = spec
         .hooks()
         .as_ref()
         .and_then(|h| h.start_container().as_ref())
     {
-        hooks::run_all(list, &state_json("running"))
+        hooks::run_all(list, &state_json("running", host_pid))
             .map_err(|e| SetupError::other("startContainer hook", e.to_string()))?;
     }
     // SAFETY: setsid has no memory-safety preconditions.

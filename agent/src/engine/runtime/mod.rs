@@ -10,17 +10,20 @@
 //! 1. [`spec`] reads and checks `config.json` in the caller: anything refused
 //!    is refused before a single thing exists (no state, cgroup or process).
 //! 2. The state directory `<root>/<id>` is made (its `mkdir` is the lock
-//!    against a second container of the same id), then the cgroup.
+//!    against a second container of the same id).
 //! 3. `clone(2)` with the namespace flags; the child is the init ([`init`]).
 //!    Parent and child talk over two close-on-exec pipes: *go* (parent →
 //!    child) and *report* (child → parent: `H` run your hooks, `R` ready,
-//!    `E<step>: <errno>` failed). On cgroup v1 the child joins its cgroup
-//!    itself through `tasks` (a parent writing `cgroup.procs` waits for an
-//!    RCU grace period, most of a start's time); on v2 the parent moves it.
+//!    `E<step>: <errno>` failed). The parent makes the cgroup while the
+//!    child sets up its mounts, then says go. On cgroup v1 the child joins
+//!    its cgroup itself through `tasks` (a parent writing `cgroup.procs`
+//!    waits for an RCU grace period, most of a start's time), as late as it
+//!    can: just before `R`, through descriptors of the hierarchies opened
+//!    before pivot_root. On v2 the parent moves it.
 //! 4. The init mounts, makes devices, pivots, masks, reports `R` and blocks
 //!    opening `exec.fifo` for writing; `start` opens it for reading, which
-//!    lets the init exec the user's program. `run` skips the fifo: the same
-//!    process says go over the pipe.
+//!    lets the init exec the user's program. `run` skips the fifo: its init
+//!    execs as soon as it is ready.
 //! 5. A [`state::Record`] is saved atomically. Status is never stored: it is
 //!    derived from the init (alive and the same start time) and the fifo.
 //!
@@ -206,7 +209,9 @@ impl Runtime {
         bundle: &Path,
         options: CreateOptions,
     ) -> Result<i32, RuntimeError> {
-        let launched = self.launch(id, bundle, options, StartMode::Pipe)?;
+        let launched = self
+            .launch(id, bundle, options, StartMode::Pipe)
+            .inspect_err(|_| forward_signals_to(0))?;
         let Launched {
             record,
             dir,
@@ -216,19 +221,12 @@ impl Runtime {
             cgroup,
         } = launched;
         let pid = record.pid;
-        // Before the user's program can run (and a caller can react to it).
-        forward_signals_to(pid);
-        let started = nix::unistd::write(&go, b"s")
-            .map_err(|source| RuntimeError::Sys {
-                call: "write start",
-                source,
-            })
-            .and_then(|_| {
-                exec::read_exec_report(&report).map_err(|message| RuntimeError::Init {
-                    id: id.to_string(),
-                    message,
-                })
-            });
+        // The init did not wait for a start signal: it execs as soon as it
+        // is ready, and the report pipe closes when it did.
+        let started = exec::read_exec_report(&report).map_err(|message| RuntimeError::Init {
+            id: id.to_string(),
+            message,
+        });
         drop(go);
         drop(report);
         if let Err(e) = started {
@@ -375,6 +373,16 @@ impl Runtime {
         process: &Process,
         options: ExecOptions,
     ) -> Result<ExecProcess, RuntimeError> {
+        // `terminal: true` is what `options.tty` does; without it there is
+        // no console socket to hand a pty to, which the check refuses.
+        let mut owned;
+        let process = if options.tty && process.terminal() == Some(true) {
+            owned = process.clone();
+            owned.set_terminal(Some(false));
+            &owned
+        } else {
+            process
+        };
         spec::check_process(process, "process").map_err(invalid)?;
         let (dir, record) = self.load(id)?;
         let status = state::status(&dir, &record);
@@ -635,7 +643,7 @@ impl Runtime {
             stdio,
             start: match &fifo {
                 Some(fd) => init::StartSignal::Fifo(fd.as_raw_fd()),
-                None => init::StartSignal::GoPipe,
+                None => init::StartSignal::Immediately,
             },
             parent_hooks: !runtime_hooks.is_empty(),
         };
@@ -652,6 +660,11 @@ impl Runtime {
             clone_init(plan.namespaces.clone_flags, || init::container_init(&args))?
         };
         guard.pid = Some(pid);
+        if start == StartMode::Pipe {
+            // `run`: from now on our signals are the container's (installed
+            // long before the user's program can run and a caller react).
+            forward_signals_to(pid);
+        }
         drop(go_r);
         drop(rep_w);
         drop(fifo);
@@ -742,7 +755,7 @@ impl Runtime {
 enum StartMode {
     /// Through `exec.fifo`, by a later `start` (another process).
     Fifo,
-    /// Through the go pipe, by this process (`run`).
+    /// At once, as soon as the init is ready (`run`).
     Pipe,
 }
 

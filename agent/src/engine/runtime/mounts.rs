@@ -207,6 +207,63 @@ pub fn ensure_target(target: &Path, file: bool) -> StepResult<()> {
     Ok(())
 }
 
+/// Opens `path` (as seen in the container) under `rootfs` with the kernel
+/// resolving every symlink as if `rootfs` were `/` (`openat2` with
+/// `RESOLVE_IN_ROOT`), and returns the descriptor with its
+/// `/proc/self/fd/N` path. Mounting onto that path mounts onto exactly what
+/// was resolved, so a symlink swapped in after [`secure_join`] cannot send a
+/// mount out of the rootfs.
+pub fn open_in_root(rootfs: &Path, path: &Path) -> StepResult<(std::os::fd::OwnedFd, String)> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let root = nix::fcntl::open(
+        rootfs,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| SetupError::sys(format!("open rootfs {}", rootfs.display()), e))?;
+    let relative = path.strip_prefix("/").unwrap_or(path);
+    let relative = if relative.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        relative
+    };
+    let c_path = std::ffi::CString::new(relative.as_os_str().as_bytes())
+        .map_err(|_| SetupError::other(format!("open {}", path.display()), "NUL in path"))?;
+    // The kernel's `struct open_how` (libc's is non-exhaustive).
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    let how = OpenHow {
+        flags: (libc::O_PATH | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: valid descriptor, NUL-terminated path and an open_how of the
+    // size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            c_path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(SetupError::sys(
+            format!("open {} in the rootfs", path.display()),
+            nix::Error::last(),
+        ));
+    }
+    // SAFETY: the kernel just returned this descriptor to us.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let proc_path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    Ok((fd, proc_path))
+}
+
 /// Mounts one config mount under `rootfs`.
 pub fn mount_one(rootfs: &Path, bundle: &Path, m: &oci_spec::runtime::Mount) -> StepResult<()> {
     let typ = m.typ().as_deref().unwrap_or("");
@@ -227,9 +284,10 @@ pub fn mount_one(rootfs: &Path, bundle: &Path, m: &oci_spec::runtime::Mount) -> 
             .is_dir();
         ensure_target(&target, !is_dir)?;
         let rec = opts.flags & MsFlags::MS_REC;
+        let (_fd, pinned) = open_in_root(rootfs, m.destination())?;
         mount(
             Some(&source),
-            &target,
+            pinned.as_str(),
             None::<&str>,
             MsFlags::MS_BIND | rec,
             None::<&str>,
@@ -238,9 +296,10 @@ pub fn mount_one(rootfs: &Path, bundle: &Path, m: &oci_spec::runtime::Mount) -> 
         // A bind mount ignores every other flag: they need a remount.
         let rest = opts.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_REMOUNT);
         if !rest.is_empty() {
+            let (_fd, pinned) = open_in_root(rootfs, m.destination())?;
             mount(
                 None::<&str>,
-                &target,
+                pinned.as_str(),
                 None::<&str>,
                 MsFlags::MS_BIND | MsFlags::MS_REMOUNT | rest,
                 None::<&str>,
@@ -255,22 +314,24 @@ pub fn mount_one(rootfs: &Path, bundle: &Path, m: &oci_spec::runtime::Mount) -> 
             .map(|s| s.as_os_str())
             .unwrap_or(OsStr::from_bytes(typ.as_bytes()));
         let data = (!opts.data.is_empty()).then_some(opts.data.as_str());
-        match mount(Some(source), &target, Some(typ), opts.flags, data) {
+        let (_fd, pinned) = open_in_root(rootfs, m.destination())?;
+        match mount(Some(source), pinned.as_str(), Some(typ), opts.flags, data) {
             Ok(()) => {}
             // Without its own network namespace a container may not mount a
             // fresh sysfs; runc falls back to the host's, read-only.
             Err(nix::Error::EPERM) if typ == "sysfs" => {
                 mount(
                     Some("/sys"),
-                    &target,
+                    pinned.as_str(),
                     None::<&str>,
                     MsFlags::MS_BIND | MsFlags::MS_REC,
                     None::<&str>,
                 )
                 .map_err(|e| SetupError::sys(format!("bind mount {dest}"), e))?;
+                let (_fd, pinned) = open_in_root(rootfs, m.destination())?;
                 mount(
                     None::<&str>,
-                    &target,
+                    pinned.as_str(),
                     None::<&str>,
                     MsFlags::MS_BIND | MsFlags::MS_REMOUNT | opts.flags,
                     None::<&str>,
@@ -479,21 +540,33 @@ pub fn readonly_path(path: &Path) -> StepResult<()> {
             ));
         }
     }
-    // Keep the flags the kernel insists on for proc files (nosuid, nodev,
-    // noexec) so the remount is not refused.
-    mount(
-        None::<&str>,
-        path,
-        None::<&str>,
-        MsFlags::MS_BIND
-            | MsFlags::MS_REMOUNT
-            | MsFlags::MS_RDONLY
-            | MsFlags::MS_REC
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV
-            | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
+    let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC;
+    match mount(None::<&str>, path, None::<&str>, ro, None::<&str>) {
+        // Locked flags (nosuid, nodev, noexec of the mount below) must be
+        // kept on a remount where the kernel insists: retry with them, as
+        // runc does.
+        Err(nix::Error::EPERM) => {
+            let kept = nix::sys::statvfs::statvfs(path)
+                .map(|st| {
+                    let f = st.flags();
+                    let mut m = MsFlags::empty();
+                    use nix::sys::statvfs::FsFlags;
+                    for (from, to) in [
+                        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+                        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+                        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+                    ] {
+                        if f.contains(from) {
+                            m |= to;
+                        }
+                    }
+                    m
+                })
+                .unwrap_or(MsFlags::empty());
+            mount(None::<&str>, path, None::<&str>, ro | kept, None::<&str>)
+        }
+        other => other,
+    }
     .map_err(|e| SetupError::sys(format!("remount {} read-only", path.display()), e))
 }
 
