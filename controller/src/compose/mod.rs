@@ -374,3 +374,6 @@ fn escape_dollars(value: &mut serde_json::Value) {
         _ => {}
     }
 }
+
+#[cfg(test)]
+mod tests;

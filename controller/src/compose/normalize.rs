@@ -143,14 +143,15 @@ pub fn load(text: &str, options: &LoadOptions<'_>) -> Result<Loaded> {
         warnings: Vec::new(),
         options,
         vars: BTreeMap::new(),
+        service_names: BTreeSet::new(),
     };
     walker.vars = walker.read_dotenv()?;
     walker.interpolate_tree(&mut root, "")?;
     let stack = walker.stack(&root)?;
-    Ok(Loaded {
-        stack,
-        warnings: walker.warnings,
-    })
+    let mut warnings = walker.warnings;
+    // File order; warnings whose position is unknown go last.
+    warnings.sort_by_key(|w| (w.pos.line == 0, w.pos.line, w.pos.column));
+    Ok(Loaded { stack, warnings })
 }
 
 struct Walker<'a> {
@@ -159,6 +160,8 @@ struct Walker<'a> {
     options: &'a LoadOptions<'a>,
     /// `.env` values; the process environment wins over them.
     vars: BTreeMap<String, String>,
+    /// Every service's name, for checking `depends_on` where it is written.
+    service_names: BTreeSet<String>,
 }
 
 fn join(path: &str, key: &str) -> String {
@@ -479,13 +482,17 @@ impl Walker<'_> {
         if services_map.is_empty() {
             return Err(ComposeError::NoServices);
         }
+        self.service_names = services_map
+            .keys()
+            .map(|k| self.string(k, "services"))
+            .collect::<Result<_>>()?;
         let mut services = BTreeMap::new();
         for (key, value) in services_map {
             let name = self.string(key, "services")?;
             let service = self.service(&name, value, &volumes, &networks)?;
             services.insert(name, service);
         }
-        self.check_dependencies(&mut services)?;
+        self.check_dependencies(&services)?;
         // The implicit `default` network exists once a service uses it, as
         // `docker compose config` shows it.
         if services
@@ -1418,11 +1425,12 @@ impl Walker<'_> {
             restart: false,
             required: true,
         };
-        let mut out = BTreeMap::new();
+        let mut entries = Vec::new();
         match value {
             Value::Sequence(items) => {
                 for (i, item) in items.iter().enumerate() {
-                    out.insert(self.string(item, &format!("{path}[{i}]"))?, started.clone());
+                    let p = format!("{path}[{i}]");
+                    entries.push((self.string(item, &p)?, started.clone(), p));
                 }
             }
             Value::Mapping(m) => {
@@ -1454,10 +1462,25 @@ impl Walker<'_> {
                             dep.required = self.bool(v, &join(&p, "required"))?;
                         }
                     }
-                    out.insert(name, dep);
+                    entries.push((name, dep, p));
                 }
             }
             other => return Err(self.type_error(&path, "a list or a mapping of services", other)),
+        }
+        let mut out = BTreeMap::new();
+        for (name, dep, p) in entries {
+            if self.service_names.contains(&name) {
+                out.insert(name, dep);
+            } else if dep.required {
+                return Err(ComposeError::UnknownService {
+                    pos: self.pos(&p),
+                    hint: hint(&name, self.service_names.iter().map(String::as_str)),
+                    path: p,
+                    service: name,
+                });
+            } else {
+                self.warn(&p, WarningKind::MissingOptionalDependency { service: name });
+            }
         }
         Ok(out)
     }
@@ -1541,36 +1564,8 @@ impl Walker<'_> {
         Ok(out)
     }
 
-    /// Every dependency names a service (optional ones that do not are
-    /// dropped with a warning) and there is no cycle.
-    fn check_dependencies(&mut self, services: &mut BTreeMap<String, Service>) -> Result<()> {
-        let names: BTreeSet<String> = services.keys().cloned().collect();
-        for (name, service) in services.iter_mut() {
-            let path = format!("services.{name}.depends_on");
-            let missing: Vec<(String, bool)> = service
-                .depends_on
-                .iter()
-                .filter(|(dep, _)| !names.contains(*dep))
-                .map(|(dep, d)| (dep.clone(), d.required))
-                .collect();
-            for (dep, required) in missing {
-                if required {
-                    let pos = self.positions.get(&join(&path, &dep));
-                    let pos = if pos.line == 0 { self.pos(&path) } else { pos };
-                    return Err(ComposeError::UnknownService {
-                        pos,
-                        hint: hint(&dep, names.iter().map(String::as_str)),
-                        path,
-                        service: dep,
-                    });
-                }
-                service.depends_on.remove(&dep);
-                self.warn(
-                    &path,
-                    WarningKind::MissingOptionalDependency { service: dep },
-                );
-            }
-        }
+    /// `depends_on` has no cycle (names were checked where written).
+    fn check_dependencies(&self, services: &BTreeMap<String, Service>) -> Result<()> {
         // Depth-first search with colours; the first back edge is the cycle.
         fn visit<'s>(
             name: &'s str,
