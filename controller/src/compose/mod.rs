@@ -323,8 +323,12 @@ pub enum ComposeError {
         reason: &'static str,
     },
     /// `.env` or an `env_file:` could not be read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("{pos}{key}: cannot read {}: {source}", path.display())]
     Read {
+        /// Where the file is named (unknown for `.env`).
+        pos: Pos,
+        /// The key path naming the file (`.env` for the project's).
+        key: String,
         /// The file.
         path: PathBuf,
         /// The I/O error.

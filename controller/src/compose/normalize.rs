@@ -291,7 +291,14 @@ impl Walker<'_> {
         let text = match self.options.files.read(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
-            Err(source) => return Err(ComposeError::Read { path, source }),
+            Err(source) => {
+                return Err(ComposeError::Read {
+                    pos: Pos::default(),
+                    key: ".env".to_string(),
+                    path,
+                    source,
+                });
+            }
         };
         let env = self.options.env;
         let lookup = |name: &str| env.get(name).cloned();
@@ -771,11 +778,18 @@ impl Walker<'_> {
                 other => vec![self.env_file_entry(other, &file_path)?],
             };
             for (file, required, item_path) in files {
-                let full = self.options.project_dir.join(&file);
+                let full = volumes::fold(&self.options.project_dir.join(&file));
                 let text = match self.options.files.read(&full) {
                     Ok(text) => text,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => continue,
-                    Err(source) => return Err(ComposeError::Read { path: full, source }),
+                    Err(source) => {
+                        return Err(ComposeError::Read {
+                            pos: self.pos(&item_path),
+                            key: item_path,
+                            path: full,
+                            source,
+                        });
+                    }
                 };
                 let lookup = |name: &str| self.lookup(name);
                 let parsed =
@@ -1274,7 +1288,13 @@ impl Walker<'_> {
             Some(v) => {
                 let p = join(path, "memory");
                 let text = self.string(v, &p)?;
-                Some(Bytes::parse(&text).map_err(|e| self.value_error(&p, e))?)
+                let bytes = Bytes::parse(&text).map_err(|e| self.value_error(&p, e))?;
+                // Docker reads 0 as "no limit"; refusing it keeps one spelling
+                // for "no limit" (leaving the key out).
+                if bytes.0 == 0 {
+                    return Err(self.invalid(&p, text, "must be greater than 0"));
+                }
+                Some(bytes)
             }
             None => None,
         };

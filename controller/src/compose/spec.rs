@@ -196,7 +196,8 @@ pub struct TmpfsOptions {
 /// A health check, complete with Docker's defaults.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Healthcheck {
-    /// `["NONE"]` (disabled), `["CMD", args…]` or `["CMD-SHELL", command]`.
+    /// `["NONE"]` (disabled), `["CMD", args…]` or `["CMD-SHELL", command]`;
+    /// empty to keep the image's test and override only the timings.
     pub test: Vec<String>,
     /// Time between checks (default 30s).
     pub interval: Duration,

@@ -48,6 +48,19 @@ pub fn resolve_bind_source(
     } else {
         project_dir.join(source)
     };
+    let out = fold(&path);
+    let text = out.to_string_lossy().into_owned();
+    if !out.is_absolute() {
+        return Err(invalid(
+            whole,
+            format!("bind source `{text}` is not absolute (the project directory is relative)"),
+        ));
+    }
+    Ok(text)
+}
+
+/// Folds `.` and `..` out of a path without touching the file system.
+pub fn fold(path: &Path) -> PathBuf {
     let mut out = PathBuf::new();
     for part in path.components() {
         match part {
@@ -58,14 +71,7 @@ pub fn resolve_bind_source(
             other => out.push(other),
         }
     }
-    let text = out.to_string_lossy().into_owned();
-    if !out.is_absolute() {
-        return Err(invalid(
-            whole,
-            format!("bind source `{text}` is not absolute (the project directory is relative)"),
-        ));
-    }
-    Ok(text)
+    out
 }
 
 /// Checks a mount target.
