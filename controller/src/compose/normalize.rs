@@ -1525,14 +1525,13 @@ impl Walker<'_> {
         if host {
             return Err(self.conflict(&path, "networks cannot be used with network_mode: host"));
         }
-        let mut out = BTreeMap::new();
+        // Each entry keeps the path it was written at, for errors.
+        let mut entries = Vec::new();
         match value {
             Value::Sequence(items) => {
                 for (i, item) in items.iter().enumerate() {
-                    out.insert(
-                        self.string(item, &format!("{path}[{i}]"))?,
-                        ServiceNetwork::default(),
-                    );
+                    let p = format!("{path}[{i}]");
+                    entries.push((self.string(item, &p)?, ServiceNetwork::default(), p));
                 }
             }
             Value::Mapping(m) => {
@@ -1567,19 +1566,21 @@ impl Walker<'_> {
                                 .collect::<Result<_>>()?;
                         }
                     }
-                    out.insert(name, network);
+                    entries.push((name, network, p));
                 }
             }
             other => return Err(self.type_error(&path, "a list or a mapping of networks", other)),
         }
-        for name in out.keys() {
-            if name != "default" && !declared.contains_key(name) {
+        let mut out = BTreeMap::new();
+        for (name, network, p) in entries {
+            if name != "default" && !declared.contains_key(&name) {
                 return Err(ComposeError::UndefinedNetwork {
-                    pos: self.pos(&join(&path, name)),
-                    path: path.clone(),
-                    name: name.clone(),
+                    pos: self.pos(&p),
+                    path: p,
+                    name,
                 });
             }
+            out.insert(name, network);
         }
         Ok(out)
     }

@@ -102,6 +102,9 @@ impl Positions {
                 rest = after;
             }
             let Some((key, value)) = split_key(rest) else {
+                if rest.starts_with(['|', '>']) {
+                    block_scalar = Some(indent);
+                }
                 continue;
             };
             while stack.last().is_some_and(|f| f.indent >= column) {
@@ -198,6 +201,9 @@ services:
       - name: x
         target: /y
       - /z
+      - |
+        not: a key either
+    user: me
 ";
         let p = Positions::scan(src);
         let at = |path: &str| {
@@ -213,6 +219,9 @@ services:
         assert_eq!(at("services.db"), (13, 3));
         assert_eq!(at("services.db.volumes[0].target"), (16, 9));
         assert_eq!(at("services.db.volumes[1]"), (17, 7));
+        assert_eq!(at("services.db.volumes[2]"), (18, 7));
+        assert_eq!(at("services.db.user"), (20, 5));
+        assert_eq!(at("services.db.volumes[2].not"), (18, 7));
         assert_eq!(at("nowhere"), (0, 0));
         assert_eq!(Pos::default().to_string(), "");
     }
