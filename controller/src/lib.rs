@@ -8,3 +8,5 @@
 
 /// The role name that `gantry controller` reports in logs and status output.
 pub const ROLE: &str = "controller";
+
+pub mod compose;
