@@ -18,7 +18,7 @@ mod filter;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -274,54 +274,51 @@ fn place_group(
     let need = spec.resources.reservations;
     let ports: Vec<(Protocol, u16)> = host_ports(spec).collect();
     let max_per_node = spec.placement.max_replicas_per_node.filter(|&m| m > 0);
-    // Static feasibility and the service's count per node, computed once per group.
-    let static_ok: Vec<bool> = view
-        .nodes
-        .iter()
-        .map(|n| filter::static_rejection(spec, n.node).is_none())
-        .collect();
     let mut same_service: Vec<u64> = view
         .nodes
         .iter()
         .map(|n| n.per_service.get(service).copied().unwrap_or(0))
         .collect();
+    let fits = |n: &NodeInfo<'_>, same: u64| {
+        n.available().fits(&need)
+            && !ports.iter().any(|p| n.host_ports.contains(p))
+            && max_per_node.is_none_or(|m| same < m)
+    };
+    // The feasible nodes, best first. Within a group only the node that takes
+    // a task changes (its score, and whether it still fits), so an ordered
+    // set updated at that node gives the same choice as rescanning every node
+    // for every task, in O(log nodes) per task. The node index (nodes are
+    // sorted by id) breaks ties.
+    let mut ranked: BTreeSet<(Score, usize)> = view
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|&(i, n)| {
+            filter::static_rejection(spec, n.node).is_none() && fits(n, same_service[i])
+        })
+        .map(|(i, n)| (score(config.strategy, n, same_service[i], &need), i))
+        .collect();
 
     for (k, task) in group.iter().enumerate() {
-        let mut best: Option<(Score, usize)> = None;
-        for (i, n) in view.nodes.iter().enumerate() {
-            if !static_ok[i]
-                || !n.available().fits(&need)
-                || ports.iter().any(|p| n.host_ports.contains(p))
-                || max_per_node.is_some_and(|m| same_service[i] >= m)
-            {
-                continue;
-            }
-            let score = score(config.strategy, n, same_service[i], &need);
-            // Nodes are sorted by id, so keeping the first of equal scores
-            // breaks ties by node id.
-            if best.as_ref().is_none_or(|(b, _)| score < *b) {
-                best = Some((score, i));
-            }
-        }
-        match best {
-            Some((_, i)) => {
-                view.nodes[i].add(service, spec);
-                same_service[i] += 1;
-                plan.assignments.push(Assignment {
-                    task: task.id.clone(),
-                    node: view.nodes[i].node.id.clone(),
+        let Some((_, i)) = ranked.pop_first() else {
+            let rejections = filter::explain(view, *task, &same_service);
+            for rest in &group[k..] {
+                plan.unplaced.push(Unplaced {
+                    task: rest.id.clone(),
+                    rejections: rejections.clone(),
                 });
             }
-            None => {
-                let rejections = filter::explain(view, *task, &same_service);
-                for rest in &group[k..] {
-                    plan.unplaced.push(Unplaced {
-                        task: rest.id.clone(),
-                        rejections: rejections.clone(),
-                    });
-                }
-                return;
-            }
+            return;
+        };
+        let n = &mut view.nodes[i];
+        n.add(service, spec);
+        same_service[i] += 1;
+        plan.assignments.push(Assignment {
+            task: task.id.clone(),
+            node: n.node.id.clone(),
+        });
+        if fits(n, same_service[i]) {
+            ranked.insert((score(config.strategy, n, same_service[i], &need), i));
         }
     }
 }

@@ -588,3 +588,68 @@ proptest! {
         prop_assert!(max - min <= 1, "max {} min {}", max, min);
     }
 }
+
+/// The obvious scheduler: for every task, scan every node through every
+/// filter and keep the best score. `schedule_with` must choose exactly as it does.
+fn reference_schedule(
+    view: &ClusterView<'_>,
+    tasks: &[TaskRef<'_>],
+    config: &SchedulerConfig,
+) -> Plan {
+    let mut view = view.clone();
+    let mut plan = Plan::default();
+    for task in tasks {
+        let same: Vec<u64> = view
+            .nodes
+            .iter()
+            .map(|n| n.per_service.get(task.service).copied().unwrap_or(0))
+            .collect();
+        let need = task.spec.resources.reservations;
+        let mut best: Option<(Score, usize)> = None;
+        for (i, n) in view.nodes.iter().enumerate() {
+            let max_ok = task
+                .spec
+                .placement
+                .max_replicas_per_node
+                .filter(|&m| m > 0)
+                .is_none_or(|m| same[i] < m);
+            if filter::static_rejection(task.spec, n.node).is_some()
+                || !n.available().fits(&need)
+                || host_ports(task.spec).any(|p| n.host_ports.contains(&p))
+                || !max_ok
+            {
+                continue;
+            }
+            let s = score(config.strategy, n, same[i], &need);
+            if best.as_ref().is_none_or(|(b, _)| s < *b) {
+                best = Some((s, i));
+            }
+        }
+        match best {
+            Some((_, i)) => {
+                let node = view.nodes[i].node.id.clone();
+                view.place(*task, &node);
+                plan.assignments.push(Assignment {
+                    task: task.id.clone(),
+                    node,
+                });
+            }
+            None => plan.unplaced.push(Unplaced {
+                task: task.id.clone(),
+                rejections: filter::explain(&view, *task, &same),
+            }),
+        }
+    }
+    plan
+}
+
+proptest! {
+    /// The grouped, ordered-set scheduler makes the same plan as the obvious one.
+    #[test]
+    fn same_plan_as_the_reference(nodes in arb_nodes(), batch in arb_batch(), binpack in any::<bool>()) {
+        let view = ClusterView::new(&nodes, &[]).expect("view");
+        let refs: Vec<TaskRef<'_>> = batch.iter().map(TaskRef::from).collect();
+        let config = SchedulerConfig { strategy: if binpack { Scoring::Binpack } else { Scoring::Spread } };
+        prop_assert_eq!(schedule_with(&view, &refs, &config), reference_schedule(&view, &refs, &config));
+    }
+}
