@@ -143,6 +143,7 @@ fn run_case(node_count: usize, task_count: usize, budget: Duration) -> CaseResul
             id: &b.ids[t],
             service: &b.services[s],
             spec: &b.specs[s],
+            node: None,
         })
         .collect();
     let started = Instant::now();

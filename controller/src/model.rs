@@ -930,10 +930,14 @@ pub struct Task {
 }
 
 impl Task {
-    /// Whether the task holds resources and ports on its node: assigned and
-    /// not finished. A task told to shut down still holds them until it stops.
+    /// Whether the task holds resources and ports on its node: assigned by
+    /// the scheduler (state `assigned` or later) and not finished. A task told
+    /// to shut down still holds them until it stops; a global task that names
+    /// its node but is still pending does not hold them yet.
     pub fn occupies_node(&self) -> bool {
-        self.node.is_some() && !self.status.state.is_terminal()
+        self.node.is_some()
+            && self.status.state.rank() >= TaskState::Assigned.rank()
+            && !self.status.state.is_terminal()
     }
 }
 

@@ -15,6 +15,8 @@ use crate::model::{Availability, Node, NodeState, Resources, TaskTemplate};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FilterKind {
+    /// A task pinned to one node (global services) only goes there.
+    Pinned,
     /// The node's agent is ready (not down, not unknown).
     Ready,
     /// The node's availability is active (not pause or drain).
@@ -92,15 +94,26 @@ fn rejection(
     None
 }
 
-/// Counts, per filter and reason, the nodes that reject `task`, in pipeline
-/// order then by reason.
+/// Counts, per filter and reason, the `candidates` (node indexes) that reject
+/// `task`, in pipeline order then by reason. A pinned task is only explained
+/// against its own node: listing every other node as "not its node" would
+/// bury the reason that matters.
 pub(super) fn explain(
     view: &ClusterView<'_>,
     task: TaskRef<'_>,
     same_service: &[u64],
+    candidates: &[usize],
 ) -> Vec<Rejection> {
+    if let (Some(id), true) = (task.node, candidates.is_empty()) {
+        return vec![Rejection {
+            filter: FilterKind::Pinned,
+            reason: format!("its node {id} is not in the cluster"),
+            nodes: 0,
+        }];
+    }
     let mut counts: BTreeMap<(FilterKind, String), usize> = BTreeMap::new();
-    for (i, n) in view.nodes.iter().enumerate() {
+    for &i in candidates {
+        let Some(n) = view.nodes.get(i) else { continue };
         let same = same_service.get(i).copied().unwrap_or(0);
         if let Some(key) = rejection(task, n, same) {
             *counts.entry(key).or_insert(0) += 1;

@@ -48,6 +48,9 @@ pub struct TaskRef<'a> {
     pub service: &'a ServiceId,
     /// What it needs: reservations, constraints, ports.
     pub spec: &'a TaskTemplate,
+    /// The only node it may go to: a global service's task is made for one
+    /// node, and the scheduler only checks that it fits there.
+    pub node: Option<&'a NodeId>,
 }
 
 impl<'a> From<&'a Task> for TaskRef<'a> {
@@ -56,6 +59,7 @@ impl<'a> From<&'a Task> for TaskRef<'a> {
             id: &task.id,
             service: &task.service,
             spec: &task.spec,
+            node: task.node.as_ref(),
         }
     }
 }
@@ -179,7 +183,8 @@ pub struct Rejection {
     pub filter: FilterKind,
     /// What that filter found, e.g. `constraint node.labels.zone==eu failed`.
     pub reason: String,
-    /// How many nodes it rejected for this reason.
+    /// How many nodes it rejected for this reason (0 when the reason is not
+    /// about nodes at all, e.g. a pinned node missing from the cluster).
     pub nodes: usize,
 }
 
@@ -210,8 +215,11 @@ impl fmt::Display for Unplaced {
             if i > 0 {
                 f.write_str("; ")?;
             }
-            let s = if r.nodes == 1 { "" } else { "s" };
-            write!(f, "{} ({} node{s})", r.reason, r.nodes)?;
+            match r.nodes {
+                0 => f.write_str(&r.reason)?,
+                1 => write!(f, "{} (1 node)", r.reason)?,
+                n => write!(f, "{} ({n} nodes)", r.reason)?,
+            }
         }
         Ok(())
     }
@@ -235,7 +243,7 @@ pub fn schedule(view: &ClusterView<'_>, tasks: &[TaskRef<'_>]) -> Plan {
 ///
 /// Each task goes to the best-scoring node that passes every filter, and the
 /// working view is updated before the next task. Consecutive tasks with the
-/// same service and spec form a group that shares the work that does not
+/// same service, spec and node (if pinned) form a group that shares the work that does not
 /// change within a batch (node state, availability, constraints), which keeps
 /// a 10,000-task deploy on thousands of nodes fast; once one task of a group
 /// cannot be placed, neither can the rest of it, and they share its reasons.
@@ -251,7 +259,9 @@ pub fn schedule_with(
         let first = tasks[start];
         let end = tasks[start..]
             .iter()
-            .position(|t| t.service != first.service || t.spec != first.spec)
+            .position(|t| {
+                t.service != first.service || t.node != first.node || t.spec != first.spec
+            })
             .map_or(tasks.len(), |p| start + p);
         place_group(&mut view, &tasks[start..end], config, &mut plan);
         start = end;
@@ -259,7 +269,7 @@ pub fn schedule_with(
     plan
 }
 
-/// Places tasks that share a service and a spec.
+/// Places tasks that share a service, a spec and a pinned node (if any).
 fn place_group(
     view: &mut ClusterView<'_>,
     group: &[TaskRef<'_>],
@@ -274,11 +284,15 @@ fn place_group(
     let need = spec.resources.reservations;
     let ports: Vec<(Protocol, u16)> = host_ports(spec).collect();
     let max_per_node = spec.placement.max_replicas_per_node.filter(|&m| m > 0);
-    let mut same_service: Vec<u64> = view
-        .nodes
-        .iter()
-        .map(|n| n.per_service.get(service).copied().unwrap_or(0))
-        .collect();
+    // The nodes this group may use: all, or the one it is pinned to.
+    let candidates: Vec<usize> = match first.node {
+        None => (0..view.nodes.len()).collect(),
+        Some(id) => view.index_of(id).into_iter().collect(),
+    };
+    let mut same_service = vec![0u64; view.nodes.len()];
+    for &i in &candidates {
+        same_service[i] = view.nodes[i].per_service.get(service).copied().unwrap_or(0);
+    }
     let fits = |n: &NodeInfo<'_>, same: u64| {
         n.available().fits(&need)
             && !ports.iter().any(|p| n.host_ports.contains(p))
@@ -289,10 +303,9 @@ fn place_group(
     // set updated at that node gives the same choice as rescanning every node
     // for every task, in O(log nodes) per task. The node index (nodes are
     // sorted by id) breaks ties.
-    let mut ranked: BTreeSet<(Score, usize)> = view
-        .nodes
+    let mut ranked: BTreeSet<(Score, usize)> = candidates
         .iter()
-        .enumerate()
+        .map(|&i| (i, &view.nodes[i]))
         .filter(|&(i, n)| {
             filter::static_rejection(spec, n.node).is_none() && fits(n, same_service[i])
         })
@@ -301,7 +314,7 @@ fn place_group(
 
     for (k, task) in group.iter().enumerate() {
         let Some((_, i)) = ranked.pop_first() else {
-            let rejections = filter::explain(view, *task, &same_service);
+            let rejections = filter::explain(view, *task, &same_service, &candidates);
             for rest in &group[k..] {
                 plan.unplaced.push(Unplaced {
                     task: rest.id.clone(),

@@ -179,6 +179,9 @@ fn running() -> TaskState {
 #[serde(deny_unknown_fields)]
 struct FixtureBatch {
     service: String,
+    /// Pins the tasks to one node, as a global service's tasks are.
+    #[serde(default)]
+    node: Option<String>,
     #[serde(default)]
     ids: Vec<String>,
     #[serde(default)]
@@ -287,7 +290,7 @@ fn run_scheduler_fixture(text: &str) -> String {
             batch.push(task(
                 &id,
                 &b.service,
-                None,
+                b.node.as_deref(),
                 TaskState::Pending,
                 spec.clone(),
             ));
@@ -483,14 +486,22 @@ fn arb_spec() -> impl Strategy<Value = TaskTemplate> {
 
 /// A batch: a few services, each a spec and a number of tasks.
 fn arb_batch() -> impl Strategy<Value = Vec<Task>> {
-    prop::collection::vec((arb_spec(), 1usize..15), 1..4).prop_map(|groups| {
+    // Some groups are pinned to a node (global services), sometimes to one
+    // that does not exist.
+    let group = (
+        arb_spec(),
+        1usize..15,
+        prop::option::weighted(0.2, 0usize..14),
+    );
+    prop::collection::vec(group, 1..4).prop_map(|groups| {
         let mut tasks = Vec::new();
-        for (g, (spec, count)) in groups.into_iter().enumerate() {
+        for (g, (spec, count, pin)) in groups.into_iter().enumerate() {
+            let pin = pin.map(|n| format!("n{n:03}"));
             for i in 0..count {
                 tasks.push(task(
                     &format!("s{g}.{i}"),
                     &format!("s{g}"),
-                    None,
+                    pin.as_deref(),
                     TaskState::Pending,
                     spec.clone(),
                 ));
@@ -520,6 +531,9 @@ proptest! {
                 let t = by_id[&a.task];
                 let node = nodes.iter().find(|n| n.id == a.node).expect("assigned to a known node");
                 prop_assert!(node.takes_new_tasks());
+                if let Some(pinned) = &t.node {
+                    prop_assert_eq!(pinned, &node.id);
+                }
                 for c in &t.spec.placement.constraints {
                     prop_assert!(c.matches(node), "{} on {}", c, node.id);
                 }
@@ -537,7 +551,13 @@ proptest! {
             }
             for u in &plan.unplaced {
                 let total: usize = u.rejections.iter().map(|r| r.nodes).sum();
-                prop_assert_eq!(total, nodes.len(), "every node is accounted for");
+                match &by_id[&u.task].node {
+                    None => prop_assert_eq!(total, nodes.len(), "every node is accounted for"),
+                    Some(pinned) => {
+                        let present = nodes.iter().any(|n| &n.id == pinned);
+                        prop_assert_eq!(total, usize::from(present), "only its own node counts");
+                    }
+                }
             }
         }
     }
@@ -605,8 +625,12 @@ fn reference_schedule(
             .map(|n| n.per_service.get(task.service).copied().unwrap_or(0))
             .collect();
         let need = task.spec.resources.reservations;
+        let all: Vec<usize> = (0..view.nodes.len())
+            .filter(|&i| task.node.is_none_or(|p| &view.nodes[i].node.id == p))
+            .collect();
         let mut best: Option<(Score, usize)> = None;
-        for (i, n) in view.nodes.iter().enumerate() {
+        for &i in &all {
+            let n = &view.nodes[i];
             let max_ok = task
                 .spec
                 .placement
@@ -636,7 +660,7 @@ fn reference_schedule(
             }
             None => plan.unplaced.push(Unplaced {
                 task: task.id.clone(),
-                rejections: filter::explain(&view, *task, &same),
+                rejections: filter::explain(&view, *task, &same, &all),
             }),
         }
     }
