@@ -488,7 +488,8 @@ pub enum ConstraintKey {
 
 /// A placement constraint such as `node.labels.zone==eu`.
 ///
-/// Matching follows swarmkit: values compare case-insensitively, and a
+/// Matching follows swarmkit: values compare case-insensitively (label keys
+/// exactly), and a
 /// `node.labels.KEY != value` constraint is satisfied by a node without that
 /// label. Serialized as the text the operator wrote.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

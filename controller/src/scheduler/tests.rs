@@ -677,3 +677,57 @@ proptest! {
         prop_assert_eq!(schedule_with(&view, &refs, &config), reference_schedule(&view, &refs, &config));
     }
 }
+
+proptest! {
+    /// Across passes: what an earlier pass placed (now running, or finished
+    /// and so holding nothing) is counted, and a second pass still never
+    /// overcommits a node or reuses a host port.
+    #[test]
+    fn second_pass_counts_the_first(
+        nodes in arb_nodes(),
+        first in arb_batch(),
+        second in arb_batch(),
+        finished in prop::collection::vec(any::<bool>(), 64),
+    ) {
+        let view = ClusterView::new(&nodes, &[]).expect("view");
+        let refs: Vec<TaskRef<'_>> = first.iter().map(TaskRef::from).collect();
+        let plan = schedule(&view, &refs);
+        let placed: HashMap<&TaskId, &NodeId> = plan.assignments.iter().map(|a| (&a.task, &a.node)).collect();
+        let existing: Vec<Task> = first
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| {
+                let node = placed.get(&t.id)?;
+                let mut t = t.clone();
+                t.id = TaskId::new(format!("old.{}", t.id)).expect("valid");
+                t.node = Some((*node).clone());
+                t.status.state = if finished[i % finished.len()] { TaskState::Complete } else { TaskState::Running };
+                Some(t)
+            })
+            .collect();
+        let view = ClusterView::new(&nodes, &existing).expect("view");
+        let refs: Vec<TaskRef<'_>> = second.iter().map(TaskRef::from).collect();
+        let plan = schedule(&view, &refs);
+        let by_id: HashMap<&TaskId, &Task> = second.iter().map(|t| (&t.id, t)).collect();
+        let mut reserved: HashMap<&NodeId, Resources> = HashMap::new();
+        let mut ports: HashSet<(&NodeId, Protocol, u16)> = HashSet::new();
+        for t in existing.iter().filter(|t| t.occupies_node()) {
+            let node = t.node.as_ref().expect("placed");
+            let r = reserved.entry(node).or_default();
+            *r = r.saturating_add(&t.spec.resources.reservations);
+            for p in host_ports(&t.spec) {
+                ports.insert((node, p.0, p.1));
+            }
+        }
+        for a in &plan.assignments {
+            let t = by_id[&a.task];
+            let node = nodes.iter().find(|n| n.id == a.node).expect("known node");
+            let r = reserved.entry(&node.id).or_default();
+            *r = r.saturating_add(&t.spec.resources.reservations);
+            prop_assert!(node.status.resources.fits(r), "overcommitted {}", node.id);
+            for p in host_ports(&t.spec) {
+                prop_assert!(ports.insert((&node.id, p.0, p.1)), "port {:?} twice on {}", p, node.id);
+            }
+        }
+    }
+}
