@@ -232,7 +232,11 @@ fn main() {
             r.rate(r.p95)
         ));
     }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench-results");
+    // The workspace root is the controller crate's parent.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."));
+    let dir = root.join("bench-results");
     let written = std::fs::create_dir_all(&dir)
         .and_then(|()| {
             std::fs::write(
