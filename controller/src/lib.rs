@@ -6,6 +6,10 @@
 //! its final shape and the `gantry` binary can wire every role from day one.
 #![deny(missing_docs)]
 
+pub mod model;
+pub mod orchestrator;
+pub mod scheduler;
+
 /// The role name that `gantry controller` reports in logs and status output.
 pub const ROLE: &str = "controller";
 
