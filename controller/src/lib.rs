@@ -1,11 +1,18 @@
 //! Gantry's controller.
 //!
 //! The controller holds the cluster's desired state (nodes, services, tasks),
-//! replicates it, and turns it into task assignments for agents. It is built
-//! by the control-plane issue; this crate exists now so that the workspace has
-//! its final shape and the `gantry` binary can wire every role from day one.
+//! replicates it, and turns it into task assignments for agents.
+//!
+//! - [`compose`]: a Compose file → a normalized [`compose::Stack`], and stack diffs.
+//! - [`model`]: the typed cluster objects (nodes, services, tasks).
+//! - [`scheduler`]: the pure filter → score pipeline that places tasks on nodes.
+//! - [`orchestrator`]: the pure reconcilers that turn services into task actions.
+//!
+//! Invariant: the scheduler, the orchestrators and the Compose loader do no
+//! I/O (the loader reads `.env`/`env_file` only through `ProjectFiles`) and
+//! use no clock or randomness; the thin executor that commits their results
+//! comes with the control plane.
 #![deny(missing_docs)]
-
 pub mod model;
 pub mod orchestrator;
 pub mod scheduler;
