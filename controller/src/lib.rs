@@ -13,11 +13,10 @@
 //! use no clock or randomness; the thin executor that commits their results
 //! comes with the control plane.
 #![deny(missing_docs)]
+pub mod compose;
 pub mod model;
 pub mod orchestrator;
 pub mod scheduler;
 
 /// The role name that `gantry controller` reports in logs and status output.
 pub const ROLE: &str = "controller";
-
-pub mod compose;
