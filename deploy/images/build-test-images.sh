@@ -43,10 +43,14 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
-BUSYBOX=/bin/busybox
-if ! dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed'; then
+# Any static busybox will do (BUSYBOX=path to choose one); Debian's
+# busybox-static is installed when there is none.
+BUSYBOX=${BUSYBOX:-/bin/busybox}
+if ! { [[ -x $BUSYBOX ]] && ! ldd "$BUSYBOX" >/dev/null 2>&1; }; then
     echo "installing busybox-static" >&2
-    apt-get install -y --no-install-recommends busybox-static >&2
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox-static >&2
+    BUSYBOX=/bin/busybox
 fi
 [[ -x $BUSYBOX ]] || { echo "$BUSYBOX is missing after installing busybox-static" >&2; exit 1; }
 

@@ -121,8 +121,16 @@ impl Ctr {
         }
     }
 
+    /// The container's cgroup directory: in the pids hierarchy on cgroup v1,
+    /// the one unified directory on v2.
     fn cgroup_dir(&self) -> PathBuf {
-        PathBuf::from("/sys/fs/cgroup/pids/gantry").join(&self.id)
+        use gantry_agent::engine::cgroups::{CgroupRoot, CgroupVersion};
+        let root = CgroupRoot::detect().expect("detect the host's cgroup layout");
+        let base = match root.version {
+            CgroupVersion::V1 => root.path.join("pids/gantry"),
+            CgroupVersion::V2 => root.path.join("gantry"),
+        };
+        base.join(&self.id)
     }
 
     fn exec(&self, extra: &[&str], args: &[&str]) -> (i32, String) {
