@@ -376,11 +376,17 @@ fn extract_archive(path: &Path, dest: &Path) -> Result<(), ImageError> {
         .entries()
         .map_err(|e| bad(format!("not a tar archive: {e}")))?
     {
-        let mut entry = entry.map_err(|e| bad(format!("malformed tar: {e}")))?;
+        let mut entry = entry.map_err(|e| {
+            if entries == 0 {
+                bad("not an OCI layout directory, OCI archive or docker save archive".into())
+            } else {
+                bad(format!("malformed tar: {}", tar_error_summary(&e)))
+            }
+        })?;
         entries += 1;
         let raw = entry
             .path()
-            .map_err(|e| bad(format!("malformed tar: {e}")))?
+            .map_err(|e| bad(format!("malformed tar: {}", tar_error_summary(&e))))?
             .into_owned();
         let name = raw.display().to_string();
         let Some(rel) = clean_entry_path(&raw, &name).map_err(|e| bad(e.to_string()))? else {
@@ -475,6 +481,18 @@ fn normalize_within(base: &Path, link: &Path) -> Option<PathBuf> {
         }
     }
     Some(parts.iter().collect::<PathBuf>()).filter(|p| !p.as_os_str().is_empty())
+}
+
+/// The tar crate's errors may quote raw header bytes (whole lines of a file
+/// that is not a tar at all): keep the first line, bounded, for a readable
+/// message.
+fn tar_error_summary(err: &std::io::Error) -> String {
+    let text = err.to_string();
+    let line = text.lines().next().unwrap_or_default();
+    match line.char_indices().nth(120) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line.to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -307,6 +307,11 @@ fn usage(err: SpecError) -> anyhow::Error {
     UsageError(err.to_string()).into()
 }
 
+/// A bad flag value: the error names the flag, as `--memory: invalid size …`.
+fn flag_usage(flag: &'static str) -> impl Fn(SpecError) -> anyhow::Error {
+    move |err| UsageError(format!("{flag}: {err}")).into()
+}
+
 fn each(
     engine: &Engine,
     containers: &[String],
@@ -359,11 +364,11 @@ fn config_from(run: &RunArgs) -> anyhow::Result<ContainerConfig> {
         labels.insert(k.to_string(), v.to_string());
     }
     if let Some(signal) = &run.stop_signal {
-        spec::parse_signal(signal).map_err(usage)?;
+        spec::parse_signal(signal).map_err(flag_usage("--stop-signal"))?;
     }
     let mut log = gantry_agent::engine::logs::LogConfig::default();
     if let Some(size) = &run.log_max_size {
-        log.max_size = spec::parse_size(size).map_err(usage)?;
+        log.max_size = spec::parse_size(size).map_err(flag_usage("--log-max-size"))?;
     }
     if let Some(files) = run.log_max_files {
         log.max_files = files.max(1);
@@ -390,13 +395,13 @@ fn config_from(run: &RunArgs) -> anyhow::Result<ContainerConfig> {
                 .as_deref()
                 .map(spec::parse_size)
                 .transpose()
-                .map_err(usage)?,
+                .map_err(flag_usage("--memory"))?,
             millicpus: run
                 .cpus
                 .as_deref()
                 .map(spec::parse_cpus)
                 .transpose()
-                .map_err(usage)?,
+                .map_err(flag_usage("--cpus"))?,
             cpu_shares: run.cpu_shares,
             pids_limit: run.pids_limit,
         },
