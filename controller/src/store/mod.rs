@@ -106,6 +106,9 @@ pub enum StoreError {
     },
 }
 
+/// One logged command's result: what it changed, or why it was refused.
+pub type Applied = Result<ApplyOutcome, ApplyError>;
+
 /// Store settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StoreConfig {
@@ -131,8 +134,9 @@ impl Default for StoreConfig {
 /// The single-controller store: a [`Log`] and a [`StateMachine`] kept in
 /// step, and the [`WatchHub`] they publish to.
 ///
-/// Not `Sync` by design: one writer. Share it behind a mutex; watches do not
-/// need the store's lock.
+/// One writer: share it behind a mutex; watches do not need the store's
+/// lock. With a single voter every appended entry is committed, so this
+/// driver does not write the Raft hard state (Raft will).
 #[derive(Debug)]
 pub struct Store<L: Log = RedbLog> {
     log: L,
@@ -205,34 +209,79 @@ impl<L: Log> Store<L> {
     /// changed. A refused command is logged too (it has an index every
     /// replica agrees on) and comes back as [`StoreError::Refused`].
     pub fn propose(&mut self, command: &Command) -> Result<(u64, ApplyOutcome), StoreError> {
-        let data = command::encode(command).map_err(|source| StoreError::Encode {
-            command: command.name(),
-            source,
-        })?;
-        let index = self.log.last_index()? + 1;
-        self.log.append(&[Entry {
-            index,
-            term: SINGLE_NODE_TERM,
-            data,
-        }])?;
-        let result = self.machine.apply(index, command);
-        let outcome = match result {
+        let index = self.append(std::slice::from_ref(command))?;
+        let applied = self.apply_logged(index, command)?;
+        self.snapshot_if_due(index)?;
+        applied
+            .map(|outcome| (index, outcome))
+            .map_err(|source| StoreError::Refused { index, source })
+    }
+
+    /// Logs `commands` with one fsync (group commit), then applies each in
+    /// order. Returns, per command, its index and its outcome or refusal;
+    /// refusals do not stop the batch (each command stands alone, as if
+    /// proposed one by one).
+    pub fn propose_batch(
+        &mut self,
+        commands: &[Command],
+    ) -> Result<Vec<(u64, Applied)>, StoreError> {
+        if commands.is_empty() {
+            return Ok(Vec::new());
+        }
+        let first = self.append(commands)?;
+        let mut results = Vec::with_capacity(commands.len());
+        for (index, command) in (first..).zip(commands) {
+            results.push((index, self.apply_logged(index, command)?));
+        }
+        self.snapshot_if_due(first + commands.len() as u64 - 1)?;
+        Ok(results)
+    }
+
+    /// Appends `commands` durably after the last entry; returns the first
+    /// one's index.
+    fn append(&mut self, commands: &[Command]) -> Result<u64, StoreError> {
+        let first = self.log.last_index()? + 1;
+        let mut entries = Vec::with_capacity(commands.len());
+        for (index, command) in (first..).zip(commands) {
+            let data = command::encode(command).map_err(|source| StoreError::Encode {
+                command: command.name(),
+                source,
+            })?;
+            entries.push(Entry {
+                index,
+                term: SINGLE_NODE_TERM,
+                data,
+            });
+        }
+        self.log.append(&entries)?;
+        Ok(first)
+    }
+
+    /// Applies a logged command and publishes its events. The outer error
+    /// is fatal (the state machine and the log disagree); the inner one is a
+    /// refusal.
+    fn apply_logged(&mut self, index: u64, command: &Command) -> Result<Applied, StoreError> {
+        match self.machine.apply(index, command) {
             Ok(outcome) => {
                 self.hub.publish(index, &outcome.events);
-                Ok((index, outcome))
+                Ok(Ok(outcome))
             }
             Err(source) if source.is_refusal() => {
                 self.hub.publish(index, &[]);
-                Err(StoreError::Refused { index, source })
+                Ok(Err(source))
             }
-            Err(source) => return Err(StoreError::Apply { index, source }),
-        };
+            Err(source) => Err(StoreError::Apply { index, source }),
+        }
+    }
+
+    /// Runs [`Store::maybe_snapshot`] after the commands up to `index` were
+    /// committed, saying so if it fails.
+    fn snapshot_if_due(&mut self, index: u64) -> Result<(), StoreError> {
         self.maybe_snapshot()
             .map_err(|e| StoreError::SnapshotAfterCommit {
                 index,
                 message: e.to_string(),
-            })?;
-        outcome
+            })
     }
 
     /// Snapshots and compacts when `snapshot_every` entries have piled up.

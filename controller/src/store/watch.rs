@@ -214,9 +214,11 @@ impl WatchHub {
 
     /// A stream of every event with revision `>= from`. Fails when events
     /// from `from` onwards are no longer all retained. `from` may lie in the
-    /// future; the stream then waits for it.
+    /// future; the stream then waits for it. `from == 0` means "from now on"
+    /// (the next revision), as in etcd.
     pub fn watch(&self, from: u64) -> Result<WatchStream, WatchError> {
         let h = self.shared.lock();
+        let from = if from == 0 { h.revision + 1 } else { from };
         // A revision at or below the current one is only servable if no
         // event at or after it was evicted.
         if from < h.servable_from && from <= h.revision {
