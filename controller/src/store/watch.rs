@@ -184,10 +184,16 @@ impl WatchHub {
     }
 
     /// Forgets all history: the state was replaced by a snapshot at
-    /// `revision`, so only later revisions can be watched.
+    /// `revision`, so only later revisions can be watched, and every open
+    /// stream fails with [`WatchError::Compacted`] (conservatively, even one
+    /// that waited for a revision after the snapshot).
     pub fn reset(&self, revision: u64) {
         let mut h = self.shared.lock();
-        h.first_seq = h.next_seq();
+        // Skip one sequence number so that every open stream, even one that
+        // had read everything, finds itself behind `first_seq` and resyncs:
+        // the revisions between its position and the snapshot were never
+        // published as events.
+        h.first_seq = h.next_seq() + 1;
         h.events.clear();
         h.servable_from = revision + 1;
         h.revision = revision;
@@ -320,5 +326,60 @@ impl WatchStream {
             }
             None => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{NodeId, NodeSpec, NodeStatus};
+
+    fn ev(revision: u64, id: &str) -> Event {
+        Event {
+            revision,
+            kind: EventKind::Created,
+            object: Object::Node(Node {
+                id: NodeId::new(id).expect("valid"),
+                spec: NodeSpec::default(),
+                status: NodeStatus::default(),
+                version: revision,
+            }),
+        }
+    }
+
+    /// Evicting one event of a revision makes the whole revision unservable:
+    /// a watcher must never get half of a command's changes.
+    #[test]
+    fn eviction_inside_a_revision_compacts_all_of_it() {
+        let hub = WatchHub::new(0, 3);
+        hub.publish(1, &[ev(1, "a"), ev(1, "b")]);
+        hub.publish(2, &[ev(2, "c"), ev(2, "d")]);
+        assert_eq!(hub.oldest_watchable(), 2);
+        assert!(hub.watch(1).is_err());
+        let mut w = hub.watch(2).expect("revision 2 is whole");
+        let ids: Vec<_> = std::iter::from_fn(|| w.try_recv().ok().flatten())
+            .map(|e| e.object.id().to_string())
+            .collect();
+        assert_eq!(ids, ["c", "d"]);
+    }
+
+    /// Installing a snapshot drops history: open streams must resync.
+    #[test]
+    fn reset_forces_streams_to_resync() {
+        let hub = WatchHub::new(0, 10);
+        hub.publish(1, &[ev(1, "a")]);
+        let mut w = hub.watch(2).expect("future");
+        hub.reset(50);
+        hub.publish(51, &[ev(51, "z")]);
+        assert_eq!(
+            w.try_recv(),
+            Err(WatchError::Compacted {
+                requested: 2,
+                snapshot_at: 51
+            })
+        );
+        assert!(hub.watch(50).is_err());
+        let mut w = hub.watch(51).expect("after the snapshot");
+        assert_eq!(w.try_recv().ok().flatten().map(|e| e.revision), Some(51));
     }
 }
