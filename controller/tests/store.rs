@@ -1239,3 +1239,23 @@ fn watching_from_zero_means_from_now_on() {
     let ev = w.try_recv().expect("ok").expect("event");
     assert_eq!((ev.revision, ev.object.id()), (2, "new"));
 }
+
+/// Two controllers on one data directory would interleave their logs; the
+/// second is refused while the first holds it (redb's exclusive file lock).
+#[test]
+fn a_second_store_on_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _first = Store::open(dir.path(), StoreConfig::default()).expect("open");
+    let err = Store::open(dir.path(), StoreConfig::default())
+        .map(|_| ())
+        .expect_err("second open must fail");
+    let message = err.to_string();
+    assert!(
+        message.starts_with(&format!(
+            "log database {}",
+            dir.path().join("log.redb").display()
+        )),
+        "{message}"
+    );
+    eprintln!("second open: {message}");
+}
