@@ -325,7 +325,7 @@ impl Worker {
             removals: Vec::new(),
         };
         for (task, container) in duplicates {
-            worker.remove_container(task, container, 0);
+            worker.remove_container(task, container, 0, None);
         }
         Ok(worker)
     }
@@ -375,7 +375,8 @@ impl Worker {
             .collect();
         for id in gone {
             if let Some(task) = self.tasks.remove(&id) {
-                self.remove_container(id, task.container, task.restarts);
+                let grace = task.spec.stop_grace;
+                self.remove_container(id, task.container, task.restarts, grace);
             }
         }
         let orphans: Vec<(String, ContainerId)> = self
@@ -386,7 +387,7 @@ impl Worker {
             .collect();
         for (id, container) in orphans {
             self.adopted.remove(&id);
-            self.remove_container(id, container, 0);
+            self.remove_container(id, container, 0, None);
         }
         for (id, spec) in wanted {
             if self.tasks.contains_key(&id) {
@@ -545,7 +546,7 @@ impl Worker {
         match state {
             Ok(ContainerState::Running) => match self.engine.shim_pidfd(&container) {
                 Ok(Some(fd)) => {
-                    self.set_running(&id, fd, now);
+                    self.set_running(&id, Some(fd), now);
                     self.emit(&id, "adopted running container");
                 }
                 // It ended between the two looks.
@@ -570,33 +571,32 @@ impl Worker {
         let container = task.container.clone();
         self.engine.start(&container)?;
         let now = self.now();
-        match self.engine.shim_pidfd(&container)? {
-            Some(fd) => {
-                self.set_running(id, fd, now);
-                let restarts = self.tasks.get(id).map_or(0, |t| t.restarts);
-                self.emit(
-                    id,
-                    if restarts == 0 {
-                        "started".to_string()
-                    } else {
-                        format!("restarted ({restarts})")
-                    },
-                );
-            }
-            // It already ended: handle it as any exit.
-            None => {
-                if let Some(task) = self.tasks.get_mut(id) {
-                    task.started = now;
-                }
-                self.on_exit(id);
-            }
+        let pidfd = self.engine.shim_pidfd(&container)?;
+        self.set_running(id, pidfd, now);
+        let restarts = self.tasks.get(id).map_or(0, |t| t.restarts);
+        self.emit(
+            id,
+            if restarts == 0 {
+                "started".to_string()
+            } else {
+                format!("restarted ({restarts})")
+            },
+        );
+        if matches!(self.tasks.get(id), Some(t) if !matches!(t.phase, Phase::Running(_))) {
+            // It ended before its shim could be watched: handle it as any exit.
+            self.on_exit(id);
         }
         Ok(())
     }
 
-    fn set_running(&mut self, id: &str, fd: OwnedFd, now: Duration) {
+    /// Marks the task's container started at `now`, watched through `fd`
+    /// (`None`: it already ended, and the caller handles the exit).
+    fn set_running(&mut self, id: &str, fd: Option<OwnedFd>, now: Duration) {
         if let Some(task) = self.tasks.get_mut(id) {
-            task.phase = Phase::Running(fd);
+            task.phase = match fd {
+                Some(fd) => Phase::Running(fd),
+                None => Phase::Done,
+            };
             task.state = TaskState::Running;
             task.started = now;
             task.probing = None;
@@ -870,10 +870,15 @@ impl Worker {
 
     /// Stops and removes a container in the background; `shutdown` is
     /// reported once it is gone.
-    fn remove_container(&mut self, task_id: String, container: ContainerId, restarts: u32) {
+    fn remove_container(
+        &mut self,
+        task_id: String,
+        container: ContainerId,
+        restarts: u32,
+        grace: Option<Duration>,
+    ) {
         let engine = self.engine.clone();
         let c = container.clone();
-        let grace = self.tasks.get(&task_id).and_then(|t| t.spec.stop_grace);
         let thread = std::thread::Builder::new()
             .name("gantry-remove".into())
             .spawn(move || {
