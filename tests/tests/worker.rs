@@ -8,7 +8,7 @@
 
 use gantry_agent::engine::container::{ContainerId, ContainerState, Engine, EngineConfig};
 use gantry_agent::paths::DataDir;
-use gantry_agent::worker::health::{HealthCheck, HealthStatus, Probe};
+use gantry_agent::worker::health::{HealthCheck, HealthSetting, HealthStatus, Probe};
 use gantry_agent::worker::restart::RestartPolicy;
 use gantry_agent::worker::{Control, TaskSpec, TaskState, TaskStatus, Worker, WorkerConfig};
 use gantry_tests::bundle::{APPLETS, HOST_BUSYBOX, busybox_available};
@@ -22,6 +22,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const IMAGE: &str = "gtest/busybox:latest";
+/// The same with a HEALTHCHECK: `test -f /tmp/ok` every 200 ms, 1 retry.
+const CHECKED_IMAGE: &str = "gtest/checked:latest";
 
 fn prerequisites() -> Option<&'static str> {
     if !nix::unistd::Uid::effective().is_root() {
@@ -99,7 +101,7 @@ fn busybox_layer() -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-/// Writes an OCI layout holding [`IMAGE`] into `dir`.
+/// Writes an OCI layout holding [`IMAGE`] and [`CHECKED_IMAGE`] into `dir`.
 fn write_layout(dir: &Path) {
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
@@ -112,28 +114,40 @@ fn write_layout(dir: &Path) {
     let diff_id = digest(&layer);
     let gz = gzip(&layer);
     let layer_digest = put(&gz);
-    let config = serde_json::to_vec(&json!({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Cmd": ["sh"], "Env": ["PATH=/bin"]},
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-    }))
-    .unwrap();
-    let config_digest = put(&config);
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": config_digest, "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": layer_digest, "size": gz.len()}],
-    }))
-    .unwrap();
-    let index = json!({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": put(&manifest), "size": manifest.len(),
-        "platform": {"architecture": "amd64", "os": "linux"},
-        "annotations": {"org.opencontainers.image.ref.name": IMAGE},
-    }]});
+    let mut manifests = Vec::new();
+    for (name, config) in [
+        (IMAGE, json!({"Cmd": ["sh"], "Env": ["PATH=/bin"]})),
+        (
+            CHECKED_IMAGE,
+            json!({"Cmd": ["sh"], "Env": ["PATH=/bin"], "Healthcheck": {
+                "Test": ["CMD-SHELL", "test -f /tmp/ok"],
+                "Interval": 200_000_000u64, "Timeout": 5_000_000_000u64, "Retries": 1
+            }}),
+        ),
+    ] {
+        let config = serde_json::to_vec(&json!({
+            "architecture": "amd64", "os": "linux", "config": config,
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }))
+        .unwrap();
+        let config_digest = put(&config);
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": config_digest, "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                        "digest": layer_digest, "size": gz.len()}],
+        }))
+        .unwrap();
+        manifests.push(json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": put(&manifest), "size": manifest.len(),
+            "platform": {"architecture": "amd64", "os": "linux"},
+            "annotations": {"org.opencontainers.image.ref.name": name},
+        }));
+    }
+    let index = json!({"schemaVersion": 2, "manifests": manifests});
     std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
     std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
 }
@@ -298,7 +312,7 @@ fn task(id: &str, script: &str, restart: RestartPolicy) -> TaskSpec {
         mounts: Vec::new(),
         resources: Default::default(),
         restart,
-        health: None,
+        health: HealthSetting::FromImage,
         network: Default::default(),
         stop_grace: Some(Duration::from_secs(1)),
         labels: Default::default(),
@@ -428,14 +442,14 @@ fn failing_exec_health_check_makes_the_task_unhealthy_and_restarts_it() {
         "exec sleep 1000",
         RestartPolicy::always(),
     );
-    sick.health = Some(check("echo not ready; test -f /tmp/ok"));
+    sick.health = HealthSetting::Check(check("echo not ready; test -f /tmp/ok"));
     let mut well = task(
         "task3wellabcdef",
         "touch /tmp/ok; exec sleep 1000",
         RestartPolicy::always(),
     );
     well.service = "api".into();
-    well.health = Some(check("test -f /tmp/ok"));
+    well.health = HealthSetting::Check(check("test -f /tmp/ok"));
     node.apply(vec![sick, well], 1);
     node.expect(WAIT, |s| {
         s.task_id == "task3wellabcdef" && s.health == Some(HealthStatus::Healthy)
@@ -470,7 +484,7 @@ fn exec_probe_timeout_kills_the_probe() {
     require!();
     let mut node = Node::new();
     let mut slow = task("task4slowabcdef", "exec sleep 1000", RestartPolicy::never());
-    slow.health = Some(HealthCheck {
+    slow.health = HealthSetting::Check(HealthCheck {
         interval: Duration::from_millis(100),
         timeout: Duration::from_millis(300),
         retries: 1,
@@ -516,7 +530,7 @@ fn tcp_and_http_probes_reach_the_container() {
         "exec httpd -f -p 8080 -h /srv",
         RestartPolicy::always(),
     );
-    http.health = Some(probe_check(Probe::Http {
+    http.health = HealthSetting::Check(probe_check(Probe::Http {
         port: 8080,
         path: "/index.html".into(),
     }));
@@ -526,7 +540,7 @@ fn tcp_and_http_probes_reach_the_container() {
         RestartPolicy::always(),
     );
     tcp.service = "db".into();
-    tcp.health = Some(probe_check(Probe::Tcp { port: 5432 }));
+    tcp.health = HealthSetting::Check(probe_check(Probe::Tcp { port: 5432 }));
     node.apply(vec![http, tcp], 1);
     node.expect(WAIT, |s| {
         s.task_id == "task5httpabcdef" && s.health == Some(HealthStatus::Healthy)
@@ -633,4 +647,41 @@ fn a_new_worker_adopts_running_containers_without_restarting_them() {
     node.expect(WAIT, |s| {
         s.task_id == "task8keepabcdef" && s.state == TaskState::Running && s.restarts == 1
     });
+}
+
+#[test]
+fn the_image_healthcheck_applies_unless_the_spec_disables_it() {
+    require!();
+    let mut node = Node::new();
+    let mut good = task(
+        "task9goodabcdef",
+        "touch /tmp/ok; exec sleep 1000",
+        RestartPolicy::always(),
+    );
+    good.image = CHECKED_IMAGE.into();
+    let mut bad = task("task9badabcdefg", "exec sleep 1000", RestartPolicy::never());
+    bad.image = CHECKED_IMAGE.into();
+    bad.slot = 2;
+    let mut off = task(
+        "task9offabcdefg",
+        "exec sleep 1000",
+        RestartPolicy::always(),
+    );
+    off.image = CHECKED_IMAGE.into();
+    off.slot = 3;
+    off.health = HealthSetting::Disabled;
+    node.apply(vec![good, bad, off], 1);
+    node.expect(WAIT, |s| {
+        s.task_id == "task9goodabcdef" && s.health == Some(HealthStatus::Healthy)
+    });
+    node.expect(WAIT, |s| {
+        s.task_id == "task9badabcdefg" && s.health == Some(HealthStatus::Unhealthy)
+    });
+    node.expect(WAIT, is("task9badabcdefg", TaskState::Failed));
+    assert!(
+        node.seen
+            .iter()
+            .filter(|s| s.task_id == "task9offabcdefg")
+            .all(|s| s.health.is_none())
+    );
 }

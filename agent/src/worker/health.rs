@@ -136,6 +136,65 @@ impl HealthCheck {
     }
 }
 
+/// Which health check a task runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthSetting {
+    /// The image's HEALTHCHECK, if it has one (Docker's default).
+    #[default]
+    FromImage,
+    /// None, even if the image has one (Compose's `disable: true`).
+    Disabled,
+    /// This one, instead of the image's.
+    Check(HealthCheck),
+}
+
+/// The HEALTHCHECK of a Docker image config (`config.Healthcheck`: `Test`,
+/// and `Interval`, `Timeout`, `StartPeriod` in nanoseconds, `Retries`;
+/// zero or absent is Docker's default). `None` when the image has none or
+/// says `NONE`.
+pub fn from_image_config(config: &serde_json::Value) -> Result<Option<HealthCheck>, HealthError> {
+    let Some(hc) = config
+        .pointer("/config/Healthcheck")
+        .filter(|v| !v.is_null())
+    else {
+        return Ok(None);
+    };
+    let test: Vec<String> = hc
+        .get("Test")
+        .and_then(|t| t.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    if test.is_empty() {
+        // Docker: an empty test inherits the (absent) parent's: no check.
+        return Ok(None);
+    }
+    let Some(probe) = Probe::from_docker_test(&test)? else {
+        return Ok(None);
+    };
+    let nanos = |key: &str, default: Duration| {
+        hc.get(key)
+            .and_then(|v| v.as_u64())
+            .filter(|n| *n > 0)
+            .map_or(default, Duration::from_nanos)
+    };
+    Ok(Some(HealthCheck {
+        probe,
+        interval: nanos("Interval", DEFAULT_INTERVAL),
+        timeout: nanos("Timeout", DEFAULT_TIMEOUT),
+        start_period: nanos("StartPeriod", Duration::ZERO),
+        retries: hc
+            .get("Retries")
+            .and_then(|v| v.as_u64())
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0),
+    }))
+}
+
 /// A task's health, as `docker inspect` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -614,6 +673,32 @@ mod tests {
         );
         assert!(Probe::from_docker_test(&v(&["CMD"])).is_err());
         assert!(Probe::from_docker_test(&[]).is_err());
+    }
+
+    #[test]
+    fn image_healthchecks_parse() {
+        let config = serde_json::json!({"config": {"Healthcheck": {
+            "Test": ["CMD-SHELL", "wget -q -O- localhost"],
+            "Interval": 5_000_000_000u64, "Retries": 4
+        }}});
+        let check = from_image_config(&config).unwrap().unwrap();
+        assert_eq!(
+            check.probe,
+            Probe::Exec(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "wget -q -O- localhost".into()
+            ])
+        );
+        assert_eq!(check.interval, s(5));
+        assert_eq!(check.timeout, DEFAULT_TIMEOUT);
+        assert_eq!((check.retries, check.start_period), (4, Duration::ZERO));
+        let none = serde_json::json!({"config": {"Healthcheck": {"Test": ["NONE"]}}});
+        assert_eq!(from_image_config(&none), Ok(None));
+        assert_eq!(
+            from_image_config(&serde_json::json!({"config": {}})),
+            Ok(None)
+        );
     }
 
     #[test]

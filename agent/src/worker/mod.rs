@@ -32,7 +32,9 @@ pub mod restart;
 use crate::engine::container::{ContainerError, ContainerId, ContainerState, Engine};
 use crate::engine::spec::{ContainerConfig, MountConfig, NetworkMode, ResourceConfig};
 use crate::paths::DataDir;
-use health::{ExecProbe, HealthCheck, HealthState, HealthStatus, ProbeResult, ProbeTarget};
+use health::{
+    ExecProbe, HealthCheck, HealthSetting, HealthState, HealthStatus, ProbeResult, ProbeTarget,
+};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use restart::{Decision, Exit, RestartPolicy, Run};
 use serde::{Deserialize, Serialize};
@@ -105,9 +107,8 @@ pub struct TaskSpec {
     pub resources: ResourceConfig,
     /// The restart policy, applied here.
     pub restart: RestartPolicy,
-    /// The health check; `None` runs none (the image's HEALTHCHECK is for
-    /// the conversion from the model to fill in).
-    pub health: Option<HealthCheck>,
+    /// The health check: the image's by default.
+    pub health: HealthSetting,
     /// The network namespace.
     pub network: NetworkMode,
     /// Time between the stop signal and SIGKILL; the engine's 10 s when unset.
@@ -265,6 +266,8 @@ struct Task {
     started: Duration,
     restarts: u32,
     exit_code: Option<i32>,
+    /// The check in effect (the spec's or the image's).
+    check: Option<HealthCheck>,
     health: Option<HealthState>,
     next_probe: Option<Duration>,
     probing: Option<Probing>,
@@ -503,6 +506,7 @@ impl Worker {
             started: now,
             restarts: 0,
             exit_code: None,
+            check: self.check_for(&spec),
             health: None,
             next_probe: None,
             probing: None,
@@ -535,6 +539,7 @@ impl Worker {
                 started: now,
                 restarts: 0,
                 exit_code: None,
+                check: self.check_for(&spec),
                 health: None,
                 next_probe: None,
                 probing: None,
@@ -560,6 +565,38 @@ impl Worker {
             }
             Ok(ContainerState::Exited | ContainerState::Dead) => self.on_exit(&id),
             Err(e) => self.fail(&id, format!("adopt: {e}")),
+        }
+    }
+
+    /// The health check a task runs: its own, else its image's (read from
+    /// the image config, which the OCI types do not carry). An image whose
+    /// check cannot be read runs none, with a warning: a task must not fail
+    /// to start over its image's optional metadata.
+    fn check_for(&self, spec: &TaskSpec) -> Option<HealthCheck> {
+        match &spec.health {
+            HealthSetting::Disabled => None,
+            HealthSetting::Check(check) => Some(check.clone()),
+            HealthSetting::FromImage => {
+                let images = self.engine.images();
+                let config = images
+                    .resolve(&spec.image)
+                    .and_then(|image| Ok(images.blobs().read(&image.id)?))
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| {
+                        serde_json::from_slice::<serde_json::Value>(&bytes)
+                            .map_err(|e| e.to_string())
+                    })
+                    .and_then(|config| {
+                        health::from_image_config(&config).map_err(|e| e.to_string())
+                    });
+                match config {
+                    Ok(check) => check,
+                    Err(e) => {
+                        tracing::warn!(task = %spec.task_id, image = %spec.image, "image healthcheck: {e}");
+                        None
+                    }
+                }
+            }
         }
     }
 
@@ -600,8 +637,8 @@ impl Worker {
             task.state = TaskState::Running;
             task.started = now;
             task.probing = None;
-            task.health = task.spec.health.as_ref().map(|_| HealthState::new(now));
-            task.next_probe = task.spec.health.as_ref().map(|h| now + h.interval);
+            task.health = task.check.as_ref().map(|_| HealthState::new(now));
+            task.next_probe = task.check.as_ref().map(|h| now + h.interval);
         }
     }
 
@@ -760,12 +797,9 @@ impl Worker {
             data_dir: self.config.data_dir.root().to_path_buf(),
         };
         for task in self.tasks.values_mut() {
-            let (Some(check), Some(at), None, Phase::Running(_)) = (
-                &task.spec.health,
-                task.next_probe,
-                &task.probing,
-                &task.phase,
-            ) else {
+            let (Some(check), Some(at), None, Phase::Running(_)) =
+                (&task.check, task.next_probe, &task.probing, &task.phase)
+            else {
                 continue;
             };
             if at > now || task.stopping_unhealthy.is_some() {
@@ -819,7 +853,7 @@ impl Worker {
             });
             // A probe of a container that ended since is moot.
             let (Some(check), Some(health), Phase::Running(_)) =
-                (&task.spec.health, &mut task.health, &task.phase)
+                (&task.check, &mut task.health, &task.phase)
             else {
                 continue;
             };
