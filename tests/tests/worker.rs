@@ -417,7 +417,6 @@ fn crash_loop_backs_off() {
     // Each wait doubles: the later gaps are clearly longer than the first.
     assert!(gaps[4] > gaps[0] + Duration::from_millis(500), "{gaps:?}");
     assert!(gaps[4] > gaps[2], "{gaps:?}");
-    assert!(gaps[3] > gaps[1], "{gaps:?}");
     let backoffs: Vec<&str> = node
         .seen
         .iter()

@@ -68,9 +68,6 @@ pub enum WorkerError {
     /// Waiting on the shims failed.
     #[error("poll on task pidfds: {0}")]
     Poll(#[source] nix::Error),
-    /// A task id is too short to name its container.
-    #[error("task id {0:?} is invalid: it must be at least 2 characters of [a-zA-Z0-9_.-]")]
-    InvalidTaskId(String),
 }
 
 /// What the controller asks this node to run: one task.
@@ -272,7 +269,15 @@ struct Task {
     next_probe: Option<Duration>,
     probing: Option<Probing>,
     /// A stop is in flight because the task turned unhealthy.
-    stopping_unhealthy: Option<JoinHandle<()>>,
+    stopping_unhealthy: Option<UnhealthyStop>,
+}
+
+/// The stop of a task that turned unhealthy.
+enum UnhealthyStop {
+    /// [`Engine::stop`] runs on this thread.
+    InFlight(JoinHandle<Result<(), ContainerError>>),
+    /// It returned; the exit is on its way through the pidfd.
+    Stopped,
 }
 
 /// A container being stopped and removed (no longer assigned).
@@ -350,20 +355,31 @@ impl Worker {
     /// started (or adopted when their container exists), tasks no longer
     /// listed are stopped and removed. A generation not newer than the last
     /// one applied is stale and ignored: false.
-    pub fn apply(
-        &mut self,
-        assignments: Vec<TaskSpec>,
-        generation: u64,
-    ) -> Result<bool, WorkerError> {
+    ///
+    /// Never fails as a whole: a task that cannot run (no such image, an
+    /// empty task id, a name in use) is reported `rejected` and the others
+    /// run, as a Swarm agent does.
+    pub fn apply(&mut self, assignments: Vec<TaskSpec>, generation: u64) -> bool {
         if self.generation.is_some_and(|g| generation <= g) {
             tracing::debug!(generation, current = ?self.generation, "stale assignments ignored");
-            return Ok(false);
+            return false;
         }
         self.generation = Some(generation);
-        for spec in &assignments {
-            if spec.task_id.len() < 2 {
-                return Err(WorkerError::InvalidTaskId(spec.task_id.clone()));
-            }
+        let (assignments, invalid): (Vec<TaskSpec>, Vec<TaskSpec>) =
+            assignments.into_iter().partition(|s| !s.task_id.is_empty());
+        for spec in invalid {
+            self.send(TaskStatus {
+                task_id: spec.task_id,
+                container_id: None,
+                state: TaskState::Rejected,
+                exit_code: None,
+                restarts: 0,
+                health: None,
+                message: format!(
+                    "task of service {} slot {} has an empty task id",
+                    spec.service, spec.slot
+                ),
+            });
         }
         let wanted: BTreeMap<String, TaskSpec> = assignments
             .into_iter()
@@ -401,7 +417,7 @@ impl Worker {
                 None => self.create(spec),
             }
         }
-        Ok(true)
+        true
     }
 
     /// Waits up to `max_wait` for something to do (an exit, a due restart
@@ -434,6 +450,7 @@ impl Worker {
             self.on_exit(&id);
         }
         self.finish_removals();
+        self.finish_failed_stops();
         self.finish_probes();
         self.run_due();
         Ok(())
@@ -445,7 +462,7 @@ impl Worker {
             loop {
                 match control.try_recv() {
                     Ok(Control::Apply { tasks, generation }) => {
-                        self.apply(tasks, generation)?;
+                        self.apply(tasks, generation);
                     }
                     Ok(Control::Shutdown) | Err(TryRecvError::Disconnected) => {
                         self.drain();
@@ -725,17 +742,23 @@ impl Worker {
                 format!("inspect: {e}"),
             ),
         };
-        let mut exit = exit;
+        let mut unhealthy = false;
         if let Some(stop) = task.stopping_unhealthy.take() {
-            // The stop thread is done or about to be: the exit is ours.
-            let _ = stop.join();
-            // A container stopped for being unhealthy failed, whatever it
-            // exited with.
-            if exit.code == 0 {
-                exit.code = 1;
+            if let UnhealthyStop::InFlight(thread) = stop {
+                // The container ended, so the stop returns at once.
+                let _ = thread.join();
             }
+            unhealthy = true;
             message = format!("unhealthy, stopped: {message}");
         }
+        // A container stopped for being unhealthy failed, whatever it exited
+        // with (a graceful 0 after SIGTERM included); the true code is
+        // still what is reported.
+        let judged = if unhealthy && !exit.failed() {
+            Exit { code: 1, ..exit }
+        } else {
+            exit
+        };
         task.exit_code = Some(exit.code);
         task.runs.push(Run {
             started: task.started,
@@ -743,14 +766,14 @@ impl Worker {
         });
         task.next_probe = None;
         task.probing = None;
-        let decision = restart::decide(&task.spec.restart, &exit, &task.runs);
+        let decision = restart::decide(&task.spec.restart, &judged, &task.runs);
         match decision {
             Decision::Restart { after } => {
                 task.state = TaskState::Restarting;
                 task.phase = Phase::Waiting(now + after);
             }
             Decision::GiveUp { .. } => {
-                task.state = if exit.failed() {
+                task.state = if judged.failed() {
                     TaskState::Failed
                 } else {
                     TaskState::Complete
@@ -891,14 +914,45 @@ impl Worker {
         task.next_probe = None;
         let thread = std::thread::Builder::new()
             .name("gantry-stop".into())
-            .spawn(move || {
-                if let Err(e) = engine.stop(&container, grace) {
-                    tracing::warn!(%container, "stopping an unhealthy task: {e}");
-                }
-            });
+            .spawn(move || engine.stop(&container, grace));
         match thread {
-            Ok(t) => task.stopping_unhealthy = Some(t),
+            Ok(t) => task.stopping_unhealthy = Some(UnhealthyStop::InFlight(t)),
             Err(e) => tracing::warn!(task = %id, "stop thread: {e}"),
+        }
+    }
+
+    /// A stop of an unhealthy task that failed leaves it running: probing
+    /// resumes, so that it is stopped again if it stays unhealthy (or
+    /// recovers), rather than never looked at again.
+    fn finish_failed_stops(&mut self) {
+        let now = self.now();
+        let mut failed = Vec::new();
+        for (id, task) in self.tasks.iter_mut() {
+            let finished = matches!(
+                &task.stopping_unhealthy,
+                Some(UnhealthyStop::InFlight(t)) if t.is_finished()
+            );
+            if !finished {
+                continue;
+            }
+            let Some(UnhealthyStop::InFlight(stop)) = task.stopping_unhealthy.take() else {
+                continue;
+            };
+            let error = match stop.join() {
+                // Stopped: the exit is on its way through the pidfd, and
+                // must still be counted as the unhealthy stop it is.
+                Ok(Ok(())) => {
+                    task.stopping_unhealthy = Some(UnhealthyStop::Stopped);
+                    continue;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "the stop thread panicked".to_string(),
+            };
+            task.next_probe = task.check.as_ref().map(|c| now + c.interval);
+            failed.push((id.clone(), error));
+        }
+        for (id, e) in failed {
+            self.emit(&id, format!("stopping the unhealthy container: {e}"));
         }
     }
 
