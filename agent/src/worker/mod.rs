@@ -14,8 +14,11 @@
 //! started again (Docker's model, so logs and the writable layer stay), and
 //! its restart count goes up in the status. Probes and stops, which can take
 //! seconds, each run on a short-lived thread so that they never delay
-//! another task's restart; the worker never forks (containers are started by
-//! the shim, exec probes by a child `gantry`), so those threads are sound.
+//! another task's restart. The threads are sound because the worker never
+//! runs Rust code in a forked child: the engine spawns shims with
+//! `std::process::Command` (fork and exec at once), and exec probes run in
+//! a child `gantry` (see [`health::ExecProbe`]), not through the in-process
+//! [`Engine::exec`].
 //!
 //! **Invariant:** a task's state only moves forward, except that a running
 //! task may go to `restarting` and back while its restart policy allows:
