@@ -3,6 +3,8 @@
 //! - [`image`]: the content-addressed image store (import, pull, unpack, GC).
 //! - [`engine`]: the container engine (OCI runtime, cgroups, shim, containers).
 //! - [`paths`]: where all of that lives on disk.
+//! - [`worker`]: the task worker: assignments to containers, restart
+//!   policies, health checks.
 //!
 //! Invariant: nothing in this crate starts an async runtime. The OCI runtime
 //! and the shim clone container processes, which must only ever happen from a
@@ -13,3 +15,4 @@
 pub mod engine;
 pub mod image;
 pub mod paths;
+pub mod worker;
