@@ -578,6 +578,22 @@ fn hooks_get_the_state_on_stdin() {
     );
     let pid = c.pid();
     assert!(c.rt(&["start", &c.id]).status.success());
+    // `start` returns once the init is released (as runc's does); the
+    // startContainer hook then runs inside the container before the user
+    // process. Wait for what it writes before killing the container.
+    let start_hook_out = c.bundle.rootfs().join("tmp/startContainer.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read(&start_hook_out)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .is_none()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the startContainer hook wrote no state within 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     assert!(c.rt(&["delete", "--force", &c.id]).status.success());
     let read = |p: PathBuf| -> serde_json::Value {
         serde_json::from_slice(
