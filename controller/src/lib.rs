@@ -7,6 +7,7 @@
 //! - [`model`]: the typed cluster objects (nodes, services, tasks).
 //! - [`scheduler`]: the pure filter → score pipeline that places tasks on nodes.
 //! - [`orchestrator`]: the pure reconcilers that turn services into task actions.
+//! - [`wire`]: conversions between the model and the `gantry.v1` protobuf types.
 //!
 //! Invariant: the scheduler, the orchestrators and the Compose loader do no
 //! I/O (the loader reads `.env`/`env_file` only through `ProjectFiles`) and
@@ -17,6 +18,7 @@ pub mod compose;
 pub mod model;
 pub mod orchestrator;
 pub mod scheduler;
+pub mod wire;
 
 /// The role name that `gantry controller` reports in logs and status output.
 pub const ROLE: &str = "controller";
