@@ -87,6 +87,12 @@ pub enum WireError {
         /// The label received.
         label: String,
     },
+    /// A full assignment set contained a removal.
+    #[error("field {field}: a full assignment set may only hold updates")]
+    RemoveInFullSet {
+        /// The field's path within the converted message.
+        field: String,
+    },
     /// A stack could not be encoded as JSON (a bug in a serializer, not bad
     /// input: a `Stack` has string map keys only).
     #[error("stack {stack}: cannot encode as json: {reason}")]
@@ -132,6 +138,9 @@ impl WireError {
                 field: prefix(field),
                 label,
             },
+            WireError::RemoveInFullSet { field } => WireError::RemoveInFullSet {
+                field: prefix(field),
+            },
             e @ (WireError::InvalidStack { .. } | WireError::EncodeStack { .. }) => e,
         }
     }
@@ -144,7 +153,8 @@ impl WireError {
             | WireError::UnknownEnum { field, .. }
             | WireError::PortOutOfRange { field, .. }
             | WireError::Invalid { field, .. }
-            | WireError::StrayLabel { field, .. } => field,
+            | WireError::StrayLabel { field, .. }
+            | WireError::RemoveInFullSet { field } => field,
             WireError::InvalidStack { .. } | WireError::EncodeStack { .. } => "stack_json",
         }
     }
@@ -954,6 +964,108 @@ impl TryFrom<pb::Hello> for Registration {
     }
 }
 
+/// One change to a node's assignments (`AssignmentChange`).
+// Most changes are updates, so boxing the task would add an allocation to the
+// common case to save space in the rare one.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AssignmentChange {
+    /// Add the task, or replace the agent's copy: one action for both so that
+    /// a resent change is harmless (swarmkit's `UPDATE`).
+    Update(m::Task),
+    /// Stop the task if it runs and forget it.
+    Remove(m::TaskId),
+}
+
+/// A node's assignments at a generation (`AssignmentSet`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignments {
+    /// Strictly increasing per node; the agent ignores a set that is not
+    /// newer than the last it applied.
+    pub generation: u64,
+    /// `changes` is the whole set: the agent stops and drops every task not
+    /// in it. Decision: a full set holds only `Update`s; a `Remove` in one is
+    /// refused, since it would mean the sender confused the two kinds.
+    pub full: bool,
+    /// The changes, applied in order.
+    pub changes: Vec<AssignmentChange>,
+}
+
+impl From<AssignmentChange> for pb::AssignmentChange {
+    fn from(c: AssignmentChange) -> Self {
+        let (action, task) = match c {
+            AssignmentChange::Update(task) => (pb::AssignmentAction::Update, task.into()),
+            // A removal reads only the task's id; the rest stays empty.
+            AssignmentChange::Remove(id) => (
+                pb::AssignmentAction::Remove,
+                pb::Task {
+                    id: id.into(),
+                    ..pb::Task::default()
+                },
+            ),
+        };
+        pb::AssignmentChange {
+            action: action as i32,
+            task: Some(task),
+        }
+    }
+}
+
+impl TryFrom<pb::AssignmentChange> for AssignmentChange {
+    type Error = WireError;
+    fn try_from(c: pb::AssignmentChange) -> Result<Self, WireError> {
+        let task = c.task.ok_or_else(|| WireError::Missing {
+            field: "task".into(),
+        })?;
+        match pb::AssignmentAction::try_from(c.action) {
+            Ok(pb::AssignmentAction::Update) => m::Task::try_from(task)
+                .map(AssignmentChange::Update)
+                .map_err(|e| e.within("task")),
+            Ok(pb::AssignmentAction::Remove) => {
+                id(task.id, "task.id").map(AssignmentChange::Remove)
+            }
+            Ok(pb::AssignmentAction::Unspecified) => Err(WireError::Unspecified {
+                field: "action".into(),
+            }),
+            Err(_) => Err(WireError::UnknownEnum {
+                field: "action".into(),
+                value: c.action,
+            }),
+        }
+    }
+}
+
+impl From<Assignments> for pb::AssignmentSet {
+    fn from(a: Assignments) -> Self {
+        pb::AssignmentSet {
+            generation: a.generation,
+            full: a.full,
+            changes: a.changes.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl TryFrom<pb::AssignmentSet> for Assignments {
+    type Error = WireError;
+    fn try_from(a: pb::AssignmentSet) -> Result<Self, WireError> {
+        let changes: Vec<AssignmentChange> = each(a.changes, "changes")?;
+        if a.full
+            && let Some(i) = changes
+                .iter()
+                .position(|c| matches!(c, AssignmentChange::Remove(_)))
+        {
+            return Err(WireError::RemoveInFullSet {
+                field: format!("changes[{i}].action"),
+            });
+        }
+        Ok(Assignments {
+            generation: a.generation,
+            full: a.full,
+            changes,
+        })
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Stacks
 
@@ -1451,6 +1563,29 @@ mod tests {
             );
         }
 
+        #[test]
+        fn assignments_round_trip(
+            generation in any::<u64>(),
+            full in any::<bool>(),
+            changes in prop::collection::vec(
+                prop_oneof![
+                    task().prop_map(AssignmentChange::Update),
+                    ident().prop_map(|id| AssignmentChange::Remove(
+                        m::TaskId::new(id).expect("valid id")
+                    )),
+                ],
+                0..4,
+            ),
+        ) {
+            let changes = if full {
+                changes.into_iter().filter(|c| matches!(c, AssignmentChange::Update(_))).collect()
+            } else {
+                changes
+            };
+            let set = Assignments { generation, full, changes };
+            prop_assert_eq!(through_bytes::<_, pb::AssignmentSet>(set.clone()), Ok(set));
+        }
+
         /// Whatever bytes arrive, decoding then converting never panics: a
         /// peer's garbage is an error, not a crashed controller.
         #[test]
@@ -1644,6 +1779,42 @@ mod tests {
         };
         let err = Registration::try_from(hello).map_err(|e| e.field().to_string());
         assert_eq!(err, Err("platform".into()));
+    }
+
+    #[test]
+    fn assignment_errors_name_the_change() {
+        let remove = AssignmentChange::Remove(m::TaskId::new("t9").expect("valid"));
+        let mut set = pb::AssignmentSet::from(Assignments {
+            generation: 3,
+            full: false,
+            changes: vec![
+                AssignmentChange::Update(m::Task::try_from(sample_task()).expect("valid sample")),
+                remove,
+            ],
+        });
+        assert!(Assignments::try_from(set.clone()).is_ok());
+
+        set.full = true;
+        let err = Assignments::try_from(set.clone()).map_err(|e| e.to_string());
+        assert_eq!(
+            err,
+            Err("field changes[1].action: a full assignment set may only hold updates".into())
+        );
+
+        set.full = false;
+        if let Some(t) = set.changes[0].task.as_mut() {
+            t.desired_state = 0;
+        }
+        let err = Assignments::try_from(set.clone()).map_err(|e| e.to_string());
+        assert_eq!(
+            err,
+            Err("field changes[0].task.desired_state is unspecified".into())
+        );
+
+        set.changes[1].action = 0;
+        set.changes[0] = set.changes[1].clone();
+        let err = Assignments::try_from(set).map_err(|e| e.to_string());
+        assert_eq!(err, Err("field changes[0].action is unspecified".into()));
     }
 
     #[test]
