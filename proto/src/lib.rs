@@ -28,8 +28,10 @@ pub mod v1 {
     tonic::include_proto!("gantry.v1");
 }
 
-/// Re-exported so that users of the generated types (which implement
-/// [`prost::Message`]) and services need no direct dependency of their own.
+/// Re-exported so that users of the generated messages (which implement
+/// [`prost::Message`]) need no direct dependency of their own, and cannot
+/// pick a mismatched version.
 pub use prost;
-/// See [`prost`].
+/// Re-exported for the same reason as [`prost`]: the generated clients and
+/// servers are tonic types (`Request`, `Status`, `transport::Server`).
 pub use tonic;
