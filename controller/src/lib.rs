@@ -8,6 +8,7 @@
 //! - [`scheduler`]: the pure filter → score pipeline that places tasks on nodes.
 //! - [`orchestrator`]: the pure reconcilers that turn services into task actions.
 //! - [`store`]: the command log, the state machine that applies it, and watches.
+//! - [`wire`]: conversions between the model and the `gantry.v1` protobuf types.
 //!
 //! Invariant: the scheduler, the orchestrators and the Compose loader do no
 //! I/O (the loader reads `.env`/`env_file` only through `ProjectFiles`) and
@@ -19,6 +20,7 @@ pub mod model;
 pub mod orchestrator;
 pub mod scheduler;
 pub mod store;
+pub mod wire;
 
 /// The role name that `gantry controller` reports in logs and status output.
 pub const ROLE: &str = "controller";
