@@ -633,6 +633,18 @@ impl Runtime {
                     .collect()
             })
             .unwrap_or_default();
+        // Detected before the clone so that the init gets the v1
+        // hierarchies already open (see `InitArgs::cgroup_roots`).
+        let cg_root = CgroupRoot::detect()?;
+        let cgroup_roots = cg_root
+            .v1_hierarchies()?
+            .into_iter()
+            .map(init::CgroupRoot::open)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| RuntimeError::Init {
+                id: id.to_string(),
+                message: e.to_string(),
+            })?;
         let args = init::InitArgs {
             id,
             plan: &plan,
@@ -646,6 +658,7 @@ impl Runtime {
                 None => init::StartSignal::Immediately,
             },
             parent_hooks: !runtime_hooks.is_empty(),
+            cgroup_roots: &cgroup_roots,
         };
         let pid = {
             let _pid_ns = match plan
@@ -672,7 +685,7 @@ impl Runtime {
 
         // The cgroup is made while the child already sets up its mounts
         // (two cores work at once); the child waits for go before it needs it.
-        let cg_root = CgroupRoot::detect()?;
+        drop(cgroup_roots);
         let cgroup = Cgroup::create(&cg_root, &plan.cgroup_path, Some(&plan.resources))?;
         guard.cgroup = Some(cgroup.clone());
         let cgroup_tasks = self_join_tasks(&cgroup);
