@@ -558,11 +558,7 @@ impl Runtime {
                 tracing::warn!(id = %record.id, "poststop: {e}");
             }
         }
-        match std::fs::remove_dir_all(dir) {
-            // A concurrent `delete --force` got there first: the same end.
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(dir, e)),
-            _ => Ok(()),
-        }
+        remove_state_dir(dir)
     }
 
     /// create up to the init's ready report; the state is saved.
@@ -1068,6 +1064,25 @@ fn delete_cgroup(cgroup: &Cgroup) -> Result<(), RuntimeError> {
                 pause = (pause * 2).min(Duration::from_millis(20));
             }
         }
+    }
+}
+
+/// Removes a container's state directory.
+///
+/// Why not `remove_dir_all` straight away: the directory usually holds only
+/// `state.json` (the fifo is gone after `start`, `run` never makes one), and
+/// an unlink and an rmdir are 2 system calls where the general walk makes 10
+/// on the teardown path of every `run`; anything else there takes the walk.
+fn remove_state_dir(dir: &Path) -> Result<(), RuntimeError> {
+    let _ = std::fs::remove_file(dir.join(state::STATE_FILE));
+    let result = match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => std::fs::remove_dir_all(dir),
+        other => other,
+    };
+    match result {
+        // A concurrent `delete --force` got there first: the same end.
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(dir, e)),
+        _ => Ok(()),
     }
 }
 
