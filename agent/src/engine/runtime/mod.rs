@@ -18,8 +18,9 @@
 //!    child sets up its mounts, then says go. On cgroup v1 the child joins
 //!    its cgroup itself through `tasks` (a parent writing `cgroup.procs`
 //!    waits for an RCU grace period, most of a start's time), as late as it
-//!    can: just before `R`, through descriptors of the hierarchies opened
-//!    before pivot_root. On v2 the parent moves it.
+//!    can: just before `R`, through descriptors of the hierarchies that
+//!    the parent opened before the clone (they outlive pivot_root). On v2
+//!    the parent moves it.
 //! 4. The init mounts, makes devices, pivots, masks, reports `R` and blocks
 //!    opening `exec.fifo` for writing; `start` opens it for reading, which
 //!    lets the init exec the user's program. `run` skips the fifo: its init
