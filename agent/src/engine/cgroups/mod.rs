@@ -173,6 +173,15 @@ impl CgroupRoot {
             version,
         })
     }
+
+    /// The v1 hierarchy mount directories a group of this root may use
+    /// (cpuset included); empty on v2, whose one hierarchy is the root.
+    pub fn v1_hierarchies(&self) -> Result<Vec<PathBuf>, CgroupError> {
+        match self.version {
+            CgroupVersion::V1 => v1::hierarchies(&self.path, true),
+            CgroupVersion::V2 => Ok(Vec::new()),
+        }
+    }
 }
 
 /// The filesystem type magic of the mount holding `path`.

@@ -123,6 +123,11 @@ pub struct InitArgs<'a> {
     pub start: StartSignal,
     /// Whether the parent must run prestart/createRuntime hooks (`H`).
     pub parent_hooks: bool,
+    /// The cgroup v1 hierarchies, opened by the parent before the clone
+    /// (empty on v2, where the parent moves the init). When set, the init
+    /// joins its cgroup through them instead of finding the hierarchies in
+    /// `/proc/self/mountinfo` itself, which is slow and on its critical path.
+    pub cgroup_roots: &'a [CgroupRoot],
 }
 
 /// The parent's go message: the init's host pid, then the cgroup v1 `tasks`
@@ -194,13 +199,9 @@ pub struct CgroupRoot {
     fd: std::os::fd::OwnedFd,
 }
 
-/// Opens every cgroup hierarchy mounted under `/sys/fs/cgroup`.
-fn open_cgroup_roots() -> StepResult<Vec<CgroupRoot>> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| SetupError::io("read /proc/self/mountinfo", e))?;
-    let mut roots = Vec::new();
-    for h in mounts::parse_cgroup_mounts(&info, "/sys/fs/cgroup") {
-        let mount_point = Path::new("/sys/fs/cgroup").join(&h.name);
+impl CgroupRoot {
+    /// Opens the hierarchy mounted at `mount_point` (`O_PATH`, close-on-exec).
+    pub fn open(mount_point: PathBuf) -> StepResult<CgroupRoot> {
         let fd = nix::fcntl::open(
             &mount_point,
             nix::fcntl::OFlag::O_PATH
@@ -209,9 +210,18 @@ fn open_cgroup_roots() -> StepResult<Vec<CgroupRoot>> {
             nix::sys::stat::Mode::empty(),
         )
         .map_err(|e| SetupError::sys(format!("open {}", mount_point.display()), e))?;
-        roots.push(CgroupRoot { mount_point, fd });
+        Ok(CgroupRoot { mount_point, fd })
     }
-    Ok(roots)
+}
+
+/// Opens every cgroup hierarchy mounted under `/sys/fs/cgroup`.
+fn open_cgroup_roots() -> StepResult<Vec<CgroupRoot>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| SetupError::io("read /proc/self/mountinfo", e))?;
+    mounts::parse_cgroup_mounts(&info, "/sys/fs/cgroup")
+        .into_iter()
+        .map(|h| CgroupRoot::open(Path::new("/sys/fs/cgroup").join(&h.name)))
+        .collect()
 }
 
 /// [`join_cgroup_self`] through descriptors opened by [`open_cgroup_roots`]:
@@ -393,10 +403,7 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
         }
     }
     if dev_mounted {
-        for dev in devices::default_devices() {
-            devices::create(rootfs, &dev)?;
-        }
-        devices::create_symlinks(rootfs, devpts_mounted)?;
+        devices::create_in_fresh_dev(rootfs, devpts_mounted)?;
     }
     for (i, d) in linux
         .and_then(|l| l.devices().as_ref())
@@ -424,7 +431,11 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
             .is_none_or(|l| l.is_empty());
     let mut host_pid = 0;
     let roots = if late_go {
-        open_cgroup_roots()?
+        if args.cgroup_roots.is_empty() {
+            open_cgroup_roots()?
+        } else {
+            Vec::new()
+        }
     } else {
         host_pid = enter_cgroup(args, None)?;
         for m in spec
@@ -516,8 +527,12 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
     }
     let prepared = PreparedProcess::new(process)?;
     if late_go {
-        host_pid = enter_cgroup(args, Some(&roots))?;
-        drop(roots);
+        let roots = if roots.is_empty() {
+            args.cgroup_roots
+        } else {
+            &roots
+        };
+        host_pid = enter_cgroup(args, Some(roots))?;
     }
 
     report(args.report, b'R', "");

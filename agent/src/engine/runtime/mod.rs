@@ -18,8 +18,9 @@
 //!    child sets up its mounts, then says go. On cgroup v1 the child joins
 //!    its cgroup itself through `tasks` (a parent writing `cgroup.procs`
 //!    waits for an RCU grace period, most of a start's time), as late as it
-//!    can: just before `R`, through descriptors of the hierarchies opened
-//!    before pivot_root. On v2 the parent moves it.
+//!    can: just before `R`, through descriptors of the hierarchies that
+//!    the parent opened before the clone (they outlive pivot_root). On v2
+//!    the parent moves it.
 //! 4. The init mounts, makes devices, pivots, masks, reports `R` and blocks
 //!    opening `exec.fifo` for writing; `start` opens it for reading, which
 //!    lets the init exec the user's program. `run` skips the fifo: its init
@@ -558,11 +559,7 @@ impl Runtime {
                 tracing::warn!(id = %record.id, "poststop: {e}");
             }
         }
-        match std::fs::remove_dir_all(dir) {
-            // A concurrent `delete --force` got there first: the same end.
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(dir, e)),
-            _ => Ok(()),
-        }
+        remove_state_dir(dir)
     }
 
     /// create up to the init's ready report; the state is saved.
@@ -633,6 +630,18 @@ impl Runtime {
                     .collect()
             })
             .unwrap_or_default();
+        // Detected before the clone so that the init gets the v1
+        // hierarchies already open (see `InitArgs::cgroup_roots`).
+        let cg_root = CgroupRoot::detect()?;
+        let cgroup_roots = cg_root
+            .v1_hierarchies()?
+            .into_iter()
+            .map(init::CgroupRoot::open)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| RuntimeError::Init {
+                id: id.to_string(),
+                message: e.to_string(),
+            })?;
         let args = init::InitArgs {
             id,
             plan: &plan,
@@ -646,6 +655,7 @@ impl Runtime {
                 None => init::StartSignal::Immediately,
             },
             parent_hooks: !runtime_hooks.is_empty(),
+            cgroup_roots: &cgroup_roots,
         };
         let pid = {
             let _pid_ns = match plan
@@ -672,7 +682,7 @@ impl Runtime {
 
         // The cgroup is made while the child already sets up its mounts
         // (two cores work at once); the child waits for go before it needs it.
-        let cg_root = CgroupRoot::detect()?;
+        drop(cgroup_roots);
         let cgroup = Cgroup::create(&cg_root, &plan.cgroup_path, Some(&plan.resources))?;
         guard.cgroup = Some(cgroup.clone());
         let cgroup_tasks = self_join_tasks(&cgroup);
@@ -1055,6 +1065,25 @@ fn delete_cgroup(cgroup: &Cgroup) -> Result<(), RuntimeError> {
                 pause = (pause * 2).min(Duration::from_millis(20));
             }
         }
+    }
+}
+
+/// Removes a container's state directory.
+///
+/// Why not `remove_dir_all` straight away: the directory usually holds only
+/// `state.json` (the fifo is gone after `start`, `run` never makes one), and
+/// an unlink and an rmdir are 2 system calls where the general walk makes 10
+/// on the teardown path of every `run`; anything else there takes the walk.
+fn remove_state_dir(dir: &Path) -> Result<(), RuntimeError> {
+    let _ = std::fs::remove_file(dir.join(state::STATE_FILE));
+    let result = match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => std::fs::remove_dir_all(dir),
+        other => other,
+    };
+    match result {
+        // A concurrent `delete --force` got there first: the same end.
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(dir, e)),
+        _ => Ok(()),
     }
 }
 
