@@ -32,3 +32,19 @@ pub fn gantry_bin() -> PathBuf {
     );
     bin
 }
+
+/// Why the engine's end-to-end tests cannot run here, if they cannot: they
+/// need root, Debian's static busybox (the test images are built from it)
+/// and a cgroup hierarchy. Tests print `SKIPPED: <reason>` and return.
+pub fn engine_test_prerequisites() -> Option<&'static str> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some("needs root");
+    }
+    if !bundle::busybox_available() {
+        return Some("needs busybox-static (/bin/busybox)");
+    }
+    if !std::path::Path::new("/sys/fs/cgroup").exists() {
+        return Some("needs a cgroup hierarchy at /sys/fs/cgroup");
+    }
+    None
+}

@@ -5,7 +5,7 @@
 //! Every test owns a [`Node`] whose Drop removes its containers (killing
 //! them), volumes and any mount left under its data directory.
 
-use gantry_tests::bundle::{APPLETS, HOST_BUSYBOX, busybox_available};
+use gantry_tests::bundle::{APPLETS, HOST_BUSYBOX};
 use gantry_tests::gantry_bin;
 use gantry_tests::image_fixtures::{digest, gzip};
 use serde_json::{Value, json};
@@ -19,22 +19,9 @@ const IMAGE: &str = "gtest/busybox:latest";
 /// The same layer with `User app` (uid 1000, groups 1000 + 1001) and `WorkingDir /home/app`.
 const APP_IMAGE: &str = "gtest/app:latest";
 
-fn prerequisites() -> Option<&'static str> {
-    if !nix::unistd::Uid::effective().is_root() {
-        return Some("needs root");
-    }
-    if !busybox_available() {
-        return Some("needs busybox-static (/bin/busybox)");
-    }
-    if !Path::new("/sys/fs/cgroup").exists() {
-        return Some("needs a cgroup hierarchy at /sys/fs/cgroup");
-    }
-    None
-}
-
 macro_rules! require {
     () => {
-        if let Some(reason) = prerequisites() {
+        if let Some(reason) = gantry_tests::engine_test_prerequisites() {
             println!("SKIPPED: {reason}");
             return;
         }

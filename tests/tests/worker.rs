@@ -11,7 +11,7 @@ use gantry_agent::paths::DataDir;
 use gantry_agent::worker::health::{HealthCheck, HealthSetting, HealthStatus, Probe};
 use gantry_agent::worker::restart::RestartPolicy;
 use gantry_agent::worker::{Control, TaskSpec, TaskState, TaskStatus, Worker, WorkerConfig};
-use gantry_tests::bundle::{APPLETS, HOST_BUSYBOX, busybox_available};
+use gantry_tests::bundle::{APPLETS, HOST_BUSYBOX};
 use gantry_tests::gantry_bin;
 use gantry_tests::image_fixtures::{digest, gzip};
 use serde_json::json;
@@ -25,22 +25,9 @@ const IMAGE: &str = "gtest/busybox:latest";
 /// The same with a HEALTHCHECK: `test -f /tmp/ok` every 200 ms, 1 retry.
 const CHECKED_IMAGE: &str = "gtest/checked:latest";
 
-fn prerequisites() -> Option<&'static str> {
-    if !nix::unistd::Uid::effective().is_root() {
-        return Some("needs root");
-    }
-    if !busybox_available() {
-        return Some("needs busybox-static (/bin/busybox)");
-    }
-    if !Path::new("/sys/fs/cgroup").exists() {
-        return Some("needs a cgroup hierarchy at /sys/fs/cgroup");
-    }
-    None
-}
-
 macro_rules! require {
     () => {
-        if let Some(reason) = prerequisites() {
+        if let Some(reason) = gantry_tests::engine_test_prerequisites() {
             println!("SKIPPED: {reason}");
             return;
         }
