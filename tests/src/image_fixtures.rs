@@ -258,6 +258,50 @@ fn write_index(
         .expect("write oci-layout");
 }
 
+/// Writes an OCI image layout into `dir` holding one image per `(reference,
+/// config)` pair, all on the same single gzipped `layer` (amd64/linux). The
+/// config is the image config's `config` object (`Cmd`, `Env`, `User`, …).
+pub fn write_single_layer_layout(dir: &Path, layer: &[u8], images: &[(&str, serde_json::Value)]) {
+    use serde_json::json;
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| {
+        let d = digest(bytes);
+        std::fs::write(blobs.join(&d[7..]), bytes).unwrap();
+        d
+    };
+    let diff_id = digest(layer);
+    let gz = gzip(layer);
+    let layer_digest = put(&gz);
+    let mut manifests = Vec::new();
+    for (name, config) in images {
+        let config = serde_json::to_vec(&json!({
+            "architecture": "amd64", "os": "linux", "config": config,
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }))
+        .unwrap();
+        let config_digest = put(&config);
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": config_digest, "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                        "digest": layer_digest, "size": gz.len()}],
+        }))
+        .unwrap();
+        manifests.push(json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": put(&manifest), "size": manifest.len(),
+            "platform": {"architecture": "amd64", "os": "linux"},
+            "annotations": {"org.opencontainers.image.ref.name": name},
+        }));
+    }
+    let index = json!({"schemaVersion": 2, "manifests": manifests});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+}
+
 /// Writes a multi-platform OCI layout: `index.json` points at an image
 /// index with `amd64` and `arm64` manifests. Returns the amd64 manifest digest.
 pub fn write_multiarch_layout(

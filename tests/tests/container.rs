@@ -7,7 +7,7 @@
 
 use gantry_tests::bundle::{APPLETS, HOST_BUSYBOX};
 use gantry_tests::gantry_bin;
-use gantry_tests::image_fixtures::{digest, gzip};
+use gantry_tests::image_fixtures::write_single_layer_layout;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -103,57 +103,21 @@ fn busybox_layer() -> Vec<u8> {
 
 /// Writes an OCI layout with both images into `dir`.
 fn write_layout(dir: &Path) {
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |bytes: &[u8]| {
-        let d = digest(bytes);
-        std::fs::write(blobs.join(&d[7..]), bytes).unwrap();
-        d
-    };
-    let layer = busybox_layer();
-    let diff_id = digest(&layer);
-    let gz = gzip(&layer);
-    let layer_digest = put(&gz);
-    let mut manifests = Vec::new();
-    for (name, config) in [
-        (
-            IMAGE,
-            json!({"Cmd": ["sh"], "Env": ["PATH=/bin", "IMAGE_VAR=image"], "WorkingDir": "/srv"}),
-        ),
-        (
-            APP_IMAGE,
-            json!({"Cmd": ["sh"], "Env": ["PATH=/bin"], "User": "app", "WorkingDir": "/home/app",
-                   "Volumes": {"/srv/data": {}}}),
-        ),
-    ] {
-        let config = serde_json::to_vec(&json!({
-            "architecture": "amd64", "os": "linux", "config": config,
-            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        }))
-        .unwrap();
-        let config_digest = put(&config);
-        let manifest = serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": config_digest, "size": config.len()},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                        "digest": layer_digest, "size": gz.len()}],
-        }))
-        .unwrap();
-        manifests.push(json!({
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": put(&manifest), "size": manifest.len(),
-            "platform": {"architecture": "amd64", "os": "linux"},
-            "annotations": {"org.opencontainers.image.ref.name": name},
-        }));
-    }
-    std::fs::write(
-        dir.join("index.json"),
-        serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": manifests})).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    write_single_layer_layout(
+        dir,
+        &busybox_layer(),
+        &[
+            (
+                IMAGE,
+                json!({"Cmd": ["sh"], "Env": ["PATH=/bin", "IMAGE_VAR=image"], "WorkingDir": "/srv"}),
+            ),
+            (
+                APP_IMAGE,
+                json!({"Cmd": ["sh"], "Env": ["PATH=/bin"], "User": "app", "WorkingDir": "/home/app",
+                       "Volumes": {"/srv/data": {}}}),
+            ),
+        ],
+    );
 }
 
 /// A temporary node: data directory with the test images; Drop removes

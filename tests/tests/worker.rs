@@ -13,7 +13,7 @@ use gantry_agent::worker::restart::RestartPolicy;
 use gantry_agent::worker::{Control, TaskSpec, TaskState, TaskStatus, Worker, WorkerConfig};
 use gantry_tests::bundle::{APPLETS, HOST_BUSYBOX};
 use gantry_tests::gantry_bin;
-use gantry_tests::image_fixtures::{digest, gzip};
+use gantry_tests::image_fixtures::write_single_layer_layout;
 use serde_json::json;
 use std::path::Path;
 use std::process::Command;
@@ -90,53 +90,20 @@ fn busybox_layer() -> Vec<u8> {
 
 /// Writes an OCI layout holding [`IMAGE`] and [`CHECKED_IMAGE`] into `dir`.
 fn write_layout(dir: &Path) {
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |bytes: &[u8]| {
-        let d = digest(bytes);
-        std::fs::write(blobs.join(&d[7..]), bytes).unwrap();
-        d
-    };
-    let layer = busybox_layer();
-    let diff_id = digest(&layer);
-    let gz = gzip(&layer);
-    let layer_digest = put(&gz);
-    let mut manifests = Vec::new();
-    for (name, config) in [
-        (IMAGE, json!({"Cmd": ["sh"], "Env": ["PATH=/bin"]})),
-        (
-            CHECKED_IMAGE,
-            json!({"Cmd": ["sh"], "Env": ["PATH=/bin"], "Healthcheck": {
-                "Test": ["CMD-SHELL", "test -f /tmp/ok"],
-                "Interval": 200_000_000u64, "Timeout": 5_000_000_000u64, "Retries": 1
-            }}),
-        ),
-    ] {
-        let config = serde_json::to_vec(&json!({
-            "architecture": "amd64", "os": "linux", "config": config,
-            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        }))
-        .unwrap();
-        let config_digest = put(&config);
-        let manifest = serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": config_digest, "size": config.len()},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                        "digest": layer_digest, "size": gz.len()}],
-        }))
-        .unwrap();
-        manifests.push(json!({
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": put(&manifest), "size": manifest.len(),
-            "platform": {"architecture": "amd64", "os": "linux"},
-            "annotations": {"org.opencontainers.image.ref.name": name},
-        }));
-    }
-    let index = json!({"schemaVersion": 2, "manifests": manifests});
-    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    write_single_layer_layout(
+        dir,
+        &busybox_layer(),
+        &[
+            (IMAGE, json!({"Cmd": ["sh"], "Env": ["PATH=/bin"]})),
+            (
+                CHECKED_IMAGE,
+                json!({"Cmd": ["sh"], "Env": ["PATH=/bin"], "Healthcheck": {
+                    "Test": ["CMD-SHELL", "test -f /tmp/ok"],
+                    "Interval": 200_000_000u64, "Timeout": 5_000_000_000u64, "Retries": 1
+                }}),
+            ),
+        ],
+    );
 }
 
 /// A temporary node with the test image and a worker running on a thread.
