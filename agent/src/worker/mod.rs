@@ -275,6 +275,32 @@ struct Task {
     stopping_unhealthy: Option<UnhealthyStop>,
 }
 
+impl Task {
+    /// A task just created or adopted: starting, with no run or probe yet.
+    fn new(
+        spec: TaskSpec,
+        container: ContainerId,
+        check: Option<HealthCheck>,
+        now: Duration,
+    ) -> Task {
+        Task {
+            spec,
+            container,
+            phase: Phase::Done,
+            state: TaskState::Starting,
+            runs: Vec::new(),
+            started: now,
+            restarts: 0,
+            exit_code: None,
+            check,
+            health: None,
+            next_probe: None,
+            probing: None,
+            stopping_unhealthy: None,
+        }
+    }
+}
+
 /// The stop of a task that turned unhealthy.
 enum UnhealthyStop {
     /// [`Engine::stop`] runs on this thread.
@@ -517,22 +543,8 @@ impl Worker {
             Ok(c) => c,
             Err(e) => return self.send(rejected(format!("create: {e}"))),
         };
-        let now = self.now();
-        let task = Task {
-            container: container.clone(),
-            phase: Phase::Done,
-            state: TaskState::Starting,
-            runs: Vec::new(),
-            started: now,
-            restarts: 0,
-            exit_code: None,
-            check: self.check_for(&spec),
-            health: None,
-            next_probe: None,
-            probing: None,
-            stopping_unhealthy: None,
-            spec,
-        };
+        let check = self.check_for(&spec);
+        let task = Task::new(spec, container.clone(), check, self.now());
         self.tasks.insert(id.clone(), task);
         self.emit(&id, "container created");
         if let Err(e) = self.start(&id) {
@@ -549,24 +561,9 @@ impl Worker {
     fn adopt(&mut self, spec: TaskSpec, container: ContainerId) {
         let id = spec.task_id.clone();
         let now = self.now();
-        self.tasks.insert(
-            id.clone(),
-            Task {
-                container: container.clone(),
-                phase: Phase::Done,
-                state: TaskState::Starting,
-                runs: Vec::new(),
-                started: now,
-                restarts: 0,
-                exit_code: None,
-                check: self.check_for(&spec),
-                health: None,
-                next_probe: None,
-                probing: None,
-                stopping_unhealthy: None,
-                spec,
-            },
-        );
+        let check = self.check_for(&spec);
+        self.tasks
+            .insert(id.clone(), Task::new(spec, container.clone(), check, now));
         let state = self.engine.inspect(&container).map(|i| i.state);
         match state {
             Ok(ContainerState::Running) => match self.engine.shim_pidfd(&container) {
