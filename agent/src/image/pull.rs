@@ -17,6 +17,14 @@ pub struct PullOptions {
     pub insecure: bool,
     /// Credentials for token or basic auth.
     pub credentials: Option<Credentials>,
+    /// A registry to try first (`http://host:port`), such as the controller
+    /// that holds images loaded with `gantry image load`; see
+    /// [`RegistryClient::for_mirror`] for how it names repositories.
+    pub mirror: Option<String>,
+    /// With a mirror: when the mirror does not have the image (404), pull
+    /// from the registry the reference names. A mirror that cannot be
+    /// reached is an error either way, never a reason to go elsewhere.
+    pub fallback_to_origin: bool,
 }
 
 /// A step of a pull, for progress output.
@@ -80,13 +88,29 @@ pub(super) fn pull(
     progress: &mut dyn FnMut(PullProgress),
 ) -> Result<ImageRecord, ImageError> {
     let reference = Reference::parse(input)?;
-    let mut client = RegistryClient::new(
-        &reference,
-        &RegistryOptions {
-            insecure: options.insecure,
-            credentials: options.credentials.clone(),
-        },
-    );
+    let registry_options = RegistryOptions {
+        insecure: options.insecure,
+        credentials: options.credentials.clone(),
+    };
+    if let Some(mirror) = &options.mirror {
+        let client = RegistryClient::for_mirror(mirror, &reference, &registry_options);
+        match pull_with(store, input, reference.clone(), client, progress) {
+            Err(ImageError::Registry(RegistryError::NotFound { .. }))
+                if options.fallback_to_origin => {}
+            done => return done,
+        }
+    }
+    let client = RegistryClient::new(&reference, &registry_options);
+    pull_with(store, input, reference, client, progress)
+}
+
+fn pull_with(
+    store: &ImageStore,
+    input: &str,
+    reference: Reference,
+    mut client: RegistryClient,
+    progress: &mut dyn FnMut(PullProgress),
+) -> Result<ImageRecord, ImageError> {
     let blobs = store.blobs();
     let host = manifest::host_platform();
 

@@ -124,6 +124,21 @@ impl RegistryClient {
         }
     }
 
+    /// A client for `reference` at a mirror (`http://host:port`, as
+    /// `gantry agent` is given its controller): the repository there is the
+    /// reference's full name, registry host included (`gantry.test/web`), so
+    /// one mirror holds images of any origin, like containerd's `ns=` mirrors.
+    pub fn for_mirror(
+        mirror: &str,
+        reference: &Reference,
+        options: &RegistryOptions,
+    ) -> RegistryClient {
+        let mut client = RegistryClient::new(reference, options);
+        client.base = mirror.trim_end_matches('/').to_string();
+        client.repository = reference.repository();
+        client
+    }
+
     /// Fetches `manifests/<reference>` (a tag or digest).
     pub fn manifest(&mut self, reference: &str) -> Result<Fetched, RegistryError> {
         let url = format!("{}/v2/{}/manifests/{reference}", self.base, self.repository);

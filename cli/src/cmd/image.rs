@@ -250,6 +250,7 @@ fn pull(
     let options = PullOptions {
         insecure,
         credentials,
+        ..PullOptions::default()
     };
     // Simple lines: they read the same in a terminal and in CI logs.
     let record = store
