@@ -1,17 +1,22 @@
 //! Gantry's agent: everything that runs on a node.
 //!
+//! - [`daemon`]: the agent process: the dispatcher session with the
+//!   controller, assignments to the worker, statuses, logs and exec relays.
 //! - [`image`]: the content-addressed image store (import, pull, unpack, GC).
 //! - [`engine`]: the container engine (OCI runtime, cgroups, shim, containers).
 //! - [`paths`]: where all of that lives on disk.
 //! - [`worker`]: the task worker: assignments to containers, restart
 //!   policies, health checks.
 //!
-//! Invariant: nothing in this crate starts an async runtime. The OCI runtime
-//! and the shim clone container processes, which must only ever happen from a
-//! single-threaded process; async callers wrap engine calls in
-//! `spawn_blocking`.
+//! Invariant: only [`daemon`] runs an async runtime (tokio, for its gRPC
+//! session), and nothing async ever forks to run Rust code. The OCI runtime
+//! clones container processes only inside re-executed `gantry` processes
+//! (shims, `gantry container exec`); the daemon's engine calls that spawn
+//! shims are made from the worker's own std thread, never from the runtime.
+//! Everything else in the crate is synchronous.
 #![deny(missing_docs)]
 
+pub mod daemon;
 pub mod engine;
 pub mod image;
 pub mod paths;

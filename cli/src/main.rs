@@ -30,6 +30,8 @@ enum Command {
     Container(cmd::container::Args),
     /// Manage named volumes: create, ls, inspect, rm.
     Volume(cmd::volume::Args),
+    /// Run this node's agent: join a controller and run what it assigns.
+    Agent(cmd::agent::Args),
     /// The per-container shim (started by the engine, not by people).
     #[command(hide = true)]
     Shim(cmd::shim::Args),
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         Command::Image(args) => cmd::image::run(args),
         Command::Container(args) => cmd::container::run(args),
         Command::Volume(args) => cmd::volume::run(args),
+        Command::Agent(args) => cmd::agent::run(args),
         Command::Shim(args) => cmd::shim::run(args),
     };
     finish(result)

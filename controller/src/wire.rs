@@ -676,6 +676,11 @@ impl From<m::TaskTemplate> for pb::TaskTemplate {
             healthcheck: t.healthcheck.map(Into::into),
             placement: Some(t.placement.into()),
             ports: t.ports.into_iter().map(Into::into).collect(),
+            // Not in the model yet (fields 14-16, added for the agent): the
+            // defaults, host networking off, no labels, the engine's grace.
+            host_network: false,
+            labels: Default::default(),
+            stop_grace_period_ms: None,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! One module per subcommand group; each exposes `Args` and `run(Args)`.
 
+pub mod agent;
 pub mod container;
 pub mod image;
 pub mod runtime;

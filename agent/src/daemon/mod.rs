@@ -1,0 +1,248 @@
+//! The agent process (`gantry agent --join HOST:PORT`): joins a controller
+//! and runs what it assigns through the task worker.
+//!
+//! - [`node`]: the node's id (made once, kept in `<data_dir>/agent/node-id`),
+//!   hostname, resources and platform.
+//! - [`convert`]: the controller's tasks as the worker's specs, and the
+//!   worker's statuses as the wire's.
+//! - [`session`]: the dispatcher session: hello, heartbeats, assignments
+//!   down, statuses up, image pulls, logs and exec relays, reconnects.
+//!
+//! [`run`] builds its own tokio runtime (the `gantry` binary's `main` is
+//! synchronous and starts no threads before dispatch). The worker runs on a
+//! std thread of its own: every engine call that spawns a shim is made
+//! there, never from the runtime, and nothing async forks to run Rust code
+//! (shims and exec relays are re-executed `gantry` processes).
+//!
+//! No join token or TLS yet: a controller registers any node id it has not
+//! seen (DESIGN's mTLS comes with the security issue).
+//!
+//! **Invariant:** stopping the agent never stops a workload. On shutdown
+//! the worker returns leaving its containers running, and the next agent on
+//! this data directory adopts them (an agent killed with -9 and restarted
+//! re-attaches the same way).
+
+pub mod convert;
+pub mod node;
+pub mod session;
+
+use crate::engine::container::{ContainerError, Engine, EngineConfig};
+use crate::paths::DataDir;
+use crate::worker::{Control, DEFAULT_TICK, Worker, WorkerConfig, WorkerError};
+pub use node::ResourceOverride;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The default heartbeat period, used until a controller says otherwise.
+pub const DEFAULT_HEARTBEAT_PERIOD: Duration = Duration::from_secs(1);
+
+/// Errors of the agent process.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The node description failed (id file, resources).
+    #[error(transparent)]
+    Node(#[from] node::NodeError),
+    /// The engine could not be opened.
+    #[error("engine at {data_dir}: {source}")]
+    Engine {
+        /// The data directory.
+        data_dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: ContainerError,
+    },
+    /// The worker failed to start or stopped with an error.
+    #[error("worker: {0}")]
+    Worker(#[from] WorkerError),
+    /// The controller address cannot be used.
+    #[error("invalid controller address {address:?}: {reason}")]
+    InvalidController {
+        /// The address given.
+        address: String,
+        /// Why.
+        reason: String,
+    },
+    /// The async runtime or a thread could not be started.
+    #[error("starting {what}: {source}")]
+    Start {
+        /// What was being started.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The worker thread panicked.
+    #[error("the worker thread panicked")]
+    WorkerPanicked,
+}
+
+/// How an agent is set up (`gantry agent` flags).
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The node's data directory.
+    pub data_dir: DataDir,
+    /// The controller, `host:port`.
+    pub controller: String,
+    /// The node's name (`--hostname`; the host's by default).
+    pub hostname: String,
+    /// The address the node is reachable at (`--advertise`); when unset, the
+    /// local address of the connection to the controller.
+    pub advertise_address: Option<String>,
+    /// Node labels (`--label K=V`).
+    pub labels: BTreeMap<String, String>,
+    /// CPUs and memory to advertise instead of what is detected.
+    pub resources: Option<ResourceOverride>,
+    /// The `gantry` binary, run as shim, for exec probes and exec relays.
+    pub gantry_binary: PathBuf,
+    /// Heartbeat period until the controller's `accepted` says otherwise.
+    pub heartbeat_period: Duration,
+    /// Reconnect back-off: first and longest wait.
+    pub reconnect_backoff: (Duration, Duration),
+}
+
+impl AgentConfig {
+    /// A config with the defaults: this host's name, detected resources,
+    /// `/proc/self/exe` as the `gantry` binary, 1 s heartbeats, reconnects
+    /// backing off from 100 ms to 2 s.
+    pub fn new(data_dir: DataDir, controller: impl Into<String>) -> AgentConfig {
+        AgentConfig {
+            data_dir,
+            controller: controller.into(),
+            hostname: node::hostname(),
+            advertise_address: None,
+            labels: BTreeMap::new(),
+            resources: None,
+            gantry_binary: PathBuf::from("/proc/self/exe"),
+            heartbeat_period: DEFAULT_HEARTBEAT_PERIOD,
+            reconnect_backoff: (Duration::from_millis(100), Duration::from_secs(2)),
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` completes: a tokio runtime (2 worker
+/// threads) for the session, the worker on its own thread. On shutdown the
+/// worker returns and the containers keep running.
+pub fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    validate_controller(&config.controller)?;
+    let node = session::NodeInfo::describe(&config)?;
+    let engine = Engine::open(EngineConfig {
+        data_dir: config.data_dir.clone(),
+        shim_binary: config.gantry_binary.clone(),
+    })
+    .map_err(|source| AgentError::Engine {
+        data_dir: config.data_dir.root().to_path_buf(),
+        source,
+    })?;
+    let (status_tx, status_rx) = std::sync::mpsc::channel();
+    // Made here, before any other thread exists: it lists the containers to
+    // adopt, and may remove duplicates.
+    let worker = Worker::new(
+        engine.clone(),
+        WorkerConfig {
+            data_dir: config.data_dir.clone(),
+            gantry_binary: config.gantry_binary.clone(),
+            tick: DEFAULT_TICK,
+        },
+        status_tx,
+    )?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("gantry-agent")
+        .enable_all()
+        .build()
+        .map_err(|source| AgentError::Start {
+            what: "the async runtime",
+            source,
+        })?;
+    let (control_tx, control_rx) = std::sync::mpsc::channel::<Control>();
+    let worker_thread = std::thread::Builder::new()
+        .name("gantry-worker".into())
+        .spawn(move || worker.run(control_rx))
+        .map_err(|source| AgentError::Start {
+            what: "the worker thread",
+            source,
+        })?;
+    // Worker statuses into the runtime: a blocking receive belongs on a
+    // thread, not on an async task. Ends when the worker drops its sender.
+    let (event_tx, event_rx) = tokio::sync::mpsc::unbounded_channel();
+    let relay = std::thread::Builder::new()
+        .name("gantry-status".into())
+        .spawn(move || {
+            while let Ok(status) = status_rx.recv() {
+                if event_tx.send(status).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|source| AgentError::Start {
+            what: "the status relay thread",
+            source,
+        })?;
+    let agent = session::Agent::new(config, node, engine, control_tx.clone(), event_rx);
+    runtime.block_on(agent.run(shutdown));
+    // Containers stay: the worker only waits for removals in flight.
+    let _ = control_tx.send(Control::Shutdown);
+    let result = worker_thread.join();
+    let _ = relay.join();
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(AgentError::WorkerPanicked),
+    }
+}
+
+/// Completes on SIGTERM or SIGINT: the shutdown a `gantry agent` process
+/// passes to [`run`]. Lazy, so it can be made outside the runtime.
+pub async fn terminate_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// `host:port` with a port, as the controller address must be.
+fn validate_controller(address: &str) -> Result<(), AgentError> {
+    let bad = |reason: &str| AgentError::InvalidController {
+        address: address.to_string(),
+        reason: reason.to_string(),
+    };
+    if address.contains("://") {
+        return Err(bad("give host:port without a scheme"));
+    }
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err(bad("expected host:port"));
+    };
+    if host.is_empty() {
+        return Err(bad("empty host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(bad("the port must be 1-65535")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controller_addresses_need_a_host_and_port() {
+        assert!(validate_controller("127.0.0.1:7070").is_ok());
+        assert!(validate_controller("[::1]:7070").is_ok());
+        assert!(validate_controller("ctl.example:7070").is_ok());
+        for bad in ["127.0.0.1", "http://a:1", ":7070", "a:0", "a:x"] {
+            let err = validate_controller(bad).unwrap_err().to_string();
+            assert!(err.contains(bad), "{err}");
+        }
+    }
+}

@@ -1,0 +1,844 @@
+//! The dispatcher session: the one long-lived `Session` stream an agent
+//! holds with its controller, and the state that outlives a stream.
+//!
+//! Per stream: `Hello` (node id, hostname, address, resources, labels,
+//! platform, protocol version, last generation), wait for `accepted`,
+//! re-send every task's current status, then heartbeat every
+//! `heartbeat_period_ms` while assignments come down and statuses go up.
+//! A broken stream is reconnected with a capped back-off (100 ms → 2 s);
+//! the worker and its containers are not touched meanwhile, and statuses
+//! that change while disconnected are sent on the next stream.
+//!
+//! Assignments are kept as the whole set of wanted tasks (a full set
+//! replaces it, an incremental one edits it) and handed to the worker as
+//! that whole set. A task whose image the node lacks is held back until a
+//! pull (from the controller's registry first, then the image's own) on a
+//! thread of the blocking pool brings it; other tasks go on meanwhile.
+
+use super::convert;
+use super::node::{self, NodeResources};
+use super::{AgentConfig, AgentError};
+use crate::engine::container::{ContainerId, ContainerState, Engine, parse_rfc3339};
+use crate::engine::logs::{self, LOG_FILE, LogOptions, Stream};
+use crate::image::PullOptions;
+use crate::worker::{Control, LABEL_TASK_ID, TaskSpec, TaskStatus};
+use gantry_proto::v1 as pb;
+use gantry_proto::v1::dispatcher_client::DispatcherClient;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tonic::transport::Endpoint;
+
+/// How long to wait for a connection and for `accepted`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Log lines sent in one chunk at most.
+const LOG_CHUNK: usize = 256;
+/// How often a followed log looks for new lines (and for a cancel).
+const LOG_POLL: Duration = Duration::from_millis(50);
+
+/// What the node says about itself in `Hello`.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// The node's id.
+    pub node_id: String,
+    /// Its name.
+    pub hostname: String,
+    /// What it offers.
+    pub resources: NodeResources,
+    /// OS and architecture.
+    pub platform: (String, String),
+}
+
+impl NodeInfo {
+    /// Reads (or makes) the node id and detects the rest.
+    pub fn describe(config: &AgentConfig) -> Result<NodeInfo, AgentError> {
+        Ok(NodeInfo {
+            node_id: node::load_or_create_node_id(&config.data_dir)?,
+            hostname: config.hostname.clone(),
+            resources: node::resources(&config.resources.unwrap_or_default())?,
+            platform: node::platform(),
+        })
+    }
+}
+
+/// Why a stream ended.
+enum Ended {
+    /// Told to shut down.
+    Shutdown,
+    /// The stream broke (or never came up); `accepted` says whether the
+    /// controller had taken the session, which resets the back-off.
+    Broken { reason: String, accepted: bool },
+}
+
+/// A task the controller assigns.
+struct Assigned {
+    spec: TaskSpec,
+    /// Its image is in the store: the worker has it.
+    ready: bool,
+}
+
+/// Input for an exec relay.
+enum ExecInput {
+    Stdin(Vec<u8>),
+    CloseStdin,
+}
+
+/// The agent's session state; survives reconnects.
+pub struct Agent {
+    config: AgentConfig,
+    node: NodeInfo,
+    engine: Engine,
+    control: std::sync::mpsc::Sender<Control>,
+    events: mpsc::UnboundedReceiver<TaskStatus>,
+    pulls_tx: mpsc::UnboundedSender<(String, Result<(), String>)>,
+    pulls_rx: mpsc::UnboundedReceiver<(String, Result<(), String>)>,
+    /// Images being pulled.
+    pulling: BTreeSet<String>,
+    /// The newest assignment generation applied (0: none).
+    last_generation: u64,
+    /// Every task the controller wants running here.
+    assigned: BTreeMap<String, Assigned>,
+    /// Tasks refused before the worker saw them, with their status.
+    refused: BTreeMap<String, (u64, pb::TaskStatus)>,
+    /// The last status of every task, with its generation.
+    statuses: BTreeMap<String, (u64, pb::TaskStatus)>,
+    /// Container ids the worker reported.
+    containers: BTreeMap<String, String>,
+    /// Changes not sent yet.
+    unsent: Vec<pb::TaskStatusUpdate>,
+    /// The worker's apply counter (its own, strictly increasing).
+    apply_seq: u64,
+    /// Followed log requests, by id: set to cancel.
+    log_requests: HashMap<u64, Arc<AtomicBool>>,
+    /// Running exec relays, by id.
+    execs: HashMap<u64, mpsc::UnboundedSender<ExecInput>>,
+}
+
+impl Agent {
+    /// An agent over a running worker (`control`, `events`).
+    pub fn new(
+        config: AgentConfig,
+        node: NodeInfo,
+        engine: Engine,
+        control: std::sync::mpsc::Sender<Control>,
+        events: mpsc::UnboundedReceiver<TaskStatus>,
+    ) -> Agent {
+        let (pulls_tx, pulls_rx) = mpsc::unbounded_channel();
+        Agent {
+            config,
+            node,
+            engine,
+            control,
+            events,
+            pulls_tx,
+            pulls_rx,
+            pulling: BTreeSet::new(),
+            last_generation: 0,
+            assigned: BTreeMap::new(),
+            refused: BTreeMap::new(),
+            statuses: BTreeMap::new(),
+            containers: BTreeMap::new(),
+            unsent: Vec::new(),
+            apply_seq: 0,
+            log_requests: HashMap::new(),
+            execs: HashMap::new(),
+        }
+    }
+
+    /// Holds sessions with the controller until `shutdown` completes.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let (first, max) = self.config.reconnect_backoff;
+        let mut backoff = first;
+        loop {
+            match self.session(&mut shutdown).await {
+                Ended::Shutdown => return,
+                Ended::Broken { reason, accepted } => {
+                    if accepted {
+                        backoff = first;
+                    }
+                    tracing::warn!(controller = %self.config.controller, "session: {reason}; reconnecting in {backoff:?}");
+                }
+            }
+            self.end_relays();
+            let deadline = tokio::time::Instant::now() + backoff;
+            loop {
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    Some(status) = self.events.recv() => self.record(status),
+                    Some((image, result)) = self.pulls_rx.recv() => self.pulled(image, result),
+                }
+            }
+            backoff = (backoff * 2).min(max);
+        }
+    }
+
+    /// One stream, from connect to its end.
+    async fn session(&mut self, shutdown: &mut (impl Future<Output = ()> + Unpin)) -> Ended {
+        let broken = |reason: String| Ended::Broken {
+            reason,
+            accepted: false,
+        };
+        let endpoint = match Endpoint::from_shared(format!("http://{}", self.config.controller)) {
+            Ok(e) => e
+                .connect_timeout(CONNECT_TIMEOUT)
+                .tcp_nodelay(true)
+                // A controller that vanishes without closing the connection
+                // (a cut link, a frozen host) is noticed by HTTP/2 pings.
+                .http2_keep_alive_interval(Duration::from_secs(1))
+                .keep_alive_timeout(Duration::from_secs(3))
+                .keep_alive_while_idle(true),
+            Err(e) => return broken(format!("address: {e}")),
+        };
+        let channel = tokio::select! {
+            _ = &mut *shutdown => return Ended::Shutdown,
+            c = endpoint.connect() => match c {
+                Ok(c) => c,
+                Err(e) => return broken(format!("connect: {e}")),
+            },
+        };
+        let mut client = DispatcherClient::new(channel);
+        let (tx, rx) = mpsc::channel::<pb::AgentMessage>(1024);
+        let address = self.advertise_address();
+        let hello = pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Hello(pb::Hello {
+                node_id: self.node.node_id.clone(),
+                hostname: self.node.hostname.clone(),
+                address,
+                resources: Some(pb::Resources {
+                    nano_cpus: self.node.resources.nano_cpus,
+                    memory_bytes: self.node.resources.memory_bytes,
+                }),
+                labels: self.config.labels.clone().into_iter().collect(),
+                platform: Some(pb::Platform {
+                    os: self.node.platform.0.clone(),
+                    arch: self.node.platform.1.clone(),
+                }),
+                protocol_version: gantry_proto::PROTOCOL_VERSION,
+                last_generation: self.last_generation,
+            })),
+        };
+        if tx.send(hello).await.is_err() {
+            return broken("hello: the stream closed".into());
+        }
+        let opened = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            client.session(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        );
+        let mut inbound = tokio::select! {
+            _ = &mut *shutdown => return Ended::Shutdown,
+            r = opened => match r {
+                Ok(Ok(response)) => response.into_inner(),
+                Ok(Err(status)) => return broken(format!("refused: {}", status.message())),
+                Err(_) => return broken("no answer to the session request".into()),
+            },
+        };
+        let first = tokio::select! {
+            _ = &mut *shutdown => return Ended::Shutdown,
+            m = tokio::time::timeout(CONNECT_TIMEOUT, inbound.message()) => m,
+        };
+        let accepted = match first {
+            Ok(Ok(Some(pb::ControllerMessage {
+                message: Some(pb::controller_message::Message::Accepted(a)),
+            }))) => a,
+            Ok(Ok(Some(other))) => {
+                return broken(format!("expected accepted, got {other:?}"));
+            }
+            Ok(Ok(None)) => return broken("closed before accepting the session".into()),
+            Ok(Err(status)) => return broken(format!("refused: {}", status.message())),
+            Err(_) => return broken("no accepted within the timeout".into()),
+        };
+        if accepted.protocol_version != gantry_proto::PROTOCOL_VERSION {
+            return broken(format!(
+                "controller speaks protocol {}, this agent {}",
+                accepted.protocol_version,
+                gantry_proto::PROTOCOL_VERSION
+            ));
+        }
+        tracing::info!(session = %accepted.session_id, node = %self.node.node_id, "session accepted");
+        let period = match accepted.heartbeat_period_ms {
+            0 => self.config.heartbeat_period,
+            ms => Duration::from_millis(ms),
+        };
+        let broken_after_accept = |reason: String| Ended::Broken {
+            reason,
+            accepted: true,
+        };
+        // Every task's current status, so that a controller that missed
+        // changes (or restarted) sees where everything is.
+        self.unsent = self
+            .statuses
+            .iter()
+            .chain(self.refused.iter())
+            .map(|(task, (generation, status))| pb::TaskStatusUpdate {
+                task: task.clone(),
+                generation: *generation,
+                status: Some(status.clone()),
+            })
+            .collect();
+        if !self.flush(&tx).await {
+            return broken_after_accept("sending statuses: the stream closed".into());
+        }
+        let mut heartbeat = tokio::time::interval(period);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sequence = 0u64;
+        loop {
+            tokio::select! {
+                _ = &mut *shutdown => return Ended::Shutdown,
+                _ = heartbeat.tick() => {
+                    sequence += 1;
+                    let beat = pb::AgentMessage {
+                        message: Some(pb::agent_message::Message::Heartbeat(pb::Heartbeat { sequence })),
+                    };
+                    if tx.send(beat).await.is_err() {
+                        return broken_after_accept("heartbeat: the stream closed".into());
+                    }
+                }
+                m = inbound.message() => match m {
+                    Ok(Some(message)) => self.handle(message, &tx),
+                    Ok(None) => return broken_after_accept("the controller ended the stream".into()),
+                    Err(status) => return broken_after_accept(format!("stream: {}", status.message())),
+                },
+                Some(status) = self.events.recv() => {
+                    self.record(status);
+                    // Batch what else is already there.
+                    while let Ok(status) = self.events.try_recv() {
+                        self.record(status);
+                    }
+                }
+                Some((image, result)) = self.pulls_rx.recv() => self.pulled(image, result),
+            }
+            if !self.flush(&tx).await {
+                return broken_after_accept("sending statuses: the stream closed".into());
+            }
+        }
+    }
+
+    /// The address to advertise: `--advertise`, else the host part of a
+    /// local address that reaches the controller (found by a UDP connect,
+    /// which sends nothing), else the hostname.
+    fn advertise_address(&self) -> String {
+        if let Some(a) = &self.config.advertise_address {
+            return a.clone();
+        }
+        let local = std::net::UdpSocket::bind("0.0.0.0:0")
+            .and_then(|s| {
+                s.connect(self.config.controller.as_str())?;
+                s.local_addr()
+            })
+            .map(|a| a.ip().to_string());
+        local.unwrap_or_else(|_| self.node.hostname.clone())
+    }
+
+    /// Sends the unsent status changes; false if the stream is gone (they
+    /// are re-sent with the current statuses on the next one).
+    async fn flush(&mut self, tx: &mpsc::Sender<pb::AgentMessage>) -> bool {
+        if self.unsent.is_empty() {
+            return true;
+        }
+        let updates = std::mem::take(&mut self.unsent);
+        let message = pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Status(pb::TaskStatusUpdates {
+                updates,
+            })),
+        };
+        tx.send(message).await.is_ok()
+    }
+
+    /// A worker status: kept as the task's current one, queued to be sent.
+    fn record(&mut self, status: TaskStatus) {
+        if let Some(c) = &status.container_id {
+            self.containers.insert(status.task_id.clone(), c.clone());
+        }
+        let generation = self
+            .assigned
+            .get(&status.task_id)
+            .map(|a| a.spec.generation)
+            .or_else(|| self.statuses.get(&status.task_id).map(|(g, _)| *g))
+            .unwrap_or(self.last_generation);
+        let wire = convert::status_to_wire(&status);
+        self.set_status(status.task_id, generation, wire);
+    }
+
+    fn set_status(&mut self, task: String, generation: u64, status: pb::TaskStatus) {
+        self.statuses
+            .insert(task.clone(), (generation, status.clone()));
+        self.unsent.push(pb::TaskStatusUpdate {
+            task,
+            generation,
+            status: Some(status),
+        });
+    }
+
+    /// A message from the controller.
+    fn handle(&mut self, message: pb::ControllerMessage, tx: &mpsc::Sender<pb::AgentMessage>) {
+        use pb::controller_message::Message as M;
+        match message.message {
+            Some(M::Assignments(set)) => self.assignments(set),
+            Some(M::Logs(request)) => self.logs(request, tx.clone()),
+            Some(M::Cancel(cancel)) => {
+                if let Some(flag) = self.log_requests.remove(&cancel.request_id) {
+                    flag.store(true, Ordering::Relaxed);
+                }
+                // Dropping the input channel kills the exec.
+                self.execs.remove(&cancel.request_id);
+            }
+            Some(M::Exec(request)) => self.exec(request, tx.clone()),
+            Some(M::Accepted(_)) => tracing::warn!("a second accepted in one session, ignored"),
+            None => tracing::warn!("an empty controller message, ignored"),
+        }
+    }
+
+    /// An assignment set: the wanted tasks updated, then handed to the
+    /// worker. A set not newer than the last one is stale and ignored.
+    fn assignments(&mut self, set: pb::AssignmentSet) {
+        if set.generation <= self.last_generation {
+            tracing::debug!(
+                generation = set.generation,
+                last = self.last_generation,
+                "stale assignments ignored"
+            );
+            return;
+        }
+        self.last_generation = set.generation;
+        let mut wanted: BTreeMap<String, pb::Task> = BTreeMap::new();
+        let mut removed: BTreeSet<String> = BTreeSet::new();
+        if !set.full {
+            // Start from what is assigned; the pb tasks are rebuilt below
+            // only for changes.
+            removed.extend(self.assigned.keys().cloned());
+        }
+        for change in set.changes {
+            let Some(task) = change.task else {
+                tracing::warn!("assignment change without a task, ignored");
+                continue;
+            };
+            match pb::AssignmentAction::try_from(change.action) {
+                Ok(pb::AssignmentAction::Update) => {
+                    removed.remove(&task.id);
+                    wanted.insert(task.id.clone(), task);
+                }
+                Ok(pb::AssignmentAction::Remove) if !set.full => {
+                    wanted.remove(&task.id);
+                    self.assigned.remove(&task.id);
+                    removed.remove(&task.id);
+                }
+                _ => {
+                    tracing::warn!(task = %task.id, action = change.action, full = set.full, "assignment action refused")
+                }
+            }
+        }
+        if set.full {
+            self.assigned.retain(|id, _| wanted.contains_key(id));
+            // Final statuses of tasks no longer assigned were re-sent when
+            // the session opened; the controller has them now.
+            let keep: BTreeSet<&String> = wanted.keys().collect();
+            self.statuses
+                .retain(|id, (_, s)| keep.contains(id) || !is_final(s));
+            self.refused.retain(|id, _| keep.contains(id));
+        }
+        // `removed` now holds the kept tasks of an incremental set that no
+        // change named: they stay as they are.
+        let _ = removed;
+        for (id, task) in wanted {
+            let desired = pb::DesiredState::try_from(task.desired_state);
+            if desired != Ok(pb::DesiredState::Running) {
+                // Desired shutdown (or nonsense): not wanted here.
+                self.assigned.remove(&id);
+                continue;
+            }
+            if self.refused.contains_key(&id) {
+                continue;
+            }
+            if let Some(current) = self.assigned.get(&id)
+                && current.spec.generation >= task.generation
+            {
+                continue;
+            }
+            match convert::task_spec(&task, &task.service) {
+                Ok(spec) => {
+                    let ready = self
+                        .assigned
+                        .get(&id)
+                        .is_some_and(|a| a.ready && a.spec.image == spec.image);
+                    self.assigned.insert(id, Assigned { spec, ready });
+                }
+                Err(e) => {
+                    self.assigned.remove(&id);
+                    self.refuse(id, task.generation, e.to_string());
+                }
+            }
+        }
+        self.prepare_images();
+        self.apply();
+    }
+
+    fn refuse(&mut self, task: String, generation: u64, message: String) {
+        tracing::warn!(%task, "rejected: {message}");
+        let status = convert::own_status(pb::TaskState::Rejected, message);
+        self.refused
+            .insert(task.clone(), (generation, status.clone()));
+        self.set_status(task, generation, status);
+    }
+
+    /// Marks tasks whose image is here ready; starts pulls for the others.
+    fn prepare_images(&mut self) {
+        let mut missing: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (id, a) in self.assigned.iter_mut().filter(|(_, a)| !a.ready) {
+            if self.engine.images().resolve(&a.spec.image).is_ok() {
+                a.ready = true;
+            } else {
+                missing
+                    .entry(a.spec.image.clone())
+                    .or_default()
+                    .push(id.clone());
+            }
+        }
+        for (image, tasks) in missing {
+            for task in tasks {
+                let generation = self.assigned.get(&task).map_or(0, |a| a.spec.generation);
+                let already = self
+                    .statuses
+                    .get(&task)
+                    .is_some_and(|(_, s)| s.state == pb::TaskState::Preparing as i32);
+                if !already {
+                    let status = convert::own_status(
+                        pb::TaskState::Preparing,
+                        format!("pulling image {image}"),
+                    );
+                    self.set_status(task, generation, status);
+                }
+            }
+            if !self.pulling.insert(image.clone()) {
+                continue;
+            }
+            let images = self.engine.images().clone();
+            let options = PullOptions {
+                mirror: Some(format!("http://{}", self.config.controller)),
+                fallback_to_origin: true,
+                ..PullOptions::default()
+            };
+            let done = self.pulls_tx.clone();
+            // The blocking pool: a pull is network and disk I/O, and forks
+            // nothing.
+            tokio::task::spawn_blocking(move || {
+                let result = images
+                    .pull(&image, &options, &mut |_| {})
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
+                let _ = done.send((image, result));
+            });
+        }
+    }
+
+    /// A pull ended: its tasks go to the worker, or are rejected.
+    fn pulled(&mut self, image: String, result: Result<(), String>) {
+        self.pulling.remove(&image);
+        let tasks: Vec<String> = self
+            .assigned
+            .iter()
+            .filter(|(_, a)| !a.ready && a.spec.image == image)
+            .map(|(id, _)| id.clone())
+            .collect();
+        match result {
+            Ok(()) => {
+                for id in &tasks {
+                    if let Some(a) = self.assigned.get_mut(id) {
+                        a.ready = true;
+                    }
+                }
+            }
+            Err(e) => {
+                for id in tasks {
+                    if let Some(a) = self.assigned.remove(&id) {
+                        self.refuse(id, a.spec.generation, format!("pull {image}: {e}"));
+                    }
+                }
+            }
+        }
+        self.apply();
+    }
+
+    /// Hands the worker every ready task.
+    fn apply(&mut self) {
+        self.apply_seq += 1;
+        let tasks: Vec<TaskSpec> = self
+            .assigned
+            .values()
+            .filter(|a| a.ready)
+            .map(|a| a.spec.clone())
+            .collect();
+        if self
+            .control
+            .send(Control::Apply {
+                tasks,
+                generation: self.apply_seq,
+            })
+            .is_err()
+        {
+            tracing::error!("the worker is gone; assignments not applied");
+        }
+    }
+
+    /// The container of a task: the one the worker reported, else the one
+    /// labelled with it.
+    fn container_of(&self, task: &str) -> Option<ContainerId> {
+        if let Some(Ok(id)) = self.containers.get(task).map(|c| c.parse()) {
+            return Some(id);
+        }
+        self.engine.list().ok()?.into_iter().find_map(|info| {
+            (info.config.labels.get(LABEL_TASK_ID).map(String::as_str) == Some(task))
+                .then_some(info.id)
+        })
+    }
+
+    /// A log request: the task container's json-file log, relayed in
+    /// chunks from a blocking thread (file reads, no forks).
+    fn logs(&mut self, request: pb::LogRequest, tx: mpsc::Sender<pb::AgentMessage>) {
+        let id = request.request_id;
+        let chunk = move |entries: Vec<pb::LogEntry>, end: bool| pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Logs(pb::LogChunk {
+                request_id: id,
+                entries,
+                end,
+            })),
+        };
+        let Some(container) = self.container_of(&request.task) else {
+            let _ = tx.try_send(chunk(Vec::new(), true));
+            return;
+        };
+        let cancel = Arc::new(AtomicBool::new(false));
+        if request.follow {
+            self.log_requests.insert(id, cancel.clone());
+        }
+        let engine = self.engine.clone();
+        let node = self.node.node_id.clone();
+        tokio::task::spawn_blocking(move || {
+            let path = engine.container_dir(&container).join(LOG_FILE);
+            let options = LogOptions {
+                follow: request.follow,
+                tail: request
+                    .tail
+                    .map(|t| usize::try_from(t).unwrap_or(usize::MAX)),
+                ..LogOptions::default()
+            };
+            let mut buffer: Vec<pb::LogEntry> = Vec::new();
+            let mut last_flush = std::time::Instant::now();
+            let mut still_running = || {
+                if cancel.load(Ordering::Relaxed) || tx.is_closed() {
+                    return false;
+                }
+                matches!(
+                    engine.inspect(&container).map(|i| i.state),
+                    Ok(ContainerState::Running)
+                )
+            };
+            let mut sink = |entry: &logs::LogEntry| -> std::io::Result<()> {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(std::io::Error::other("cancelled"));
+                }
+                let time = parse_rfc3339(&entry.time)
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+                if request.since_unix_nanos.is_some_and(|since| time < since) {
+                    return Ok(());
+                }
+                let line = entry.log.strip_suffix('\n').unwrap_or(&entry.log);
+                buffer.push(pb::LogEntry {
+                    task: request.task.clone(),
+                    node: node.clone(),
+                    stream: match entry.stream {
+                        Stream::Stdout => pb::LogStream::Stdout as i32,
+                        Stream::Stderr => pb::LogStream::Stderr as i32,
+                    },
+                    time_unix_nanos: time,
+                    line: line.as_bytes().to_vec(),
+                });
+                if buffer.len() >= LOG_CHUNK || last_flush.elapsed() >= LOG_POLL {
+                    last_flush = std::time::Instant::now();
+                    tx.blocking_send(chunk(std::mem::take(&mut buffer), false))
+                        .map_err(|_| std::io::Error::other("session closed"))?;
+                }
+                Ok(())
+            };
+            let result = logs::read_logs(&path, &options, &mut still_running, &mut sink);
+            if let Err(e) = &result {
+                tracing::debug!(request = id, "logs: {e}");
+            }
+            let _ = tx.blocking_send(chunk(buffer, true));
+        });
+    }
+
+    /// An exec request: the first carries what to run, in a child `gantry
+    /// container exec` (a fresh process, so nothing here forks to run Rust
+    /// code); the next ones its stdin.
+    fn exec(&mut self, request: pb::ExecRequest, tx: mpsc::Sender<pb::AgentMessage>) {
+        use pb::exec_client_message::Message as C;
+        let id = request.request_id;
+        let Some(message) = request.message.and_then(|m| m.message) else {
+            return;
+        };
+        match message {
+            C::Start(start) => {
+                let (input_tx, input_rx) = mpsc::unbounded_channel();
+                self.execs.insert(id, input_tx);
+                let container = self.container_of(&start.task);
+                let gantry = self.config.gantry_binary.clone();
+                let data_dir = self.config.data_dir.root().to_path_buf();
+                tokio::spawn(exec_relay(
+                    id, start, container, gantry, data_dir, input_rx, tx,
+                ));
+            }
+            C::Stdin(bytes) => {
+                if let Some(input) = self.execs.get(&id) {
+                    let _ = input.send(ExecInput::Stdin(bytes));
+                }
+            }
+            C::CloseStdin(_) => {
+                if let Some(input) = self.execs.get(&id) {
+                    let _ = input.send(ExecInput::CloseStdin);
+                }
+            }
+            // No TTY yet, so nothing to resize.
+            C::Resize(_) => {}
+        }
+    }
+
+    /// Cancels what rode on a stream that ended: followed logs and execs.
+    fn end_relays(&mut self) {
+        for (_, flag) in self.log_requests.drain() {
+            flag.store(true, Ordering::Relaxed);
+        }
+        self.execs.clear();
+    }
+}
+
+fn is_final(status: &pb::TaskStatus) -> bool {
+    matches!(
+        pb::TaskState::try_from(status.state),
+        Ok(pb::TaskState::Complete
+            | pb::TaskState::Failed
+            | pb::TaskState::Rejected
+            | pb::TaskState::Shutdown
+            | pb::TaskState::Orphaned)
+    )
+}
+
+/// Runs one exec and relays its output; ends with `exit` (126 when it could
+/// not run, as a shell reports a command it cannot execute).
+async fn exec_relay(
+    id: u64,
+    start: pb::ExecStart,
+    container: Option<ContainerId>,
+    gantry: std::path::PathBuf,
+    data_dir: std::path::PathBuf,
+    mut input: mpsc::UnboundedReceiver<ExecInput>,
+    tx: mpsc::Sender<pb::AgentMessage>,
+) {
+    use pb::exec_server_message::Message as S;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let out = |m: S| pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Exec(pb::ExecOutput {
+            request_id: id,
+            output: Some(pb::ExecServerMessage { message: Some(m) }),
+        })),
+    };
+    let fail = |reason: String| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx
+                .send(out(S::Stderr(format!("gantry: {reason}\n").into_bytes())))
+                .await;
+            let _ = tx.send(out(S::Exit(pb::ExecExit { code: 126 }))).await;
+        }
+    };
+    let Some(container) = container else {
+        return fail(format!("task {} has no container on this node", start.task)).await;
+    };
+    if start.tty {
+        return fail("a terminal (-t) is not supported by this agent yet".into()).await;
+    }
+    if start.command.is_empty() {
+        return fail("no command given".into()).await;
+    }
+    let mut command = tokio::process::Command::new(&gantry);
+    command
+        .arg("container")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .arg("exec")
+        .arg("-i");
+    if let Some(user) = &start.user {
+        command.arg("--user").arg(user);
+    }
+    if let Some(dir) = &start.working_dir {
+        command.arg("--workdir").arg(dir);
+    }
+    for (k, v) in &start.env {
+        command.arg("--env").arg(format!("{k}={v}"));
+    }
+    command
+        .arg(container.as_str())
+        .args(&start.command)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        // Its own group: a cancel kills the CLI and what it started at once.
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match command.spawn() {
+        Ok(c) => c,
+        Err(e) => return fail(format!("running {}: {e}", gantry.display())).await,
+    };
+    let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+    let mut stdin = child.stdin.take();
+    let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return fail("exec pipes missing".into()).await;
+    };
+    let (mut out_open, mut err_open) = (true, true);
+    let mut buf_out = vec![0u8; 16 * 1024];
+    let mut buf_err = vec![0u8; 16 * 1024];
+    let mut cancelled = false;
+    while out_open || err_open {
+        tokio::select! {
+            n = stdout.read(&mut buf_out), if out_open => match n {
+                Ok(0) | Err(_) => out_open = false,
+                Ok(n) => { let _ = tx.send(out(S::Stdout(buf_out[..n].to_vec()))).await; }
+            },
+            n = stderr.read(&mut buf_err), if err_open => match n {
+                Ok(0) | Err(_) => err_open = false,
+                Ok(n) => { let _ = tx.send(out(S::Stderr(buf_err[..n].to_vec()))).await; }
+            },
+            i = input.recv(), if !cancelled => match i {
+                Some(ExecInput::Stdin(bytes)) => {
+                    if let Some(s) = stdin.as_mut() && s.write_all(&bytes).await.is_err() {
+                        stdin = None;
+                    }
+                }
+                Some(ExecInput::CloseStdin) => stdin = None,
+                None => {
+                    // Cancelled, or the session ended.
+                    cancelled = true;
+                    if let Some(pgid) = pgid {
+                        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::SIGKILL);
+                    }
+                }
+            },
+        }
+    }
+    let code = match child.wait().await {
+        Ok(status) => {
+            use std::os::unix::process::ExitStatusExt;
+            status
+                .code()
+                .or_else(|| status.signal().map(|s| 128 + s))
+                .unwrap_or(255)
+        }
+        Err(_) => 255,
+    };
+    let _ = tx.send(out(S::Exit(pb::ExecExit { code }))).await;
+}
