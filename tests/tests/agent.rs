@@ -655,6 +655,46 @@ fn logs_and_exec_are_relayed() {
             .all(|e| e.task == "task5relay" && e.time_unix_nanos > 0)
     );
 
+    // Followed: what is there comes at once, then the stream stays open
+    // until cancelled.
+    controller.send(pb::controller_message::Message::Logs(pb::LogRequest {
+        request_id: 50,
+        task: "task5relay".into(),
+        follow: true,
+        tail: Some(1),
+        since_unix_nanos: None,
+    }));
+    let followed = controller.wait_for("followed lines", WAIT, |s| {
+        let entries: Vec<pb::LogEntry> = s
+            .logs
+            .iter()
+            .filter(|c| c.request_id == 50)
+            .flat_map(|c| c.entries.clone())
+            .collect();
+        (!entries.is_empty()).then_some(entries)
+    });
+    assert_eq!(followed.len(), 1, "tail 1: {followed:?}");
+    assert!(
+        !controller
+            .shared
+            .seen
+            .lock()
+            .unwrap()
+            .logs
+            .iter()
+            .any(|c| c.request_id == 50 && c.end),
+        "a followed request stays open"
+    );
+    controller.send(pb::controller_message::Message::Cancel(pb::CancelRequest {
+        request_id: 50,
+    }));
+    controller.wait_for("followed end after cancel", WAIT, |s| {
+        s.logs
+            .iter()
+            .any(|c| c.request_id == 50 && c.end)
+            .then_some(())
+    });
+
     use pb::exec_client_message::Message as X;
     let exec = |m: X| {
         pb::controller_message::Message::Exec(pb::ExecRequest {
@@ -683,4 +723,103 @@ fn logs_and_exec_are_relayed() {
     });
     assert_eq!(String::from_utf8_lossy(&stdout), "abcdone\n");
     assert_eq!(code, 3);
+}
+
+#[test]
+fn sigterm_stops_the_agent_and_leaves_its_containers() {
+    require!();
+    let controller = FakeController::start();
+    let mut node = Node::new(&controller);
+    controller.assign(vec![task("task6term", "exec sleep 1000")]);
+    controller.wait_status("task6term", pb::TaskState::Running, 1);
+    let pid = running_container(&node.containers(), "task6term")
+        .unwrap()
+        .pid;
+    let mut agent = node.agent.take().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = agent.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = agent.kill();
+            let _ = agent.wait();
+            panic!("the agent did not stop on SIGTERM:\n{}", node.log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}: {}", node.log());
+    let after = node.containers();
+    assert_eq!(
+        running_container(&after, "task6term").map(|c| c.pid),
+        Some(pid),
+        "the workload outlives its agent"
+    );
+}
+
+#[test]
+fn incremental_sets_and_desired_shutdown_edit_the_wanted_set() {
+    require!();
+    let controller = FakeController::start();
+    let node = Node::new(&controller);
+    controller.assign(vec![task("task7a", "exec sleep 1000")]);
+    controller.wait_status("task7a", pb::TaskState::Running, 1);
+    let change = |action: pb::AssignmentAction, mut task: pb::Task, generation: u64| {
+        task.generation = generation;
+        pb::AssignmentChange {
+            action: action as i32,
+            task: Some(task),
+        }
+    };
+    // Incremental: add b, keep a.
+    controller.send(pb::controller_message::Message::Assignments(
+        pb::AssignmentSet {
+            generation: 2,
+            full: false,
+            changes: vec![change(
+                pb::AssignmentAction::Update,
+                task("task7b", "exec sleep 1000"),
+                2,
+            )],
+        },
+    ));
+    controller.wait_status("task7b", pb::TaskState::Running, 1);
+    // A stale set (generation 2 again) is ignored: c never starts.
+    controller.send(pb::controller_message::Message::Assignments(
+        pb::AssignmentSet {
+            generation: 2,
+            full: false,
+            changes: vec![change(
+                pb::AssignmentAction::Update,
+                task("task7c", "exec sleep 1000"),
+                2,
+            )],
+        },
+    ));
+    // Incremental: remove a; b's desired state goes to shutdown.
+    let mut b_down = task("task7b", "exec sleep 1000");
+    b_down.desired_state = pb::DesiredState::Shutdown as i32;
+    controller.send(pb::controller_message::Message::Assignments(
+        pb::AssignmentSet {
+            generation: 3,
+            full: false,
+            changes: vec![
+                change(pb::AssignmentAction::Remove, task("task7a", ""), 3),
+                change(pb::AssignmentAction::Update, b_down, 3),
+            ],
+        },
+    ));
+    controller.wait_status("task7a", pb::TaskState::Shutdown, 1);
+    controller.wait_status("task7b", pb::TaskState::Shutdown, 1);
+    assert!(node.containers().is_empty());
+    let seen = controller.shared.seen.lock().unwrap();
+    assert!(
+        !seen.updates.iter().any(|(_, u)| u.task == "task7c"),
+        "the stale set was applied"
+    );
 }

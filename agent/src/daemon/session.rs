@@ -24,6 +24,7 @@ use crate::image::PullOptions;
 use crate::worker::{Control, LABEL_TASK_ID, TaskSpec, TaskStatus};
 use gantry_proto::v1 as pb;
 use gantry_proto::v1::dispatcher_client::DispatcherClient;
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
@@ -36,8 +37,6 @@ use tonic::transport::Endpoint;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Log lines sent in one chunk at most.
 const LOG_CHUNK: usize = 256;
-/// How often a followed log looks for new lines (and for a cancel).
-const LOG_POLL: Duration = Duration::from_millis(50);
 
 /// What the node says about itself in `Hello`.
 #[derive(Debug, Clone)]
@@ -273,7 +272,6 @@ impl Agent {
         self.unsent = self
             .statuses
             .iter()
-            .chain(self.refused.iter())
             .map(|(task, (generation, status))| pb::TaskStatusUpdate {
                 task: task.clone(),
                 generation: *generation,
@@ -361,6 +359,13 @@ impl Agent {
             .or_else(|| self.statuses.get(&status.task_id).map(|(g, _)| *g))
             .unwrap_or(self.last_generation);
         let wire = convert::status_to_wire(&status);
+        if status.state == crate::worker::TaskState::Rejected && status.container_id.is_none() {
+            // The worker could not create its container and does not hold
+            // it: kept out of later applies, which would only try again.
+            self.assigned.remove(&status.task_id);
+            self.refused
+                .insert(status.task_id.clone(), (generation, wire.clone()));
+        }
         self.set_status(status.task_id, generation, wire);
     }
 
@@ -406,12 +411,8 @@ impl Agent {
         }
         self.last_generation = set.generation;
         let mut wanted: BTreeMap<String, pb::Task> = BTreeMap::new();
-        let mut removed: BTreeSet<String> = BTreeSet::new();
-        if !set.full {
-            // Start from what is assigned; the pb tasks are rebuilt below
-            // only for changes.
-            removed.extend(self.assigned.keys().cloned());
-        }
+        // The tasks an UPDATE names; an incremental set leaves the others
+        // as they are.
         for change in set.changes {
             let Some(task) = change.task else {
                 tracing::warn!("assignment change without a task, ignored");
@@ -419,13 +420,11 @@ impl Agent {
             };
             match pb::AssignmentAction::try_from(change.action) {
                 Ok(pb::AssignmentAction::Update) => {
-                    removed.remove(&task.id);
                     wanted.insert(task.id.clone(), task);
                 }
                 Ok(pb::AssignmentAction::Remove) if !set.full => {
                     wanted.remove(&task.id);
                     self.assigned.remove(&task.id);
-                    removed.remove(&task.id);
                 }
                 _ => {
                     tracing::warn!(task = %task.id, action = change.action, full = set.full, "assignment action refused")
@@ -441,9 +440,6 @@ impl Agent {
                 .retain(|id, (_, s)| keep.contains(id) || !is_final(s));
             self.refused.retain(|id, _| keep.contains(id));
         }
-        // `removed` now holds the kept tasks of an incremental set that no
-        // change named: they stay as they are.
-        let _ = removed;
         for (id, task) in wanted {
             let desired = pb::DesiredState::try_from(task.desired_state);
             if desired != Ok(pb::DesiredState::Running) {
@@ -626,10 +622,15 @@ impl Agent {
                     .map(|t| usize::try_from(t).unwrap_or(usize::MAX)),
                 ..LogOptions::default()
             };
-            let mut buffer: Vec<pb::LogEntry> = Vec::new();
-            let mut last_flush = std::time::Instant::now();
+            // Shared by the sink and the follower's poll, which sends what a
+            // quiet container wrote last instead of holding it back.
+            let buffer: RefCell<Vec<pb::LogEntry>> = RefCell::new(Vec::new());
             let mut still_running = || {
                 if cancel.load(Ordering::Relaxed) || tx.is_closed() {
+                    return false;
+                }
+                let pending = std::mem::take(&mut *buffer.borrow_mut());
+                if !pending.is_empty() && tx.blocking_send(chunk(pending, false)).is_err() {
                     return false;
                 }
                 matches!(
@@ -648,6 +649,7 @@ impl Agent {
                     return Ok(());
                 }
                 let line = entry.log.strip_suffix('\n').unwrap_or(&entry.log);
+                let mut buffer = buffer.borrow_mut();
                 buffer.push(pb::LogEntry {
                     task: request.task.clone(),
                     node: node.clone(),
@@ -658,8 +660,7 @@ impl Agent {
                     time_unix_nanos: time,
                     line: line.as_bytes().to_vec(),
                 });
-                if buffer.len() >= LOG_CHUNK || last_flush.elapsed() >= LOG_POLL {
-                    last_flush = std::time::Instant::now();
+                if buffer.len() >= LOG_CHUNK {
                     tx.blocking_send(chunk(std::mem::take(&mut buffer), false))
                         .map_err(|_| std::io::Error::other("session closed"))?;
                 }
@@ -669,7 +670,7 @@ impl Agent {
             if let Err(e) = &result {
                 tracing::debug!(request = id, "logs: {e}");
             }
-            let _ = tx.blocking_send(chunk(buffer, true));
+            let _ = tx.blocking_send(chunk(buffer.take(), true));
         });
     }
 
