@@ -9,7 +9,8 @@
 //!   down, statuses up, image pulls, logs and exec relays, reconnects.
 //!
 //! [`run`] builds its own tokio runtime (the `gantry` binary's `main` is
-//! synchronous and starts no threads before dispatch). The worker runs on a
+//! synchronous and starts no threads before dispatch); [`serve`] is the same
+//! on the caller's runtime, for `gantry up`. The worker runs on a
 //! std thread of its own: every engine call that spawns a shim is made
 //! there, never from the runtime, and nothing async forks to run Rust code
 //! (shims and exec relays are re-executed `gantry` processes).
@@ -121,10 +122,33 @@ impl AgentConfig {
     }
 }
 
-/// Runs the agent until `shutdown` completes: a tokio runtime (2 worker
-/// threads) for the session, the worker on its own thread. On shutdown the
-/// worker returns and the containers keep running.
+/// Runs the agent until `shutdown` completes, on a tokio runtime of its own
+/// (2 worker threads), with the worker on its own thread. On shutdown the
+/// worker returns and the containers keep running. For a process that is
+/// the agent alone (`gantry agent`).
 pub fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("gantry-agent")
+        .enable_all()
+        .build()
+        .map_err(|source| AgentError::Start {
+            what: "the async runtime",
+            source,
+        })?;
+    let result = runtime.block_on(serve(config, shutdown));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+/// [`run`] on the caller's runtime, for a process that runs more than the
+/// agent (`gantry up`: the controller and an agent in one process). The
+/// worker still gets a std thread of its own, so the engine's shim spawns
+/// never happen on the runtime.
+pub async fn serve(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
     validate_controller(&config.controller)?;
     let node = session::NodeInfo::describe(&config)?;
     let engine = Engine::open(EngineConfig {
@@ -136,8 +160,8 @@ pub fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<()
         source,
     })?;
     let (status_tx, status_rx) = std::sync::mpsc::channel();
-    // Made here, before any other thread exists: it lists the containers to
-    // adopt, and may remove duplicates.
+    // Lists the containers to adopt (kept running until the first
+    // assignments say which are still wanted); a few file reads.
     let worker = Worker::new(
         engine.clone(),
         WorkerConfig {
@@ -147,15 +171,6 @@ pub fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<()
         },
         status_tx,
     )?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("gantry-agent")
-        .enable_all()
-        .build()
-        .map_err(|source| AgentError::Start {
-            what: "the async runtime",
-            source,
-        })?;
     let (control_tx, control_rx) = std::sync::mpsc::channel::<Control>();
     let worker_thread = std::thread::Builder::new()
         .name("gantry-worker".into())
@@ -181,15 +196,18 @@ pub fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<()
             source,
         })?;
     let agent = session::Agent::new(config, node, engine, control_tx.clone(), event_rx);
-    runtime.block_on(agent.run(shutdown));
+    agent.run(shutdown).await;
     // Containers stay: the worker only waits for removals in flight.
     let _ = control_tx.send(Control::Shutdown);
-    let result = worker_thread.join();
-    let _ = relay.join();
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    match result {
-        Ok(r) => Ok(r?),
-        Err(_) => Err(AgentError::WorkerPanicked),
+    let joined = tokio::task::spawn_blocking(move || {
+        let result = worker_thread.join();
+        let _ = relay.join();
+        result
+    })
+    .await;
+    match joined {
+        Ok(Ok(result)) => Ok(result?),
+        Ok(Err(_)) | Err(_) => Err(AgentError::WorkerPanicked),
     }
 }
 
