@@ -12,7 +12,7 @@ use gantry_proto::v1 as pb;
 use gantry_proto::v1::dispatcher_server::{Dispatcher, DispatcherServer};
 use gantry_tests::bundle::{APPLETS, HOST_BUSYBOX};
 use gantry_tests::gantry_bin;
-use gantry_tests::image_fixtures::write_single_layer_layout;
+use gantry_tests::image_fixtures::{Registry, have, skopeo_push, write_single_layer_layout};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -127,6 +127,10 @@ impl Dispatcher for FakeDispatcher {
 }
 
 /// A Dispatcher server on a loopback port, on a runtime of its own.
+///
+/// The port is a front that plays the controller's one listener: HTTP/2
+/// (gRPC) goes to the Dispatcher, HTTP/1.1 (`/v2/`, the registry agents
+/// pull from) to `registry` when there is one, else is closed.
 struct FakeController {
     shared: Arc<Shared>,
     addr: SocketAddr,
@@ -136,6 +140,10 @@ struct FakeController {
 
 impl FakeController {
     fn start() -> FakeController {
+        FakeController::with_registry(None)
+    }
+
+    fn with_registry(registry: Option<u16>) -> FakeController {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -145,7 +153,12 @@ impl FakeController {
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
-        let addr = listener.local_addr().unwrap();
+        let grpc = listener.local_addr().unwrap();
+        let front = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = front.local_addr().unwrap();
+        runtime.spawn(split_front(front, grpc, registry));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let service = DispatcherServer::new(FakeDispatcher(shared.clone()));
         runtime.spawn(async move {
@@ -246,6 +259,36 @@ impl FakeController {
                 })
             },
         )
+    }
+}
+
+/// Sends each connection to the gRPC server or the registry by its first
+/// bytes (the HTTP/2 preface starts with `PRI`).
+async fn split_front(front: tokio::net::TcpListener, grpc: SocketAddr, registry: Option<u16>) {
+    while let Ok((mut inbound, _)) = front.accept().await {
+        tokio::spawn(async move {
+            let mut head = [0u8; 3];
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match inbound.peek(&mut head).await {
+                    Ok(3) => break,
+                    Ok(0) | Err(_) => return,
+                    Ok(_) if Instant::now() > deadline => return,
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+            let target = if &head == b"PRI" {
+                grpc
+            } else {
+                match registry {
+                    Some(port) => SocketAddr::from(([127, 0, 0, 1], port)),
+                    None => return,
+                }
+            };
+            if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
     }
 }
 
@@ -822,4 +865,46 @@ fn incremental_sets_and_desired_shutdown_edit_the_wanted_set() {
         !seen.updates.iter().any(|(_, u)| u.task == "task7c"),
         "the stale set was applied"
     );
+}
+
+#[test]
+fn a_missing_image_is_pulled_from_the_controller_registry() {
+    require!();
+    if !have("skopeo") {
+        println!("SKIPPED: needs skopeo to fill the test registry");
+        return;
+    }
+    let Some(registry) = Registry::start("") else {
+        println!("SKIPPED: needs Debian's docker-registry");
+        return;
+    };
+    // The image only the "controller" has: pushed to the registry behind
+    // its port under its full name, as `gantry image load` would keep it.
+    let layout = tempfile::tempdir().unwrap();
+    write_single_layer_layout(
+        layout.path(),
+        &busybox_layer(),
+        &[("v1", json!({"Cmd": ["sh"], "Env": ["PATH=/bin"]}))],
+    );
+    skopeo_push(
+        layout.path(),
+        "v1",
+        &format!("{}/gantry.test/web:v1", registry.host()),
+        None,
+    )
+    .unwrap_or_else(|e| panic!("skopeo push: {e}\n{}", registry.log()));
+    let controller = FakeController::with_registry(Some(registry.port));
+    let node = Node::new(&controller);
+    assert!(node.engine.images().resolve("gantry.test/web:v1").is_err());
+    let mut t = task("task8pull", "exec sleep 1000");
+    t.spec.as_mut().unwrap().image = "gantry.test/web:v1".into();
+    controller.assign(vec![t]);
+    let preparing = controller.wait_status("task8pull", pb::TaskState::Preparing, 1);
+    assert!(
+        preparing.message.contains("gantry.test/web:v1"),
+        "{preparing:?}"
+    );
+    controller.wait_status("task8pull", pb::TaskState::Running, 1);
+    assert!(node.engine.images().resolve("gantry.test/web:v1").is_ok());
+    assert!(running_container(&node.containers(), "task8pull").is_some());
 }
