@@ -65,6 +65,24 @@ struct Shared {
 #[derive(Clone)]
 struct FakeDispatcher(Arc<Shared>);
 
+/// A full assignment set of `tasks` at `generation`.
+fn full_set(tasks: Vec<pb::Task>, generation: u64) -> pb::AssignmentSet {
+    pb::AssignmentSet {
+        generation,
+        full: true,
+        changes: tasks
+            .into_iter()
+            .map(|mut task| {
+                task.generation = generation;
+                pb::AssignmentChange {
+                    action: pb::AssignmentAction::Update as i32,
+                    task: Some(task),
+                }
+            })
+            .collect(),
+    }
+}
+
 fn message(m: pb::controller_message::Message) -> Result<pb::ControllerMessage, Status> {
     Ok(pb::ControllerMessage { message: Some(m) })
 }
@@ -184,24 +202,21 @@ impl FakeController {
     fn assign(&self, tasks: Vec<pb::Task>) {
         let mut seen = self.shared.seen.lock().unwrap();
         seen.generation += 1;
-        let set = pb::AssignmentSet {
-            generation: seen.generation,
-            full: true,
-            changes: tasks
-                .into_iter()
-                .map(|mut task| {
-                    task.generation = seen.generation;
-                    pb::AssignmentChange {
-                        action: pb::AssignmentAction::Update as i32,
-                        task: Some(task),
-                    }
-                })
-                .collect(),
-        };
+        let set = full_set(tasks, seen.generation);
         seen.full_set = Some(set.clone());
         if let Some(session) = &seen.session {
             let _ = session.try_send(message(pb::controller_message::Message::Assignments(set)));
         }
+    }
+
+    /// Plays a controller that restarted and lost its generation count:
+    /// the stream ends, and the next session opens with `tasks` at
+    /// generation 1.
+    fn restart_with(&self, tasks: Vec<pb::Task>) {
+        let mut seen = self.shared.seen.lock().unwrap();
+        seen.generation = 1;
+        seen.full_set = Some(full_set(tasks, 1));
+        seen.session = None;
     }
 
     fn send(&self, m: pb::controller_message::Message) {
@@ -567,6 +582,21 @@ fn a_dropped_stream_reconnects_without_touching_containers() {
         dropped.elapsed() < Duration::from_secs(3),
         "reconnect took {:?}",
         dropped.elapsed()
+    );
+
+    // A controller that restarted counting generations from 1 again: the
+    // full set that opens the session is applied all the same.
+    controller.assign(vec![task("task2keep", "exec sleep 1000")]);
+    controller.restart_with(vec![
+        task("task2keep", "exec sleep 1000"),
+        task("task2new", "exec sleep 1000"),
+    ]);
+    controller.wait_status("task2new", pb::TaskState::Running, 3);
+    let after = node.containers();
+    assert_eq!(
+        running_container(&after, "task2keep").unwrap().pid,
+        pid,
+        "still the same container"
     );
 }
 

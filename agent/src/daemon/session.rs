@@ -98,6 +98,8 @@ pub struct Agent {
     pulling: BTreeSet<String>,
     /// The newest assignment generation applied (0: none).
     last_generation: u64,
+    /// No set has come on this session yet.
+    awaiting_full_set: bool,
     /// Every task the controller wants running here.
     assigned: BTreeMap<String, Assigned>,
     /// Tasks refused before the worker saw them, with their status.
@@ -136,6 +138,7 @@ impl Agent {
             pulls_rx,
             pulling: BTreeSet::new(),
             last_generation: 0,
+            awaiting_full_set: false,
             assigned: BTreeMap::new(),
             refused: BTreeMap::new(),
             statuses: BTreeMap::new(),
@@ -259,6 +262,7 @@ impl Agent {
             ));
         }
         tracing::info!(session = %accepted.session_id, node = %self.node.node_id, "session accepted");
+        self.awaiting_full_set = true;
         let period = match accepted.heartbeat_period_ms {
             0 => self.config.heartbeat_period,
             ms => Duration::from_millis(ms),
@@ -399,9 +403,14 @@ impl Agent {
     }
 
     /// An assignment set: the wanted tasks updated, then handed to the
-    /// worker. A set not newer than the last one is stale and ignored.
+    /// worker. A set not newer than the last one is stale and ignored,
+    /// except the full set that opens a session: it is the controller's
+    /// whole truth, and applying it again is harmless (running tasks are
+    /// left as they are), while ignoring it would leave this node deaf to a
+    /// controller that restarted and counts generations from lower again.
     fn assignments(&mut self, set: pb::AssignmentSet) {
-        if set.generation <= self.last_generation {
+        let opening = std::mem::take(&mut self.awaiting_full_set) && set.full;
+        if set.generation <= self.last_generation && !opening {
             tracing::debug!(
                 generation = set.generation,
                 last = self.last_generation,
