@@ -891,6 +891,17 @@ fn incremental_sets_and_desired_shutdown_edit_the_wanted_set() {
     controller.wait_status("task7b", pb::TaskState::Shutdown, 1);
     assert!(node.containers().is_empty());
     let seen = controller.shared.seen.lock().unwrap();
+    // The shutdown answers the generation that asked for it; a controller
+    // drops reports older than the task's current generation.
+    let b_shutdown = seen
+        .updates
+        .iter()
+        .find(|(_, u)| {
+            u.task == "task7b"
+                && u.status.as_ref().map(|s| s.state) == Some(pb::TaskState::Shutdown as i32)
+        })
+        .map(|(_, u)| u.generation);
+    assert_eq!(b_shutdown, Some(3));
     assert!(
         !seen.updates.iter().any(|(_, u)| u.task == "task7c"),
         "the stale set was applied"

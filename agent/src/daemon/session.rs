@@ -98,6 +98,8 @@ pub struct Agent {
     pulling: BTreeSet<String>,
     /// The newest assignment generation applied (0: none).
     last_generation: u64,
+    /// The generation of every task as last received, for its reports.
+    generations: BTreeMap<String, u64>,
     /// No set has come on this session yet.
     awaiting_full_set: bool,
     /// Every task the controller wants running here.
@@ -138,6 +140,7 @@ impl Agent {
             pulls_rx,
             pulling: BTreeSet::new(),
             last_generation: 0,
+            generations: BTreeMap::new(),
             awaiting_full_set: false,
             assigned: BTreeMap::new(),
             refused: BTreeMap::new(),
@@ -357,10 +360,9 @@ impl Agent {
             self.containers.insert(status.task_id.clone(), c.clone());
         }
         let generation = self
-            .assigned
+            .generations
             .get(&status.task_id)
-            .map(|a| a.spec.generation)
-            .or_else(|| self.statuses.get(&status.task_id).map(|(g, _)| *g))
+            .copied()
             .unwrap_or(self.last_generation);
         let wire = convert::status_to_wire(&status);
         if status.state == crate::worker::TaskState::Rejected && status.container_id.is_none() {
@@ -447,9 +449,18 @@ impl Agent {
             let keep: BTreeSet<&String> = wanted.keys().collect();
             self.statuses
                 .retain(|id, (_, s)| keep.contains(id) || !is_final(s));
+            let statuses = &self.statuses;
+            self.generations
+                .retain(|id, _| keep.contains(id) || statuses.contains_key(id));
             self.refused.retain(|id, _| keep.contains(id));
         }
         for (id, task) in wanted {
+            // Reports carry the generation of the task as last received,
+            // the one the controller checks them against (a desired
+            // shutdown bumps it, and the shutdown that follows must not
+            // read as a stale report about the running task).
+            let known = self.generations.entry(id.clone()).or_default();
+            *known = (*known).max(task.generation);
             let desired = pb::DesiredState::try_from(task.desired_state);
             if desired != Ok(pb::DesiredState::Running) {
                 // Desired shutdown (or nonsense): not wanted here.
