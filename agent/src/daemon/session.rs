@@ -629,6 +629,9 @@ impl Agent {
         };
         let cancel = Arc::new(AtomicBool::new(false));
         if request.follow {
+            // Forget the followers that ended on their own (their thread
+            // dropped its handle on the flag).
+            self.log_requests.retain(|_, f| Arc::strong_count(f) > 1);
             self.log_requests.insert(id, cancel.clone());
         }
         let engine = self.engine.clone();
@@ -706,6 +709,8 @@ impl Agent {
         match message {
             C::Start(start) => {
                 let (input_tx, input_rx) = mpsc::unbounded_channel();
+                // Forget the relays whose process ended.
+                self.execs.retain(|_, input| !input.is_closed());
                 self.execs.insert(id, input_tx);
                 let container = self.container_of(&start.task);
                 let gantry = self.config.gantry_binary.clone();
