@@ -3,6 +3,7 @@
 //!
 //! - [`node`]: the node's id (made once, kept in `<data_dir>/agent/node-id`),
 //!   hostname, resources and platform.
+//! - [`assignments`]: the wanted set as assignment sets edit it (pure).
 //! - [`convert`]: the controller's tasks as the worker's specs, and the
 //!   worker's statuses as the wire's.
 //! - [`session`]: the dispatcher session: hello, heartbeats, assignments
@@ -23,6 +24,7 @@
 //! this data directory adopts them (an agent killed with -9 and restarted
 //! re-attaches the same way).
 
+pub mod assignments;
 pub mod convert;
 pub mod node;
 pub mod session;

@@ -15,13 +15,14 @@
 //! pull (from the controller's registry first, then the image's own) on a
 //! thread of the blocking pool brings it; other tasks go on meanwhile.
 
+use super::assignments::{Assigned, Wanted};
 use super::convert;
 use super::node::{self, NodeResources};
 use super::{AgentConfig, AgentError};
 use crate::engine::container::{ContainerId, ContainerState, Engine, parse_rfc3339};
 use crate::engine::logs::{self, LOG_FILE, LogOptions, Stream};
 use crate::image::PullOptions;
-use crate::worker::{Control, LABEL_TASK_ID, TaskSpec, TaskStatus};
+use crate::worker::{Control, LABEL_TASK_ID, TaskStatus};
 use gantry_proto::v1 as pb;
 use gantry_proto::v1::dispatcher_client::DispatcherClient;
 use std::cell::RefCell;
@@ -72,13 +73,6 @@ enum Ended {
     Broken { reason: String, accepted: bool },
 }
 
-/// A task the controller assigns.
-struct Assigned {
-    spec: TaskSpec,
-    /// Its image is in the store: the worker has it.
-    ready: bool,
-}
-
 /// Input for an exec relay.
 enum ExecInput {
     Stdin(Vec<u8>),
@@ -96,16 +90,8 @@ pub struct Agent {
     pulls_rx: mpsc::UnboundedReceiver<(String, Result<(), String>)>,
     /// Images being pulled.
     pulling: BTreeSet<String>,
-    /// The newest assignment generation applied (0: none).
-    last_generation: u64,
-    /// The generation of every task as last received, for its reports.
-    generations: BTreeMap<String, u64>,
-    /// No set has come on this session yet.
-    awaiting_full_set: bool,
-    /// Every task the controller wants running here.
-    assigned: BTreeMap<String, Assigned>,
-    /// Tasks refused before the worker saw them, with their status.
-    refused: BTreeMap<String, (u64, pb::TaskStatus)>,
+    /// The tasks the controller wants here.
+    wanted: Wanted,
     /// The last status of every task, with its generation.
     statuses: BTreeMap<String, (u64, pb::TaskStatus)>,
     /// Container ids the worker reported.
@@ -139,11 +125,7 @@ impl Agent {
             pulls_tx,
             pulls_rx,
             pulling: BTreeSet::new(),
-            last_generation: 0,
-            generations: BTreeMap::new(),
-            awaiting_full_set: false,
-            assigned: BTreeMap::new(),
-            refused: BTreeMap::new(),
+            wanted: Wanted::default(),
             statuses: BTreeMap::new(),
             containers: BTreeMap::new(),
             unsent: Vec::new(),
@@ -224,7 +206,7 @@ impl Agent {
                     arch: self.node.platform.1.clone(),
                 }),
                 protocol_version: gantry_proto::PROTOCOL_VERSION,
-                last_generation: self.last_generation,
+                last_generation: self.wanted.last_generation(),
             })),
         };
         if tx.send(hello).await.is_err() {
@@ -265,7 +247,7 @@ impl Agent {
             ));
         }
         tracing::info!(session = %accepted.session_id, node = %self.node.node_id, "session accepted");
-        self.awaiting_full_set = true;
+        self.wanted.session_opened();
         let period = match accepted.heartbeat_period_ms {
             0 => self.config.heartbeat_period,
             ms => Duration::from_millis(ms),
@@ -359,18 +341,12 @@ impl Agent {
         if let Some(c) = &status.container_id {
             self.containers.insert(status.task_id.clone(), c.clone());
         }
-        let generation = self
-            .generations
-            .get(&status.task_id)
-            .copied()
-            .unwrap_or(self.last_generation);
+        let generation = self.wanted.generation_of(&status.task_id);
         let wire = convert::status_to_wire(&status);
         if status.state == crate::worker::TaskState::Rejected && status.container_id.is_none() {
             // The worker could not create its container and does not hold
             // it: kept out of later applies, which would only try again.
-            self.assigned.remove(&status.task_id);
-            self.refused
-                .insert(status.task_id.clone(), (generation, wire.clone()));
+            self.wanted.refuse(&status.task_id);
         }
         self.set_status(status.task_id, generation, wire);
     }
@@ -404,107 +380,44 @@ impl Agent {
         }
     }
 
-    /// An assignment set: the wanted tasks updated, then handed to the
-    /// worker. A set not newer than the last one is stale and ignored,
-    /// except the full set that opens a session: it is the controller's
-    /// whole truth, and applying it again is harmless (running tasks are
-    /// left as they are), while ignoring it would leave this node deaf to a
-    /// controller that restarted and counts generations from lower again.
+    /// An assignment set: the wanted set edited (see [`Wanted::apply`]),
+    /// refusals reported, images prepared, the worker told.
     fn assignments(&mut self, set: pb::AssignmentSet) {
-        let opening = std::mem::take(&mut self.awaiting_full_set) && set.full;
-        if set.generation <= self.last_generation && !opening {
+        let generation = set.generation;
+        let Some(applied) = self.wanted.apply(set) else {
             tracing::debug!(
-                generation = set.generation,
-                last = self.last_generation,
+                generation,
+                last = self.wanted.last_generation(),
                 "stale assignments ignored"
             );
             return;
-        }
-        self.last_generation = set.generation;
-        let mut wanted: BTreeMap<String, pb::Task> = BTreeMap::new();
-        // The tasks an UPDATE names; an incremental set leaves the others
-        // as they are.
-        for change in set.changes {
-            let Some(task) = change.task else {
-                tracing::warn!("assignment change without a task, ignored");
-                continue;
-            };
-            match pb::AssignmentAction::try_from(change.action) {
-                Ok(pb::AssignmentAction::Update) => {
-                    wanted.insert(task.id.clone(), task);
-                }
-                Ok(pb::AssignmentAction::Remove) if !set.full => {
-                    wanted.remove(&task.id);
-                    self.assigned.remove(&task.id);
-                }
-                _ => {
-                    tracing::warn!(task = %task.id, action = change.action, full = set.full, "assignment action refused")
-                }
-            }
-        }
-        if set.full {
-            self.assigned.retain(|id, _| wanted.contains_key(id));
-            // Final statuses of tasks no longer assigned were re-sent when
-            // the session opened; the controller has them now.
-            let keep: BTreeSet<&String> = wanted.keys().collect();
+        };
+        if let Some(named) = applied.named {
+            // Final statuses of tasks a full set no longer names were
+            // re-sent when the session opened; the controller has them.
             self.statuses
-                .retain(|id, (_, s)| keep.contains(id) || !is_final(s));
+                .retain(|id, (_, s)| named.contains(id) || !is_final(s));
             let statuses = &self.statuses;
-            self.generations
-                .retain(|id, _| keep.contains(id) || statuses.contains_key(id));
-            self.refused.retain(|id, _| keep.contains(id));
+            self.wanted
+                .retain_generations(|id| named.contains(id) || statuses.contains_key(id));
         }
-        for (id, task) in wanted {
-            // Reports carry the generation of the task as last received,
-            // the one the controller checks them against (a desired
-            // shutdown bumps it, and the shutdown that follows must not
-            // read as a stale report about the running task).
-            let known = self.generations.entry(id.clone()).or_default();
-            *known = (*known).max(task.generation);
-            let desired = pb::DesiredState::try_from(task.desired_state);
-            if desired != Ok(pb::DesiredState::Running) {
-                // Desired shutdown (or nonsense): not wanted here.
-                self.assigned.remove(&id);
-                continue;
-            }
-            if self.refused.contains_key(&id) {
-                continue;
-            }
-            if let Some(current) = self.assigned.get(&id)
-                && current.spec.generation >= task.generation
-            {
-                continue;
-            }
-            match convert::task_spec(&task, &task.service) {
-                Ok(spec) => {
-                    let ready = self
-                        .assigned
-                        .get(&id)
-                        .is_some_and(|a| a.ready && a.spec.image == spec.image);
-                    self.assigned.insert(id, Assigned { spec, ready });
-                }
-                Err(e) => {
-                    self.assigned.remove(&id);
-                    self.refuse(id, task.generation, e.to_string());
-                }
-            }
+        for (task, generation, why) in applied.refused {
+            self.report_refused(task, generation, why);
         }
         self.prepare_images();
         self.apply();
     }
 
-    fn refuse(&mut self, task: String, generation: u64, message: String) {
+    fn report_refused(&mut self, task: String, generation: u64, message: String) {
         tracing::warn!(%task, "rejected: {message}");
         let status = convert::own_status(pb::TaskState::Rejected, message);
-        self.refused
-            .insert(task.clone(), (generation, status.clone()));
         self.set_status(task, generation, status);
     }
 
     /// Marks tasks whose image is here ready; starts pulls for the others.
     fn prepare_images(&mut self) {
         let mut missing: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (id, a) in self.assigned.iter_mut().filter(|(_, a)| !a.ready) {
+        for (id, a) in self.wanted.tasks_mut().filter(|(_, a)| !a.ready) {
             if self.engine.images().resolve(&a.spec.image).is_ok() {
                 a.ready = true;
             } else {
@@ -516,7 +429,7 @@ impl Agent {
         }
         for (image, tasks) in missing {
             for task in tasks {
-                let generation = self.assigned.get(&task).map_or(0, |a| a.spec.generation);
+                let generation = self.wanted.generation_of(&task);
                 let already = self
                     .statuses
                     .get(&task)
@@ -554,24 +467,26 @@ impl Agent {
     /// A pull ended: its tasks go to the worker, or are rejected.
     fn pulled(&mut self, image: String, result: Result<(), String>) {
         self.pulling.remove(&image);
-        let tasks: Vec<String> = self
-            .assigned
-            .iter()
-            .filter(|(_, a)| !a.ready && a.spec.image == image)
-            .map(|(id, _)| id.clone())
-            .collect();
+        let waiting = |a: &Assigned| !a.ready && a.spec.image == image;
         match result {
             Ok(()) => {
-                for id in &tasks {
-                    if let Some(a) = self.assigned.get_mut(id) {
+                for (_, a) in self.wanted.tasks_mut() {
+                    if waiting(a) {
                         a.ready = true;
                     }
                 }
             }
             Err(e) => {
+                let tasks: Vec<String> = self
+                    .wanted
+                    .tasks()
+                    .filter(|(_, a)| waiting(a))
+                    .map(|(id, _)| id.clone())
+                    .collect();
                 for id in tasks {
-                    if let Some(a) = self.assigned.remove(&id) {
-                        self.refuse(id, a.spec.generation, format!("pull {image}: {e}"));
+                    if self.wanted.refuse(&id).is_some() {
+                        let generation = self.wanted.generation_of(&id);
+                        self.report_refused(id, generation, format!("pull {image}: {e}"));
                     }
                 }
             }
@@ -582,12 +497,7 @@ impl Agent {
     /// Hands the worker every ready task.
     fn apply(&mut self) {
         self.apply_seq += 1;
-        let tasks: Vec<TaskSpec> = self
-            .assigned
-            .values()
-            .filter(|a| a.ready)
-            .map(|a| a.spec.clone())
-            .collect();
+        let tasks = self.wanted.ready_specs();
         if self
             .control
             .send(Control::Apply {
