@@ -68,6 +68,8 @@ impl NodeInfo {
 enum Ended {
     /// Told to shut down.
     Shutdown,
+    /// The worker stopped (its error is what [`super::serve`] returns).
+    WorkerGone,
     /// The stream broke (or never came up); `accepted` says whether the
     /// controller had taken the session, which resets the back-off.
     Broken { reason: String, accepted: bool },
@@ -143,6 +145,7 @@ impl Agent {
         loop {
             match self.session(&mut shutdown).await {
                 Ended::Shutdown => return,
+                Ended::WorkerGone => return worker_gone(),
                 Ended::Broken { reason, accepted } => {
                     if accepted {
                         backoff = first;
@@ -156,7 +159,10 @@ impl Agent {
                 tokio::select! {
                     _ = &mut shutdown => return,
                     _ = tokio::time::sleep_until(deadline) => break,
-                    Some(status) = self.events.recv() => self.record(status),
+                    status = self.events.recv() => match status {
+                        Some(status) => self.record(status),
+                        None => return worker_gone(),
+                    },
                     Some((image, result)) = self.pulls_rx.recv() => self.pulled(image, result),
                 }
             }
@@ -290,7 +296,10 @@ impl Agent {
                     Ok(None) => return broken_after_accept("the controller ended the stream".into()),
                     Err(status) => return broken_after_accept(format!("stream: {}", status.message())),
                 },
-                Some(status) = self.events.recv() => {
+                status = self.events.recv() => {
+                    let Some(status) = status else {
+                        return Ended::WorkerGone;
+                    };
                     self.record(status);
                     // Batch what else is already there.
                     while let Ok(status) = self.events.try_recv() {
@@ -651,6 +660,13 @@ impl Agent {
         }
         self.execs.clear();
     }
+}
+
+/// The session ends when the worker does: an agent that cannot run tasks
+/// should exit (and be restarted by its supervisor, adopting the
+/// containers) rather than heartbeat as if all were well.
+fn worker_gone() {
+    tracing::error!("the task worker stopped; the agent stops too");
 }
 
 fn is_final(status: &pb::TaskStatus) -> bool {
