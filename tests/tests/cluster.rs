@@ -414,3 +414,103 @@ fn real_cluster_three_agents_ready() {
     c.down().expect("down");
     assert_gone(&f);
 }
+
+/// An image with busybox and a page to serve, for containers on the hosts.
+fn write_web_layout(dir: &Path) {
+    use gantry_tests::image_fixtures::{Entry, layer_tar, write_single_layer_layout};
+    let busybox = std::fs::read(gantry_tests::bundle::HOST_BUSYBOX).unwrap();
+    let layer = layer_tar(&[
+        Entry::Dir("bin/"),
+        Entry::Dir("proc/"),
+        Entry::Dir("sys/"),
+        Entry::Dir("dev/"),
+        Entry::Dir("etc/"),
+        Entry::Dir("www/"),
+        Entry::File("bin/busybox", busybox, 0o755),
+        Entry::Symlink("bin/sh", "busybox"),
+        Entry::Symlink("bin/httpd", "busybox"),
+        Entry::File("www/index.html", b"container\n".to_vec(), 0o644),
+    ]);
+    write_single_layer_layout(
+        dir,
+        &layer,
+        &[(
+            "gantry.test/web:latest",
+            serde_json::json!({"Cmd": ["httpd", "-f", "-p", "8081", "-h", "/www"],
+                               "Env": ["PATH=/bin"]}),
+        )],
+    );
+}
+
+/// A container a host started keeps serving after `kill` of the host's
+/// process (its shim is detached), and `down` removes it: no process, no
+/// mount left under the cluster's data.
+#[test]
+fn containers_outlive_a_killed_host_and_down_removes_them() {
+    require!();
+    if let Some(reason) = gantry_tests::engine_test_prerequisites() {
+        println!("SKIPPED: {reason}");
+        return;
+    }
+    let mut c = Cluster::up(stand_in_config(1)).expect("cluster up");
+    let data = c.host_data_dir("n1").unwrap();
+    let layout = tempfile::tempdir().unwrap();
+    write_web_layout(layout.path());
+    let gantry = |args: &[&str]| {
+        let out = c
+            .command_in("n1", gantry_tests::gantry_bin().to_str().unwrap())
+            .unwrap()
+            .args(args)
+            .env("GANTRY_DATA_DIR", &data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "gantry {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    gantry(&["image", "import", layout.path().to_str().unwrap()]);
+    gantry(&[
+        "container",
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        "host",
+        "gantry.test/web:latest",
+    ]);
+    let ps: serde_json::Value =
+        serde_json::from_str(gantry(&["container", "ps", "-o", "json"]).trim()).unwrap();
+    let pid = ps["pid"].as_i64().expect("the container's pid") as i32;
+    let web = format!("http://{}:8081/", c.host_addr("n1").unwrap());
+    wait_for("the container to serve", Duration::from_secs(10), || {
+        fetch(&c, None, &web).as_deref() == Some("container")
+    })
+    .unwrap();
+
+    c.kill("n1").unwrap();
+    assert_eq!(state_of(&c, "n1").0, ProcessState::Killed);
+    assert_eq!(
+        fetch(&c, None, &web).as_deref(),
+        Some("container"),
+        "the container died with its host's process"
+    );
+
+    let base = c.record().base_dir.clone();
+    let f = footprint(&c);
+    c.down().expect("down");
+    assert_gone(&f);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the container's process {pid} survived down"
+    );
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mountinfo.contains(base.to_str().unwrap()),
+        "mounts left under {}",
+        base.display()
+    );
+}
