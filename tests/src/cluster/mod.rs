@@ -568,6 +568,16 @@ impl Cluster {
             })
     }
 
+    /// [`Cluster::gantry`], killed if it has not finished within `limit` (a
+    /// CLI call against a stopped or partitioned controller may hang).
+    pub fn gantry_within(&self, args: &[&str], limit: Duration) -> Result<Output> {
+        let mut cmd = Command::new(&self.record.gantry_binary);
+        cmd.arg("--controller")
+            .arg(self.controller_endpoint())
+            .args(args);
+        output_within(cmd, limit)
+    }
+
     /// A command that will run in `host`'s network namespace (and the
     /// machine's mount namespace).
     pub fn command_in(&self, host: &str, program: &str) -> Result<Command> {
@@ -797,7 +807,7 @@ impl Cluster {
         let result = wait_for(
             &format!("nodes {} to be ready", agents.join(", ")),
             timeout,
-            || match self.gantry(&["node", "ls", "-o", "json"]) {
+            || match self.gantry_within(&["node", "ls", "-o", "json"], Duration::from_secs(5)) {
                 Ok(out) if out.status.success() => {
                     let ready = ready_nodes(&String::from_utf8_lossy(&out.stdout));
                     last = format!("ready: {}", ready.join(", "));
@@ -894,6 +904,70 @@ impl Drop for Cluster {
             eprintln!("gantry dev cluster: {e}");
         }
     }
+}
+
+/// Runs `cmd` to completion, capturing its output, or kills it once `limit`
+/// has passed (then the output so far comes back with a failed status and a
+/// note on stderr).
+pub fn output_within(mut cmd: Command, limit: Duration) -> Result<Output> {
+    use std::io::Read;
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let spawn_err = |source| ClusterError::Command {
+        program: program.clone(),
+        source,
+    };
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    // Readers on their own threads, so a child filling a pipe never blocks
+    // on us while we wait for it.
+    let reader = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = reader(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = reader(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let start = Instant::now();
+    let mut timed_out = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(spawn_err)? {
+            break status;
+        }
+        if start.elapsed() >= limit {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait().map_err(spawn_err)?;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let stdout = out.join().unwrap_or_default();
+    let mut stderr = err.join().unwrap_or_default();
+    if timed_out {
+        stderr.extend_from_slice(format!("\n{program} killed after {limit:?}\n").as_bytes());
+    }
+    Ok(Output {
+        status,
+        stdout,
+        stderr,
+    })
 }
 
 /// Polls `condition` every 50 ms until it holds or `timeout` passes.
@@ -1352,6 +1426,23 @@ mod tests {
         let hosts = assign_addresses(plan_hosts(&config).unwrap(), &subnet, &config).unwrap();
         assert_eq!(hosts[0].argv, vec!["srv", "10.251.7.2:7070"]);
         assert_eq!(hosts[1].argv, vec!["cli", "10.251.7.2:7070", "n1@/b/n1"]);
+    }
+
+    #[test]
+    fn output_within_bounds_a_hanging_command() {
+        let mut echo = Command::new("sh");
+        echo.args(["-c", "echo hi; echo err >&2"]);
+        let out = output_within(echo, Duration::from_secs(5)).unwrap();
+        assert!(out.status.success());
+        assert_eq!(out.stdout, b"hi\n");
+        assert_eq!(out.stderr, b"err\n");
+        let start = Instant::now();
+        let mut sleep = Command::new("sleep");
+        sleep.arg("30");
+        let out = output_within(sleep, Duration::from_millis(200)).unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("killed after"));
+        assert!(start.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
