@@ -578,6 +578,35 @@ impl Cluster {
         output_within(cmd, limit)
     }
 
+    /// Each node's status by hostname (`ready`, `down`, …) as `gantry node ls
+    /// -o json` reports it; the hostnames are the host names (`n1`, …).
+    pub fn node_statuses(&self) -> Result<std::collections::BTreeMap<String, String>> {
+        let out = self.gantry_within(&["node", "ls", "-o", "json"], Duration::from_secs(5))?;
+        if !out.status.success() {
+            return Err(ClusterError::Command {
+                program: format!("{} node ls", self.record.gantry_binary.display()),
+                source: std::io::Error::other(
+                    String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                ),
+            });
+        }
+        Ok(node_statuses(&String::from_utf8_lossy(&out.stdout))
+            .into_iter()
+            .collect())
+    }
+
+    /// Waits until `gantry node ls` reports node `host` as `status` (e.g.
+    /// `down` after `kill`, `ready` after `start`).
+    pub fn wait_node_status(&self, host: &str, status: &str, timeout: Duration) -> Result<()> {
+        self.host(host)?;
+        wait_for(&format!("node {host} to be {status}"), timeout, || {
+            self.node_statuses()
+                .map(|m| m.get(host).map(String::as_str) == Some(status))
+                .unwrap_or(false)
+        })
+        .map_err(|e| self.with_logs(e))
+    }
+
     /// A command that will run in `host`'s network namespace (and the
     /// machine's mount namespace).
     pub fn command_in(&self, host: &str, program: &str) -> Result<Command> {
@@ -1003,11 +1032,11 @@ pub fn unique_name(prefix: &str) -> String {
     name
 }
 
-/// Names the nodes reported ready by `gantry node ls -o json`: a JSON array
-/// (or `{"nodes": [...]}`) of objects whose `hostname` (or `name`) names the
-/// node and whose `state` (or `status`, a string or `{"state": ...}`) is
-/// `ready`, case-insensitively.
-pub fn ready_nodes(json: &str) -> Vec<String> {
+/// Each node's hostname and status (lowercased) from `gantry node ls -o
+/// json`: a JSON array (or `{"nodes": [...]}`) of objects whose `hostname`
+/// (or `name`) names the node and whose `status` (or `state`; a string or
+/// `{"state": ...}`) says how it is.
+pub fn node_statuses(json: &str) -> Vec<(String, String)> {
     let Ok(value) = serde_json::from_str::<serde_json::Value>(json) else {
         return Vec::new();
     };
@@ -1024,14 +1053,21 @@ pub fn ready_nodes(json: &str) -> Vec<String> {
         .iter()
         .filter_map(|n| {
             let name = n.get("hostname").or_else(|| n.get("name"))?.as_str()?;
-            let state = n.get("state").or_else(|| n.get("status"))?;
+            let state = n.get("status").or_else(|| n.get("state"))?;
             let state = state
                 .as_str()
                 .or_else(|| state.get("state").and_then(|s| s.as_str()))?;
-            state
-                .eq_ignore_ascii_case("ready")
-                .then(|| name.to_string())
+            Some((name.to_string(), state.to_ascii_lowercase()))
         })
+        .collect()
+}
+
+/// The nodes [`node_statuses`] reports `ready`.
+pub fn ready_nodes(json: &str) -> Vec<String> {
+    node_statuses(json)
+        .into_iter()
+        .filter(|(_, status)| status == "ready")
+        .map(|(name, _)| name)
         .collect()
 }
 
@@ -1374,6 +1410,15 @@ mod tests {
             vec!["n1"]
         );
         assert!(ready_nodes("not json").is_empty());
+        // What the CLI's `node ls -o json` prints (a pretty array of rows).
+        let cli = r#"[
+          {"id": "a1", "hostname": "n1", "status": "ready", "availability": "active"},
+          {"id": "b2", "hostname": "n2", "status": "down", "availability": "active"}
+        ]"#;
+        assert_eq!(
+            node_statuses(cli),
+            vec![("n1".into(), "ready".into()), ("n2".into(), "down".into())]
+        );
     }
 
     #[test]
