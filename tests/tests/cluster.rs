@@ -377,19 +377,24 @@ fn down_by_name_removes_leftovers_without_a_record() {
     assert!(!Cluster::down_named(&name, state_root).unwrap());
 }
 
-/// Real `gantry controller` and agents: `gantry node ls` lists every agent
-/// host as a ready node, and `down` leaves nothing.
-#[test]
-fn real_cluster_three_agents_ready() {
-    require!();
-    let has_roles = ["controller", "agent"].iter().all(|role| {
+/// Whether the gantry binary under test has the `controller` and `agent`
+/// roles (they land with the control plane's other branches).
+fn has_gantry_roles() -> bool {
+    ["controller", "agent"].iter().all(|role| {
         Command::new(gantry_tests::gantry_bin())
             .args([role, "--help"])
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false)
-    });
-    if !has_roles {
+    })
+}
+
+/// Real `gantry controller` and agents: `gantry node ls` lists every agent
+/// host as a ready node, and `down` leaves nothing.
+#[test]
+fn real_cluster_three_agents_ready() {
+    require!();
+    if !has_gantry_roles() {
         println!("SKIPPED: this gantry build has no `controller`/`agent` commands yet");
         return;
     }
@@ -513,4 +518,42 @@ fn containers_outlive_a_killed_host_and_down_removes_them() {
         "mounts left under {}",
         base.display()
     );
+}
+
+/// Faults on a real cluster show in `gantry node ls`: a killed or stopped
+/// agent's node goes down and comes back ready after `start`; a partitioned
+/// one goes down and comes back after `heal`.
+#[test]
+fn real_cluster_faults_show_in_node_status() {
+    require!();
+    if !has_gantry_roles() {
+        println!("SKIPPED: this gantry build has no `controller`/`agent` commands yet");
+        return;
+    }
+    let mut config = ClusterConfig::new(gantry_tests::gantry_bin());
+    config.name = cluster::unique_name("r");
+    config.agents = 2;
+    config.ready_timeout = Duration::from_secs(60);
+    let mut c = Cluster::up(config).expect("real cluster up");
+    // The controller's default lease is 3 s; allow for a loaded machine.
+    let bound = Duration::from_secs(20);
+    c.kill("n1").unwrap();
+    c.wait_node_status("n1", "down", bound).unwrap();
+    assert_eq!(c.node_statuses().unwrap()["n2"], "ready");
+    c.start("n1").unwrap();
+    c.wait_node_status("n1", "ready", bound).unwrap();
+
+    c.stop("n2").unwrap();
+    c.wait_node_status("n2", "down", bound).unwrap();
+    c.start("n2").unwrap();
+    c.wait_node_status("n2", "ready", bound).unwrap();
+
+    c.partition("n1").unwrap();
+    c.wait_node_status("n1", "down", bound).unwrap();
+    c.heal("n1").unwrap();
+    c.wait_node_status("n1", "ready", bound).unwrap();
+
+    let f = footprint(&c);
+    c.down().expect("down");
+    assert_gone(&f);
 }
