@@ -1263,6 +1263,8 @@ fn assign_addresses(
                 env: vec![
                     ("GANTRY_DATA_DIR".into(), data.clone()),
                     ("GANTRY_LOG".into(), log_level.clone()),
+                    // The log is a file: no terminal colour codes in it.
+                    ("NO_COLOR".into(), "1".into()),
                 ],
                 data_dir,
                 name,
