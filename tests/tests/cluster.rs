@@ -360,6 +360,22 @@ fn clusters_side_by_side_get_distinct_subnets() {
         net::link_exists(&a.record().bridge),
         "the refusal tore nothing down"
     );
+    assert!(net::netns_exists(&a.record().hosts[0].netns));
+    // A subnet already in use (a's) is refused, and the refusal leaves nothing.
+    let mut clash = stand_in_config(0);
+    clash.subnet = Some(a.record().subnet);
+    let clash_name = clash.name.clone();
+    let err = Cluster::up(clash).expect_err("overlapping subnet");
+    assert!(
+        matches!(err, cluster::ClusterError::SubnetInUse { .. }),
+        "{err}"
+    );
+    assert!(
+        !Path::new(cluster::DEFAULT_STATE_ROOT)
+            .join(&clash_name)
+            .exists()
+    );
+    assert!(!net::link_exists(&format!("gtd-{clash_name}")));
 }
 
 #[test]

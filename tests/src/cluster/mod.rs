@@ -294,6 +294,17 @@ impl Cluster {
     /// torn down and the error carries the hosts' last log lines.
     pub fn up(config: ClusterConfig) -> Result<Cluster> {
         validate_name(&config.name)?;
+        let state_dir = config.state_root.join(&config.name);
+        let result = Cluster::build(config);
+        if result.is_err() && !state_dir.join("cluster.json").exists() {
+            // Refused before anything was recorded: only the lock file is
+            // there, and it should not outlive the attempt.
+            let _ = std::fs::remove_dir_all(&state_dir);
+        }
+        result
+    }
+
+    fn build(config: ClusterConfig) -> Result<Cluster> {
         if config.controllers == 0 {
             return Err(ClusterError::InvalidConfig {
                 reason: "at least one controller is needed".into(),
@@ -313,7 +324,7 @@ impl Cluster {
             .clone()
             .unwrap_or_else(|| Path::new(DEFAULT_BASE_ROOT).join(&config.name));
         let bridge = format!("gtd-{}", config.name);
-        let hosts = plan_hosts(&config)?;
+        let hosts = plan_hosts(&config);
         if let Some(leftover) = leftovers(&config.name, &bridge) {
             return Err(ClusterError::AlreadyUp {
                 name: config.name.clone(),
@@ -645,6 +656,7 @@ impl Cluster {
 
     /// SIGSTOP of the host's Gantry process group: it holds its sockets but
     /// answers nothing, like a hung machine.
+    /// A killed host stays killed.
     pub fn stop(&mut self, host: &str) -> Result<()> {
         let h = self.host(host)?.clone();
         if let Some(id) = h.process {
@@ -1121,7 +1133,7 @@ fn fnv(s: &str) -> u32 {
 }
 
 /// Hosts without addresses or commands yet.
-fn plan_hosts(config: &ClusterConfig) -> Result<Vec<(String, Role)>> {
+fn plan_hosts(config: &ClusterConfig) -> Vec<(String, Role)> {
     let mut hosts = Vec::new();
     for i in 1..=config.controllers {
         hosts.push((format!("c{i}"), Role::Controller));
@@ -1129,7 +1141,7 @@ fn plan_hosts(config: &ClusterConfig) -> Result<Vec<(String, Role)>> {
     for i in 1..=config.agents {
         hosts.push((format!("n{i}"), Role::Agent));
     }
-    Ok(hosts)
+    hosts
 }
 
 fn choose_subnet(config: &ClusterConfig) -> Result<Subnet> {
@@ -1429,7 +1441,7 @@ mod tests {
         config.agents = 2;
         config.agent_memory = Some("1g".into());
         let subnet: Subnet = DEFAULT_SUBNET.parse().unwrap();
-        let hosts = assign_addresses(plan_hosts(&config).unwrap(), &subnet, &config).unwrap();
+        let hosts = assign_addresses(plan_hosts(&config), &subnet, &config).unwrap();
         let names: Vec<_> = hosts
             .iter()
             .map(|h| (h.name.as_str(), h.address.to_string()))
@@ -1470,7 +1482,7 @@ mod tests {
             ],
         });
         let subnet: Subnet = "10.251.7.0/24".parse().unwrap();
-        let hosts = assign_addresses(plan_hosts(&config).unwrap(), &subnet, &config).unwrap();
+        let hosts = assign_addresses(plan_hosts(&config), &subnet, &config).unwrap();
         assert_eq!(hosts[0].argv, vec!["srv", "10.251.7.2:7070"]);
         assert_eq!(hosts[1].argv, vec!["cli", "10.251.7.2:7070", "n1@/b/n1"]);
     }
