@@ -30,6 +30,8 @@ enum Command {
     Container(cmd::container::Args),
     /// Manage named volumes: create, ls, inspect, rm.
     Volume(cmd::volume::Args),
+    /// Local development: `gantry dev cluster up|ls|kill|stop|start|partition|heal|down`.
+    Dev(cmd::dev::Args),
     /// The per-container shim (started by the engine, not by people).
     #[command(hide = true)]
     Shim(cmd::shim::Args),
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         Command::Image(args) => cmd::image::run(args),
         Command::Container(args) => cmd::container::run(args),
         Command::Volume(args) => cmd::volume::run(args),
+        Command::Dev(args) => cmd::dev::run(args),
         Command::Shim(args) => cmd::shim::run(args),
     };
     finish(result)
