@@ -574,3 +574,218 @@ fn gantry_image_load_says_which_controller_it_could_not_reach() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&controller), "{stderr}");
 }
+
+/// Why the busybox/web test images cannot be built here, if they cannot.
+fn test_image_prerequisites() -> Option<String> {
+    for tool in ["jq", "sha256sum", "gzip", "tar"] {
+        if gantry_tests::peers::find_binary(tool).is_none() {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    if !Path::new("/bin/busybox").is_file() {
+        return Some("busybox-static (/bin/busybox) is not installed".into());
+    }
+    None
+}
+
+/// Builds `deploy/images/build-test-images.sh`'s busybox and web images
+/// into `out`.
+fn build_test_images(out: &Path) {
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/images/build-test-images.sh");
+    let output = Command::new("bash")
+        .arg(script)
+        .arg(out)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run build-test-images.sh");
+    assert!(
+        output.status.success(),
+        "build-test-images.sh: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A node data directory whose Drop removes the containers run from it and
+/// anything left mounted under it, even when the test fails.
+struct NodeDir {
+    dir: tempfile::TempDir,
+}
+
+impl NodeDir {
+    fn container(&self, args: &[&str]) -> Output {
+        Command::new(gantry_bin())
+            .arg("container")
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run gantry container")
+    }
+}
+
+impl Drop for NodeDir {
+    fn drop(&mut self) {
+        let listed = self.container(&["ps", "-a", "-q"]);
+        if listed.status.success() {
+            for id in String::from_utf8_lossy(&listed.stdout).lines() {
+                let _ = self.container(&["rm", "-f", id]);
+            }
+        }
+        let prefix = self.dir.path().display().to_string();
+        if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
+            let mut points: Vec<&str> = info
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|p| p.starts_with(&prefix))
+                .collect();
+            points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+            for p in points {
+                let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
+
+/// The whole path of an image a user has only locally: `gantry image load`
+/// of the web and busybox archives into the registry, a node pulling them
+/// through the mirror with the same digests, and a container running from
+/// the pulled image.
+#[test]
+fn loaded_test_images_pull_onto_a_node_and_run() {
+    if let Some(reason) = test_image_prerequisites() {
+        println!("SKIPPED: {reason}");
+        return;
+    }
+    let served = Served::start();
+    let images = tempfile::tempdir().expect("temp dir");
+    build_test_images(images.path());
+    let addr = served.addr.to_string();
+    let mut loaded = Vec::new();
+    for archive in ["busybox.tar", "web.tar"] {
+        let path = images.path().join(archive);
+        let out = ok(gantry_load(
+            &[path.to_str().expect("utf-8 path"), "--controller", &addr],
+            &[],
+        ));
+        loaded.push(out.trim().to_string());
+    }
+    let digest_of = |layout: &str| -> String {
+        let index: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(images.path().join(layout).join("index.json")).expect("index"),
+        )
+        .expect("index json");
+        index["manifests"][0]["digest"]
+            .as_str()
+            .expect("digest")
+            .to_string()
+    };
+    assert_eq!(
+        loaded,
+        vec![
+            format!(
+                "Loaded image: gantry.test/busybox:latest ({})",
+                digest_of("busybox")
+            ),
+            format!(
+                "Loaded image: gantry.test/web:latest ({})",
+                digest_of("web")
+            ),
+        ]
+    );
+    // web is built on busybox's layer, which is stored once: two configs,
+    // two distinct layers, two manifests.
+    assert_eq!(served.blob_files().len(), 6);
+
+    let node = NodeDir {
+        dir: tempfile::Builder::new()
+            .prefix("gantry-reg-node-")
+            .tempdir()
+            .expect("temp dir"),
+    };
+    let store = ImageStore::open(node.dir.path().join("images")).expect("open");
+    for (name, layout) in [
+        ("gantry.test/busybox:latest", "busybox"),
+        ("gantry.test/web:latest", "web"),
+    ] {
+        let pulled = store
+            .pull(name, &pull_options(&served), &mut |_| {})
+            .expect("pull through the mirror");
+        assert_eq!(pulled.manifest_digest, digest_of(layout), "{name}");
+    }
+
+    if let Some(reason) = gantry_tests::engine_test_prerequisites() {
+        println!("SKIPPED (running the pulled image): {reason}");
+        return;
+    }
+    let out = node.container(&[
+        "run",
+        "--rm",
+        "gantry.test/web:latest",
+        "cat",
+        "/www/health",
+    ]);
+    assert!(
+        out.status.success(),
+        "run: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}
+
+/// A stock client agrees the registry speaks the distribution API: skopeo
+/// copies an OCI layout into it and back out, and the digests hold.
+#[test]
+fn skopeo_copies_into_and_out_of_the_registry() {
+    if gantry_tests::peers::find_binary("skopeo").is_none() {
+        println!("SKIPPED: skopeo is not installed");
+        return;
+    }
+    let served = Served::start();
+    let work = tempfile::tempdir().expect("temp dir");
+    let layout = work.path().join("layout");
+    let manifest = TinyImage::new("skopeo").write_oci_layout(&layout, Some("v1"));
+    let skopeo = |args: &[String]| {
+        let out = Command::new("skopeo")
+            .args(["--insecure-policy", "--tmpdir"])
+            .arg(work.path())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run skopeo");
+        assert!(
+            out.status.success(),
+            "skopeo {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let remote = format!("docker://{}/gantry.test/skopeo:v1", served.addr);
+    skopeo(&[
+        "copy".into(),
+        "--dest-tls-verify=false".into(),
+        "--preserve-digests".into(),
+        format!("oci:{}:v1", layout.display()),
+        remote.clone(),
+    ]);
+    let inspected: serde_json::Value = serde_json::from_str(&skopeo(&[
+        "inspect".into(),
+        "--tls-verify=false".into(),
+        remote.clone(),
+    ]))
+    .expect("inspect json");
+    assert_eq!(inspected["Digest"], manifest.as_str());
+    let back = work.path().join("back");
+    skopeo(&[
+        "copy".into(),
+        "--src-tls-verify=false".into(),
+        remote,
+        format!("oci:{}:v1", back.display()),
+    ]);
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(back.join("index.json")).expect("index"))
+            .expect("index json");
+    assert_eq!(index["manifests"][0]["digest"], manifest.as_str());
+}
