@@ -4,7 +4,8 @@
 //! test's own runtime, images pushed into it and pulled back out through the
 //! agents' mirror path, and the spec's error answers checked on the wire.
 
-use gantry_agent::image::{ImageStore, PullOptions, PushProgress, PushTarget};
+use gantry_agent::image::registry::RegistryError;
+use gantry_agent::image::{ImageError, ImageStore, PullOptions, PushProgress, PushTarget};
 use gantry_controller::registry::{RegistryStore, router};
 use gantry_tests::gantry_bin;
 use gantry_tests::image_fixtures::{TinyImage, digest, tar_dir};
@@ -439,6 +440,21 @@ fn unknown_and_malformed_requests_get_the_spec_errors() {
         head(&served.v2("gantry.test/web/manifests/latest")).status,
         404
     );
+
+    // What a node asks for but nobody loaded is "not found", the answer on
+    // which the puller falls back to the image's own registry.
+    let node = tempfile::tempdir().expect("temp dir");
+    let store = ImageStore::open(node.path()).expect("open");
+    for name in [
+        "busybox",
+        "127.0.0.1:5000/a-_b/c:v1",
+        "Host.Example:5000/app",
+    ] {
+        match store.pull(name, &pull_options(&served), &mut |_| {}) {
+            Err(ImageError::Registry(RegistryError::NotFound { .. })) => {}
+            other => panic!("{name}: want NotFound, got {other:?}"),
+        }
+    }
 
     let reply = get(&served.v2("gantry.test/web/blobs/sha256:nothex"));
     assert_eq!(reply.status, 400);

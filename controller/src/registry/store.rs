@@ -85,14 +85,20 @@ impl fmt::Display for Digest {
 
 /// A validated repository name.
 ///
-/// Decision: the components after the first follow the distribution spec's
-/// grammar (`[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`), but the first may also be
-/// a registry host with a port (`127.0.0.1:5000`, `[::1]:5000`), because
-/// agents name mirror repositories by the full reference, host included
-/// (`127.0.0.1:5000/app` → `GET /v2/127.0.0.1:5000/app/manifests/v1`), as
-/// containerd's mirrors do. The host is kept verbatim as the first directory
-/// under `repositories/`: Linux paths may hold colons, and keeping the name
-/// as is means two names never map to one directory.
+/// Decision: the registry accepts every name the agents' reference parser
+/// (`gantry_agent::image::Reference`) produces, so a mirror lookup of any
+/// valid image answers 404 and the puller falls back to the origin, never a
+/// 400 that stops it. So path components are `[a-z0-9]` at both ends with
+/// `.`, `_` and `-` between (the distribution grammar, slightly widened),
+/// and the first component may also be a registry host with a port
+/// (`127.0.0.1:5000`, `[::1]:5000`), because agents name mirror
+/// repositories by the full reference, host included (`127.0.0.1:5000/app`
+/// → `GET /v2/127.0.0.1:5000/app/manifests/v1`), as containerd's mirrors
+/// do. The host is kept verbatim as the first directory under
+/// `repositories/`: Linux paths may hold colons, and a verbatim name never
+/// maps onto another's directory. No component can be `.`, `..` or start
+/// with `_`, so names never escape `repositories/` or meet its `_tags` and
+/// `_manifests` bookkeeping.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RepositoryName(String);
 
@@ -115,7 +121,7 @@ impl RepositoryName {
                 return Err(invalid(if component.is_empty() {
                     "empty path component"
                 } else {
-                    "path components are lowercase letters and digits separated by '.', '_', '__' or '-'"
+                    "path components are [a-z0-9._-], starting and ending with a letter or digit"
                 }));
             }
         }
@@ -134,71 +140,30 @@ impl fmt::Display for RepositoryName {
     }
 }
 
-/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`.
+/// `[a-z0-9]` at both ends, `[a-z0-9._-]` between.
 fn is_path_component(s: &str) -> bool {
     let bytes = s.as_bytes();
     let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    let (Some(&first), Some(&last)) = (bytes.first(), bytes.last()) else {
-        return false;
-    };
-    if !alnum(first) || !alnum(last) {
-        return false;
+    match (bytes.first(), bytes.last()) {
+        (Some(&first), Some(&last)) => {
+            alnum(first)
+                && alnum(last)
+                && bytes
+                    .iter()
+                    .all(|&b| alnum(b) || matches!(b, b'.' | b'_' | b'-'))
+        }
+        _ => false,
     }
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if alnum(b) {
-            i += 1;
-            continue;
-        }
-        // A separator run: '.', '_', '__' or any number of '-'.
-        let start = i;
-        while i < bytes.len() && !alnum(bytes[i]) {
-            i += 1;
-        }
-        let sep = &s[start..i];
-        let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|c| c == b'-');
-        if !ok {
-            return false;
-        }
-    }
-    true
 }
 
-/// A registry host: DNS labels or an IPv4 address (`[A-Za-z0-9-]` labels
-/// joined by dots, starting and ending alphanumeric) or a bracketed IPv6
-/// address, then an optional `:port`.
+/// A registry host as the reference parser allows it: `[A-Za-z0-9.:[]-]`,
+/// starting with a letter, digit or `[` (which also rules out `.` and `..`).
 fn is_host_component(s: &str) -> bool {
-    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let Some((inside, after)) = rest.split_once(']') else {
-            return false;
-        };
-        if inside.is_empty() || !inside.bytes().all(|b| b.is_ascii_hexdigit() || b == b':') {
-            return false;
-        }
-        return match after {
-            "" => true,
-            _ => after.strip_prefix(':').is_some_and(is_port),
-        };
-    } else {
-        match s.split_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (s, None),
-        }
-    };
-    let port_ok = port.is_none_or(is_port);
-    let label_ok = |label: &str| {
-        let b = label.as_bytes();
-        !b.is_empty()
-            && b[0].is_ascii_alphanumeric()
-            && b[b.len() - 1].is_ascii_alphanumeric()
-            && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
-    };
-    port_ok && host.split('.').all(label_ok)
-}
-
-fn is_port(p: &str) -> bool {
-    !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
+    s.as_bytes()
+        .first()
+        .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'[')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
 }
 
 /// What a manifest is asked for by: a tag or a digest.
@@ -699,19 +664,8 @@ mod tests {
             assert!(RepositoryName::parse(ok).is_ok(), "{ok} should be valid");
         }
         for bad in [
-            "",
-            "/app",
-            "app/",
-            "a//b",
-            "../x",
-            "a/../b",
-            "a/./b",
-            "a/_tags",
-            "a/B",
-            "a/b:1",
-            "host:port/app",
-            "a/b c",
-            "-a/b",
+            "", "/app", "app/", "a//b", "../x", "./x", "a/../b", "a/./b", "a/_tags", "a/B",
+            "a/b:1", "a/b c", "-a/b", "a/b-",
         ] {
             assert!(
                 RepositoryName::parse(bad).is_err(),
