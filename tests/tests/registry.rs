@@ -363,6 +363,25 @@ fn chunked_uploads_complete_and_blobs_stream_back() {
     );
     assert_eq!(mounted.status, 201);
     assert_eq!(served.blob_files().len(), 1);
+
+    // A monolithic upload larger than any request-size default (axum's is
+    // 2 MiB): blob bodies are streamed, never limited or buffered.
+    let big: Vec<u8> = (0..(5u32 << 20)).map(|i| (i % 253) as u8).collect();
+    let big_digest = digest(&big);
+    let reply = post(
+        &served.v2(&format!(
+            "gantry.test/web/blobs/uploads/?digest={big_digest}"
+        )),
+        &big,
+    );
+    assert_eq!(
+        reply.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let got = get(&served.v2(&format!("gantry.test/web/blobs/{big_digest}")));
+    assert!(got.body == big, "big blob content differs");
 }
 
 #[test]
