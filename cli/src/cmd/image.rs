@@ -130,12 +130,22 @@ fn print_structured(value: &impl serde::Serialize, format: Format) -> anyhow::Re
 
 /// Runs `gantry image`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // `load` never touches this machine's store (the machine need not be a
+    // node, nor its data directory exist): dispatch it before opening one.
+    let command = match args.command {
+        Command::Load {
+            path,
+            tag,
+            controller,
+        } => return load(path, tag, controller),
+        command => command,
+    };
     let data_dir = args
         .data_dir
         .map(DataDir::new)
         .unwrap_or_else(DataDir::from_env);
     let store = ImageStore::open(data_dir.images()).map_err(classify)?;
-    match args.command {
+    match command {
         Command::Import { path, tag } => import(&store, path, tag),
         Command::Load {
             path,
