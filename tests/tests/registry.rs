@@ -254,6 +254,19 @@ fn pushed_images_pull_back_through_the_mirror_with_the_same_digests() {
         reply.header("content-type"),
         Some("application/vnd.oci.image.manifest.v1+json")
     );
+    let headed = head(&served.v2("127.0.0.1:5000/tiny/manifests/v1"));
+    assert_eq!(headed.status, 200);
+    assert_eq!(
+        headed.header("content-length"),
+        Some(reply.body.len().to_string().as_str())
+    );
+    assert_eq!(
+        headed.header("docker-content-digest"),
+        Some(manifest.as_str())
+    );
+    assert!(headed.body.is_empty());
+    let by_digest = get(&served.v2(&format!("127.0.0.1:5000/tiny/manifests/{manifest}")));
+    assert!(by_digest.status == 200 && by_digest.body == reply.body);
     let tags: serde_json::Value =
         serde_json::from_slice(&get(&served.v2("127.0.0.1:5000/tiny/tags/list")).body)
             .expect("tags json");
