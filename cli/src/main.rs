@@ -32,6 +32,8 @@ enum Command {
     Volume(cmd::volume::Args),
     /// Run this node's agent: join a controller and run what it assigns.
     Agent(cmd::agent::Args),
+    /// Local development: `gantry dev cluster up|ls|kill|stop|start|partition|heal|down`.
+    Dev(cmd::dev::Args),
     /// The per-container shim (started by the engine, not by people).
     #[command(hide = true)]
     Shim(cmd::shim::Args),
@@ -51,6 +53,7 @@ fn main() -> ExitCode {
         Command::Container(args) => cmd::container::run(args),
         Command::Volume(args) => cmd::volume::run(args),
         Command::Agent(args) => cmd::agent::run(args),
+        Command::Dev(args) => cmd::dev::run(args),
         Command::Shim(args) => cmd::shim::run(args),
     };
     finish(result)

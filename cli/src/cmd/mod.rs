@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod container;
+pub mod dev;
 pub mod image;
 pub mod runtime;
 pub mod shim;
