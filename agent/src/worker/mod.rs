@@ -75,8 +75,8 @@ pub enum WorkerError {
 
 /// What the controller asks this node to run: one task.
 ///
-/// The agent's own plain type: conversion from the controller's model comes
-/// with the dispatcher client. A task's spec never changes (a changed
+/// The agent's own plain type, made from the controller's task by
+/// [`crate::daemon::convert::task_spec`]. A task's spec never changes (a changed
 /// service gets new tasks, as in Swarm), so a task id already running is
 /// left as it is when assigned again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
