@@ -7,6 +7,8 @@
 //! - [`model`]: the typed cluster objects (nodes, services, tasks).
 //! - [`scheduler`]: the pure filter → score pipeline that places tasks on nodes.
 //! - [`orchestrator`]: the pure reconcilers that turn services into task actions.
+//! - [`server`]: the controller process: store front, dispatcher, executor
+//!   loops, the Control service, and `serve` on one listener.
 //! - [`store`]: the command log, the state machine that applies it, and watches.
 //! - [`wire`]: conversions between the model and the `gantry.v1` protobuf types.
 //!
@@ -19,6 +21,7 @@ pub mod compose;
 pub mod model;
 pub mod orchestrator;
 pub mod scheduler;
+pub mod server;
 pub mod store;
 pub mod wire;
 
