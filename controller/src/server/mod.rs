@@ -27,9 +27,6 @@ pub mod dispatcher;
 pub mod executor;
 pub mod state;
 
-#[cfg(test)]
-mod tests;
-
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,0 +1,920 @@
+//! The controller process over real gRPC on loopback, with a real redb
+//! store in a temporary directory and tonic clients playing the agents.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gantry_controller::compose::{self, LoadOptions, MemoryFiles};
+use gantry_controller::server::{ControllerConfig, serve_on};
+use gantry_controller::wire;
+use gantry_proto::v1 as pb;
+use pb::control_client::ControlClient;
+use pb::dispatcher_client::DispatcherClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+const LEASE: Duration = Duration::from_millis(1000);
+const HEARTBEAT: Duration = Duration::from_millis(250);
+
+/// A controller on its own runtime, so that "killing" it drops every task
+/// it started at once, as kill -9 would.
+struct Controller {
+    addr: SocketAddr,
+    runtime: Option<tokio::runtime::Runtime>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: Option<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Controller {
+    fn start(data_dir: &Path) -> Controller {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // Built on a plain thread: a runtime cannot be started from
+            // inside the test's own.
+            let dir = data_dir.to_path_buf();
+            let attempt = std::thread::spawn(move || Controller::try_start(&dir))
+                .join()
+                .expect("start thread");
+            match attempt {
+                Ok(c) => return c,
+                // The previous controller's store may still be closing.
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("controller start failed, retrying: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("controller did not start: {e}"),
+            }
+        }
+    }
+
+    fn try_start(data_dir: &Path) -> Result<Controller, String> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .map_err(|e| e.to_string())?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let mut config = ControllerConfig::new(data_dir);
+        config.listen = addr;
+        config.heartbeat_period = HEARTBEAT;
+        config.lease = LEASE;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let (started_tx, started) = std::sync::mpsc::channel::<Result<(), String>>();
+        runtime.spawn(async move {
+            let result = serve_on(config, listener, axum::Router::new(), async {
+                let _ = stopped.await;
+            })
+            .await;
+            let _ = started_tx.send(result.map_err(|e| e.to_string()));
+            let _ = done_tx.send(());
+        });
+        // serve_on only returns early when opening the store fails.
+        if let Ok(Err(e)) = started.recv_timeout(Duration::from_millis(300)) {
+            return Err(e);
+        }
+        Ok(Controller {
+            addr,
+            runtime: Some(runtime),
+            stop: Some(stop),
+            done: Some(done),
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Drops the runtime: every task stops where it is.
+    fn kill(mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    /// Asks for a graceful stop and waits for it.
+    fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(done) = self.done.take() {
+            done.recv_timeout(Duration::from_secs(15))
+                .expect("controller stopped within 15 s");
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// An agent played by a tonic client: it keeps the assignments it is sent
+/// and reports each wanted task running and each unwanted one shut down.
+struct FakeAgent {
+    node: String,
+    /// Holds the session's request stream open.
+    _tx: mpsc::Sender<pb::AgentMessage>,
+    tasks: Arc<Mutex<BTreeMap<String, pb::Task>>>,
+    full_sets: Arc<Mutex<Vec<BTreeSet<String>>>>,
+    heartbeat: Arc<AtomicBool>,
+    reader: tokio::task::JoinHandle<()>,
+    beater: tokio::task::JoinHandle<()>,
+}
+
+impl FakeAgent {
+    async fn join(url: &str, node: &str, labels: &[(&str, &str)]) -> FakeAgent {
+        let mut client = DispatcherClient::connect(url.to_string())
+            .await
+            .expect("dispatcher connects");
+        let (tx, rx) = mpsc::channel(64);
+        tx.send(pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Hello(pb::Hello {
+                node_id: node.into(),
+                hostname: format!("host-{node}"),
+                address: format!("10.0.0.{}:7071", node.len()),
+                resources: Some(pb::Resources {
+                    nano_cpus: 4_000_000_000,
+                    memory_bytes: 4 << 30,
+                }),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                platform: Some(pb::Platform {
+                    os: "linux".into(),
+                    arch: "x86_64".into(),
+                }),
+                protocol_version: gantry_proto::PROTOCOL_VERSION,
+                last_generation: 0,
+            })),
+        })
+        .await
+        .expect("hello queued");
+        let mut inbound = client
+            .session(ReceiverStream::new(rx))
+            .await
+            .expect("session opens")
+            .into_inner();
+        let first = inbound
+            .message()
+            .await
+            .expect("accepted")
+            .expect("a message");
+        let Some(pb::controller_message::Message::Accepted(accepted)) = first.message else {
+            panic!("first message is not accepted: {first:?}");
+        };
+        assert_eq!(accepted.lease_ms, LEASE.as_millis() as u64);
+        assert_eq!(accepted.heartbeat_period_ms, HEARTBEAT.as_millis() as u64);
+        let tasks: Arc<Mutex<BTreeMap<String, pb::Task>>> = Arc::default();
+        let full_sets: Arc<Mutex<Vec<BTreeSet<String>>>> = Arc::default();
+        let heartbeat = Arc::new(AtomicBool::new(true));
+        let reader = {
+            let (tasks, full_sets, tx) = (tasks.clone(), full_sets.clone(), tx.clone());
+            tokio::spawn(async move {
+                let mut last_generation = 0;
+                while let Ok(Some(message)) = inbound.message().await {
+                    let Some(pb::controller_message::Message::Assignments(set)) = message.message
+                    else {
+                        continue;
+                    };
+                    assert!(
+                        set.generation > last_generation,
+                        "generations grow: {} after {last_generation}",
+                        set.generation
+                    );
+                    last_generation = set.generation;
+                    let mut reports = Vec::new();
+                    {
+                        let mut tasks = tasks.lock().unwrap();
+                        if set.full {
+                            tasks.clear();
+                        }
+                        for change in set.changes {
+                            let task = change.task.expect("task");
+                            if change.action == pb::AssignmentAction::Remove as i32 {
+                                tasks.remove(&task.id);
+                                continue;
+                            }
+                            let state = if task.desired_state == pb::DesiredState::Running as i32 {
+                                pb::TaskState::Running
+                            } else {
+                                pb::TaskState::Shutdown
+                            };
+                            reports.push(pb::TaskStatusUpdate {
+                                task: task.id.clone(),
+                                generation: task.generation,
+                                status: Some(pb::TaskStatus {
+                                    state: state as i32,
+                                    health: pb::Health::None as i32,
+                                    ..pb::TaskStatus::default()
+                                }),
+                            });
+                            tasks.insert(task.id.clone(), task);
+                        }
+                        if set.full {
+                            full_sets
+                                .lock()
+                                .unwrap()
+                                .push(tasks.keys().cloned().collect());
+                        }
+                    }
+                    if !reports.is_empty() {
+                        let _ = tx
+                            .send(pb::AgentMessage {
+                                message: Some(pb::agent_message::Message::Status(
+                                    pb::TaskStatusUpdates { updates: reports },
+                                )),
+                            })
+                            .await;
+                    }
+                }
+            })
+        };
+        let beater = {
+            let (tx, heartbeat) = (tx.clone(), heartbeat.clone());
+            tokio::spawn(async move {
+                let mut sequence = 0;
+                loop {
+                    tokio::time::sleep(HEARTBEAT).await;
+                    if !heartbeat.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    sequence += 1;
+                    let beat = pb::AgentMessage {
+                        message: Some(pb::agent_message::Message::Heartbeat(pb::Heartbeat {
+                            sequence,
+                        })),
+                    };
+                    if tx.send(beat).await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        FakeAgent {
+            node: node.into(),
+            _tx: tx,
+            tasks,
+            full_sets,
+            heartbeat,
+            reader,
+            beater,
+        }
+    }
+
+    /// Task ids the agent holds with desired state running.
+    fn running(&self) -> BTreeSet<String> {
+        self.tasks
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|t| t.desired_state == pb::DesiredState::Running as i32)
+            .map(|t| t.id.clone())
+            .collect()
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.beater.abort();
+    }
+}
+
+async fn control(url: &str) -> ControlClient<Channel> {
+    ControlClient::connect(url.to_string())
+        .await
+        .expect("control connects")
+}
+
+fn stack_json(yaml: &str) -> Vec<u8> {
+    let env = BTreeMap::new();
+    let files = MemoryFiles::default();
+    let loaded = compose::load(
+        yaml.as_bytes(),
+        &LoadOptions {
+            project_dir: Path::new("/srv/demo"),
+            stack_name: Some("demo"),
+            env: &env,
+            files: &files,
+        },
+    )
+    .expect("fixture loads");
+    wire::stack_to_json(&loaded.stack).expect("stack encodes")
+}
+
+async fn deploy(c: &mut ControlClient<Channel>, yaml: &str) -> pb::DeployStackResponse {
+    c.deploy_stack(pb::DeployStackRequest {
+        stack_json: stack_json(yaml),
+        dry_run: false,
+    })
+    .await
+    .expect("deploy")
+    .into_inner()
+}
+
+/// Waits until `check` returns Some, polling the controller's API; the
+/// condition, not a fixed sleep, ends the wait.
+async fn until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn live_tasks(c: &mut ControlClient<Channel>, service: &str) -> Vec<pb::Task> {
+    c.list_tasks(pb::TaskFilter {
+        service: service.into(),
+        ..pb::TaskFilter::default()
+    })
+    .await
+    .expect("list tasks")
+    .into_inner()
+    .tasks
+}
+
+fn running_on(tasks: &[pb::Task]) -> Option<BTreeMap<String, usize>> {
+    let mut per_node = BTreeMap::new();
+    for t in tasks {
+        if t.status.as_ref()?.state != pb::TaskState::Running as i32 {
+            return None;
+        }
+        *per_node.entry(t.node.clone()?).or_insert(0) += 1;
+    }
+    Some(per_node)
+}
+
+fn data_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().to_path_buf();
+    (dir, path)
+}
+
+const WEB3: &str =
+    "services:\n  web:\n    image: gantry.test/web:latest\n    deploy:\n      replicas: 3\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_registers_and_is_ready() {
+    let (_tmp, dir) = data_dir();
+    let ctl = Controller::start(&dir);
+    let agent = FakeAgent::join(&ctl.url(), "n1", &[("zone", "eu")]).await;
+    let mut c = control(&ctl.url()).await;
+    let node = until("node ready", Duration::from_secs(5), || {
+        let mut c = c.clone();
+        async move {
+            let nodes = c
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            let n = nodes.nodes.into_iter().find(|n| n.id == "n1")?;
+            (n.status.as_ref()?.state == pb::NodeState::Ready as i32).then_some(n)
+        }
+    })
+    .await;
+    let status = node.status.expect("status");
+    assert_eq!(status.hostname, "host-n1");
+    assert_eq!(status.resources.expect("resources").memory_bytes, 4 << 30);
+    assert_eq!(node.spec.expect("spec").labels["zone"], "eu");
+    // Inspect by hostname, as `gantry node inspect host-n1` does.
+    let by_name = c
+        .inspect_node(pb::NodeRef {
+            node: "host-n1".into(),
+        })
+        .await
+        .expect("inspect by hostname")
+        .into_inner();
+    assert_eq!(by_name.id, "n1");
+    let missing = c
+        .inspect_node(pb::NodeRef {
+            node: "nope".into(),
+        })
+        .await
+        .expect_err("unknown node");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    assert!(missing.message().contains("nope"), "{}", missing.message());
+    drop(agent);
+    ctl.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_spreads_scales_and_removes() {
+    let (_tmp, dir) = data_dir();
+    let ctl = Controller::start(&dir);
+    let url = ctl.url();
+    let agents = [
+        FakeAgent::join(&url, "n1", &[]).await,
+        FakeAgent::join(&url, "n2", &[]).await,
+        FakeAgent::join(&url, "n3", &[]).await,
+    ];
+    let mut c = control(&url).await;
+    let deployed = deploy(&mut c, WEB3).await;
+    assert_eq!(deployed.changes.expect("changes").create, ["web"]);
+    assert!(deployed.revision > 0);
+
+    let spread = until("3 replicas running", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let tasks = live_tasks(&mut c, "web").await;
+            (tasks.len() == 3).then(|| running_on(&tasks)).flatten()
+        }
+    })
+    .await;
+    assert_eq!(spread.len(), 3, "one replica per node: {spread:?}");
+    for a in &agents {
+        assert_eq!(a.running().len(), 1, "agent {} holds one task", a.node);
+    }
+    let info = c
+        .inspect_service(pb::ServiceRef {
+            service: "demo_web".into(),
+        })
+        .await
+        .expect("inspect")
+        .into_inner();
+    assert_eq!((info.running, info.desired), (3, 3));
+
+    // A redeploy of the same file changes nothing.
+    let again = deploy(&mut c, WEB3).await;
+    assert_eq!(again.revision, 0);
+
+    // Scale up, then down.
+    c.scale_service(pb::ScaleServiceRequest {
+        service: "web".into(),
+        replicas: 5,
+    })
+    .await
+    .expect("scale up");
+    until("5 running", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let tasks = live_tasks(&mut c, "web").await;
+            (tasks.len() == 5).then(|| running_on(&tasks)).flatten()
+        }
+    })
+    .await;
+    c.scale_service(pb::ScaleServiceRequest {
+        service: "web".into(),
+        replicas: 2,
+    })
+    .await
+    .expect("scale down");
+    until(
+        "2 live tasks, agents holding 2",
+        Duration::from_secs(10),
+        || {
+            let mut c = c.clone();
+            let held: usize = agents.iter().map(|a| a.running().len()).sum();
+            async move {
+                let tasks = live_tasks(&mut c, "web").await;
+                (tasks.len() == 2 && held == 2).then_some(())
+            }
+        },
+    )
+    .await;
+    let slots: BTreeSet<u64> = live_tasks(&mut c, "web")
+        .await
+        .iter()
+        .filter_map(|t| t.slot)
+        .collect();
+    assert_eq!(
+        slots,
+        BTreeSet::from([1, 2]),
+        "scale-down keeps the low slots"
+    );
+
+    // Removal: the service disappears, its tasks are stopped everywhere.
+    c.remove_service(pb::ServiceRef {
+        service: "web".into(),
+    })
+    .await
+    .expect("remove");
+    until(
+        "agents hold no wanted task",
+        Duration::from_secs(10),
+        || {
+            let held: usize = agents.iter().map(|a| a.running().len()).sum();
+            async move { (held == 0).then_some(()) }
+        },
+    )
+    .await;
+    let services = c
+        .list_services(pb::ListServicesRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(services.services.is_empty());
+    let err = c
+        .remove_service(pb::ServiceRef {
+            service: "web".into(),
+        })
+        .await
+        .expect_err("already removed");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains("web"), "{}", err.message());
+    drop(agents);
+    ctl.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impossible_placement_stays_pending_with_reasons() {
+    let (_tmp, dir) = data_dir();
+    let ctl = Controller::start(&dir);
+    let url = ctl.url();
+    let _agents = [
+        FakeAgent::join(&url, "n1", &[]).await,
+        FakeAgent::join(&url, "n2", &[]).await,
+    ];
+    let mut c = control(&url).await;
+    deploy(
+        &mut c,
+        "services:\n  big:\n    image: busybox\n    deploy:\n      replicas: 1\n      resources:\n        reservations:\n          memory: 64g\n  eu:\n    image: busybox\n    deploy:\n      placement:\n        constraints: [node.labels.zone==eu]\n",
+    )
+    .await;
+    let messages = until("both pending", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let tasks = c
+                .list_tasks(pb::TaskFilter {
+                    stack: "demo".into(),
+                    ..pb::TaskFilter::default()
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .tasks;
+            let pending: Vec<String> = tasks
+                .iter()
+                .filter_map(|t| t.status.as_ref())
+                .filter(|s| s.state == pb::TaskState::Pending as i32)
+                .map(|s| s.message.clone())
+                .collect();
+            (pending.len() == 2).then_some(pending)
+        }
+    })
+    .await;
+    let all = messages.join(" | ");
+    assert!(all.contains("memory"), "{all}");
+    assert!(all.contains("(2 nodes)"), "{all}");
+    assert!(all.contains("node.labels.zone==eu"), "{all}");
+    // Adding the label lets the constrained task run.
+    c.update_node(pb::UpdateNodeRequest {
+        node: "n2".into(),
+        label_add: [("zone".to_string(), "eu".to_string())].into(),
+        ..pb::UpdateNodeRequest::default()
+    })
+    .await
+    .expect("label add");
+    until("eu task running on n2", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let tasks = live_tasks(&mut c, "eu").await;
+            let per_node = running_on(&tasks)?;
+            (per_node.get("n2") == Some(&1)).then_some(())
+        }
+    })
+    .await;
+    // A global service runs once per eligible node and cannot be scaled.
+    deploy(
+        &mut c,
+        "services:\n  big:\n    image: busybox\n    deploy:\n      replicas: 1\n      resources:\n        reservations:\n          memory: 64g\n  eu:\n    image: busybox\n    deploy:\n      placement:\n        constraints: [node.labels.zone==eu]\n  mon:\n    image: busybox\n    deploy:\n      mode: global\n",
+    )
+    .await;
+    let per_node = until("mon on both nodes", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let tasks = live_tasks(&mut c, "mon").await;
+            running_on(&tasks).filter(|p| p.len() == 2)
+        }
+    })
+    .await;
+    assert!(per_node.values().all(|&n| n == 1), "{per_node:?}");
+    let err = c
+        .scale_service(pb::ScaleServiceRequest {
+            service: "mon".into(),
+            replicas: 3,
+        })
+        .await
+        .expect_err("global services cannot be scaled");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("mon"), "{}", err.message());
+    ctl.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_node_is_marked_down_and_its_tasks_move() {
+    let (_tmp, dir) = data_dir();
+    let ctl = Controller::start(&dir);
+    let url = ctl.url();
+    let a1 = FakeAgent::join(&url, "n1", &[]).await;
+    let a2 = FakeAgent::join(&url, "n2", &[]).await;
+    let a3 = FakeAgent::join(&url, "n3", &[]).await;
+    let mut c = control(&url).await;
+    deploy(&mut c, WEB3).await;
+    until("3 running", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let tasks = live_tasks(&mut c, "web").await;
+            (tasks.len() == 3).then(|| running_on(&tasks)).flatten()
+        }
+    })
+    .await;
+    let lost: BTreeSet<String> = a1.running();
+    assert_eq!(lost.len(), 1);
+
+    // n1 goes silent (its stream stays open, as with SIGSTOP).
+    a1.heartbeat.store(false, Ordering::SeqCst);
+    let silent_at = Instant::now();
+    until("n1 down", LEASE + Duration::from_secs(1), || {
+        let mut c = c.clone();
+        async move {
+            let n = c
+                .inspect_node(pb::NodeRef { node: "n1".into() })
+                .await
+                .ok()?
+                .into_inner();
+            (n.status?.state == pb::NodeState::Down as i32).then_some(())
+        }
+    })
+    .await;
+    let down_after = silent_at.elapsed();
+    let moved = until("3 running on n2 and n3", Duration::from_secs(5), || {
+        let mut c = c.clone();
+        async move {
+            let tasks = live_tasks(&mut c, "web").await;
+            let per_node = running_on(&tasks)?;
+            (tasks.len() == 3 && !per_node.contains_key("n1")).then_some(per_node)
+        }
+    })
+    .await;
+    eprintln!("n1 down after {down_after:?}; replicas now {moved:?}");
+    assert_eq!(moved.values().sum::<usize>(), 3);
+
+    // n1 comes back: its full set no longer has the replaced task.
+    drop(a1);
+    let back = FakeAgent::join(&url, "n1", &[]).await;
+    until("n1 got a full set", Duration::from_secs(5), || {
+        let sets = back.full_sets.lock().unwrap().clone();
+        async move { sets.last().cloned() }
+    })
+    .await;
+    let full = back.full_sets.lock().unwrap().last().cloned().unwrap();
+    assert!(
+        full.is_disjoint(&lost),
+        "replaced task {lost:?} is not re-sent: {full:?}"
+    );
+    // And the replaced task is recorded as shut down, not running twice.
+    let all = c
+        .list_tasks(pb::TaskFilter {
+            service: "web".into(),
+            all: true,
+            ..pb::TaskFilter::default()
+        })
+        .await
+        .expect("list all")
+        .into_inner()
+        .tasks;
+    let old = all
+        .iter()
+        .find(|t| lost.contains(&t.id))
+        .expect("old task kept in history");
+    assert_eq!(old.desired_state, pb::DesiredState::Shutdown as i32);
+    until("the old task is shut down", Duration::from_secs(5), || {
+        let mut c = c.clone();
+        let lost = lost.clone();
+        async move {
+            let all = c
+                .list_tasks(pb::TaskFilter {
+                    service: "web".into(),
+                    all: true,
+                    ..pb::TaskFilter::default()
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .tasks;
+            let old = all.into_iter().find(|t| lost.contains(&t.id))?;
+            (old.status?.state == pb::TaskState::Shutdown as i32).then_some(())
+        }
+    })
+    .await;
+    drop((a2, a3, back));
+    ctl.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_catch_up_then_follow() {
+    let (_tmp, dir) = data_dir();
+    let ctl = Controller::start(&dir);
+    let url = ctl.url();
+    let _agent = FakeAgent::join(&url, "n1", &[]).await;
+    let mut c = control(&url).await;
+    let listed = c
+        .list_services(pb::ListServicesRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    deploy(
+        &mut c,
+        "services:\n  web:\n    image: busybox\n    deploy:\n      replicas: 1\n",
+    )
+    .await;
+    let mut events = c
+        .events(pb::EventsRequest {
+            after_revision: listed.revision,
+            kinds: vec![pb::ObjectKind::Service as i32],
+        })
+        .await
+        .expect("events")
+        .into_inner();
+    // Catch-up: the creation committed before the stream was opened.
+    let first = tokio::time::timeout(Duration::from_secs(5), events.message())
+        .await
+        .expect("catch-up in time")
+        .expect("stream ok")
+        .expect("an event");
+    assert!(first.revision > listed.revision);
+    assert_eq!(first.action, pb::EventAction::Create as i32);
+    let Some(pb::event::Object::Service(svc)) = first.object else {
+        panic!("not a service event: {first:?}");
+    };
+    assert_eq!(svc.spec.expect("spec").name, "web");
+    // Live: a scale after the stream opened.
+    c.scale_service(pb::ScaleServiceRequest {
+        service: "web".into(),
+        replicas: 2,
+    })
+    .await
+    .expect("scale");
+    let next = tokio::time::timeout(Duration::from_secs(5), events.message())
+        .await
+        .expect("live event in time")
+        .expect("stream ok")
+        .expect("an event");
+    assert_eq!(next.action, pb::EventAction::Update as i32);
+    assert!(next.revision > first.revision);
+    ctl.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_after_kill_keeps_state_and_converges() {
+    let (_tmp, dir) = data_dir();
+    let ctl = Controller::start(&dir);
+    let url = ctl.url();
+    let agents = [
+        FakeAgent::join(&url, "n1", &[]).await,
+        FakeAgent::join(&url, "n2", &[]).await,
+    ];
+    let mut c = control(&url).await;
+    deploy(&mut c, WEB3).await;
+    let before = until("3 running", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let tasks = live_tasks(&mut c, "web").await;
+            (tasks.len() == 3 && running_on(&tasks).is_some()).then_some(tasks)
+        }
+    })
+    .await;
+    // Scale up and kill at once: the controller may die mid-way.
+    c.scale_service(pb::ScaleServiceRequest {
+        service: "web".into(),
+        replicas: 4,
+    })
+    .await
+    .expect("scale acknowledged");
+    drop(agents);
+    ctl.kill();
+
+    let ctl = Controller::start(&dir);
+    let url = ctl.url();
+    let mut c = control(&url).await;
+    let info = c
+        .inspect_service(pb::ServiceRef {
+            service: "web".into(),
+        })
+        .await
+        .expect("service survived")
+        .into_inner();
+    assert_eq!(info.desired, 4, "the acknowledged scale survived");
+    let all = live_tasks(&mut c, "web").await;
+    for t in &before {
+        assert!(all.iter().any(|a| a.id == t.id), "task {} survived", t.id);
+    }
+    let _agents = [
+        FakeAgent::join(&url, "n1", &[]).await,
+        FakeAgent::join(&url, "n2", &[]).await,
+    ];
+    until("4 running after restart", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let tasks = live_tasks(&mut c, "web").await;
+            (tasks.len() == 4).then(|| running_on(&tasks)).flatten()
+        }
+    })
+    .await;
+    ctl.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_stack_changes_nothing() {
+    let (_tmp, dir) = data_dir();
+    let ctl = Controller::start(&dir);
+    let mut c = control(&ctl.url()).await;
+    deploy(&mut c, WEB3).await;
+    // With no nodes the executor settles once every task is pending.
+    until("3 pending tasks", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let tasks = live_tasks(&mut c, "web").await;
+            let pending = tasks
+                .iter()
+                .filter(|t| {
+                    t.status
+                        .as_ref()
+                        .is_some_and(|s| s.state == pb::TaskState::Pending as i32)
+                })
+                .count();
+            (pending == 3).then_some(())
+        }
+    })
+    .await;
+    let before = c
+        .list_services(pb::ListServicesRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+
+    let err = c
+        .deploy_stack(pb::DeployStackRequest {
+            stack_json: b"{not json".to_vec(),
+            dry_run: false,
+        })
+        .await
+        .expect_err("malformed JSON");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("stack_json"), "{}", err.message());
+
+    // Well-formed JSON whose constraint the loader refuses.
+    let mut value: serde_json::Value = serde_json::from_slice(&stack_json(WEB3)).expect("json");
+    value["services"]["web"]["deploy"]["replicas"] = serde_json::json!(7);
+    value["services"]["web"]["image"] = serde_json::json!("");
+    let err = c
+        .deploy_stack(pb::DeployStackRequest {
+            stack_json: serde_json::to_vec(&value).expect("encode"),
+            dry_run: false,
+        })
+        .await
+        .expect_err("empty image");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("image"), "{}", err.message());
+
+    let after = c
+        .list_services(pb::ListServicesRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(before.revision, after.revision, "nothing was written");
+    assert_eq!(before.services, after.services);
+
+    // A dry run reports and writes nothing.
+    let mut bigger: serde_json::Value = serde_json::from_slice(&stack_json(WEB3)).expect("json");
+    bigger["services"]["web"]["deploy"]["replicas"] = serde_json::json!(5);
+    let dry = c
+        .deploy_stack(pb::DeployStackRequest {
+            stack_json: serde_json::to_vec(&bigger).expect("encode"),
+            dry_run: true,
+        })
+        .await
+        .expect("dry run")
+        .into_inner();
+    let changes = dry.changes.expect("changes");
+    assert_eq!(changes.update.len(), 1);
+    assert_eq!(changes.update[0].fields, ["deploy.replicas"]);
+    assert_eq!(dry.revision, 0);
+    let after = c
+        .list_services(pb::ListServicesRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(before.revision, after.revision);
+    ctl.shutdown();
+}
