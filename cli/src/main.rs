@@ -30,6 +30,8 @@ enum Command {
     Container(cmd::container::Args),
     /// Manage named volumes: create, ls, inspect, rm.
     Volume(cmd::volume::Args),
+    /// Run the control plane (store, scheduler, dispatcher, API) on this host.
+    Controller(cmd::controller::Args),
     /// The per-container shim (started by the engine, not by people).
     #[command(hide = true)]
     Shim(cmd::shim::Args),
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         Command::Image(args) => cmd::image::run(args),
         Command::Container(args) => cmd::container::run(args),
         Command::Volume(args) => cmd::volume::run(args),
+        Command::Controller(args) => cmd::controller::run(args),
         Command::Shim(args) => cmd::shim::run(args),
     };
     finish(result)

@@ -1,6 +1,7 @@
 //! One module per subcommand group; each exposes `Args` and `run(Args)`.
 
 pub mod container;
+pub mod controller;
 pub mod image;
 pub mod runtime;
 pub mod shim;
