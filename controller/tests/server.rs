@@ -32,12 +32,16 @@ struct Controller {
 
 impl Controller {
     fn start(data_dir: &Path) -> Controller {
+        Controller::start_with(data_dir, |_| {})
+    }
+
+    fn start_with(data_dir: &Path, tune: fn(&mut ControllerConfig)) -> Controller {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             // Built on a plain thread: a runtime cannot be started from
             // inside the test's own.
             let dir = data_dir.to_path_buf();
-            let attempt = std::thread::spawn(move || Controller::try_start(&dir))
+            let attempt = std::thread::spawn(move || Controller::try_start(&dir, tune))
                 .join()
                 .expect("start thread");
             match attempt {
@@ -52,7 +56,7 @@ impl Controller {
         }
     }
 
-    fn try_start(data_dir: &Path) -> Result<Controller, String> {
+    fn try_start(data_dir: &Path, tune: fn(&mut ControllerConfig)) -> Result<Controller, String> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -66,6 +70,7 @@ impl Controller {
         config.listen = addr;
         config.heartbeat_period = HEARTBEAT;
         config.lease = LEASE;
+        tune(&mut config);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (done_tx, done) = std::sync::mpsc::channel();
         let (started_tx, started) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -129,6 +134,8 @@ struct FakeAgent {
     tasks: Arc<Mutex<BTreeMap<String, pb::Task>>>,
     full_sets: Arc<Mutex<Vec<BTreeSet<String>>>>,
     heartbeat: Arc<AtomicBool>,
+    /// Report new tasks rejected instead of running.
+    reject: Arc<AtomicBool>,
     reader: tokio::task::JoinHandle<()>,
     beater: tokio::task::JoinHandle<()>,
 }
@@ -180,14 +187,65 @@ impl FakeAgent {
         let tasks: Arc<Mutex<BTreeMap<String, pb::Task>>> = Arc::default();
         let full_sets: Arc<Mutex<Vec<BTreeSet<String>>>> = Arc::default();
         let heartbeat = Arc::new(AtomicBool::new(true));
+        let reject = Arc::new(AtomicBool::new(false));
         let reader = {
             let (tasks, full_sets, tx) = (tasks.clone(), full_sets.clone(), tx.clone());
+            let reject = reject.clone();
+            let node = node.to_string();
             tokio::spawn(async move {
                 let mut last_generation = 0;
                 while let Ok(Some(message)) = inbound.message().await {
-                    let Some(pb::controller_message::Message::Assignments(set)) = message.message
-                    else {
-                        continue;
+                    let set = match message.message {
+                        Some(pb::controller_message::Message::Assignments(set)) => set,
+                        Some(pb::controller_message::Message::Logs(req)) => {
+                            let chunk = pb::LogChunk {
+                                request_id: req.request_id,
+                                entries: vec![pb::LogEntry {
+                                    task: req.task.clone(),
+                                    node: node.clone(),
+                                    stream: pb::LogStream::Stdout as i32,
+                                    time_unix_nanos: 1,
+                                    line: format!("hello from {}", req.task).into_bytes(),
+                                }],
+                                end: true,
+                            };
+                            let _ = tx
+                                .send(pb::AgentMessage {
+                                    message: Some(pb::agent_message::Message::Logs(chunk)),
+                                })
+                                .await;
+                            continue;
+                        }
+                        Some(pb::controller_message::Message::Exec(req)) => {
+                            let Some(pb::exec_client_message::Message::Start(start)) =
+                                req.message.and_then(|m| m.message)
+                            else {
+                                continue;
+                            };
+                            let outputs = [
+                                pb::exec_server_message::Message::Stdout(
+                                    format!("{} ran {}", node, start.command.join(" "))
+                                        .into_bytes(),
+                                ),
+                                pb::exec_server_message::Message::Exit(pb::ExecExit { code: 3 }),
+                            ];
+                            for output in outputs {
+                                let _ = tx
+                                    .send(pb::AgentMessage {
+                                        message: Some(pb::agent_message::Message::Exec(
+                                            pb::ExecOutput {
+                                                request_id: req.request_id,
+                                                output: Some(pb::ExecServerMessage {
+                                                    message: Some(output),
+                                                }),
+                                            },
+                                        )),
+                                    })
+                                    .await;
+                            }
+                            continue;
+                        }
+                        _ => continue,
                     };
                     assert!(
                         set.generation > last_generation,
@@ -207,10 +265,12 @@ impl FakeAgent {
                                 tasks.remove(&task.id);
                                 continue;
                             }
-                            let state = if task.desired_state == pb::DesiredState::Running as i32 {
-                                pb::TaskState::Running
-                            } else {
+                            let state = if task.desired_state != pb::DesiredState::Running as i32 {
                                 pb::TaskState::Shutdown
+                            } else if reject.load(Ordering::SeqCst) {
+                                pb::TaskState::Rejected
+                            } else {
+                                pb::TaskState::Running
                             };
                             reports.push(pb::TaskStatusUpdate {
                                 task: task.id.clone(),
@@ -269,6 +329,7 @@ impl FakeAgent {
             tasks,
             full_sets,
             heartbeat,
+            reject,
             reader,
             beater,
         }
@@ -916,5 +977,180 @@ async fn invalid_stack_changes_nothing() {
         .expect("list")
         .into_inner();
     assert_eq!(before.revision, after.revision);
+    ctl.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_and_exec_are_relayed_through_the_session() {
+    let (_tmp, dir) = data_dir();
+    let ctl = Controller::start(&dir);
+    let url = ctl.url();
+    let _agent = FakeAgent::join(&url, "n1", &[]).await;
+    let mut c = control(&url).await;
+    deploy(
+        &mut c,
+        "services:\n  web:\n    image: busybox\n    deploy:\n      replicas: 2\n",
+    )
+    .await;
+    let tasks = until("2 running", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let tasks = live_tasks(&mut c, "web").await;
+            (tasks.len() == 2 && running_on(&tasks).is_some()).then_some(tasks)
+        }
+    })
+    .await;
+    let mut logs = c
+        .service_logs(pb::ServiceLogsRequest {
+            service: "web".into(),
+            follow: false,
+            tail: None,
+            since_unix_nanos: None,
+        })
+        .await
+        .expect("logs")
+        .into_inner();
+    let mut lines = BTreeSet::new();
+    while let Some(entry) = tokio::time::timeout(Duration::from_secs(5), logs.message())
+        .await
+        .expect("log lines in time")
+        .expect("log stream ok")
+    {
+        assert_eq!(entry.node, "n1");
+        lines.insert(String::from_utf8(entry.line).expect("utf-8"));
+    }
+    let expected: BTreeSet<String> = tasks
+        .iter()
+        .map(|t| format!("hello from {}", t.id))
+        .collect();
+    assert_eq!(lines, expected, "one line from each task, then the end");
+
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(pb::ExecClientMessage {
+        message: Some(pb::exec_client_message::Message::Start(pb::ExecStart {
+            task: tasks[0].id.clone(),
+            command: vec!["echo".into(), "hi".into()],
+            ..pb::ExecStart::default()
+        })),
+    })
+    .await
+    .expect("start queued");
+    let mut out = c
+        .exec(ReceiverStream::new(rx))
+        .await
+        .expect("exec")
+        .into_inner();
+    let mut stdout = Vec::new();
+    let mut code = None;
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(5), out.message())
+        .await
+        .expect("exec output in time")
+        .expect("exec stream ok")
+    {
+        match m.message {
+            Some(pb::exec_server_message::Message::Stdout(b)) => stdout.extend(b),
+            Some(pb::exec_server_message::Message::Exit(e)) => code = Some(e.code),
+            other => panic!("unexpected exec message {other:?}"),
+        }
+    }
+    assert_eq!(String::from_utf8(stdout).expect("utf-8"), "n1 ran echo hi");
+    assert_eq!(code, Some(3));
+    drop(tx);
+
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(pb::ExecClientMessage {
+        message: Some(pb::exec_client_message::Message::Start(pb::ExecStart {
+            task: "no-such-task".into(),
+            command: vec!["true".into()],
+            ..pb::ExecStart::default()
+        })),
+    })
+    .await
+    .expect("start queued");
+    let err = c
+        .exec(ReceiverStream::new(rx))
+        .await
+        .expect_err("unknown task");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains("no-such-task"), "{}", err.message());
+    ctl.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_from_a_compacted_revision_are_out_of_range() {
+    let (_tmp, dir) = data_dir();
+    let ctl = Controller::start_with(&dir, |config| config.store.watch_history = 4);
+    let mut c = control(&ctl.url()).await;
+    deploy(&mut c, WEB3).await;
+    for replicas in [4, 5, 6] {
+        c.scale_service(pb::ScaleServiceRequest {
+            service: "web".into(),
+            replicas,
+        })
+        .await
+        .expect("scale");
+    }
+    let result = c
+        .events(pb::EventsRequest {
+            after_revision: 1,
+            kinds: Vec::new(),
+        })
+        .await;
+    let err = match result {
+        Err(e) => e,
+        Ok(stream) => stream
+            .into_inner()
+            .message()
+            .await
+            .expect_err("compacted history ends the stream"),
+    };
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    ctl.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_history_keeps_five_tasks_per_slot() {
+    let (_tmp, dir) = data_dir();
+    let ctl = Controller::start(&dir);
+    let url = ctl.url();
+    let agent = FakeAgent::join(&url, "n1", &[]).await;
+    agent.reject.store(true, Ordering::SeqCst);
+    let mut c = control(&url).await;
+    // Swarm's default restart condition replaces rejected tasks.
+    deploy(
+        &mut c,
+        "services:\n  flaky:\n    image: busybox\n    deploy:\n      replicas: 1\n      restart_policy:\n        delay: 0s\n",
+    )
+    .await;
+    let mut most = 0;
+    let mut removed_seen = false;
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.len() < 8 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} tasks were made",
+            seen.len()
+        );
+        let all = c
+            .list_tasks(pb::TaskFilter {
+                service: "flaky".into(),
+                all: true,
+                ..pb::TaskFilter::default()
+            })
+            .await
+            .expect("list")
+            .into_inner()
+            .tasks;
+        most = most.max(all.len());
+        let ids: BTreeSet<String> = all.iter().map(|t| t.id.clone()).collect();
+        removed_seen |= seen.iter().any(|id| !ids.contains(id));
+        seen.extend(ids);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(removed_seen, "old tasks are collected");
+    // The limit, plus the replacement made before the collector ran.
+    assert!(most <= 6, "at most 5 kept per slot (saw {most})");
+    drop(agent);
     ctl.shutdown();
 }

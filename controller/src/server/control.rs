@@ -644,12 +644,14 @@ impl pb::control_server::Control for Control {
                     () = &mut stop => return,
                 };
                 match event {
-                    Some(Ok(event)) => {
-                        if !kinds.is_empty() && !kinds.contains(&kind_of(&event.object)) {
-                            continue;
-                        }
-                        if out.send(Ok(event_to_wire(event))).await.is_err() {
-                            return;
+                    Some(Ok(batch)) => {
+                        for event in batch {
+                            if !kinds.is_empty() && !kinds.contains(&kind_of(&event.object)) {
+                                continue;
+                            }
+                            if out.send(Ok(event_to_wire(event))).await.is_err() {
+                                return;
+                            }
                         }
                     }
                     Some(Err(e)) => {

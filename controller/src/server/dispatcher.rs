@@ -316,6 +316,9 @@ impl Dispatcher {
             return;
         }
         let node = reg.node.clone();
+        // Seen now, before it is ready: the liveness loop must not find it
+        // ready with only the controller's start time to go by.
+        self.touch(&node);
         if let Err(e) = self.register(&reg).await {
             let _ = tx
                 .send(Err(Status::unavailable(format!(
@@ -451,7 +454,7 @@ impl Dispatcher {
                     let mut next = event;
                     loop {
                         match next {
-                            Some(Ok(e)) => batch.push(e),
+                            Some(Ok(events)) => batch.extend(events),
                             Some(Err(_)) | None => {
                                 resync = true;
                                 break;
@@ -485,7 +488,7 @@ impl Dispatcher {
         node: &NodeId,
         tx: &Outbound,
         sent: &mut HashMap<TaskId, u64>,
-    ) -> Option<mpsc::Receiver<Result<crate::store::Event, crate::store::WatchError>>> {
+    ) -> Option<super::state::EventBatches> {
         let (revision, wanted, unwanted) = self.inner.store.read(|s| {
             let mut wanted: Vec<Task> = Vec::new();
             let mut unwanted: Vec<Task> = Vec::new();

@@ -68,7 +68,7 @@ async fn drive<F, Fut>(
             };
             let mut batch = Vec::new();
             match first {
-                Some(Ok(e)) => batch.push(e),
+                Some(Ok(events)) => batch.extend(events),
                 Some(Err(crate::store::WatchError::Closed)) | None => return,
                 Some(Err(e)) => {
                     tracing::info!(loop_name = name, error = %e, "watch fell behind; resyncing");
@@ -77,7 +77,7 @@ async fn drive<F, Fut>(
             }
             while let Ok(next) = events.try_recv() {
                 match next {
-                    Ok(e) => batch.push(e),
+                    Ok(events) => batch.extend(events),
                     Err(_) => continue 'resync,
                 }
             }

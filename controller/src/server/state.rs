@@ -174,15 +174,14 @@ impl StoreFront {
     }
 
     /// Every event from revision `from` (inclusive; 0 for "from now on"),
-    /// delivered on a channel. The channel ends after an error (compaction,
-    /// shutdown); dropping the receiver stops the forwarder within
-    /// [`WATCH_POLL`].
-    pub fn watch(
-        &self,
-        from: u64,
-    ) -> Result<mpsc::Receiver<Result<Event, WatchError>>, WatchError> {
+    /// delivered on a channel in batches of whole revisions: a command's
+    /// events are published together, so a batch never splits one (the
+    /// dispatcher relies on it: one assignment set per revision). The
+    /// channel ends after an error (compaction, shutdown); dropping the
+    /// receiver stops the forwarder within [`WATCH_POLL`].
+    pub fn watch(&self, from: u64) -> Result<EventBatches, WatchError> {
         let mut stream = self.hub.watch(from)?;
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = mpsc::channel(256);
         // A plain thread, not the runtime's blocking pool: the stream blocks
         // on a condvar, and a watch lives as long as its session.
         let spawned = std::thread::Builder::new()
@@ -192,17 +191,32 @@ impl StoreFront {
                     if tx.is_closed() {
                         return;
                     }
-                    match stream.recv_timeout(WATCH_POLL) {
-                        Ok(Some(event)) => {
-                            if tx.blocking_send(Ok(event)).is_err() {
-                                return;
-                            }
-                        }
-                        Ok(None) => {}
+                    let first = match stream.recv_timeout(WATCH_POLL) {
+                        Ok(Some(event)) => event,
+                        Ok(None) => continue,
                         Err(e) => {
                             let _ = tx.blocking_send(Err(e));
                             return;
                         }
+                    };
+                    let mut batch = vec![first];
+                    let mut failed = None;
+                    loop {
+                        match stream.try_recv() {
+                            Ok(Some(event)) => batch.push(event),
+                            Ok(None) => break,
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                    if tx.blocking_send(Ok(batch)).is_err() {
+                        return;
+                    }
+                    if let Some(e) = failed {
+                        let _ = tx.blocking_send(Err(e));
+                        return;
                     }
                 }
             });
@@ -212,6 +226,9 @@ impl StoreFront {
         Ok(rx)
     }
 }
+
+/// Batches of events, each made of whole revisions, from [`StoreFront::watch`].
+pub type EventBatches = mpsc::Receiver<Result<Vec<Event>, WatchError>>;
 
 fn write_loop(store: &RwLock<Store>, rx: &std_mpsc::Receiver<Proposal>) {
     while let Ok(first) = rx.recv() {
