@@ -1154,3 +1154,84 @@ async fn task_history_keeps_five_tasks_per_slot() {
     drop(agent);
     ctl.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redeploy_updates_only_what_changed() {
+    let (_tmp, dir) = data_dir();
+    let ctl = Controller::start(&dir);
+    let url = ctl.url();
+    let _agents = [
+        FakeAgent::join(&url, "n1", &[]).await,
+        FakeAgent::join(&url, "n2", &[]).await,
+    ];
+    let mut c = control(&url).await;
+    let v1 = "services:\n  web:\n    image: busybox:1\n    deploy:\n      replicas: 2\n  db:\n    image: busybox\n";
+    deploy(&mut c, v1).await;
+    let watcher = c.clone();
+    let wait_running = |service: &'static str, n: usize| {
+        let c = watcher.clone();
+        async move {
+            until("tasks running", Duration::from_secs(10), || {
+                let mut c = c.clone();
+                async move {
+                    let tasks = live_tasks(&mut c, service).await;
+                    (tasks.len() == n && running_on(&tasks).is_some()).then_some(tasks)
+                }
+            })
+            .await
+        }
+    };
+    let web1 = wait_running("web", 2).await;
+    let db1 = wait_running("db", 1).await;
+
+    // A scale-only change keeps the running tasks.
+    let v2 = v1.replace("replicas: 2", "replicas: 3");
+    let changed = deploy(&mut c, &v2).await.changes.expect("changes");
+    assert_eq!(changed.update.len(), 1);
+    assert_eq!(changed.update[0].fields, ["deploy.replicas"]);
+    let web2 = wait_running("web", 3).await;
+    for t in &web1 {
+        assert!(web2.iter().any(|u| u.id == t.id), "task {} kept", t.id);
+    }
+
+    // An image change replaces web's tasks and leaves db alone.
+    let v3 = v2.replace("busybox:1", "busybox:2");
+    let changed = deploy(&mut c, &v3).await.changes.expect("changes");
+    assert_eq!(changed.update[0].service, "web");
+    assert_eq!(changed.update[0].fields, ["image"]);
+    let web3 = until("web on the new image", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let tasks = live_tasks(&mut c, "web").await;
+            let updated = tasks
+                .iter()
+                .all(|t| t.spec.as_ref().is_some_and(|s| s.image == "busybox:2"));
+            (tasks.len() == 3 && updated && running_on(&tasks).is_some()).then_some(tasks)
+        }
+    })
+    .await;
+    let slots: BTreeSet<u64> = web3.iter().filter_map(|t| t.slot).collect();
+    assert_eq!(slots, BTreeSet::from([1, 2, 3]));
+    let db3 = wait_running("db", 1).await;
+    assert_eq!(db1[0].id, db3[0].id, "db untouched");
+
+    // Dropping a service from the file removes it.
+    let v4 = "services:\n  web:\n    image: busybox:2\n    deploy:\n      replicas: 3\n";
+    let changed = deploy(&mut c, v4).await.changes.expect("changes");
+    assert_eq!(changed.remove, ["db"]);
+    let removed = c
+        .remove_stack(pb::RemoveStackRequest {
+            stack: "demo".into(),
+        })
+        .await
+        .expect("stack rm")
+        .into_inner();
+    assert_eq!(removed.removed, ["web"]);
+    let stacks = c
+        .list_stacks(pb::ListStacksRequest {})
+        .await
+        .expect("stack ls")
+        .into_inner();
+    assert!(stacks.stacks.is_empty());
+    ctl.shutdown();
+}

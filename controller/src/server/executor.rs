@@ -22,8 +22,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 
-use crate::model::{DesiredState, Node, NodeId, ServiceId, Task, TaskId, TaskState, TaskStatus};
-use crate::orchestrator::{self, Action};
+use crate::model::{
+    DesiredState, Node, NodeId, Service, ServiceId, Task, TaskId, TaskState, TaskStatus,
+};
+use crate::orchestrator::{self, Action, NewTask, ShutdownReason};
 use crate::scheduler::{self, ClusterView, TaskRef};
 use crate::store::{Command, DesiredStateChange, Event, Object, PendingTask};
 
@@ -135,6 +137,9 @@ async fn orchestrate(store: &StoreFront, scope: &Scope) {
             let tasks: Vec<Task> = s.tasks_of_service(&id).cloned().collect();
             let actions = match s.service(&id) {
                 Some(service) => match orchestrator::reconcile(service, &tasks, &nodes) {
+                    // Converged on counts and placement: now bring outdated
+                    // tasks to the current spec.
+                    Ok(actions) if actions.is_empty() => update_actions(service, &tasks),
                     Ok(actions) => actions,
                     Err(e) => {
                         tracing::warn!(service = %id, error = %e, "cannot reconcile service");
@@ -148,6 +153,50 @@ async fn orchestrate(store: &StoreFront, scope: &Scope) {
         commands
     });
     propose_logged(store, "orchestrator", commands).await;
+}
+
+/// The updater: every live, unfinished task whose template differs from
+/// the service's is replaced in its slot (or on its node), stop-first.
+///
+/// Decision: all such tasks at once. `update_config` is stored but rolling
+/// updates (parallelism, delay, monitor, failure action) come with the
+/// update orchestrator; a change that only bumps `spec_version` without
+/// touching the template (a scale) replaces nothing. It runs only once
+/// [`orchestrator::reconcile`] has nothing to do for the service, so the
+/// two never act on the same task in one pass.
+fn update_actions(service: &Service, tasks: &[Task]) -> Vec<Action> {
+    let mut outdated: Vec<&Task> = tasks
+        .iter()
+        .filter(|t| {
+            t.service == service.id
+                && t.desired_state == DesiredState::Running
+                && !t.status.state.is_terminal()
+                && t.spec != service.spec.task
+        })
+        .collect();
+    outdated.sort_by(|a, b| (a.slot, &a.node, &a.id).cmp(&(b.slot, &b.node, &b.id)));
+    let mut actions = Vec::new();
+    for t in outdated {
+        actions.push(Action::Shutdown {
+            task: t.id.clone(),
+            reason: ShutdownReason::Replaced,
+        });
+        actions.push(Action::Create(Box::new(NewTask {
+            service: service.id.clone(),
+            slot: t.slot,
+            // A global task stays on its node; a replicated one is placed
+            // again by the scheduler.
+            node: if t.slot.is_some() {
+                None
+            } else {
+                t.node.clone()
+            },
+            spec_version: service.spec_version,
+            spec: service.spec.task.clone(),
+            replaces: Some(t.id.clone()),
+        })));
+    }
+    actions
 }
 
 /// Turns one service's actions into at most two commands (each all or
