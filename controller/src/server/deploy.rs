@@ -305,3 +305,92 @@ fn changed_fields(a: &ServiceSpec, b: &ServiceSpec) -> Vec<String> {
     check(a.update_config != b.update_config, "deploy.update_config");
     fields
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compose::MemoryFiles;
+
+    fn load(yaml: &str) -> Stack {
+        let env = BTreeMap::new();
+        let files = MemoryFiles::default();
+        compose::load(
+            yaml.as_bytes(),
+            &LoadOptions {
+                project_dir: Path::new("/srv/demo"),
+                stack_name: Some("demo"),
+                env: &env,
+                files: &files,
+            },
+        )
+        .expect("fixture loads")
+        .stack
+    }
+
+    #[test]
+    fn a_stack_becomes_model_specs() {
+        let stack = load(
+            "services:\n  web:\n    image: nginx\n    network_mode: host\n    labels: {tier: front}\n    ports: ['8080:80']\n    healthcheck:\n      test: [CMD, wget, -q, localhost]\n      interval: 2s\n    deploy:\n      replicas: 3\n      resources:\n        limits: {cpus: '0.5', memory: 64m}\n      placement:\n        constraints: [node.labels.zone==eu]\n        max_replicas_per_node: 2\n      restart_policy:\n        condition: on-failure\n        max_attempts: 4\n",
+        );
+        let specs = service_specs(&revalidate(&stack).expect("valid")).expect("converts");
+        let web = &specs["web"];
+        assert_eq!(web.stack, "demo");
+        assert_eq!(web.mode, ServiceMode::Replicated { replicas: 3 });
+        let t = &web.task;
+        assert!(t.host_network);
+        assert_eq!(t.labels["tier"], "front");
+        assert_eq!(t.ports[0].published, Some(8080));
+        assert_eq!(t.ports[0].target, 80);
+        assert_eq!(t.resources.limits.nano_cpus, 500_000_000);
+        assert_eq!(t.resources.limits.memory_bytes, 64 << 20);
+        assert_eq!(t.placement.max_replicas_per_node, Some(2));
+        assert_eq!(
+            t.placement.constraints[0].to_string(),
+            "node.labels.zone==eu"
+        );
+        assert_eq!(t.restart_policy.condition, m::RestartCondition::OnFailure);
+        assert_eq!(t.restart_policy.max_attempts, Some(4));
+        let hc = t.healthcheck.as_ref().expect("healthcheck");
+        assert_eq!(
+            hc.probe,
+            HealthProbe::Exec(vec!["wget".into(), "-q".into(), "localhost".into()])
+        );
+        assert_eq!(hc.interval, std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn what_the_model_cannot_carry_is_refused_by_field() {
+        let stack = load("services:\n  web:\n    image: nginx\n    ports: ['8000-8010:80']\n");
+        let err = service_specs(&stack).expect_err("range refused");
+        assert_eq!(
+            err.to_string(),
+            "services.web.ports[0].published: the range 8000-8010 is not supported yet; publish one port"
+        );
+    }
+
+    #[test]
+    fn diff_names_compose_fields() {
+        let old = service_specs(&load(
+            "services:\n  web:\n    image: a\n    deploy: {replicas: 2}\n  db:\n    image: d\n",
+        ))
+        .expect("old");
+        let new = service_specs(&load(
+            "services:\n  web:\n    image: b\n    deploy: {replicas: 3}\n  cache:\n    image: c\n",
+        ))
+        .expect("new");
+        let changes = diff(&old, &new);
+        assert_eq!(changes.create, ["cache"]);
+        assert_eq!(changes.remove, ["db"]);
+        assert_eq!(changes.update.len(), 1);
+        assert_eq!(changes.update[0].fields, ["image", "deploy.replicas"]);
+        assert!(diff(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn revalidation_refuses_what_the_loader_refuses() {
+        let mut stack = load("services:\n  web:\n    image: nginx\n");
+        stack.name = "Bad Name".into();
+        let err = revalidate(&stack).expect_err("invalid stack name");
+        assert!(err.to_string().contains("Bad Name"), "{err}");
+    }
+}
