@@ -129,8 +129,8 @@ impl Drop for Controller {
 /// and reports each wanted task running and each unwanted one shut down.
 struct FakeAgent {
     node: String,
-    /// Holds the session's request stream open.
-    _tx: mpsc::Sender<pb::AgentMessage>,
+    /// The session's request stream.
+    tx: mpsc::Sender<pb::AgentMessage>,
     tasks: Arc<Mutex<BTreeMap<String, pb::Task>>>,
     full_sets: Arc<Mutex<Vec<BTreeSet<String>>>>,
     heartbeat: Arc<AtomicBool>,
@@ -325,7 +325,7 @@ impl FakeAgent {
         };
         FakeAgent {
             node: node.into(),
-            _tx: tx,
+            tx,
             tasks,
             full_sets,
             heartbeat,
@@ -333,6 +333,16 @@ impl FakeAgent {
             reader,
             beater,
         }
+    }
+
+    /// Sends a raw message up the session.
+    async fn send(&self, message: pb::agent_message::Message) {
+        self.tx
+            .send(pb::AgentMessage {
+                message: Some(message),
+            })
+            .await
+            .expect("session open");
     }
 
     /// Task ids the agent holds with desired state running.
@@ -1233,5 +1243,199 @@ async fn redeploy_updates_only_what_changed() {
         .expect("stack ls")
         .into_inner();
     assert!(stacks.stacks.is_empty());
+    ctl.shutdown();
+}
+
+fn hello(node: &str, protocol_version: u32) -> pb::AgentMessage {
+    pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Hello(pb::Hello {
+            node_id: node.into(),
+            hostname: format!("host-{node}"),
+            address: "10.0.0.9:7071".into(),
+            resources: Some(pb::Resources {
+                nano_cpus: 1_000_000_000,
+                memory_bytes: 1 << 30,
+            }),
+            labels: Default::default(),
+            platform: Some(pb::Platform {
+                os: "linux".into(),
+                arch: "x86_64".into(),
+            }),
+            protocol_version,
+            last_generation: 0,
+        })),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_replace_refuse_and_drop_stale_reports() {
+    let (_tmp, dir) = data_dir();
+    let ctl = Controller::start(&dir);
+    let url = ctl.url();
+    let mut client = DispatcherClient::connect(url.clone())
+        .await
+        .expect("connect");
+
+    // A protocol mismatch is refused, naming both versions.
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(hello("old", 99)).await.expect("queued");
+    let mut inbound = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .expect("session")
+        .into_inner();
+    let err = inbound.message().await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("99"), "{}", err.message());
+
+    // A first message that is not hello is refused.
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Heartbeat(pb::Heartbeat {
+            sequence: 1,
+        })),
+    })
+    .await
+    .expect("queued");
+    let mut inbound = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .expect("session")
+        .into_inner();
+    let err = inbound.message().await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // A second session for a node replaces the first.
+    let (tx1, rx1) = mpsc::channel(4);
+    tx1.send(hello("n1", gantry_proto::PROTOCOL_VERSION))
+        .await
+        .expect("queued");
+    let mut first = client
+        .session(ReceiverStream::new(rx1))
+        .await
+        .expect("session")
+        .into_inner();
+    assert!(matches!(
+        first.message().await.expect("ok").and_then(|m| m.message),
+        Some(pb::controller_message::Message::Accepted(_))
+    ));
+    let agent = FakeAgent::join(&url, "n1", &[]).await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match first.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(e) => return Some(e.code()),
+            }
+        }
+    })
+    .await
+    .expect("the old session ends");
+    assert_eq!(ended, Some(tonic::Code::Aborted));
+
+    // A report about an older generation is dropped.
+    let mut c = control(&url).await;
+    deploy(
+        &mut c,
+        "services:\n  web:\n    image: busybox\n    deploy:\n      replicas: 1\n",
+    )
+    .await;
+    let task = until("web running", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let tasks = live_tasks(&mut c, "web").await;
+            running_on(&tasks)?;
+            tasks.into_iter().next()
+        }
+    })
+    .await;
+    assert!(task.generation > 0);
+    agent
+        .send(pb::agent_message::Message::Status(pb::TaskStatusUpdates {
+            updates: vec![pb::TaskStatusUpdate {
+                task: task.id.clone(),
+                generation: task.generation - 1,
+                status: Some(pb::TaskStatus {
+                    state: pb::TaskState::Failed as i32,
+                    health: pb::Health::None as i32,
+                    ..pb::TaskStatus::default()
+                }),
+            }],
+        }))
+        .await;
+    // A current report after it: the session handles messages in order, so
+    // once this one shows, the stale one was handled (and must be ignored).
+    agent
+        .send(pb::agent_message::Message::Status(pb::TaskStatusUpdates {
+            updates: vec![pb::TaskStatusUpdate {
+                task: task.id.clone(),
+                generation: task.generation,
+                status: Some(pb::TaskStatus {
+                    state: pb::TaskState::Running as i32,
+                    health: pb::Health::Healthy as i32,
+                    ..pb::TaskStatus::default()
+                }),
+            }],
+        }))
+        .await;
+    until("the current report", Duration::from_secs(5), || {
+        let mut c = c.clone();
+        async move {
+            let tasks = live_tasks(&mut c, "web").await;
+            let health = tasks.first()?.status.as_ref()?.health;
+            (health == pb::Health::Healthy as i32).then_some(())
+        }
+    })
+    .await;
+    let now = live_tasks(&mut c, "web").await;
+    assert_eq!(now.len(), 1);
+    assert_eq!(now[0].id, task.id);
+    assert_eq!(
+        now[0].status.as_ref().map(|s| s.state),
+        Some(pb::TaskState::Running as i32),
+        "the stale failure was ignored"
+    );
+    drop(agent);
+    ctl.shutdown();
+}
+
+/// Not a timed test: prints how long 100 replicas on 3 (fake) agents take
+/// from deploy to all running, the convergence figure minus the
+/// engine's start time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_replicas_converge() {
+    let (_tmp, dir) = data_dir();
+    let ctl = Controller::start(&dir);
+    let url = ctl.url();
+    let _agents = [
+        FakeAgent::join(&url, "n1", &[]).await,
+        FakeAgent::join(&url, "n2", &[]).await,
+        FakeAgent::join(&url, "n3", &[]).await,
+    ];
+    let mut c = control(&url).await;
+    let started = Instant::now();
+    deploy(
+        &mut c,
+        "services:\n  web:\n    image: busybox\n    deploy:\n      replicas: 100\n",
+    )
+    .await;
+    let per_node = until("100 running", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move {
+            let tasks = live_tasks(&mut c, "web").await;
+            (tasks.len() == 100).then(|| running_on(&tasks)).flatten()
+        }
+    })
+    .await;
+    eprintln!(
+        "100 replicas running on fake agents after {:?}: {per_node:?}",
+        started.elapsed()
+    );
+    let counts: Vec<usize> = per_node.values().copied().collect();
+    assert_eq!(counts.len(), 3);
+    assert!(
+        counts.iter().all(|&n| (33..=34).contains(&n)),
+        "spread: {counts:?}"
+    );
     ctl.shutdown();
 }
