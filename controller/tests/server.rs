@@ -36,12 +36,20 @@ impl Controller {
     }
 
     fn start_with(data_dir: &Path, tune: fn(&mut ControllerConfig)) -> Controller {
+        Controller::start_full(data_dir, tune, axum::Router::new)
+    }
+
+    fn start_full(
+        data_dir: &Path,
+        tune: fn(&mut ControllerConfig),
+        routes: fn() -> axum::Router,
+    ) -> Controller {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             // Built on a plain thread: a runtime cannot be started from
             // inside the test's own.
             let dir = data_dir.to_path_buf();
-            let attempt = std::thread::spawn(move || Controller::try_start(&dir, tune))
+            let attempt = std::thread::spawn(move || Controller::try_start(&dir, tune, routes()))
                 .join()
                 .expect("start thread");
             match attempt {
@@ -56,7 +64,11 @@ impl Controller {
         }
     }
 
-    fn try_start(data_dir: &Path, tune: fn(&mut ControllerConfig)) -> Result<Controller, String> {
+    fn try_start(
+        data_dir: &Path,
+        tune: fn(&mut ControllerConfig),
+        routes: axum::Router,
+    ) -> Result<Controller, String> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -75,7 +87,7 @@ impl Controller {
         let (done_tx, done) = std::sync::mpsc::channel();
         let (started_tx, started) = std::sync::mpsc::channel::<Result<(), String>>();
         runtime.spawn(async move {
-            let result = serve_on(config, listener, axum::Router::new(), async {
+            let result = serve_on(config, listener, routes, async {
                 let _ = stopped.await;
             })
             .await;
@@ -1437,5 +1449,37 @@ async fn hundred_replicas_converge() {
         counts.iter().all(|&n| (33..=34).contains(&n)),
         "spread: {counts:?}"
     );
+    ctl.shutdown();
+}
+
+/// The registry's routes share the port: HTTP/1.1 reaches them while gRPC
+/// (h2c) reaches the services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_routes_share_the_grpc_port() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_tmp, dir) = data_dir();
+    let ctl = Controller::start_full(
+        &dir,
+        |_| {},
+        || axum::Router::new().route("/v2/", axum::routing::get(|| async { "registry here" })),
+    );
+    let mut stream = tokio::net::TcpStream::connect(ctl.addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /v2/ HTTP/1.1\r\nHost: gantry\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+        .await
+        .expect("response in time")
+        .expect("read");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.ends_with("registry here"), "{response}");
+    let mut c = control(&ctl.url()).await;
+    c.list_nodes(pb::ListNodesRequest {})
+        .await
+        .expect("gRPC on the same port");
     ctl.shutdown();
 }
