@@ -32,6 +32,8 @@ enum Command {
     Volume(cmd::volume::Args),
     /// Run the control plane (store, scheduler, dispatcher, API) on this host.
     Controller(cmd::controller::Args),
+    /// Local development: `gantry dev cluster up|ls|kill|stop|start|partition|heal|down`.
+    Dev(cmd::dev::Args),
     /// The per-container shim (started by the engine, not by people).
     #[command(hide = true)]
     Shim(cmd::shim::Args),
@@ -51,6 +53,7 @@ fn main() -> ExitCode {
         Command::Container(args) => cmd::container::run(args),
         Command::Volume(args) => cmd::volume::run(args),
         Command::Controller(args) => cmd::controller::run(args),
+        Command::Dev(args) => cmd::dev::run(args),
         Command::Shim(args) => cmd::shim::run(args),
     };
     finish(result)

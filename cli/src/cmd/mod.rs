@@ -2,6 +2,7 @@
 
 pub mod container;
 pub mod controller;
+pub mod dev;
 pub mod image;
 pub mod runtime;
 pub mod shim;
