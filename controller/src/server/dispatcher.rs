@@ -357,7 +357,9 @@ impl Dispatcher {
             )),
         };
         if tx.send(Ok(accepted)).await.is_ok() {
-            self.session_loop(&node, &mut inbound, &tx, &kill).await;
+            let ready = ready_status(&reg);
+            self.session_loop(&node, &ready, &mut inbound, &tx, &kill)
+                .await;
         }
         let mut tables = self.tables();
         if tables
@@ -398,13 +400,7 @@ impl Dispatcher {
         }
         commands.push(Command::UpdateNodeStatus {
             node: reg.node.clone(),
-            status: NodeStatus {
-                state: NodeState::Ready,
-                address: reg.address.clone(),
-                hostname: reg.hostname.clone(),
-                resources: reg.resources,
-                platform: reg.platform.clone(),
-            },
+            status: ready_status(reg),
         });
         for (index, result) in self.inner.store.propose(commands).await? {
             if let Err(e) = result {
@@ -417,6 +413,7 @@ impl Dispatcher {
     async fn session_loop(
         &self,
         node: &NodeId,
+        ready: &NodeStatus,
         inbound: &mut Streaming<pb::AgentMessage>,
         tx: &Outbound,
         kill: &Notify,
@@ -440,7 +437,14 @@ impl Dispatcher {
                 message = inbound.message() => match message {
                     Ok(Some(message)) => {
                         self.touch(node);
+                        let beat = matches!(
+                            message.message,
+                            Some(pb::agent_message::Message::Heartbeat(_))
+                        );
                         self.handle_agent_message(node, message).await;
+                        if beat {
+                            self.ensure_ready(node, ready).await;
+                        }
                     }
                     Ok(None) => return,
                     Err(e) => {
@@ -478,6 +482,27 @@ impl Dispatcher {
                         return;
                     }
                 }
+            }
+        }
+    }
+
+    /// Marks the node ready again if it is not while its live session
+    /// heartbeats: the liveness loop may have marked it down from a stale
+    /// reading just as the agent reconnected, and a down node with a live
+    /// session would otherwise never come back.
+    async fn ensure_ready(&self, node: &NodeId, ready: &NodeStatus) {
+        let state = self
+            .inner
+            .store
+            .read(|s| s.node(node).map(|n| n.status.state));
+        if state.is_some_and(|s| s != NodeState::Ready) {
+            tracing::info!(%node, "node heartbeats while marked down; marking it ready");
+            let command = Command::UpdateNodeStatus {
+                node: node.clone(),
+                status: ready.clone(),
+            };
+            if let Err(e) = self.inner.store.propose(vec![command]).await {
+                tracing::error!(%node, error = %e, "marking the node ready failed");
             }
         }
     }
@@ -694,6 +719,17 @@ impl Dispatcher {
             }
             Err(e) => tracing::error!(%node, error = %e, "recording task status failed"),
         }
+    }
+}
+
+/// The status a node reports in its hello, as ready.
+fn ready_status(reg: &Registration) -> NodeStatus {
+    NodeStatus {
+        state: NodeState::Ready,
+        address: reg.address.clone(),
+        hostname: reg.hostname.clone(),
+        resources: reg.resources,
+        platform: reg.platform.clone(),
     }
 }
 
