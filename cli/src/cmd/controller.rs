@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use gantry_agent::paths::DataDir;
 use gantry_controller::compose::units;
+use gantry_controller::registry::{self, RegistryStore};
 use gantry_controller::server::{self, ControllerConfig};
 
 use super::UsageError;
@@ -67,11 +68,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .thread_name("gantry-controller")
         .build()
         .context("starting the async runtime")?;
+    let registry_dir = config.registry_dir();
+    let registry = RegistryStore::open(&registry_dir)
+        .with_context(|| format!("opening the registry in {}", registry_dir.display()))?;
     runtime.block_on(async move {
         let shutdown = shutdown_signal().context("installing signal handlers")?;
-        // The registry's `/v2/` routes are merged here once the registry
-        // lands; until then the port serves gRPC only.
-        server::serve(config, axum::Router::new(), shutdown)
+        // One port: gRPC for clients and agents, `/v2/` for image pulls.
+        server::serve(config, registry::router(registry), shutdown)
             .await
             .context("controller")
     })?;

@@ -1,12 +1,13 @@
 //! `gantry image`: import, pull, ls, inspect, rm and gc against the node's
-//! image store. Wiring and presentation only; the store lives in
-//! `gantry_agent::image`.
+//! image store, and `load`, which puts images into the cluster through the
+//! controller's registry. Wiring and presentation only; the store lives in
+//! `gantry_agent::image`, the registry in `gantry_controller::registry`.
 
 use super::UsageError;
 use anyhow::Context as _;
 use gantry_agent::image::{
-    Credentials, ImageError, ImageRecord, ImageStore, ImportOptions, PullOptions, Reference,
-    Removed,
+    Credentials, ImageError, ImageRecord, ImageStore, ImportOptions, PullOptions, PushTarget,
+    Reference, Removed,
 };
 use gantry_agent::paths::DataDir;
 use std::io::BufRead as _;
@@ -17,6 +18,12 @@ use std::process::ExitCode;
 const USERNAME_ENV: &str = "GANTRY_REGISTRY_USERNAME";
 /// Environment variable with the registry password for `pull`.
 const PASSWORD_ENV: &str = "GANTRY_REGISTRY_PASSWORD";
+/// Environment variable naming the controller (`HOST:PORT`).
+const CONTROLLER_ENV: &str = "GANTRY_CONTROLLER";
+/// The context file `gantry dev cluster up` and `gantry up` write.
+const CONTEXT_FILE: &str = "/run/gantry/context.json";
+/// The controller when nothing else names one (`gantry up`'s address).
+const DEFAULT_CONTROLLER: &str = "127.0.0.1:7070";
 
 /// Arguments of `gantry image`.
 #[derive(Debug, clap::Args)]
@@ -37,6 +44,21 @@ enum Command {
         /// Name the image NAME instead of the names in the archive.
         #[arg(long, value_name = "NAME")]
         tag: Option<String>,
+    },
+    /// Make images available to every node of the cluster (like `kind load`):
+    /// import PATH here, then push each image into the controller's registry,
+    /// from which agents pull what they lack.
+    Load {
+        /// An OCI layout directory, an OCI archive or a `docker save` archive.
+        path: PathBuf,
+        /// Name the image NAME instead of the names in the archive (only
+        /// when it holds one image).
+        #[arg(long, value_name = "NAME")]
+        tag: Option<String>,
+        /// The controller (default: $GANTRY_CONTROLLER, else the current
+        /// context in /run/gantry/context.json, else 127.0.0.1:7070).
+        #[arg(long, value_name = "HOST:PORT")]
+        controller: Option<String>,
     },
     /// Pull an image from a registry.
     Pull {
@@ -108,13 +130,28 @@ fn print_structured(value: &impl serde::Serialize, format: Format) -> anyhow::Re
 
 /// Runs `gantry image`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // `load` never touches this machine's store (the machine need not be a
+    // node, nor its data directory exist): dispatch it before opening one.
+    let command = match args.command {
+        Command::Load {
+            path,
+            tag,
+            controller,
+        } => return load(path, tag, controller),
+        command => command,
+    };
     let data_dir = args
         .data_dir
         .map(DataDir::new)
         .unwrap_or_else(DataDir::from_env);
     let store = ImageStore::open(data_dir.images()).map_err(classify)?;
-    match args.command {
+    match command {
         Command::Import { path, tag } => import(&store, path, tag),
+        Command::Load {
+            path,
+            tag,
+            controller,
+        } => load(path, tag, controller),
         Command::Pull {
             reference,
             insecure,
@@ -216,6 +253,75 @@ fn import(store: &ImageStore, path: PathBuf, tag: Option<String>) -> anyhow::Res
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `gantry image load`: import into a scratch store (never the node's own:
+/// loading is about the cluster, and this machine may not be a node), then
+/// push every name of every image to the controller. The scratch store goes
+/// when done; it lives under $TMPDIR, since import also unpacks the layers.
+fn load(
+    path: PathBuf,
+    tag: Option<String>,
+    controller: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    if !path.exists() {
+        return Err(UsageError(format!("{}: no such file or directory", path.display())).into());
+    }
+    let controller = controller_address(controller)?;
+    let scratch = tempfile::Builder::new()
+        .prefix("gantry-load-")
+        .tempdir()
+        .context("creating a scratch image store")?;
+    let store = ImageStore::open(scratch.path()).map_err(classify)?;
+    let records = store
+        .import(&path, &ImportOptions { tag })
+        .map_err(classify)?;
+    let target = PushTarget::mirror(&controller);
+    for record in &records {
+        if record.names.is_empty() {
+            return Err(UsageError(format!(
+                "{}: image {} has no name to load it under: give --tag NAME",
+                path.display(),
+                record.id
+            ))
+            .into());
+        }
+        for name in &record.names {
+            let digest = store
+                .push(name, &target, &mut |event| eprintln!("{event}"))
+                .with_context(|| format!("loading {name} into the controller at {controller}"))?;
+            println!("Loaded image: {} ({digest})", familiar(name));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The controller to talk to: `--controller`, else $GANTRY_CONTROLLER, else
+/// the context file's `controller`, else 127.0.0.1:7070 (kubectl's order:
+/// flag, environment, current context, default).
+// TODO(lead): replace with the shared helper in cli/src/client.rs.
+fn controller_address(flag: Option<String>) -> anyhow::Result<String> {
+    if let Some(address) = flag.filter(|a| !a.is_empty()) {
+        return Ok(address);
+    }
+    if let Ok(address) = std::env::var(CONTROLLER_ENV)
+        && !address.is_empty()
+    {
+        return Ok(address);
+    }
+    match std::fs::read(CONTEXT_FILE) {
+        Ok(bytes) => {
+            #[derive(serde::Deserialize)]
+            struct Context {
+                controller: String,
+            }
+            let context: Context = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{CONTEXT_FILE}: malformed context file"))?;
+            Ok(context.controller)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DEFAULT_CONTROLLER.to_string()),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("reading {CONTEXT_FILE}"))),
+    }
 }
 
 fn pull(

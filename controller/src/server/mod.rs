@@ -47,6 +47,9 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// The controller's directory inside the data directory.
 pub const CONTROLLER_DIR: &str = "controller";
 
+/// The registry's directory inside the controller's.
+pub const REGISTRY_DIR: &str = "registry";
+
 /// Errors from running the controller.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -104,6 +107,11 @@ impl ControllerConfig {
     /// `<data_dir>/controller/`.
     pub fn controller_dir(&self) -> PathBuf {
         self.data_dir.join(CONTROLLER_DIR)
+    }
+
+    /// `<data_dir>/controller/registry/`, where the registry keeps its blobs.
+    pub fn registry_dir(&self) -> PathBuf {
+        self.controller_dir().join(REGISTRY_DIR)
     }
 }
 
