@@ -1483,3 +1483,68 @@ async fn http_routes_share_the_grpc_port() {
         .expect("gRPC on the same port");
     ctl.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_a_node_moves_its_tasks() {
+    let (_tmp, dir) = data_dir();
+    let ctl = Controller::start(&dir);
+    let url = ctl.url();
+    let agents = [
+        FakeAgent::join(&url, "n1", &[]).await,
+        FakeAgent::join(&url, "n2", &[]).await,
+    ];
+    let mut c = control(&url).await;
+    deploy(
+        &mut c,
+        "services:\n  web:\n    image: busybox\n    deploy:\n      replicas: 4\n",
+    )
+    .await;
+    until("2 + 2 running", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let tasks = live_tasks(&mut c, "web").await;
+            let per_node = running_on(&tasks)?;
+            (tasks.len() == 4 && per_node.values().all(|&n| n == 2)).then_some(())
+        }
+    })
+    .await;
+    let node = c
+        .update_node(pb::UpdateNodeRequest {
+            node: "host-n1".into(),
+            availability: Some(pb::Availability::Drain as i32),
+            ..pb::UpdateNodeRequest::default()
+        })
+        .await
+        .expect("drain")
+        .into_inner();
+    assert_eq!(
+        node.spec.expect("spec").availability,
+        pb::Availability::Drain as i32
+    );
+    until(
+        "all 4 on n2, none held by n1",
+        Duration::from_secs(10),
+        || {
+            let mut c = c.clone();
+            let held = agents[0].running().len();
+            async move {
+                let tasks = live_tasks(&mut c, "web").await;
+                let per_node = running_on(&tasks)?;
+                (per_node.get("n2") == Some(&4) && held == 0).then_some(())
+            }
+        },
+    )
+    .await;
+    let err = c
+        .update_node(pb::UpdateNodeRequest {
+            node: "n1".into(),
+            availability: Some(0),
+            ..pb::UpdateNodeRequest::default()
+        })
+        .await
+        .expect_err("unspecified availability");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("availability"), "{}", err.message());
+    drop(agents);
+    ctl.shutdown();
+}
