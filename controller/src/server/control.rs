@@ -59,6 +59,9 @@ impl Control {
     }
 }
 
+/// How long an exec may take to send its `start` message.
+const EXEC_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 fn state_status(e: StateError) -> Status {
@@ -672,9 +675,11 @@ impl pb::control_server::Control for Control {
         request: Request<Streaming<pb::ExecClientMessage>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
         let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await?
+        // The client sends `start` at once; one that does not is not held
+        // on to for ever.
+        let first = tokio::time::timeout(EXEC_START_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no start message within 30 s"))??
             .ok_or_else(|| Status::invalid_argument("message: the first message must be start"))?;
         let Some(pb::exec_client_message::Message::Start(start)) = &first.message else {
             return Err(Status::invalid_argument(
