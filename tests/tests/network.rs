@@ -360,8 +360,10 @@ fn bridge_containers_get_addresses_and_reach_the_gateway_and_each_other() {
         .as_str()
         .unwrap()
         .to_string();
-    nix::mount::umount2(netns.as_str(), nix::mount::MntFlags::MNT_DETACH).unwrap();
+    // (The veth first: unmounting the last hold on the namespace ends it,
+    // and its veth with it.)
     check(node.exec(&["ip", "link", "del", &veth]), "ip link del");
+    nix::mount::umount2(netns.as_str(), nix::mount::MntFlags::MNT_DETACH).unwrap();
     node.ok(&["start", "web"]);
     assert_eq!(node.ip_of(&web), web_ip);
     assert!(node.links().contains(&veth), "{:?}", node.links());
@@ -511,4 +513,88 @@ fn a_create_failing_half_way_leaves_nothing() {
     assert!(text(&out.stderr).contains("published ports need bridge networking"));
     let out = node.gantry(&["run", "-p", "80", WEB]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
+
+/// Runs `f` on a thread that has joined `node`'s network namespace (a
+/// thread's net namespace is its own; the processes it starts inherit it).
+fn in_netns<T: Send>(node: &NetNode, f: impl FnOnce() -> T + Send) -> T {
+    let file = std::fs::File::open(node.netns_path()).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+#[test]
+fn restore_network_rebuilds_what_a_crash_left() {
+    require!();
+    use gantry_agent::engine::container::{Engine, EngineConfig};
+    use gantry_agent::paths::DataDir;
+    let node = NetNode::new();
+    let engine = || {
+        Engine::open(EngineConfig {
+            data_dir: DataDir::new(node.dir()),
+            shim_binary: gantry_bin(),
+        })
+        .unwrap()
+    };
+    // A node that never used the bridge gets no table.
+    in_netns(&node, || engine().restore_network().unwrap());
+    assert_eq!(node.nft_table(), "");
+
+    let id = node
+        .ok(&["run", "-d", "-p", "8080:80", WEB])
+        .trim()
+        .to_string();
+    let info = node.inspect(&id);
+    let ip = info["network"]["ip"].as_str().unwrap().to_string();
+    let veth = info["network"]["host_veth"].as_str().unwrap().to_string();
+    let netns = info["network"]["netns"].as_str().unwrap().to_string();
+    let pid = info["pid"].as_i64().unwrap();
+    // What a crash and a careless operator leave: a stale DNAT rule, the
+    // veth gone, the namespace file unmounted (the container runs on).
+    check(
+        node.exec(&[
+            "nft",
+            "add",
+            "rule",
+            "ip",
+            "gantry",
+            "published",
+            "tcp",
+            "dport",
+            "9999",
+            "dnat",
+            "to",
+            "10.89.0.99:80",
+        ]),
+        "nft add rule",
+    );
+    check(node.exec(&["ip", "link", "del", &veth]), "ip link del");
+    nix::mount::umount2(netns.as_str(), nix::mount::MntFlags::MNT_DETACH).unwrap();
+
+    in_netns(&node, || engine().restore_network().unwrap());
+    let table = node.nft_table();
+    assert!(!table.contains("9999"), "{table}");
+    assert!(
+        table.contains(&format!("tcp dport 8080 dnat to {ip}:80")),
+        "{table}"
+    );
+    assert!(node.links().contains(&veth));
+    // The file holds the running container's own namespace again.
+    let ns_of = |p: &str| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    assert_eq!(
+        ns_of(&netns).unwrap(),
+        ns_of(&format!("/proc/{pid}/ns/net")).unwrap()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || node
+            .fetch("http://127.0.0.1:8080/")
+            .is_some_and(|p| p.contains(&format!("ip={ip}")))),
+        "the container is not reachable after restore_network"
+    );
 }

@@ -720,7 +720,7 @@ impl Engine {
             Some(attachment) => {
                 let bindings = self.port_bindings(Some(id))?;
                 network::check_conflicts(&bindings)?;
-                network::ensure_attached(&self.data, attachment)?;
+                network::ensure_attached(&self.data, attachment, None)?;
                 Some(bindings)
             }
             None => None,
@@ -864,9 +864,9 @@ impl Engine {
         }
         for record in &records {
             if let Some(a) = &record.network
-                && self.state_of(&record.id)?.0 == ContainerState::Running
+                && let (ContainerState::Running, Some(shim)) = self.state_of(&record.id)?
             {
-                network::ensure_attached(&self.data, a)?;
+                network::ensure_attached(&self.data, a, Some(shim.init_pid))?;
             }
         }
         self.publish(&self.port_bindings(None)?)

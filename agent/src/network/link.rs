@@ -71,60 +71,73 @@ fn ip_batch(step: &str, commands: &str, netns: Option<&Path>) -> Result<(), Netw
     })
 }
 
-/// Whether link `name` exists in the caller's network namespace. (Not
-/// `/sys/class/net`: sysfs shows the namespace it was mounted in, which is
-/// not ours under `nsenter --net`.)
+/// Whether link `name` exists in the calling thread's network namespace.
+/// Read from `/proc/thread-self/net/dev`, which follows the thread's
+/// namespace and costs no process (not `/sys/class/net`: sysfs shows the
+/// namespace it was mounted in, which is not ours under `nsenter --net`).
 pub fn exists(name: &str) -> Result<bool, NetworkError> {
-    let output = Command::new(IP)
-        .args(["-o", "link", "show", "dev", name])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| NetworkError::Command {
-            step: format!("look up link {name}"),
-            message: format!("cannot run {IP}: {e}"),
-        })?;
-    Ok(output.status.success())
+    let path = Path::new("/proc/thread-self/net/dev");
+    let dev = std::fs::read_to_string(path).map_err(super::io(path))?;
+    Ok(dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_once(':'))
+        .any(|(iface, _)| iface.trim() == name))
+}
+
+/// The `ip` batch lines that give the bridge the subnet's gateway address
+/// and bring it up (idempotent).
+fn bridge_lines(bridge: &str, subnet: &Subnet) -> String {
+    format!(
+        "addr replace {}/{} dev {bridge}\nlink set {bridge} up\n",
+        subnet.gateway(),
+        subnet.prefix()
+    )
 }
 
 /// Creates the bridge if it does not exist, gives it the subnet's gateway
 /// address and brings it up. Idempotent.
 pub fn ensure_bridge(bridge: &str, subnet: &Subnet) -> Result<(), NetworkError> {
-    let step = format!("set up bridge {bridge}");
-    if !exists(bridge)? {
-        let result = ip_batch(
-            &step,
-            &format!("link add name {bridge} type bridge\n"),
-            None,
-        );
-        // Another process may have made it meanwhile.
-        if let Err(e) = result
-            && !exists(bridge)?
-        {
-            return Err(e);
-        }
-    }
+    create_bridge(bridge)?;
     ip_batch(
-        &step,
-        &format!(
-            "addr replace {}/{} dev {bridge}\nlink set {bridge} up\n",
-            subnet.gateway(),
-            subnet.prefix()
-        ),
+        &format!("set up bridge {bridge}"),
+        &bridge_lines(bridge, subnet),
         None,
     )
 }
 
-/// Creates the veth pair of `a`: the host side enslaved to the bridge and
-/// up, the peer created straight inside the container's namespace as
-/// `eth0` (so it never needs renaming, and never clashes with a host link).
+/// Creates the bridge if it does not exist (not yet configured).
+fn create_bridge(bridge: &str) -> Result<(), NetworkError> {
+    if exists(bridge)? {
+        return Ok(());
+    }
+    let result = ip_batch(
+        &format!("create bridge {bridge}"),
+        &format!("link add name {bridge} type bridge\n"),
+        None,
+    );
+    match result {
+        // Another process may have made it meanwhile.
+        Err(_) if exists(bridge)? => Ok(()),
+        other => other,
+    }
+}
+
+/// Sets up the bridge (created if missing, addressed, up) and the veth pair
+/// of `a` in one `ip` process: the host side enslaved to the bridge and up,
+/// the peer created straight inside the container's namespace as `eth0` (so
+/// it never needs renaming, and never clashes with a host link).
 pub fn create_veth(a: &Attachment) -> Result<(), NetworkError> {
+    create_bridge(&a.bridge)?;
     let step = format!("create veth {}", a.host_veth);
     ip_batch(
         &step,
         &format!(
-            "link add {veth} type veth peer name eth0 netns {netns}\n\
+            "{bridge_lines}\
+             link add {veth} type veth peer name eth0 netns {netns}\n\
              link set {veth} master {bridge}\n\
              link set {veth} up\n",
+            bridge_lines = bridge_lines(&a.bridge, &a.subnet),
             veth = a.host_veth,
             netns = a.netns.display(),
             bridge = a.bridge,

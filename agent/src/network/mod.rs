@@ -271,7 +271,6 @@ fn attach_locked(
         host_veth: host_veth_name(id),
         netns: netns_path(data, id),
     };
-    link::ensure_bridge(&config.bridge, &config.subnet)?;
     netns::create(&attachment.netns)?;
     link::create_veth(&attachment)?;
     link::configure_inside(&attachment)?;
@@ -279,20 +278,38 @@ fn attach_locked(
 }
 
 /// Makes sure an attached container's namespace and veth exist (they do not
-/// after a reboot, or when someone deleted them): recreates what is missing
-/// with the same address. Cheap when all is there.
-pub fn ensure_attached(data: &DataDir, attachment: &Attachment) -> Result<(), NetworkError> {
+/// after a reboot, or when someone deleted them) and recreates what is
+/// missing with the same address. `running_pid` is the container's init when
+/// it runs: its namespace is the one to keep (bound again to the file if the
+/// file lost it), since its processes cannot move. Cheap when all is there
+/// (no process is started).
+pub fn ensure_attached(
+    data: &DataDir,
+    attachment: &Attachment,
+    running_pid: Option<i32>,
+) -> Result<(), NetworkError> {
     let _lock = lock(data)?;
     let netns_ok = netns::is_mounted(&attachment.netns);
-    let veth_ok = netns_ok && link::exists(&attachment.host_veth)?;
-    if netns_ok && veth_ok {
+    if netns_ok && link::exists(&attachment.host_veth)? {
         return Ok(());
     }
-    // Start over for this container, keeping its lease.
+    // The veth, if only half of it is left, is remade with its namespace.
     link::delete_link(&attachment.host_veth)?;
-    netns::remove(&attachment.netns)?;
-    link::ensure_bridge(&attachment.bridge, &attachment.subnet)?;
-    netns::create(&attachment.netns)?;
+    if !netns_ok {
+        netns::remove(&attachment.netns)?;
+        match running_pid {
+            Some(pid) => netns::bind(pid, &attachment.netns)?,
+            None => netns::create(&attachment.netns)?,
+        }
+    } else if running_pid.is_none() {
+        // A stopped container's namespace may hold a stale eth0 whose host
+        // side is gone: start from a fresh one.
+        netns::remove(&attachment.netns)?;
+        netns::create(&attachment.netns)?;
+    }
+    // A running container's namespace may still hold the peer of a veth
+    // whose host side was deleted; deleting either end deletes both, so
+    // there is no stale eth0 left to clash with.
     link::create_veth(attachment)?;
     link::configure_inside(attachment)
 }

@@ -50,6 +50,30 @@ pub fn create(path: &Path) -> Result<(), NetworkError> {
     Ok(())
 }
 
+/// Binds the network namespace of process `pid` to `path` (re-attaching a
+/// running container whose namespace file was lost).
+pub fn bind(pid: i32, path: &Path) -> Result<(), NetworkError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    }
+    std::fs::File::create(path).map_err(io(path))?;
+    let source = format!("/proc/{pid}/ns/net");
+    nix::mount::mount(
+        Some(source.as_str()),
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|source| {
+        let _ = std::fs::remove_file(path);
+        NetworkError::Sys {
+            step: format!("bind netns of pid {pid} to {}", path.display()),
+            source,
+        }
+    })
+}
+
 /// Whether a network namespace is bound at `path`: nsfs files have their own
 /// filesystem magic, unlike the empty file a half-done create leaves.
 pub fn is_mounted(path: &Path) -> bool {
