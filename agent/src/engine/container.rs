@@ -716,15 +716,10 @@ impl Engine {
         }
         // So is the network namespace; and a published port taken by a
         // running container fails the start, as in Docker, before anything runs.
-        let bindings = match &record.network {
-            Some(attachment) => {
-                let bindings = self.port_bindings(Some(id))?;
-                network::check_conflicts(&bindings)?;
-                network::ensure_attached(&self.data, attachment, None)?;
-                Some(bindings)
-            }
-            None => None,
-        };
+        if let Some(attachment) = &record.network {
+            network::check_conflicts(&self.port_bindings(Some(id))?)?;
+            network::ensure_attached(&self.data, attachment, None)?;
+        }
         let output = std::process::Command::new(&self.shim_binary)
             .arg("shim")
             .arg("--id")
@@ -756,8 +751,8 @@ impl Engine {
         let stdout = String::from_utf8_lossy(&output.stdout);
         let line = stdout.lines().next().unwrap_or("");
         if line.starts_with("ready ") {
-            if let Some(bindings) = bindings {
-                self.publish(&bindings)?;
+            if record.network.is_some() && !record.config.ports.is_empty() {
+                self.publish(None)?;
             }
             return Ok(());
         }
@@ -844,7 +839,7 @@ impl Engine {
         }
         // A stopped container publishes nothing (its address stays leased).
         if !record.config.ports.is_empty() && record.network.is_some() {
-            self.publish(&self.port_bindings(None)?)?;
+            self.publish(None)?;
         }
         Ok(())
     }
@@ -869,7 +864,7 @@ impl Engine {
                 network::ensure_attached(&self.data, a, Some(shim.init_pid))?;
             }
         }
-        self.publish(&self.port_bindings(None)?)
+        self.publish(None)
     }
 
     /// The published ports of running bridged containers, plus those of
@@ -904,10 +899,18 @@ impl Engine {
         Ok(bindings)
     }
 
-    /// Makes the node's `ip gantry` table publish exactly `bindings`.
-    fn publish(&self, bindings: &[PortBinding]) -> Result<(), ContainerError> {
+    /// Makes the node's `ip gantry` table publish exactly the running
+    /// containers' ports (but `removing`'s). The list is read under the
+    /// network lock, so concurrent starts and stops cannot load a stale one
+    /// over a newer one.
+    fn publish(&self, removing: Option<&ContainerId>) -> Result<(), ContainerError> {
         let _lock = network::lock(&self.data)?;
-        Ok(network::sync_rules(&self.network, bindings)?)
+        let bindings: Vec<PortBinding> = self
+            .port_bindings(None)?
+            .into_iter()
+            .filter(|b| Some(b.container.as_str()) != removing.map(|id| id.as_str()))
+            .collect();
+        Ok(network::sync_rules(&self.network, &bindings)?)
     }
 
     /// A pidfd of the container's shim while it runs: readable when the
@@ -981,6 +984,7 @@ impl Engine {
             .as_ref()
             .map(|r| r.anonymous_volumes.clone())
             .unwrap_or_default();
+        let published = record.as_ref().is_some_and(|r| !r.config.ports.is_empty());
         let attachment = record.and_then(|r| r.network);
         // Also without a record: a create that crashed half-way may have
         // left a namespace behind.
@@ -989,13 +993,9 @@ impl Engine {
                 .as_ref()
                 .map_or(self.network.bridge.as_str(), |a| a.bridge.as_str());
             network::detach(&self.data, id.as_str(), bridge)?;
-            self.publish(
-                &self
-                    .port_bindings(None)?
-                    .into_iter()
-                    .filter(|b| b.container != id.as_str())
-                    .collect::<Vec<_>>(),
-            )?;
+            if published {
+                self.publish(Some(id))?;
+            }
         }
         rootfs::unmount(&dir.join("rootfs"))?;
         self.images.remove_lease(id.as_str())?;
