@@ -393,6 +393,8 @@ fn published_ports_are_reachable_from_another_host_and_follow_the_container() {
         "{url} did not serve the page from the client host; table:\n{}",
         node.nft_table()
     );
+    let ps = node.ok(&["ps"]);
+    assert!(ps.contains("0.0.0.0:8080->80/tcp"), "{ps}");
     // From the node itself: its own address, and localhost.
     assert!(node.fetch(&url).is_some_and(|p| p.contains("hostname=")));
     assert!(

@@ -533,24 +533,27 @@ fn list(engine: &Engine, ps: &PsArgs) -> anyhow::Result<ExitCode> {
                     "pid": c.pid,
                     "command": c.args,
                     "created": c.created,
+                    "ip": c.network.as_ref().map(|n| n.ip),
+                    "ports": ports_column(c),
                 });
                 println!("{line}");
             }
         }
         "table" => {
             println!(
-                "{:<12}  {:<20}  {:<24}  {:<28}  NAMES",
-                "CONTAINER ID", "IMAGE", "COMMAND", "STATUS"
+                "{:<12}  {:<20}  {:<24}  {:<28}  {:<22}  NAMES",
+                "CONTAINER ID", "IMAGE", "COMMAND", "STATUS", "PORTS"
             );
             for c in &containers {
                 let command = c.args.join(" ");
                 let command: String = command.chars().take(22).collect();
                 println!(
-                    "{:<12}  {:<20}  {:<24}  {:<28}  {}",
+                    "{:<12}  {:<20}  {:<24}  {:<28}  {:<22}  {}",
                     c.id.short(),
                     c.image,
                     format!("\"{command}\""),
                     c.status,
+                    ports_column(c),
                     c.name
                 );
             }
@@ -560,6 +563,24 @@ fn list(engine: &Engine, ps: &PsArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Docker's PORTS column: `0.0.0.0:8080->80/tcp, …` while the container
+/// runs on the bridge (a stopped container publishes nothing).
+fn ports_column(c: &gantry_agent::engine::container::ContainerInfo) -> String {
+    if c.state != ContainerState::Running || c.network.is_none() {
+        return String::new();
+    }
+    c.config
+        .ports
+        .iter()
+        .map(|p| {
+            let host = p.host_display();
+            let (addr, proto) = host.rsplit_once('/').unwrap_or((host.as_str(), "tcp"));
+            format!("{addr}->{}/{proto}", p.container_port)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn stats(engine: &Engine, containers: &[String]) -> anyhow::Result<ExitCode> {
