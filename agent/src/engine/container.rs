@@ -716,9 +716,15 @@ impl Engine {
         }
         // So is the network namespace; and a published port taken by a
         // running container fails the start, as in Docker, before anything runs.
+        let publishes = record.network.is_some() && !record.config.ports.is_empty();
         if let Some(attachment) = &record.network {
             network::check_conflicts(&self.port_bindings(Some(id))?)?;
             network::ensure_attached(&self.data, attachment, None)?;
+        }
+        // Published before the process runs (as Docker does), so a server
+        // is reachable as soon as it listens and a failure here starts nothing.
+        if publishes {
+            self.publish(Some(id), None)?;
         }
         let output = std::process::Command::new(&self.shim_binary)
             .arg("shim")
@@ -751,9 +757,6 @@ impl Engine {
         let stdout = String::from_utf8_lossy(&output.stdout);
         let line = stdout.lines().next().unwrap_or("");
         if line.starts_with("ready ") {
-            if record.network.is_some() && !record.config.ports.is_empty() {
-                self.publish(None)?;
-            }
             return Ok(());
         }
         let message = match line.strip_prefix("error ") {
@@ -764,6 +767,10 @@ impl Engine {
                 String::from_utf8_lossy(&output.stderr).trim()
             ),
         };
+        if publishes && let Err(e) = self.publish(None, None) {
+            // The shim's error is the one the caller must see.
+            tracing::warn!(%id, "unpublishing the ports of a failed start: {e}");
+        }
         Err(ContainerError::Shim {
             id: id.to_string(),
             message,
@@ -839,7 +846,7 @@ impl Engine {
         }
         // A stopped container publishes nothing (its address stays leased).
         if !record.config.ports.is_empty() && record.network.is_some() {
-            self.publish(None)?;
+            self.publish(None, None)?;
         }
         Ok(())
     }
@@ -864,7 +871,7 @@ impl Engine {
                 network::ensure_attached(&self.data, a, Some(shim.init_pid))?;
             }
         }
-        self.publish(None)
+        self.publish(None, None)
     }
 
     /// The published ports of running bridged containers, plus those of
@@ -900,13 +907,17 @@ impl Engine {
     }
 
     /// Makes the node's `ip gantry` table publish exactly the running
-    /// containers' ports (but `removing`'s). The list is read under the
-    /// network lock, so concurrent starts and stops cannot load a stale one
-    /// over a newer one.
-    fn publish(&self, removing: Option<&ContainerId>) -> Result<(), ContainerError> {
+    /// containers' ports, plus `starting`'s, less `removing`'s. The list is
+    /// read under the network lock, so concurrent starts and stops cannot
+    /// load a stale one over a newer one.
+    fn publish(
+        &self,
+        starting: Option<&ContainerId>,
+        removing: Option<&ContainerId>,
+    ) -> Result<(), ContainerError> {
         let _lock = network::lock(&self.data)?;
         let bindings: Vec<PortBinding> = self
-            .port_bindings(None)?
+            .port_bindings(starting)?
             .into_iter()
             .filter(|b| Some(b.container.as_str()) != removing.map(|id| id.as_str()))
             .collect();
@@ -994,7 +1005,7 @@ impl Engine {
                 .map_or(self.network.bridge.as_str(), |a| a.bridge.as_str());
             network::detach(&self.data, id.as_str(), bridge)?;
             if published {
-                self.publish(Some(id))?;
+                self.publish(None, Some(id))?;
             }
         }
         rootfs::unmount(&dir.join("rootfs"))?;
