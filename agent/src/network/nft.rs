@@ -65,6 +65,10 @@ pub fn ruleset(config: &NetworkConfig, bindings: &[PortBinding]) -> String {
          \t\toifname \"{bridge}\" ip saddr {subnet} ct status dnat masquerade\n\
          \t\toifname \"{bridge}\" ip saddr 127.0.0.0/8 masquerade\n\
          \t}}\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority filter; policy accept;\n\
+         \t\tiifname != \"lo\" ip daddr 127.0.0.0/8 ct status & dnat == 0 drop\n\
+         \t}}\n\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter; policy accept;\n\
          \t\tip saddr {subnet} accept\n\
@@ -158,6 +162,10 @@ mod tests {
             "\t\tip daddr 192.0.2.1 udp dport 53 dnat to 10.89.0.3:5353 comment \"fedcba987654\"\n"
         ));
         assert!(rules.contains("ip saddr 10.89.0.0/24 oifname != \"gantry0\" masquerade"));
+        // route_localnet's guard: nothing but DNATed traffic reaches 127/8 from outside lo.
+        assert!(
+            rules.contains("iifname != \"lo\" ip daddr 127.0.0.0/8 ct status & dnat == 0 drop")
+        );
         assert_eq!(rules.matches("dnat to").count(), 2);
         let empty = ruleset(&config, &[]);
         assert!(!empty.contains("dnat to"));
