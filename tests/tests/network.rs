@@ -696,3 +696,38 @@ fn the_bridge_cannot_reach_the_nodes_localhost_services() {
         "the attack does not work even without the guard: the test proves nothing"
     );
 }
+
+#[test]
+fn concurrent_runs_get_distinct_addresses_and_all_their_ports() {
+    require!();
+    let node = NetNode::new();
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let node = &node;
+                s.spawn(move || {
+                    let publish = format!("{}:80", 8090 + i);
+                    node.ok(&["run", "-d", "-p", &publish, WEB])
+                        .trim()
+                        .to_string()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut ips: Vec<String> = ids.iter().map(|id| node.ip_of(id)).collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 4, "{ips:?}");
+    for (i, id) in ids.iter().enumerate() {
+        let ip = node.ip_of(id);
+        let url = format!("http://127.0.0.1:{}/", 8090 + i);
+        assert!(
+            wait_until(Duration::from_secs(10), || node
+                .fetch(&url)
+                .is_some_and(|p| p.contains(&format!("ip={ip}")))),
+            "{url} does not reach {ip}; table:\n{}",
+            node.nft_table()
+        );
+    }
+}
