@@ -90,8 +90,16 @@ pub fn load(data: &DataDir, subnet: &Subnet) -> Result<Leases, NetworkError> {
 }
 
 /// Leases an address to container `id` (the one it has, if any) and saves.
+/// Leases of containers whose directory is gone (a create or removal killed
+/// half-way) are dropped first: the engine makes a container's directory
+/// before attaching it and detaches before deleting it, so such a lease has
+/// no owner left.
 pub fn lease(data: &DataDir, subnet: &Subnet, id: &str) -> Result<Ipv4Addr, NetworkError> {
     let mut leases = load(data, subnet)?;
+    let containers = data.containers();
+    leases
+        .leases
+        .retain(|_, owner| owner == id || containers.join(owner.as_str()).exists());
     let ip = leases.lease(id)?;
     write_json_atomic(&path(data), &leases)?;
     Ok(ip)
@@ -146,6 +154,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data = DataDir::new(dir.path());
         std::fs::create_dir_all(super::super::network_dir(&data)).unwrap();
+        for id in ["a", "b"] {
+            std::fs::create_dir_all(data.containers().join(id)).unwrap();
+        }
         let s: Subnet = "10.89.0.0/24".parse().unwrap();
         assert_eq!(lease(&data, &s, "a").unwrap(), Ipv4Addr::new(10, 89, 0, 2));
         assert_eq!(lease(&data, &s, "a").unwrap(), Ipv4Addr::new(10, 89, 0, 2));
@@ -162,6 +173,18 @@ mod tests {
         assert_eq!(
             lease(&data, &other, "b").unwrap(),
             Ipv4Addr::new(10, 90, 0, 2)
+        );
+        // A lease whose container directory is gone is reclaimed.
+        let gone = lease(&data, &other, "gone").unwrap();
+        assert_eq!(gone, Ipv4Addr::new(10, 90, 0, 3));
+        assert_eq!(
+            lease(&data, &other, "c").unwrap(),
+            Ipv4Addr::new(10, 90, 0, 4)
+        );
+        assert_eq!(lookup(&data, "gone").unwrap(), None);
+        assert_eq!(
+            lookup(&data, "b").unwrap(),
+            Some(Ipv4Addr::new(10, 90, 0, 2))
         );
     }
 }
