@@ -1000,10 +1000,7 @@ impl Engine {
         // Also without a record: a create that crashed half-way may have
         // left a namespace behind.
         if attachment.is_some() || network::netns_path(&self.data, id.as_str()).exists() {
-            let bridge = attachment
-                .as_ref()
-                .map_or(self.network.bridge.as_str(), |a| a.bridge.as_str());
-            network::detach(&self.data, id.as_str(), bridge)?;
+            network::detach(&self.data, id.as_str())?;
             if published {
                 self.publish(None, Some(id))?;
             }
@@ -1345,11 +1342,7 @@ impl Drop for CreateUndo<'_> {
             tracing::warn!(id = %self.id, "undo create: {e}");
         }
         if self.network
-            && let Err(e) = network::detach(
-                &self.engine.data,
-                self.id.as_str(),
-                &self.engine.network.bridge,
-            )
+            && let Err(e) = network::detach(&self.engine.data, self.id.as_str())
         {
             tracing::warn!(id = %self.id, "undo create: {e}");
         }

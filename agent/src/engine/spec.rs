@@ -936,6 +936,31 @@ mod tests {
             serde_json::to_value(NetworkMode::Bridge).unwrap(),
             serde_json::json!("bridge")
         );
+        // The engine turns Bridge into a Join of the namespace it made; a
+        // spec asked for Bridge directly is a bug, refused by name.
+        let image = ImageConfiguration::default();
+        let config = ContainerConfig {
+            network: NetworkMode::Bridge,
+            command: Some(vec!["true".into()]),
+            ..ContainerConfig::default()
+        };
+        let user = ResolvedUser::default();
+        let etc = EtcFiles {
+            hosts: "/h".into(),
+            hostname: "/n".into(),
+            resolv_conf: "/r".into(),
+        };
+        let err = build_spec(&SpecInputs {
+            id: "x",
+            image: &image,
+            config: &config,
+            user: &user,
+            mounts: &[],
+            etc: &etc,
+            max_nofile: NOFILE_HARD,
+        })
+        .unwrap_err();
+        assert!(err.to_string().starts_with("invalid network:"), "{err}");
     }
     use super::*;
 

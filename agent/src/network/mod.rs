@@ -250,7 +250,7 @@ pub fn attach(
     let result = attach_locked(data, config, id);
     if result.is_err() {
         // Best effort; the error that made us undo is the one to return.
-        if let Err(e) = detach_locked(data, id, &config.bridge) {
+        if let Err(e) = detach_locked(data, id) {
             tracing::warn!(id, "undo network attach: {e}");
         }
     }
@@ -316,12 +316,12 @@ pub fn ensure_attached(
 
 /// Detaches container `id`: deletes its veth, its netns file and its lease.
 /// Idempotent: whatever is already gone is skipped.
-pub fn detach(data: &DataDir, id: &str, bridge: &str) -> Result<(), NetworkError> {
+pub fn detach(data: &DataDir, id: &str) -> Result<(), NetworkError> {
     let _lock = lock(data)?;
-    detach_locked(data, id, bridge)
+    detach_locked(data, id)
 }
 
-fn detach_locked(data: &DataDir, id: &str, _bridge: &str) -> Result<(), NetworkError> {
+fn detach_locked(data: &DataDir, id: &str) -> Result<(), NetworkError> {
     // Every step runs even when an earlier one failed; the first error wins.
     let steps = [
         link::delete_link(&host_veth_name(id)),
