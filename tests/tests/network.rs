@@ -240,6 +240,7 @@ impl Drop for NetNode {
 struct Link {
     client: String,
     node_addr: String,
+    client_addr: String,
 }
 
 impl Link {
@@ -256,6 +257,7 @@ impl Link {
         let link = Link {
             client,
             node_addr: format!("192.168.{n}.1"),
+            client_addr: format!("192.168.{n}.2"),
         };
         let (a, b) = (format!("gnta{n}"), format!("gntb{n}"));
         let script = format!(
@@ -309,6 +311,7 @@ impl Drop for Link {
 fn bridge_containers_get_addresses_and_reach_the_gateway_and_each_other() {
     require!();
     let node = NetNode::new();
+    let link = Link::new(&node);
     let web = node
         .ok(&["run", "-d", "--name", "web", WEB])
         .trim()
@@ -321,6 +324,20 @@ fn bridge_containers_get_addresses_and_reach_the_gateway_and_each_other() {
 
     // A second container: its own address, the gateway, the first container
     // by IP (retrying until httpd listens), its own name in /etc/hosts.
+    // Outbound NAT with no port published anywhere: the client host has no
+    // route to the containers' subnet, so its reply only comes back masqueraded.
+    let out = node.ok(&[
+        "run",
+        "--rm",
+        BUSYBOX,
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "3",
+        &link.client_addr,
+    ]);
+    assert!(out.contains("1 packets received"), "{out}");
     let script = format!(
         "ip -4 -o addr show eth0; ping -c 1 -W 2 10.89.0.1 >/dev/null && echo gateway-ok; \
          for i in $(seq 1 50); do timeout 3 wget -q -O - http://{web_ip}/ && break; usleep 100000; done; \

@@ -716,14 +716,14 @@ impl Engine {
         }
         // So is the network namespace; and a published port taken by a
         // running container fails the start, as in Docker, before anything runs.
-        let publishes = record.network.is_some() && !record.config.ports.is_empty();
+        let bridged = record.network.is_some();
         if let Some(attachment) = &record.network {
             network::check_conflicts(&self.port_bindings(Some(id))?)?;
             network::ensure_attached(&self.data, attachment, None)?;
-        }
-        // Published before the process runs (as Docker does), so a server
-        // is reachable as soon as it listens and a failure here starts nothing.
-        if publishes {
+            // Published before the process runs (as Docker does), so a server
+            // is reachable as soon as it listens and a failure here starts
+            // nothing. Also without ports: the same table holds the outbound
+            // NAT, and the sync turns forwarding on.
             self.publish(Some(id), None)?;
         }
         let output = std::process::Command::new(&self.shim_binary)
@@ -767,6 +767,7 @@ impl Engine {
                 String::from_utf8_lossy(&output.stderr).trim()
             ),
         };
+        let publishes = bridged && !record.config.ports.is_empty();
         if publishes && let Err(e) = self.publish(None, None) {
             // The shim's error is the one the caller must see.
             tracing::warn!(%id, "unpublishing the ports of a failed start: {e}");
