@@ -847,6 +847,7 @@ impl Engine {
         }
         // A stopped container publishes nothing (its address stays leased).
         if !record.config.ports.is_empty() && record.network.is_some() {
+            let _lock = self.lock()?;
             self.publish(None, None)?;
         }
         Ok(())
@@ -859,6 +860,7 @@ impl Engine {
     /// published ports, whatever a crash left there. Does nothing on a node
     /// where no container ever used the bridge.
     pub fn restore_network(&self) -> Result<(), ContainerError> {
+        let _lock = self.lock()?;
         let records = self.records()?;
         if !records.iter().any(|r| r.network.is_some())
             && !network::network_dir(&self.data).exists()
@@ -908,9 +910,10 @@ impl Engine {
     }
 
     /// Makes the node's `ip gantry` table publish exactly the running
-    /// containers' ports, plus `starting`'s, less `removing`'s. The list is
-    /// read under the network lock, so concurrent starts and stops cannot
-    /// load a stale one over a newer one.
+    /// containers' ports, plus `starting`'s, less `removing`'s. Callers hold
+    /// the engine lock, which `start` holds until its container runs: so a
+    /// start in progress (published, not yet running) is never unpublished
+    /// by a concurrent stop or removal's sync.
     fn publish(
         &self,
         starting: Option<&ContainerId>,
