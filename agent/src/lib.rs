@@ -2,6 +2,7 @@
 //!
 //! - [`image`]: the content-addressed image store (import, pull, unpack, GC).
 //! - [`engine`]: the container engine (OCI runtime, cgroups, shim, containers).
+//! - [`network`]: per-node bridge networking (netns, veth, IPAM, nftables).
 //! - [`paths`]: where all of that lives on disk.
 //! - [`worker`]: the task worker: assignments to containers, restart
 //!   policies, health checks.
@@ -14,5 +15,6 @@
 
 pub mod engine;
 pub mod image;
+pub mod network;
 pub mod paths;
 pub mod worker;
