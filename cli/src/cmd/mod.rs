@@ -1,9 +1,16 @@
 //! One module per subcommand group; each exposes `Args` and `run(Args)`.
 
 pub mod container;
+pub mod deploy;
+pub mod events;
+pub mod exec;
 pub mod image;
+pub mod node;
 pub mod runtime;
+pub mod service;
 pub mod shim;
+pub mod stack;
+pub mod task;
 pub mod volume;
 
 use std::fmt;
