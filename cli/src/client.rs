@@ -204,7 +204,16 @@ pub fn status_error(target: &Target, status: Status) -> anyhow::Error {
     let message = status.message().to_string();
     match status.code() {
         code if is_bad_input(code) => UsageError(message).into(),
-        Code::Unavailable => unreachable(target, &message),
+        // Only a status made on this side from a transport error has a
+        // source; an UNAVAILABLE the controller itself sent (a task's node is
+        // not connected) is an answer, not an unreachable controller.
+        Code::Unavailable if std::error::Error::source(&status).is_some() => {
+            let why = match std::error::Error::source(&status) {
+                Some(cause) => format!("{message}: {}", error_chain(cause)),
+                None => message,
+            };
+            unreachable(target, &why)
+        }
         code => anyhow::anyhow!(
             "the controller at {} answered {}: {message}",
             target.address,
@@ -372,15 +381,29 @@ mod tests {
             err.to_string(),
             "the controller at 127.0.0.1:1 answered INTERNAL: disk full"
         );
-        let err = status_error(&target, Status::new(Code::Unavailable, "refused"));
-        let text = err.to_string();
+        let mut status = Status::new(Code::Unavailable, "transport error");
+        status.set_source(std::sync::Arc::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        )));
+        let text = status_error(&target, status).to_string();
         assert!(
             text.starts_with(
-                "cannot reach the controller at 127.0.0.1:1 (from the default): refused"
+                "cannot reach the controller at 127.0.0.1:1 (from the default): \
+                 transport error: connection refused"
             ),
             "{text}"
         );
         assert!(text.contains("gantry up") && text.contains("gantry dev cluster up"));
+        // The controller's own UNAVAILABLE (no session with the task's node).
+        let err = status_error(
+            &target,
+            Status::new(Code::Unavailable, "node n1 is not connected"),
+        );
+        assert_eq!(
+            err.to_string(),
+            "the controller at 127.0.0.1:1 answered UNAVAILABLE: node n1 is not connected"
+        );
     }
 
     #[test]

@@ -277,10 +277,14 @@ async fn logs(
             ..Default::default()
         };
         for row in task::list(client, &names, filter).await? {
-            let node = row.node.clone().unwrap_or_default();
+            let node = row
+                .node
+                .as_ref()
+                .map(|n| format!("@{n}"))
+                .unwrap_or_default();
             labels.insert(
                 row.id.clone(),
-                format!("{}.{}@{node}", row.name, output::short_id(&row.id)),
+                format!("{}.{}{node}", row.name, output::short_id(&row.id)),
             );
         }
     }
