@@ -606,7 +606,7 @@ fn logs_and_events_stream_lines() {
         lines[0],
         "11 service create svc-1 (name=web, stack=demo, image=nginx:1.27, replicas=2)"
     );
-    assert!(lines[1].starts_with("12 task update task-1 (service=svc-1, slot=1, state=pending"));
+    assert!(lines[1].starts_with("12 task update task-1 (service=demo_web, slot=1, state=pending"));
 
     let out = gantry(addr, &["events", "-o", "json"], b"");
     let first: serde_json::Value =

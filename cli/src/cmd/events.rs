@@ -17,7 +17,8 @@ use serde::Serialize;
 
 use crate::client::{Client, ControllerFlag, block_on, from_wire};
 use crate::cmd::UsageError;
-use crate::output::{Format, serde_name};
+use crate::cmd::task;
+use crate::output::{Format, Names, full_name, serde_name};
 
 /// `gantry events`.
 #[derive(Debug, clap::Args)]
@@ -74,8 +75,9 @@ pub struct EventLine {
 }
 
 impl EventLine {
-    /// Converts an event from the wire.
-    pub fn new(event: pb::Event) -> anyhow::Result<EventLine> {
+    /// Converts an event from the wire. `names` shows task events' service
+    /// and node by name; service and node events keep it current.
+    pub fn new(event: pb::Event, names: &mut Names) -> anyhow::Result<EventLine> {
         let action = match pb::EventAction::try_from(event.action) {
             Ok(pb::EventAction::Create) => "create",
             Ok(pb::EventAction::Update) => "update",
@@ -85,6 +87,9 @@ impl EventLine {
         let (kind, id, attributes, object) = match event.object {
             Some(pb::event::Object::Node(n)) => {
                 let n: m::Node = from_wire(n, "node")?;
+                names
+                    .nodes
+                    .insert(n.id.to_string(), n.status.hostname.clone());
                 let attrs = vec![
                     ("hostname".into(), n.status.hostname.clone()),
                     ("status".into(), serde_name(&n.status.state)),
@@ -94,6 +99,10 @@ impl EventLine {
             }
             Some(pb::event::Object::Service(s)) => {
                 let s: m::Service = from_wire(s, "service")?;
+                names.services.insert(
+                    s.id.to_string(),
+                    (s.spec.stack.clone(), s.spec.name.clone()),
+                );
                 let mut attrs = vec![
                     ("name".into(), s.spec.name.clone()),
                     ("stack".into(), s.spec.stack.clone()),
@@ -111,12 +120,22 @@ impl EventLine {
             }
             Some(pb::event::Object::Task(t)) => {
                 let t: m::Task = from_wire(t, "task")?;
-                let mut attrs = vec![("service".into(), t.service.to_string())];
+                let service = match names.services.get(t.service.as_str()) {
+                    Some((stack, name)) => full_name(stack, name),
+                    None => t.service.to_string(),
+                };
+                let mut attrs = vec![("service".into(), service)];
                 if let Some(slot) = t.slot {
                     attrs.push(("slot".into(), slot.to_string()));
                 }
                 if let Some(node) = &t.node {
-                    attrs.push(("node".into(), node.to_string()));
+                    let node = names
+                        .nodes
+                        .get(node.as_str())
+                        .filter(|h| !h.is_empty())
+                        .cloned()
+                        .unwrap_or_else(|| node.to_string());
+                    attrs.push(("node".into(), node));
                 }
                 attrs.push(("state".into(), t.status.state.as_str().to_string()));
                 attrs.push(("desired".into(), serde_name(&t.desired_state)));
@@ -172,6 +191,9 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
     }
     block_on(async {
         let mut client = Client::connect(controller).await?;
+        // Names as of now; a replay from an older revision may mention a
+        // service removed since, which then shows by id.
+        let mut names = task::names(&mut client).await?;
         let request = pb::EventsRequest {
             after_revision: args.since,
             kinds: args
@@ -188,7 +210,7 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
             .into_inner();
         let stdout = std::io::stdout();
         while let Some(event) = stream.message().await.map_err(|s| client.error(s))? {
-            let event = EventLine::new(event)?;
+            let event = EventLine::new(event, &mut names)?;
             let text = match args.output {
                 Format::Json => serde_json::to_string(&event)?,
                 _ => event.line(),
