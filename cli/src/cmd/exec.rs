@@ -140,7 +140,11 @@ async fn pick_task(client: &mut Client, target: &str) -> anyhow::Result<String> 
         .into_iter()
         .next()
         .map(|t| t.id)
-        .ok_or_else(|| anyhow::anyhow!("service {target} has no running task to exec into"))
+        // Bad input like the controller's FAILED_PRECONDITION for a task
+        // that is not running: the request cannot be met as the cluster is.
+        .ok_or_else(|| {
+            UsageError(format!("service {target} has no running task to exec into")).into()
+        })
 }
 
 /// Copies our stdin into the exec until end of file, then says so.
