@@ -349,3 +349,29 @@ fn node_commands_name_unknown_nodes_as_bad_input() {
     let out = c.gantry(&["node", "update", "--availability", "drain", "ghost"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn deploy_wait_times_out_explaining_why_tasks_are_pending() {
+    let c = Controller::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = compose(dir.path(), "demo", DEMO);
+    let out = c.gantry(&[
+        "deploy",
+        "-f",
+        file.to_str().unwrap(),
+        "--wait",
+        "--timeout",
+        "1s",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("demo_web: 0/2 running"), "{err}");
+    assert!(
+        err.contains("demo_web.1") && err.contains("no node"),
+        "{err}"
+    );
+    assert!(
+        err.contains("not every service is running its tasks after 1 second"),
+        "{err}"
+    );
+}

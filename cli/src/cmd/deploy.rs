@@ -19,7 +19,7 @@ use gantry_proto::v1 as pb;
 use serde::Serialize;
 
 use crate::client::{Client, ControllerFlag, block_on};
-use crate::cmd::UsageError;
+use crate::cmd::{UsageError, task};
 use crate::output::{self, Format, full_name};
 
 /// The names looked for without `-f`, in `docker compose`'s order.
@@ -52,6 +52,8 @@ pub struct Args {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t)]
     pub output: Format,
+    #[command(flatten)]
+    pub wait: task::WaitArgs,
 }
 
 /// What `deploy -o json|yaml` prints.
@@ -106,6 +108,9 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
         output::emit(args.output, &outcome, || {
             describe(&name, &changes, args.dry_run)
         })?;
+        if args.wait.wait && !args.dry_run {
+            return task::wait_converged(&mut client, &name, &[], args.wait.timeout).await;
+        }
         Ok(ExitCode::SUCCESS)
     })?
 }

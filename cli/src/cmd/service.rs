@@ -57,6 +57,8 @@ enum Command {
         /// SERVICE=REPLICAS pairs.
         #[arg(required = true, value_name = "SERVICE=REPLICAS", value_parser = parse_scale)]
         scales: Vec<(String, u64)>,
+        #[command(flatten)]
+        wait: task::WaitArgs,
     },
     /// Print a service's logs, from every task.
     Logs {
@@ -159,7 +161,14 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
                 let info = inspect(&mut client, &service).await?;
                 output::emit(output, &info, || summary(&info))?;
             }
-            Command::Scale { scales } => return scale(&mut client, scales).await,
+            Command::Scale { scales, wait } => {
+                let names: Vec<String> = scales.iter().map(|(n, _)| n.clone()).collect();
+                let code = scale(&mut client, scales).await?;
+                if wait.wait && code == ExitCode::SUCCESS {
+                    return task::wait_converged(&mut client, "", &names, wait.timeout).await;
+                }
+                return Ok(code);
+            }
             Command::Logs {
                 service,
                 follow,

@@ -2,6 +2,7 @@
 //! the task listing that `service ps` and `stack ps` share.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use gantry_controller::model as m;
 use gantry_proto::v1 as pb;
@@ -141,4 +142,135 @@ pub fn node_id(names: &Names, node: &str) -> String {
         .find(|(_, hostname)| hostname.as_str() == node)
         .map(|(id, _)| id.clone())
         .unwrap_or_else(|| node.to_string())
+}
+
+/// `--wait` for `deploy` and `service scale`: how long to wait for the
+/// services to run as many tasks as they want.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WaitArgs {
+    /// Wait until every affected service runs as many tasks as it wants,
+    /// printing progress on stderr, like `docker stack deploy --detach=false`.
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this long (`90s`, `2m`); exit 1, listing the
+    /// tasks that are not running and why.
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_duration, requires = "wait")]
+    pub timeout: Duration,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    gantry_controller::compose::units::Duration::parse(text)
+        .map(|d| d.0)
+        .map_err(|e| e.to_string())
+}
+
+/// Waits until the selected services (of `stack`, or all; only those named
+/// in `only` when it is not empty) each run `desired` tasks, or `timeout`
+/// passes. Changes are followed through `Events`, not by polling: the
+/// counts are read again after each burst of task and service events.
+pub async fn wait_converged(
+    client: &mut Client,
+    stack: &str,
+    only: &[String],
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    // Subscribe before the first count, so that no change between the two
+    // is missed.
+    let request = pb::EventsRequest {
+        after_revision: 0,
+        kinds: vec![pb::ObjectKind::Task as i32, pb::ObjectKind::Service as i32],
+    };
+    let mut events = client
+        .control
+        .events(request)
+        .await
+        .map_err(|s| client.error(s))?
+        .into_inner();
+    let mut last_progress = String::new();
+    // Bounded by the deadline; the count only keeps a broken stream from
+    // spinning.
+    for _ in 0..100_000 {
+        let selected: Vec<(m::Service, u64, u64)> = services(client, stack)
+            .await?
+            .into_iter()
+            .filter(|(s, _, _)| only.is_empty() || only.iter().any(|n| names_service(n, s)))
+            .collect();
+        let progress: Vec<String> = selected
+            .iter()
+            .map(|(s, running, desired)| {
+                format!(
+                    "{}: {running}/{desired} running",
+                    output::full_name(&s.spec.stack, &s.spec.name)
+                )
+            })
+            .collect();
+        let progress = progress.join(", ");
+        if progress != last_progress {
+            eprintln!("{progress}");
+            last_progress = progress;
+        }
+        if selected
+            .iter()
+            .all(|(_, running, desired)| running >= desired)
+        {
+            return Ok(ExitCode::SUCCESS);
+        }
+        match tokio::time::timeout_at(deadline, events.message()).await {
+            Err(_) => return not_converged(client, &selected, timeout).await,
+            Ok(Err(status)) => return Err(client.error(status)),
+            Ok(Ok(None)) => anyhow::bail!("the controller ended the event stream while we waited"),
+            Ok(Ok(Some(_))) => {
+                // A scale or deploy changes many tasks at once: take the
+                // whole burst before counting again.
+                let quiet = Duration::from_millis(50);
+                for _ in 0..10_000 {
+                    match tokio::time::timeout(quiet, events.message()).await {
+                        Ok(Ok(Some(_))) => continue,
+                        Ok(Err(status)) => return Err(client.error(status)),
+                        _ => break,
+                    }
+                }
+            }
+        }
+    }
+    anyhow::bail!("gave up waiting: too many changes")
+}
+
+/// Whether a name given on the command line names this service.
+fn names_service(name: &str, s: &m::Service) -> bool {
+    name == s.id.as_str()
+        || name == s.spec.name
+        || name == output::full_name(&s.spec.stack, &s.spec.name)
+}
+
+/// The end of a wait that timed out: the tasks that are not running, with
+/// their reasons, then exit 1.
+async fn not_converged(
+    client: &mut Client,
+    selected: &[(m::Service, u64, u64)],
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let names = names(client).await?;
+    let mut stuck = Vec::new();
+    for (s, running, desired) in selected {
+        if running >= desired {
+            continue;
+        }
+        let filter = pb::TaskFilter {
+            service: s.id.to_string(),
+            ..Default::default()
+        };
+        stuck.extend(
+            list(client, &names, filter)
+                .await?
+                .into_iter()
+                .filter(|t| t.task_state != m::TaskState::Running),
+        );
+    }
+    eprint!("{}", output::task_table(&stuck));
+    anyhow::bail!(
+        "not every service is running its tasks after {}",
+        output::human_duration(timeout).to_lowercase()
+    )
 }
