@@ -231,13 +231,21 @@ pub fn is_bad_input(code: Code) -> bool {
 }
 
 fn unreachable(target: &Target, why: &str) -> anyhow::Error {
-    anyhow::anyhow!(
+    let mut message = format!(
         "cannot reach the controller at {} (from {}): {why}\n\
          hint: start one with `gantry up` (this machine) or `gantry dev cluster up` \
          (a local cluster), or point at one with --controller HOST:PORT or {CONTROLLER_ENV}",
-        target.address,
-        target.source
-    )
+        target.address, target.source
+    );
+    // A context file outlives a cluster killed without `down`: say so,
+    // since nothing else would point at it.
+    if let Source::Context { path, .. } = &target.source {
+        message.push_str(&format!(
+            "\nhint: if that cluster is gone, remove the stale {}",
+            path.display()
+        ));
+    }
+    anyhow::anyhow!(message)
 }
 
 /// A transport error's whole chain on one line: tonic's top-level message
@@ -337,6 +345,11 @@ mod tests {
         assert_eq!(
             t.source.to_string(),
             format!("{}, written by dev cluster gantry", ctx.display())
+        );
+        let text = unreachable(&t, "refused").to_string();
+        assert!(
+            text.contains(&format!("remove the stale {}", ctx.display())),
+            "{text}"
         );
     }
 
