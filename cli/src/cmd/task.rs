@@ -1,5 +1,6 @@
-//! `gantry ps`: every task of the cluster (or of one service or node), and
-//! the task listing that `service ps` and `stack ps` share.
+//! `gantry ps`: every task of the cluster (or of one service, stack or
+//! node); the task listing that `service ps` and `stack ps` share; and the
+//! wait for convergence behind `deploy --wait` and `service scale --wait`.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -35,11 +36,11 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
     block_on(async {
         let mut client = Client::connect(controller).await?;
         let names = names(&mut client).await?;
-        let node = args.node.map(|n| node_id(&names, &n)).unwrap_or_default();
         let filter = pb::TaskFilter {
             service: args.service.unwrap_or_default(),
             stack: args.stack.unwrap_or_default(),
-            node,
+            // The controller resolves a hostname as well as an id.
+            node: args.node.unwrap_or_default(),
             states: Vec::new(),
             all: args.all,
         };
@@ -128,20 +129,6 @@ pub fn rows(tasks: Vec<pb::Task>, names: &Names) -> anyhow::Result<Vec<TaskRow>>
 /// Prints task rows.
 pub fn print(format: Format, rows: &[TaskRow]) -> anyhow::Result<()> {
     output::emit(format, &rows, || output::task_table(rows))
-}
-
-/// A node named by hostname or id → its id (the task filter takes ids). An
-/// unknown name is passed on as it is, for the controller to refuse.
-pub fn node_id(names: &Names, node: &str) -> String {
-    if names.nodes.contains_key(node) {
-        return node.to_string();
-    }
-    names
-        .nodes
-        .iter()
-        .find(|(_, hostname)| hostname.as_str() == node)
-        .map(|(id, _)| id.clone())
-        .unwrap_or_else(|| node.to_string())
 }
 
 /// `--wait` for `deploy` and `service scale`: how long to wait for the
