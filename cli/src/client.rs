@@ -202,19 +202,15 @@ impl Client {
 /// controller (exit 1, with a hint), or another failure (exit 1).
 pub fn status_error(target: &Target, status: Status) -> anyhow::Error {
     let message = status.message().to_string();
-    match status.code() {
-        code if is_bad_input(code) => UsageError(message).into(),
-        // Only a status made on this side from a transport error has a
-        // source; an UNAVAILABLE the controller itself sent (a task's node is
-        // not connected) is an answer, not an unreachable controller.
-        Code::Unavailable if std::error::Error::source(&status).is_some() => {
-            let why = match std::error::Error::source(&status) {
-                Some(cause) => format!("{message}: {}", error_chain(cause)),
-                None => message,
-            };
-            unreachable(target, &why)
-        }
-        code => anyhow::anyhow!(
+    // Only a status made on this side from a transport error has a source
+    // (a refused reconnect, a connection lost mid-stream, which tonic reports
+    // as UNAVAILABLE or UNKNOWN); a status the controller sent has none, so
+    // its own UNAVAILABLE (a task's node is not connected) stays an answer.
+    let cause = std::error::Error::source(&status).map(error_chain);
+    match (status.code(), cause) {
+        (code, _) if is_bad_input(code) => UsageError(message).into(),
+        (_, Some(cause)) => unreachable(target, &format!("{message}: {cause}")),
+        (code, None) => anyhow::anyhow!(
             "the controller at {} answered {}: {message}",
             target.address,
             code_name(code)
@@ -408,6 +404,19 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("gantry up") && text.contains("gantry dev cluster up"));
+        // A connection lost mid-stream: tonic says UNKNOWN, with the cause.
+        let mut status = Status::new(Code::Unknown, "h2 protocol error");
+        status.set_source(std::sync::Arc::new(std::io::Error::other(
+            "error reading a body from connection",
+        )));
+        let text = status_error(&target, status).to_string();
+        assert!(
+            text.starts_with(
+                "cannot reach the controller at 127.0.0.1:1 (from the default): \
+                 h2 protocol error: error reading a body from connection"
+            ),
+            "{text}"
+        );
         // The controller's own UNAVAILABLE (no session with the task's node).
         let err = status_error(
             &target,
