@@ -45,8 +45,15 @@ pub fn emit<T: Serialize>(
     value: &T,
     table: impl FnOnce() -> String,
 ) -> anyhow::Result<()> {
-    print!("{}", render(format, value, table)?);
-    Ok(())
+    use std::io::Write as _;
+    let text = render(format, value, table)?;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        // `gantry ps | head -3` closes the pipe early: that is the reader's
+        // choice, not a failure (and `print!` would panic on it).
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 /// What [`emit`] prints, as a string (tests compare it).
