@@ -199,7 +199,9 @@ pub async fn wait_converged(
         }
         if selected
             .iter()
-            .all(|(_, running, desired)| running >= desired)
+            // Equal, not at least: a scale down has converged only once
+            // the surplus tasks have stopped.
+            .all(|(_, running, desired)| running == desired)
         {
             return Ok(ExitCode::SUCCESS);
         }
@@ -231,8 +233,9 @@ fn names_service(name: &str, s: &m::Service) -> bool {
         || name == output::full_name(&s.spec.stack, &s.spec.name)
 }
 
-/// The end of a wait that timed out: the tasks that are not running, with
-/// their reasons, then exit 1.
+/// The end of a wait that timed out: the tasks that are not where they
+/// should be (not running though wanted, or running though meant to stop),
+/// with their reasons, then exit 1.
 async fn not_converged(
     client: &mut Client,
     selected: &[(m::Service, u64, u64)],
@@ -241,19 +244,22 @@ async fn not_converged(
     let names = names(client).await?;
     let mut stuck = Vec::new();
     for (s, running, desired) in selected {
-        if running >= desired {
+        if running == desired {
             continue;
         }
         let filter = pb::TaskFilter {
             service: s.id.to_string(),
+            all: true,
             ..Default::default()
         };
-        stuck.extend(
-            list(client, &names, filter)
-                .await?
-                .into_iter()
-                .filter(|t| t.task_state != m::TaskState::Running),
-        );
+        stuck.extend(list(client, &names, filter).await?.into_iter().filter(|t| {
+            let running = t.task_state == m::TaskState::Running;
+            if t.desired_state == "running" {
+                !running
+            } else {
+                running
+            }
+        }));
     }
     eprint!("{}", output::task_table(&stuck));
     anyhow::bail!(
