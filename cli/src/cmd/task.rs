@@ -183,13 +183,15 @@ pub async fn wait_converged(
             .into_iter()
             .filter(|(s, _, _)| only.is_empty() || only.iter().any(|n| names_service(n, s)))
             .collect();
+        let stopping = stopping(client, stack).await?;
         let progress: Vec<String> = selected
             .iter()
             .map(|(s, running, desired)| {
-                format!(
-                    "{}: {running}/{desired} running",
-                    output::full_name(&s.spec.stack, &s.spec.name)
-                )
+                let name = output::full_name(&s.spec.stack, &s.spec.name);
+                match stopping.get(s.id.as_str()) {
+                    Some(n) => format!("{name}: {running}/{desired} running, {n} stopping"),
+                    None => format!("{name}: {running}/{desired} running"),
+                }
             })
             .collect();
         let progress = progress.join(", ");
@@ -197,12 +199,11 @@ pub async fn wait_converged(
             eprintln!("{progress}");
             last_progress = progress;
         }
-        if selected
-            .iter()
-            // Equal, not at least: a scale down has converged only once
-            // the surplus tasks have stopped.
-            .all(|(_, running, desired)| running == desired)
-        {
+        // The controller counts only tasks meant to run, so a scale down
+        // has converged once the surplus tasks, meant to stop, have stopped.
+        if selected.iter().all(|(s, running, desired)| {
+            running == desired && !stopping.contains_key(s.id.as_str())
+        }) {
             return Ok(ExitCode::SUCCESS);
         }
         match tokio::time::timeout_at(deadline, events.message()).await {
@@ -226,6 +227,32 @@ pub async fn wait_converged(
     anyhow::bail!("gave up waiting: too many changes")
 }
 
+/// Per service id, its tasks meant to stop that still run.
+async fn stopping(
+    client: &mut Client,
+    stack: &str,
+) -> anyhow::Result<std::collections::HashMap<String, u64>> {
+    let filter = pb::TaskFilter {
+        stack: stack.to_string(),
+        states: vec![pb::TaskState::Running as i32],
+        all: true,
+        ..Default::default()
+    };
+    let reply = client
+        .control
+        .list_tasks(filter)
+        .await
+        .map_err(|s| client.error(s))?
+        .into_inner();
+    let mut out = std::collections::HashMap::new();
+    for t in reply.tasks {
+        if t.desired_state == pb::DesiredState::Shutdown as i32 {
+            *out.entry(t.service).or_insert(0) += 1;
+        }
+    }
+    Ok(out)
+}
+
 /// Whether a name given on the command line names this service.
 fn names_service(name: &str, s: &m::Service) -> bool {
     name == s.id.as_str()
@@ -243,10 +270,9 @@ async fn not_converged(
 ) -> anyhow::Result<ExitCode> {
     let names = names(client).await?;
     let mut stuck = Vec::new();
-    for (s, running, desired) in selected {
-        if running == desired {
-            continue;
-        }
+    // Every selected service: one whose counts match may still have tasks
+    // that are meant to stop and have not.
+    for (s, _, _) in selected {
         let filter = pb::TaskFilter {
             service: s.id.to_string(),
             all: true,
