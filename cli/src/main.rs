@@ -50,6 +50,8 @@ enum Command {
     Node(cmd::node::Args),
     /// Stream changes to nodes, services and tasks.
     Events(cmd::events::Args),
+    /// Local development: `gantry dev cluster up|ls|kill|stop|start|partition|heal|down`.
+    Dev(cmd::dev::Args),
     /// The per-container shim (started by the engine, not by people).
     #[command(hide = true)]
     Shim(cmd::shim::Args),
@@ -73,9 +75,10 @@ fn main() -> ExitCode {
         Command::Node(args) => cmd::node::run(args, &controller),
         Command::Events(args) => cmd::events::run(args, &controller),
         Command::Runtime(args) => cmd::runtime::run(args),
-        Command::Image(args) => cmd::image::run(args),
+        Command::Image(args) => cmd::image::run(args, &controller),
         Command::Container(args) => cmd::container::run(args),
         Command::Volume(args) => cmd::volume::run(args),
+        Command::Dev(args) => cmd::dev::run(args),
         Command::Shim(args) => cmd::shim::run(args),
     };
     finish(result)
@@ -123,6 +126,9 @@ mod tests {
         assert_eq!(cli.controller.as_deref(), Some("10.0.0.1:7070"));
         let cli = parse(&["--controller", "h:1", "ps", "--all", "-o", "json"]).unwrap();
         assert_eq!(cli.controller.as_deref(), Some("h:1"));
+        // `image load` talks to the controller too, through the same flag.
+        let cli = parse(&["image", "load", "--controller", "h:2", "x.tar"]).unwrap();
+        assert_eq!(cli.controller.as_deref(), Some("h:2"));
     }
 
     #[test]

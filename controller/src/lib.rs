@@ -7,6 +7,8 @@
 //! - [`model`]: the typed cluster objects (nodes, services, tasks).
 //! - [`scheduler`]: the pure filter → score pipeline that places tasks on nodes.
 //! - [`orchestrator`]: the pure reconcilers that turn services into task actions.
+//! - [`registry`]: the OCI distribution registry (`/v2/`) holding images loaded
+//!   with `gantry image load`, from which agents pull what they lack.
 //! - [`store`]: the command log, the state machine that applies it, and watches.
 //! - [`wire`]: conversions between the model and the `gantry.v1` protobuf types.
 //!
@@ -18,6 +20,7 @@
 pub mod compose;
 pub mod model;
 pub mod orchestrator;
+pub mod registry;
 pub mod scheduler;
 pub mod store;
 pub mod wire;

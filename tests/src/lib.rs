@@ -5,6 +5,7 @@
 //! `SKIPPED: <reason>` when they truly cannot run.
 
 pub mod bundle;
+pub mod cluster;
 pub mod image_fixtures;
 pub mod peers;
 

@@ -25,12 +25,14 @@ pub mod blobs;
 mod import;
 pub mod manifest;
 mod pull;
+mod push;
 pub mod reference;
 pub mod registry;
 pub mod unpack;
 
 pub use import::ImportOptions;
 pub use pull::{PullOptions, PullProgress};
+pub use push::{PushProgress, PushTarget};
 pub use reference::Reference;
 pub use registry::Credentials;
 

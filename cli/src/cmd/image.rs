@@ -1,16 +1,18 @@
 //! `gantry image`: import, pull, ls, inspect, rm and gc against the node's
-//! image store. Wiring and presentation only; the store lives in
-//! `gantry_agent::image`.
+//! image store, and `load`, which puts images into the cluster through the
+//! controller's registry. Wiring and presentation only; the store lives in
+//! `gantry_agent::image`, the registry in `gantry_controller::registry`.
 
 use super::UsageError;
+use crate::client::{CONTEXT_FILE, CONTROLLER_ENV, ControllerFlag, resolve};
 use anyhow::Context as _;
 use gantry_agent::image::{
-    Credentials, ImageError, ImageRecord, ImageStore, ImportOptions, PullOptions, Reference,
-    Removed,
+    Credentials, ImageError, ImageRecord, ImageStore, ImportOptions, PullOptions, PushTarget,
+    Reference, Removed,
 };
 use gantry_agent::paths::DataDir;
 use std::io::BufRead as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Environment variable with the registry username for `pull`.
@@ -35,6 +37,17 @@ enum Command {
         /// The directory or archive (tar, optionally gzipped).
         path: PathBuf,
         /// Name the image NAME instead of the names in the archive.
+        #[arg(long, value_name = "NAME")]
+        tag: Option<String>,
+    },
+    /// Make images available to every node of the cluster (like `kind load`):
+    /// import PATH here, then push each image into the controller's registry,
+    /// from which agents pull what they lack.
+    Load {
+        /// An OCI layout directory, an OCI archive or a `docker save` archive.
+        path: PathBuf,
+        /// Name the image NAME instead of the names in the archive (only
+        /// when it holds one image).
         #[arg(long, value_name = "NAME")]
         tag: Option<String>,
     },
@@ -107,14 +120,21 @@ fn print_structured(value: &impl serde::Serialize, format: Format) -> anyhow::Re
 }
 
 /// Runs `gantry image`.
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> {
+    // `load` never touches this machine's store (the machine need not be a
+    // node, nor its data directory exist): dispatch it before opening one.
+    let command = match args.command {
+        Command::Load { path, tag } => return load(path, tag, controller),
+        command => command,
+    };
     let data_dir = args
         .data_dir
         .map(DataDir::new)
         .unwrap_or_else(DataDir::from_env);
     let store = ImageStore::open(data_dir.images()).map_err(classify)?;
-    match args.command {
+    match command {
         Command::Import { path, tag } => import(&store, path, tag),
+        Command::Load { path, tag } => load(path, tag, controller),
         Command::Pull {
             reference,
             insecure,
@@ -213,6 +233,56 @@ fn import(store: &ImageStore, path: PathBuf, tag: Option<String>) -> anyhow::Res
         }
         for name in &record.names {
             println!("Loaded image: {}", familiar(name));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `gantry image load`: import into a scratch store (never the node's own:
+/// loading is about the cluster, and this machine may not be a node), then
+/// push every name of every image to the controller. The scratch store goes
+/// when done; it lives under $TMPDIR, since import also unpacks the layers.
+fn load(
+    path: PathBuf,
+    tag: Option<String>,
+    controller: &ControllerFlag,
+) -> anyhow::Result<ExitCode> {
+    if !path.exists() {
+        return Err(UsageError(format!("{}: no such file or directory", path.display())).into());
+    }
+    // The same resolution as every client command (flag, environment,
+    // context file, default), so that `image load` and `deploy` never talk
+    // to two different clusters.
+    let env = std::env::var(CONTROLLER_ENV).ok();
+    let controller = resolve(
+        controller.0.as_deref(),
+        env.as_deref(),
+        Path::new(CONTEXT_FILE),
+    )?
+    .address;
+    let scratch = tempfile::Builder::new()
+        .prefix("gantry-load-")
+        .tempdir()
+        .context("creating a scratch image store")?;
+    let store = ImageStore::open(scratch.path()).map_err(classify)?;
+    let records = store
+        .import(&path, &ImportOptions { tag })
+        .map_err(classify)?;
+    let target = PushTarget::mirror(&controller);
+    for record in &records {
+        if record.names.is_empty() {
+            return Err(UsageError(format!(
+                "{}: image {} has no name to load it under: give --tag NAME",
+                path.display(),
+                record.id
+            ))
+            .into());
+        }
+        for name in &record.names {
+            let digest = store
+                .push(name, &target, &mut |event| eprintln!("{event}"))
+                .with_context(|| format!("loading {name} into the controller at {controller}"))?;
+            println!("Loaded image: {} ({digest})", familiar(name));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -2,6 +2,7 @@
 
 pub mod container;
 pub mod deploy;
+pub mod dev;
 pub mod events;
 pub mod exec;
 pub mod image;

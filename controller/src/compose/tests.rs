@@ -263,7 +263,7 @@ fn restart_maps_onto_the_policy() {
         ),
         (
             RestartCondition::Any,
-            units::Duration::from_secs(5),
+            units::Duration::default(),
             None,
             units::Duration::default()
         )

@@ -110,10 +110,11 @@ impl Walker<'_> {
             }
             (None, Some(policy)) => policy,
             // Swarm's default when neither is given: restart on any exit,
-            // after 5s, without limit.
+            // without limit — but at once, not after Swarm's fixed 5s (see
+            // `restart_policy`).
             (None, None) => RestartPolicy {
                 condition: RestartCondition::Any,
-                delay: Duration::from_secs(5),
+                delay: Duration::default(),
                 max_attempts: None,
                 window: Duration::default(),
             },
@@ -209,9 +210,14 @@ impl Walker<'_> {
         Ok(ResourceSpec { cpus, memory })
     }
 
-    /// Swarm's defaults for what is left out: condition any, delay 5s, no
-    /// attempt limit, window 0s. `max_attempts: 0` means no limit, as in
-    /// Swarm.
+    /// Defaults for what is left out: condition any, delay 0s, no attempt
+    /// limit, window 0s. `max_attempts: 0` means no limit, as in Swarm.
+    ///
+    /// Decision: the default delay is 0s where Swarm's is 5s. The agent's
+    /// crash-loop back-off (Docker's: 100 ms doubling to 60 s, reset after
+    /// 10 s of running) already paces a container that keeps failing, so a
+    /// fixed delay only makes every single crash cost 5 s of downtime. A
+    /// `delay` written in the file is honoured as the least wait.
     fn restart_policy(&mut self, value: &Value, path: &str) -> Result<RestartPolicy> {
         let m = self.mapping(value, path)?;
         self.check_keys(
@@ -238,7 +244,7 @@ impl Walker<'_> {
         };
         Ok(RestartPolicy {
             condition,
-            delay: self.opt_duration(m, "delay", path, Duration::from_secs(5))?,
+            delay: self.opt_duration(m, "delay", path, Duration::default())?,
             max_attempts,
             window: self.opt_duration(m, "window", path, Duration::default())?,
         })
