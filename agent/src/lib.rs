@@ -4,6 +4,7 @@
 //!   controller, assignments to the worker, statuses, logs and exec relays.
 //! - [`image`]: the content-addressed image store (import, pull, unpack, GC).
 //! - [`engine`]: the container engine (OCI runtime, cgroups, shim, containers).
+//! - [`network`]: per-node bridge networking (netns, veth, IPAM, nftables).
 //! - [`paths`]: where all of that lives on disk.
 //! - [`worker`]: the task worker: assignments to containers, restart
 //!   policies, health checks.
@@ -19,5 +20,6 @@
 pub mod daemon;
 pub mod engine;
 pub mod image;
+pub mod network;
 pub mod paths;
 pub mod worker;

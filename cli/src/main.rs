@@ -7,7 +7,9 @@
 //! processes (`runtime`, `shim`) must run in a single-threaded process, so an
 //! async runtime is only ever built inside the subcommands that need one.
 
+mod client;
 mod cmd;
+mod output;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -16,6 +18,10 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(name = "gantry", version, about, propagate_version = true)]
 struct Cli {
+    /// The controller to talk to, HOST:PORT (default: $GANTRY_CONTROLLER,
+    /// else the context in /run/gantry/context.json, else 127.0.0.1:7070).
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    controller: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,6 +38,22 @@ enum Command {
     Volume(cmd::volume::Args),
     /// Run this node's agent: join a controller and run what it assigns.
     Agent(cmd::agent::Args),
+    /// Run the control plane (store, scheduler, dispatcher, API) on this host.
+    Controller(cmd::controller::Args),
+    /// Deploy a Compose file as a stack (create or update its services).
+    Deploy(cmd::deploy::Args),
+    /// Manage stacks: ls, ps, rm.
+    Stack(cmd::stack::Args),
+    /// Manage services: ls, ps, inspect, scale, logs, rm.
+    Service(cmd::service::Args),
+    /// List the cluster's tasks.
+    Ps(cmd::task::Args),
+    /// Run a command in a task's container, wherever it runs.
+    Exec(cmd::exec::Args),
+    /// Manage nodes: ls, inspect, update.
+    Node(cmd::node::Args),
+    /// Stream changes to nodes, services and tasks.
+    Events(cmd::events::Args),
     /// Local development: `gantry dev cluster up|ls|kill|stop|start|partition|heal|down`.
     Dev(cmd::dev::Args),
     /// The per-container shim (started by the engine, not by people).
@@ -47,12 +69,21 @@ fn main() -> ExitCode {
         return finish(cmd::shim::run(args));
     }
     cmd::init_logging();
+    let controller = client::ControllerFlag(cli.controller);
     let result = match cli.command {
+        Command::Deploy(args) => cmd::deploy::run(args, &controller),
+        Command::Stack(args) => cmd::stack::run(args, &controller),
+        Command::Service(args) => cmd::service::run(args, &controller),
+        Command::Ps(args) => cmd::task::run(args, &controller),
+        Command::Exec(args) => cmd::exec::run(args, &controller),
+        Command::Node(args) => cmd::node::run(args, &controller),
+        Command::Events(args) => cmd::events::run(args, &controller),
         Command::Runtime(args) => cmd::runtime::run(args),
-        Command::Image(args) => cmd::image::run(args),
+        Command::Image(args) => cmd::image::run(args, &controller),
         Command::Container(args) => cmd::container::run(args),
         Command::Volume(args) => cmd::volume::run(args),
         Command::Agent(args) => cmd::agent::run(args),
+        Command::Controller(args) => cmd::controller::run(args),
         Command::Dev(args) => cmd::dev::run(args),
         Command::Shim(args) => cmd::shim::run(args),
     };
@@ -65,6 +96,105 @@ fn finish(result: anyhow::Result<ExitCode>) -> ExitCode {
         Err(err) => {
             eprintln!("gantry: {err:#}");
             cmd::exit_code_for(&err)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("gantry").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn scale_takes_name_count_pairs() {
+        let cli = parse(&["service", "scale", "web=3", "demo_api=0"]).unwrap();
+        let debug = format!("{:?}", cli.command);
+        assert!(
+            debug.contains("(\"web\", 3)") && debug.contains("(\"demo_api\", 0)"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn a_bad_replica_count_is_a_usage_error_naming_the_value() {
+        let err = parse(&["service", "scale", "web=x"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let text = err.to_string();
+        assert!(text.contains("web=x") && text.contains("`x`"), "{text}");
+    }
+
+    #[test]
+    fn the_controller_flag_is_global() {
+        let cli = parse(&["node", "ls", "--controller", "10.0.0.1:7070"]).unwrap();
+        assert_eq!(cli.controller.as_deref(), Some("10.0.0.1:7070"));
+        let cli = parse(&["--controller", "h:1", "ps", "--all", "-o", "json"]).unwrap();
+        assert_eq!(cli.controller.as_deref(), Some("h:1"));
+        // `image load` talks to the controller too, through the same flag.
+        let cli = parse(&["image", "load", "--controller", "h:2", "x.tar"]).unwrap();
+        assert_eq!(cli.controller.as_deref(), Some("h:2"));
+    }
+
+    #[test]
+    fn client_commands_parse() {
+        for args in [
+            &[
+                "deploy",
+                "-f",
+                "compose.yaml",
+                "--stack",
+                "demo",
+                "--dry-run",
+                "-o",
+                "json",
+            ][..],
+            &["deploy", "-p", "demo"],
+            &["stack", "ls"],
+            &["stack", "ps", "demo", "-o", "yaml"],
+            &["stack", "rm", "demo"],
+            &["service", "ls", "--stack", "demo"],
+            &["service", "ps", "demo_web", "-a"],
+            &["service", "inspect", "web"],
+            &["service", "logs", "-f", "--tail", "10", "web"],
+            &["service", "rm", "web", "api"],
+            &["ps", "--service", "web", "--node", "agent-1"],
+            &["exec", "-i", "web", "--", "sh", "-c", "cat"],
+            &["exec", "web", "ls", "-l"],
+            &["node", "ls", "-o", "json"],
+            &["node", "inspect", "agent-1"],
+            &[
+                "node",
+                "update",
+                "--availability",
+                "drain",
+                "--label-add",
+                "zone=eu",
+                "--label-rm",
+                "old",
+                "agent-1",
+            ],
+            &[
+                "events", "--since", "42", "--kind", "task", "--kind", "node", "-o", "json",
+            ],
+        ] {
+            if let Err(err) = parse(args) {
+                panic!("{args:?}: {err}");
+            }
+        }
+        for (args, what) in [
+            (
+                &["node", "update", "--availability", "gone", "n1"][..],
+                "gone",
+            ),
+            (&["events", "--kind", "volume"], "volume"),
+            (&["ps", "-o", "xml"], "xml"),
+            (&["exec", "web"], "CMD"),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+            assert!(err.to_string().contains(what), "{args:?}: {err}");
         }
     }
 }

@@ -9,6 +9,8 @@
 //! - [`orchestrator`]: the pure reconcilers that turn services into task actions.
 //! - [`registry`]: the OCI distribution registry (`/v2/`) holding images loaded
 //!   with `gantry image load`, from which agents pull what they lack.
+//! - [`server`]: the controller process: store front, dispatcher, executor
+//!   loops, the Control service, and `serve` on one listener.
 //! - [`store`]: the command log, the state machine that applies it, and watches.
 //! - [`wire`]: conversions between the model and the `gantry.v1` protobuf types.
 //!
@@ -22,6 +24,7 @@ pub mod model;
 pub mod orchestrator;
 pub mod registry;
 pub mod scheduler;
+pub mod server;
 pub mod store;
 pub mod wire;
 

@@ -657,6 +657,13 @@ pub struct TaskTemplate {
     /// Published ports.
     #[serde(default)]
     pub ports: Vec<PortConfig>,
+    /// Share the node's network namespace (`network_mode: host`); otherwise
+    /// the task gets its own namespace on the node's bridge.
+    #[serde(default)]
+    pub host_network: bool,
+    /// Container labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// What to do when an update fails (stored for the update orchestrator).

@@ -295,6 +295,11 @@ pub fn task_state_from_wire(value: i32, field: &str) -> Result<m::TaskState, Wir
     m::TaskState::from_wire(value, field)
 }
 
+/// Reads an availability number (`UpdateNodeRequest.availability`).
+pub fn availability_from_wire(value: i32, field: &str) -> Result<m::Availability, WireError> {
+    m::Availability::from_wire(value, field)
+}
+
 // ---------------------------------------------------------------------------
 // Nodes
 
@@ -676,10 +681,8 @@ impl From<m::TaskTemplate> for pb::TaskTemplate {
             healthcheck: t.healthcheck.map(Into::into),
             placement: Some(t.placement.into()),
             ports: t.ports.into_iter().map(Into::into).collect(),
-            // Not in the model yet (fields 14-16, added for the agent): the
-            // defaults, host networking off, no labels, the engine's grace.
-            host_network: false,
-            labels: Default::default(),
+            host_network: t.host_network,
+            labels: t.labels,
             stop_grace_period_ms: None,
         }
     }
@@ -702,6 +705,8 @@ impl TryFrom<pb::TaskTemplate> for m::TaskTemplate {
             healthcheck: optional(t.healthcheck, "healthcheck")?,
             placement: required(t.placement, "placement")?,
             ports: each(t.ports, "ports")?,
+            host_network: t.host_network,
+            labels: t.labels,
         })
     }
 }
@@ -1341,7 +1346,11 @@ mod tests {
             restart,
             proptest::option::of(health),
             placement,
-            prop::collection::vec(port_config, 0..3),
+            (
+                prop::collection::vec(port_config, 0..3),
+                any::<bool>(),
+                prop::collection::btree_map(text(), text(), 0..3),
+            ),
         )
             .prop_map(
                 |(
@@ -1352,7 +1361,7 @@ mod tests {
                     restart_policy,
                     healthcheck,
                     placement,
-                    ports,
+                    (ports, host_network, labels),
                 )| m::TaskTemplate {
                     image,
                     command,
@@ -1370,6 +1379,8 @@ mod tests {
                     healthcheck,
                     placement,
                     ports,
+                    host_network,
+                    labels,
                 },
             )
     }

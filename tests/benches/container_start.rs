@@ -618,10 +618,14 @@ mod shim {
             cleanup.names.push(name.clone());
             run(cleanup
                 .gantry()
+                // No bridge: shim memory does not depend on it, and the
+                // bench runs in the machine's own network namespace.
                 .args([
                     "container",
                     "run",
                     "-d",
+                    "--network",
+                    "none",
                     "--name",
                     &name,
                     "gantry.test/busybox:latest",

@@ -150,7 +150,19 @@ impl Node {
 
     fn cmd(&self, group: &str, args: &[&str]) -> Command {
         let mut c = Command::new(gantry_bin());
-        c.arg(group).arg("--data-dir").arg(self.dir()).args(args);
+        c.arg(group).arg("--data-dir").arg(self.dir());
+        match args {
+            // These tests run in the machine's own network namespace and are
+            // about the engine: `--network none` keeps the default bridge,
+            // its NAT and its address leases off the host (bridge networking
+            // is tested in network.rs, inside namespaces of its own).
+            ["run", rest @ ..] if group == "container" && !args.contains(&"--network") => {
+                c.args(["run", "--network", "none"]).args(rest);
+            }
+            _ => {
+                c.args(args);
+            }
+        }
         c
     }
 

@@ -770,6 +770,10 @@ fn loaded_test_images_pull_onto_a_node_and_run() {
     let out = node.container(&[
         "run",
         "--rm",
+        // Not the default bridge: this test runs in the machine's own
+        // network namespace and must leave no bridge or nft table there.
+        "--network",
+        "none",
         "gantry.test/web:latest",
         "cat",
         "/www/health",

@@ -33,6 +33,7 @@ use crate::engine::spec::{
 use crate::engine::user::{self, UserError};
 use crate::engine::volumes::{self, VolumeError, VolumeInfo, VolumeStore};
 use crate::image::{ImageError, ImageStore};
+use crate::network::{self, Attachment, NetworkConfig, NetworkError, PortBinding};
 use crate::paths::DataDir;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::Signal;
@@ -151,6 +152,9 @@ pub enum ContainerError {
     /// The cgroup could not be read.
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    /// Bridge networking could not be set up or torn down.
+    #[error(transparent)]
+    Network(#[from] NetworkError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ContainerError {
@@ -257,6 +261,9 @@ pub struct ContainerRecord {
     /// The command line it runs (entrypoint and cmd merged).
     #[serde(default)]
     pub args: Vec<String>,
+    /// Where it is attached, for bridge networking.
+    #[serde(default)]
+    pub network: Option<Attachment>,
 }
 
 /// A container's lifecycle state.
@@ -326,6 +333,8 @@ pub struct ContainerInfo {
     /// Resource usage from its cgroup, while running (filled by
     /// [`Engine::inspect`] only, to keep `list` cheap).
     pub stats: Option<CgroupStats>,
+    /// Its bridge attachment (address, gateway, veth, netns), if any.
+    pub network: Option<Attachment>,
 }
 
 /// What [`Engine::exec`] runs.
@@ -351,6 +360,7 @@ pub struct Engine {
     volumes: VolumeStore,
     runtime: Runtime,
     shim_binary: PathBuf,
+    network: NetworkConfig,
 }
 
 impl Engine {
@@ -365,6 +375,7 @@ impl Engine {
             volumes: VolumeStore::new(data.volumes()),
             runtime: Runtime::new(data.runtime_root()),
             shim_binary: config.shim_binary,
+            network: NetworkConfig::load(&data)?,
             data,
         };
         engine.finish_removals();
@@ -455,6 +466,7 @@ impl Engine {
                 return Err(ContainerError::BindSourceMissing(source.clone()));
             }
         }
+        check_ports(config)?;
         let image = self.images.resolve(&config.image)?;
         let image_config = self.images.config(&image)?;
         spec::args_for(&image_config, config)?;
@@ -469,6 +481,7 @@ impl Engine {
             leased: false,
             mounted: false,
             new_volumes: Vec::new(),
+            network: false,
             done: false,
         };
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
@@ -580,11 +593,27 @@ impl Engine {
                 .and_then(|h| h.into_string().ok());
         }
         let hostname = spec::hostname_for(id.as_str(), &config);
-        let etc = self.write_etc_files(&dir, &hostname, &config.network)?;
+        // Last of the steps that can fail for reasons of the host, so that
+        // a failure before it has no network to undo.
+        let attachment = if config.network == NetworkMode::Bridge {
+            undo.network = true;
+            Some(network::attach(&self.data, &self.network, id.as_str())?)
+        } else {
+            None
+        };
+        let etc = self.write_etc_files(&dir, &hostname, &config.network, attachment.as_ref())?;
+        // The runtime joins the namespace the engine made.
+        let spec_config = match &attachment {
+            Some(a) => ContainerConfig {
+                network: NetworkMode::Join(a.netns.clone()),
+                ..config.clone()
+            },
+            None => config.clone(),
+        };
         let oci = spec::build_spec(&SpecInputs {
             id: id.as_str(),
             image: &image_config,
-            config: &config,
+            config: &spec_config,
             user: &resolved_user,
             mounts: &mounts,
             etc: &etc,
@@ -615,6 +644,7 @@ impl Engine {
                 .as_ref()
                 .and_then(|p| p.args().clone())
                 .unwrap_or_default(),
+            network: attachment,
         };
         let record_path = dir.join(RECORD_FILE);
         crate::engine::shim::write_json_atomic(&record_path, &record).map_err(io(&record_path))?;
@@ -628,18 +658,22 @@ impl Engine {
         dir: &Path,
         hostname: &str,
         network: &NetworkMode,
+        attachment: Option<&Attachment>,
     ) -> Result<EtcFiles, ContainerError> {
         let etc = EtcFiles {
             hosts: dir.join("hosts"),
             hostname: dir.join("hostname"),
             resolv_conf: dir.join("resolv.conf"),
         };
+        // Docker's: a bridged container's own name resolves to its address;
+        // without one, to 127.0.1.1 (Debian's convention).
+        let own = attachment.map_or_else(|| "127.0.1.1".to_string(), |a| a.ip.to_string());
         let hosts = match network {
             NetworkMode::Host => std::fs::read_to_string("/etc/hosts").unwrap_or_default(),
             _ => format!(
                 "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
                  fe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\n\
-                 ff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n127.0.1.1\t{hostname}\n"
+                 ff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n{own}\t{hostname}\n"
             ),
         };
         std::fs::write(&etc.hosts, hosts).map_err(io(&etc.hosts))?;
@@ -679,6 +713,18 @@ impl Engine {
             let image = self.images.resolve(&record.image_id)?;
             let layers = self.images.layer_dirs(&image)?;
             rootfs::mount_overlay(&layers, &dir.join("upper"), &dir.join("work"), &rootfs_dir)?;
+        }
+        // So is the network namespace; and a published port taken by a
+        // running container fails the start, as in Docker, before anything runs.
+        let bridged = record.network.is_some();
+        if let Some(attachment) = &record.network {
+            network::check_conflicts(&self.port_bindings(Some(id))?)?;
+            network::ensure_attached(&self.data, attachment, None)?;
+            // Published before the process runs (as Docker does), so a server
+            // is reachable as soon as it listens and a failure here starts
+            // nothing. Also without ports: the same table holds the outbound
+            // NAT, and the sync turns forwarding on.
+            self.publish(Some(id), None)?;
         }
         let output = std::process::Command::new(&self.shim_binary)
             .arg("shim")
@@ -721,6 +767,11 @@ impl Engine {
                 String::from_utf8_lossy(&output.stderr).trim()
             ),
         };
+        let publishes = bridged && !record.config.ports.is_empty();
+        if publishes && let Err(e) = self.publish(None, None) {
+            // The shim's error is the one the caller must see.
+            tracing::warn!(%id, "unpublishing the ports of a failed start: {e}");
+        }
         Err(ContainerError::Shim {
             id: id.to_string(),
             message,
@@ -787,14 +838,94 @@ impl Engine {
         let signal = spec::parse_signal(&record.stop_signal).unwrap_or(Signal::SIGTERM);
         // The container may end between our look and the signal: that is a stop.
         let _ = self.runtime.kill(id.as_str(), signal, false);
-        if wait_fd_readable(&pidfd, Some(grace))? {
+        let stopped = wait_fd_readable(&pidfd, Some(grace))? || {
+            let _ = self.runtime.kill(id.as_str(), Signal::SIGKILL, true);
+            wait_fd_readable(&pidfd, Some(KILL_WAIT))?
+        };
+        if !stopped {
+            return Err(ContainerError::StopTimeout(id.to_string(), KILL_WAIT));
+        }
+        // A stopped container publishes nothing (its address stays leased).
+        if !record.config.ports.is_empty() && record.network.is_some() {
+            let _lock = self.lock()?;
+            self.publish(None, None)?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the node's network state from the containers' records, for
+    /// the agent to call when it starts: the namespace and veth of every
+    /// running bridged container (recreated after a reboot) and the
+    /// `ip gantry` table, which then holds exactly the running containers'
+    /// published ports, whatever a crash left there. Does nothing on a node
+    /// where no container ever used the bridge.
+    pub fn restore_network(&self) -> Result<(), ContainerError> {
+        let _lock = self.lock()?;
+        let records = self.records()?;
+        if !records.iter().any(|r| r.network.is_some())
+            && !network::network_dir(&self.data).exists()
+        {
             return Ok(());
         }
-        let _ = self.runtime.kill(id.as_str(), Signal::SIGKILL, true);
-        if wait_fd_readable(&pidfd, Some(KILL_WAIT))? {
-            return Ok(());
+        for record in &records {
+            if let Some(a) = &record.network
+                && let (ContainerState::Running, Some(shim)) = self.state_of(&record.id)?
+            {
+                network::ensure_attached(&self.data, a, Some(shim.init_pid))?;
+            }
         }
-        Err(ContainerError::StopTimeout(id.to_string(), KILL_WAIT))
+        self.publish(None, None)
+    }
+
+    /// The published ports of running bridged containers, plus those of
+    /// `starting` (listed last, so that a conflict names the other one).
+    fn port_bindings(
+        &self,
+        starting: Option<&ContainerId>,
+    ) -> Result<Vec<PortBinding>, ContainerError> {
+        let mut records = self.records()?;
+        records.sort_by_key(|r| Some(&r.id) == starting);
+        let mut bindings = Vec::new();
+        for record in records {
+            let Some(attachment) = &record.network else {
+                continue;
+            };
+            if record.config.ports.is_empty() {
+                continue;
+            }
+            if Some(&record.id) != starting
+                && self.state_of(&record.id)?.0 != ContainerState::Running
+            {
+                continue;
+            }
+            for port in &record.config.ports {
+                bindings.push(PortBinding {
+                    container: record.id.to_string(),
+                    ip: attachment.ip,
+                    port: port.clone(),
+                });
+            }
+        }
+        Ok(bindings)
+    }
+
+    /// Makes the node's `ip gantry` table publish exactly the running
+    /// containers' ports, plus `starting`'s, less `removing`'s. Callers hold
+    /// the engine lock, which `start` holds until its container runs: so a
+    /// start in progress (published, not yet running) is never unpublished
+    /// by a concurrent stop or removal's sync.
+    fn publish(
+        &self,
+        starting: Option<&ContainerId>,
+        removing: Option<&ContainerId>,
+    ) -> Result<(), ContainerError> {
+        let _lock = network::lock(&self.data)?;
+        let bindings: Vec<PortBinding> = self
+            .port_bindings(starting)?
+            .into_iter()
+            .filter(|b| Some(b.container.as_str()) != removing.map(|id| id.as_str()))
+            .collect();
+        Ok(network::sync_rules(&self.network, &bindings)?)
     }
 
     /// A pidfd of the container's shim while it runs: readable when the
@@ -863,10 +994,21 @@ impl Engine {
 
     fn teardown(&self, id: &ContainerId) -> Result<(), ContainerError> {
         let dir = self.container_dir(id);
-        let anonymous = self
-            .record(id)
-            .map(|r| r.anonymous_volumes)
+        let record = self.record(id).ok();
+        let anonymous = record
+            .as_ref()
+            .map(|r| r.anonymous_volumes.clone())
             .unwrap_or_default();
+        let published = record.as_ref().is_some_and(|r| !r.config.ports.is_empty());
+        let attachment = record.and_then(|r| r.network);
+        // Also without a record: a create that crashed half-way may have
+        // left a namespace behind.
+        if attachment.is_some() || network::netns_path(&self.data, id.as_str()).exists() {
+            network::detach(&self.data, id.as_str())?;
+            if published {
+                self.publish(None, Some(id))?;
+            }
+        }
         rootfs::unmount(&dir.join("rootfs"))?;
         self.images.remove_lease(id.as_str())?;
         // Out of sight in one step, then deleted: nobody lists a half-removed
@@ -1083,6 +1225,7 @@ impl Engine {
             config: record.config,
             args: record.args,
             stats: None,
+            network: record.network,
             id,
         })
     }
@@ -1186,6 +1329,7 @@ struct CreateUndo<'a> {
     leased: bool,
     mounted: bool,
     new_volumes: Vec<String>,
+    network: bool,
     done: bool,
 }
 
@@ -1198,6 +1342,11 @@ impl Drop for CreateUndo<'_> {
         // undo is the one the caller must see.
         if self.mounted
             && let Err(e) = rootfs::unmount(&self.dir.join("rootfs"))
+        {
+            tracing::warn!(id = %self.id, "undo create: {e}");
+        }
+        if self.network
+            && let Err(e) = network::detach(&self.engine.data, self.id.as_str())
         {
             tracing::warn!(id = %self.id, "undo create: {e}");
         }
@@ -1216,6 +1365,27 @@ impl Drop for CreateUndo<'_> {
         {
             tracing::warn!(id = %self.id, "undo create: {}: {e}", self.dir.display());
         }
+    }
+}
+
+/// Published ports need a namespace of the container's own on the bridge.
+/// With the host's network they are meaningless: Docker warns and drops
+/// them, and so does this (logged, never silent).
+fn check_ports(config: &ContainerConfig) -> Result<(), ContainerError> {
+    if config.ports.is_empty() {
+        return Ok(());
+    }
+    match config.network {
+        NetworkMode::Bridge => Ok(()),
+        NetworkMode::Host => {
+            tracing::warn!("published ports are discarded with the host's network");
+            Ok(())
+        }
+        NetworkMode::None | NetworkMode::Join(_) => Err(SpecError::Invalid {
+            field: "ports".into(),
+            reason: "published ports need bridge networking".into(),
+        }
+        .into()),
     }
 }
 

@@ -116,6 +116,126 @@ pub enum NetworkMode {
     Host,
     /// Join the network namespace at this path (e.g. `/run/netns/x`).
     Join(PathBuf),
+    /// A namespace of its own on the node's bridge (`gantry0`), with an
+    /// address from the node's subnet, outbound NAT and published ports:
+    /// Docker's default `bridge` network. The engine makes the namespace
+    /// (see `crate::network`) and builds the spec as a [`NetworkMode::Join`].
+    Bridge,
+}
+
+impl NetworkMode {
+    /// Parses `--network`: `bridge`, `host`, `none` or a netns path.
+    pub fn parse_flag(value: &str) -> Result<NetworkMode, SpecError> {
+        match value {
+            "bridge" => Ok(NetworkMode::Bridge),
+            "host" => Ok(NetworkMode::Host),
+            "none" => Ok(NetworkMode::None),
+            path if path.starts_with('/') => Ok(NetworkMode::Join(PathBuf::from(path))),
+            other => Err(SpecError::Invalid {
+                field: "network".into(),
+                reason: format!("{other:?} is not bridge, host, none or a netns path"),
+            }),
+        }
+    }
+}
+
+/// The transport protocol of a published port.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProtocol {
+    /// TCP (the default, as in Docker).
+    #[default]
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// A container port published on the node (`-p [IP:]HOST:CONTAINER[/PROTO]`,
+/// Compose `ports:`): traffic to the node's address (or `host_ip`) on
+/// `host_port` is forwarded to the container's `container_port`. Swarm's
+/// `mode: host` publishing; the routing mesh comes with the overlay.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PublishedPort {
+    /// Only this node address; every local address when unset.
+    #[serde(default)]
+    pub host_ip: Option<std::net::Ipv4Addr>,
+    /// The port on the node.
+    pub host_port: u16,
+    /// The port inside the container.
+    pub container_port: u16,
+    /// TCP or UDP.
+    #[serde(default)]
+    pub protocol: PortProtocol,
+}
+
+impl PublishedPort {
+    /// Parses a `-p` flag: `HOST:CONTAINER`, `IP:HOST:CONTAINER`, each with
+    /// an optional `/tcp` or `/udp`. A bare `CONTAINER` (Docker picks a
+    /// random host port) and port ranges are refused for now, by name.
+    pub fn parse_publish_flag(flag: &str) -> Result<PublishedPort, SpecError> {
+        let invalid = |reason: String| SpecError::Invalid {
+            field: format!("publish {flag:?}"),
+            reason,
+        };
+        let (spec, protocol) = match flag.rsplit_once('/') {
+            Some((spec, "tcp")) => (spec, PortProtocol::Tcp),
+            Some((spec, "udp")) => (spec, PortProtocol::Udp),
+            Some((_, other)) => {
+                return Err(invalid(format!("unknown protocol {other:?}: tcp or udp")));
+            }
+            None => (flag, PortProtocol::Tcp),
+        };
+        let parts: Vec<&str> = spec.split(':').collect();
+        let (host_ip, host_port, container_port) = match parts.as_slice() {
+            [host, container] => (None, *host, *container),
+            [ip, host, container] => {
+                let ip = if ip.is_empty() || *ip == "0.0.0.0" {
+                    None
+                } else {
+                    Some(
+                        ip.parse()
+                            .map_err(|_| invalid(format!("{ip:?} is not an IPv4 address")))?,
+                    )
+                };
+                (ip, *host, *container)
+            }
+            [_] => {
+                return Err(invalid(
+                    "a host port is required (HOST:CONTAINER); random host ports are not supported yet".into(),
+                ));
+            }
+            _ => return Err(invalid("expected [IP:]HOST:CONTAINER[/tcp|udp]".into())),
+        };
+        let port = |p: &str, what: &str| -> Result<u16, SpecError> {
+            if p.contains('-') {
+                return Err(invalid(format!("{what} port ranges are not supported yet")));
+            }
+            match p.parse::<u16>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(invalid(format!(
+                    "{what} port {p:?} is not a number from 1 to 65535"
+                ))),
+            }
+        };
+        Ok(PublishedPort {
+            host_ip,
+            host_port: port(host_port, "host")?,
+            container_port: port(container_port, "container")?,
+            protocol,
+        })
+    }
+
+    /// `IP:PORT/PROTO` on the host side, `0.0.0.0` for every address.
+    pub fn host_display(&self) -> String {
+        let ip = self
+            .host_ip
+            .map_or_else(|| "0.0.0.0".to_string(), |ip| ip.to_string());
+        let proto = match self.protocol {
+            PortProtocol::Tcp => "tcp",
+            PortProtocol::Udp => "udp",
+        };
+        format!("{ip}:{}/{proto}", self.host_port)
+    }
 }
 
 /// A mount asked for by the user.
@@ -275,6 +395,8 @@ pub struct ContainerConfig {
     pub resources: ResourceConfig,
     /// The network namespace.
     pub network: NetworkMode,
+    /// Ports published on the node (bridge networking only).
+    pub ports: Vec<PublishedPort>,
     /// Mount the root filesystem read-only.
     pub read_only: bool,
     /// Set `no_new_privileges` (off by default, as in Docker).
@@ -559,6 +681,13 @@ pub fn build_spec(inputs: &SpecInputs<'_>) -> Result<Spec, SpecError> {
         NetworkMode::None => namespaces.push(json!({"type": "network"})),
         NetworkMode::Host => {}
         NetworkMode::Join(path) => namespaces.push(json!({"type": "network", "path": path})),
+        NetworkMode::Bridge => {
+            // The engine attaches first and passes the namespace as a Join.
+            return Err(SpecError::Invalid {
+                field: "network".into(),
+                reason: "bridge networking needs the namespace the engine makes".into(),
+            });
+        }
     }
 
     let spec = json!({
@@ -749,6 +878,90 @@ pub fn parse_signal(value: &str) -> Result<nix::sys::signal::Signal, SpecError> 
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn publish_flags_parse_like_docker() {
+        let p = PublishedPort::parse_publish_flag("8080:80").unwrap();
+        assert_eq!(
+            p,
+            PublishedPort {
+                host_ip: None,
+                host_port: 8080,
+                container_port: 80,
+                protocol: PortProtocol::Tcp
+            }
+        );
+        assert_eq!(p.host_display(), "0.0.0.0:8080/tcp");
+        let p = PublishedPort::parse_publish_flag("127.0.0.1:53:5353/udp").unwrap();
+        assert_eq!(p.host_ip, Some(std::net::Ipv4Addr::LOCALHOST));
+        assert_eq!(p.protocol, PortProtocol::Udp);
+        assert_eq!(p.host_display(), "127.0.0.1:53/udp");
+        assert_eq!(
+            PublishedPort::parse_publish_flag("0.0.0.0:1:2")
+                .unwrap()
+                .host_ip,
+            None
+        );
+        for bad in [
+            "80",
+            "80:0",
+            "x:80",
+            "8080:80/sctp",
+            "1-2:1-2",
+            "a.b:1:2",
+            "1:2:3:4",
+        ] {
+            let err = PublishedPort::parse_publish_flag(bad).unwrap_err();
+            assert!(err.to_string().contains(bad), "{bad}: {err}");
+        }
+        let json = serde_json::json!({"host_port": 1, "container_port": 2});
+        let p: PublishedPort = serde_json::from_value(json).unwrap();
+        assert_eq!((p.host_ip, p.protocol), (None, PortProtocol::Tcp));
+    }
+
+    #[test]
+    fn network_flags_parse() {
+        assert_eq!(
+            NetworkMode::parse_flag("bridge").unwrap(),
+            NetworkMode::Bridge
+        );
+        assert_eq!(NetworkMode::parse_flag("host").unwrap(), NetworkMode::Host);
+        assert_eq!(NetworkMode::parse_flag("none").unwrap(), NetworkMode::None);
+        assert_eq!(
+            NetworkMode::parse_flag("/run/netns/x").unwrap(),
+            NetworkMode::Join("/run/netns/x".into())
+        );
+        assert!(NetworkMode::parse_flag("overlay").is_err());
+        assert_eq!(
+            serde_json::to_value(NetworkMode::Bridge).unwrap(),
+            serde_json::json!("bridge")
+        );
+        // The engine turns Bridge into a Join of the namespace it made; a
+        // spec asked for Bridge directly is a bug, refused by name.
+        let image = ImageConfiguration::default();
+        let config = ContainerConfig {
+            network: NetworkMode::Bridge,
+            command: Some(vec!["true".into()]),
+            ..ContainerConfig::default()
+        };
+        let user = ResolvedUser::default();
+        let etc = EtcFiles {
+            hosts: "/h".into(),
+            hostname: "/n".into(),
+            resolv_conf: "/r".into(),
+        };
+        let err = build_spec(&SpecInputs {
+            id: "x",
+            image: &image,
+            config: &config,
+            user: &user,
+            mounts: &[],
+            etc: &etc,
+            max_nofile: NOFILE_HARD,
+        })
+        .unwrap_err();
+        assert!(err.to_string().starts_with("invalid network:"), "{err}");
+    }
     use super::*;
 
     fn image(json: Value) -> ImageConfiguration {

@@ -10,7 +10,7 @@ use gantry_agent::engine::container::{
 };
 use gantry_agent::engine::logs::{LogEntry, LogOptions, Stream};
 use gantry_agent::engine::spec::{
-    self, ContainerConfig, MountConfig, NetworkMode, ResourceConfig, SpecError,
+    self, ContainerConfig, MountConfig, NetworkMode, PublishedPort, ResourceConfig, SpecError,
 };
 use gantry_agent::paths::DataDir;
 use std::io::Write;
@@ -144,9 +144,13 @@ struct RunArgs {
     /// Hostname.
     #[arg(short = 'h', long)]
     hostname: Option<String>,
-    /// Network: none (default, loopback only), host, or a netns path.
-    #[arg(long, default_value = "none")]
+    /// Network: bridge (default: own address on the node's bridge, NAT,
+    /// published ports), host, none (loopback only), or a netns path.
+    #[arg(long, default_value = "bridge")]
     network: String,
+    /// Publish a container port on the node: [IP:]HOST:CONTAINER[/tcp|udp].
+    #[arg(short = 'p', long = "publish")]
+    publish: Vec<String>,
     /// Override the image's entrypoint (resets its cmd).
     #[arg(long)]
     entrypoint: Option<String>,
@@ -347,17 +351,14 @@ fn config_from(run: &RunArgs) -> anyhow::Result<ContainerConfig> {
     for t in &run.tmpfs {
         mounts.push(MountConfig::parse_tmpfs_flag(t).map_err(usage)?);
     }
-    let network = match run.network.as_str() {
-        "none" => NetworkMode::None,
-        "host" => NetworkMode::Host,
-        path if path.starts_with('/') => NetworkMode::Join(PathBuf::from(path)),
-        other => {
-            return Err(UsageError(format!(
-                "invalid --network {other:?}: none, host or a netns path"
-            ))
-            .into());
-        }
-    };
+    let network = NetworkMode::parse_flag(&run.network).map_err(flag_usage("--network"))?;
+    let mut ports = Vec::new();
+    for p in &run.publish {
+        ports.push(PublishedPort::parse_publish_flag(p).map_err(flag_usage("--publish"))?);
+    }
+    if !ports.is_empty() && network == NetworkMode::Host {
+        eprintln!("WARNING: published ports are discarded when using host network mode");
+    }
     let mut labels = std::collections::BTreeMap::new();
     for l in &run.label {
         let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
@@ -406,6 +407,7 @@ fn config_from(run: &RunArgs) -> anyhow::Result<ContainerConfig> {
             pids_limit: run.pids_limit,
         },
         network,
+        ports,
         read_only: run.read_only,
         no_new_privileges: false,
         stop_signal: run.stop_signal.clone(),
@@ -531,24 +533,27 @@ fn list(engine: &Engine, ps: &PsArgs) -> anyhow::Result<ExitCode> {
                     "pid": c.pid,
                     "command": c.args,
                     "created": c.created,
+                    "ip": c.network.as_ref().map(|n| n.ip),
+                    "ports": ports_column(c),
                 });
                 println!("{line}");
             }
         }
         "table" => {
             println!(
-                "{:<12}  {:<20}  {:<24}  {:<28}  NAMES",
-                "CONTAINER ID", "IMAGE", "COMMAND", "STATUS"
+                "{:<12}  {:<20}  {:<24}  {:<28}  {:<22}  NAMES",
+                "CONTAINER ID", "IMAGE", "COMMAND", "STATUS", "PORTS"
             );
             for c in &containers {
                 let command = c.args.join(" ");
                 let command: String = command.chars().take(22).collect();
                 println!(
-                    "{:<12}  {:<20}  {:<24}  {:<28}  {}",
+                    "{:<12}  {:<20}  {:<24}  {:<28}  {:<22}  {}",
                     c.id.short(),
                     c.image,
                     format!("\"{command}\""),
                     c.status,
+                    ports_column(c),
                     c.name
                 );
             }
@@ -558,6 +563,24 @@ fn list(engine: &Engine, ps: &PsArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Docker's PORTS column: `0.0.0.0:8080->80/tcp, …` while the container
+/// runs on the bridge (a stopped container publishes nothing).
+fn ports_column(c: &gantry_agent::engine::container::ContainerInfo) -> String {
+    if c.state != ContainerState::Running || c.network.is_none() {
+        return String::new();
+    }
+    c.config
+        .ports
+        .iter()
+        .map(|p| {
+            let host = p.host_display();
+            let (addr, proto) = host.rsplit_once('/').unwrap_or((host.as_str(), "tcp"));
+            format!("{addr}->{}/{proto}", p.container_port)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn stats(engine: &Engine, containers: &[String]) -> anyhow::Result<ExitCode> {

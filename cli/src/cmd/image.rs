@@ -4,6 +4,7 @@
 //! `gantry_agent::image`, the registry in `gantry_controller::registry`.
 
 use super::UsageError;
+use crate::client::{CONTEXT_FILE, CONTROLLER_ENV, ControllerFlag, resolve};
 use anyhow::Context as _;
 use gantry_agent::image::{
     Credentials, ImageError, ImageRecord, ImageStore, ImportOptions, PullOptions, PushTarget,
@@ -11,19 +12,13 @@ use gantry_agent::image::{
 };
 use gantry_agent::paths::DataDir;
 use std::io::BufRead as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Environment variable with the registry username for `pull`.
 const USERNAME_ENV: &str = "GANTRY_REGISTRY_USERNAME";
 /// Environment variable with the registry password for `pull`.
 const PASSWORD_ENV: &str = "GANTRY_REGISTRY_PASSWORD";
-/// Environment variable naming the controller (`HOST:PORT`).
-const CONTROLLER_ENV: &str = "GANTRY_CONTROLLER";
-/// The context file `gantry dev cluster up` and `gantry up` write.
-const CONTEXT_FILE: &str = "/run/gantry/context.json";
-/// The controller when nothing else names one (`gantry up`'s address).
-const DEFAULT_CONTROLLER: &str = "127.0.0.1:7070";
 
 /// Arguments of `gantry image`.
 #[derive(Debug, clap::Args)]
@@ -55,10 +50,6 @@ enum Command {
         /// when it holds one image).
         #[arg(long, value_name = "NAME")]
         tag: Option<String>,
-        /// The controller (default: $GANTRY_CONTROLLER, else the current
-        /// context in /run/gantry/context.json, else 127.0.0.1:7070).
-        #[arg(long, value_name = "HOST:PORT")]
-        controller: Option<String>,
     },
     /// Pull an image from a registry.
     Pull {
@@ -129,15 +120,11 @@ fn print_structured(value: &impl serde::Serialize, format: Format) -> anyhow::Re
 }
 
 /// Runs `gantry image`.
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> {
     // `load` never touches this machine's store (the machine need not be a
     // node, nor its data directory exist): dispatch it before opening one.
     let command = match args.command {
-        Command::Load {
-            path,
-            tag,
-            controller,
-        } => return load(path, tag, controller),
+        Command::Load { path, tag } => return load(path, tag, controller),
         command => command,
     };
     let data_dir = args
@@ -147,11 +134,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let store = ImageStore::open(data_dir.images()).map_err(classify)?;
     match command {
         Command::Import { path, tag } => import(&store, path, tag),
-        Command::Load {
-            path,
-            tag,
-            controller,
-        } => load(path, tag, controller),
+        Command::Load { path, tag } => load(path, tag, controller),
         Command::Pull {
             reference,
             insecure,
@@ -262,12 +245,21 @@ fn import(store: &ImageStore, path: PathBuf, tag: Option<String>) -> anyhow::Res
 fn load(
     path: PathBuf,
     tag: Option<String>,
-    controller: Option<String>,
+    controller: &ControllerFlag,
 ) -> anyhow::Result<ExitCode> {
     if !path.exists() {
         return Err(UsageError(format!("{}: no such file or directory", path.display())).into());
     }
-    let controller = controller_address(controller)?;
+    // The same resolution as every client command (flag, environment,
+    // context file, default), so that `image load` and `deploy` never talk
+    // to two different clusters.
+    let env = std::env::var(CONTROLLER_ENV).ok();
+    let controller = resolve(
+        controller.0.as_deref(),
+        env.as_deref(),
+        Path::new(CONTEXT_FILE),
+    )?
+    .address;
     let scratch = tempfile::Builder::new()
         .prefix("gantry-load-")
         .tempdir()
@@ -294,34 +286,6 @@ fn load(
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The controller to talk to: `--controller`, else $GANTRY_CONTROLLER, else
-/// the context file's `controller`, else 127.0.0.1:7070 (kubectl's order:
-/// flag, environment, current context, default).
-// TODO(lead): replace with the shared helper in cli/src/client.rs.
-fn controller_address(flag: Option<String>) -> anyhow::Result<String> {
-    if let Some(address) = flag.filter(|a| !a.is_empty()) {
-        return Ok(address);
-    }
-    if let Ok(address) = std::env::var(CONTROLLER_ENV)
-        && !address.is_empty()
-    {
-        return Ok(address);
-    }
-    match std::fs::read(CONTEXT_FILE) {
-        Ok(bytes) => {
-            #[derive(serde::Deserialize)]
-            struct Context {
-                controller: String,
-            }
-            let context: Context = serde_json::from_slice(&bytes)
-                .with_context(|| format!("{CONTEXT_FILE}: malformed context file"))?;
-            Ok(context.controller)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DEFAULT_CONTROLLER.to_string()),
-        Err(e) => Err(anyhow::Error::new(e).context(format!("reading {CONTEXT_FILE}"))),
-    }
 }
 
 fn pull(

@@ -2,10 +2,18 @@
 
 pub mod agent;
 pub mod container;
+pub mod controller;
+pub mod deploy;
 pub mod dev;
+pub mod events;
+pub mod exec;
 pub mod image;
+pub mod node;
 pub mod runtime;
+pub mod service;
 pub mod shim;
+pub mod stack;
+pub mod task;
 pub mod volume;
 
 use std::fmt;

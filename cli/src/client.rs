@@ -1,0 +1,447 @@
+//! Where the controller is, and a gRPC client of its `Control` service.
+//!
+//! The address comes from, in order: the global `--controller HOST:PORT`
+//! flag, the `GANTRY_CONTROLLER` environment variable, the context file
+//! `/run/gantry/context.json` (written by `gantry up` and `gantry dev cluster
+//! up`, removed when they go down), and finally `127.0.0.1:7070`, where
+//! `gantry up` listens. Every message about an unreachable controller names
+//! the address and where it came from, so that a stale context file or a
+//! forgotten variable is obvious.
+//!
+//! gRPC status codes become exit codes here: the codes that mean the request
+//! itself was wrong (`INVALID_ARGUMENT`, `NOT_FOUND`, `FAILED_PRECONDITION`,
+//! `ALREADY_EXISTS`) exit 2 like any other bad input; everything else exits 1.
+//!
+//! The connection is plain h2c: this issue has no TLS (DESIGN's mTLS and the
+//! admin certificate in the context file come later).
+
+use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use gantry_proto::tonic::transport::{Channel, Endpoint};
+use gantry_proto::tonic::{Code, Status};
+use gantry_proto::v1::control_client::ControlClient;
+use serde::Deserialize;
+
+use crate::cmd::UsageError;
+
+/// The context file that `gantry up` and `gantry dev cluster up` write.
+pub const CONTEXT_FILE: &str = "/run/gantry/context.json";
+
+/// The environment variable naming the controller.
+pub const CONTROLLER_ENV: &str = "GANTRY_CONTROLLER";
+
+/// Where `gantry up` listens, and so where a plain `gantry` looks last.
+pub const DEFAULT_CONTROLLER: &str = "127.0.0.1:7070";
+
+/// How long a connection attempt may take before the controller counts as
+/// unreachable. Loopback and the dev cluster's bridge answer in
+/// microseconds; a few seconds covers a busy machine without making a wrong
+/// address hang.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the user asks a client command to talk to: the global
+/// `--controller` flag, if given.
+#[derive(Debug, Clone, Default)]
+pub struct ControllerFlag(pub Option<String>);
+
+/// Where an address came from, for messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The `--controller` flag.
+    Flag,
+    /// The `GANTRY_CONTROLLER` variable.
+    Env,
+    /// A context file, with the `source` it records (who wrote it).
+    Context {
+        /// The file.
+        path: PathBuf,
+        /// Its `source` field (`dev cluster gantry`, `gantry up`), if any.
+        writer: Option<String>,
+    },
+    /// Nothing was configured.
+    Default,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Flag => f.write_str("--controller"),
+            Source::Env => write!(f, "{CONTROLLER_ENV}"),
+            Source::Context { path, writer } => match writer {
+                Some(writer) => write!(f, "{}, written by {writer}", path.display()),
+                None => write!(f, "{}", path.display()),
+            },
+            Source::Default => f.write_str("the default"),
+        }
+    }
+}
+
+/// A controller's address and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `HOST:PORT`.
+    pub address: String,
+    /// Where it came from.
+    pub source: Source,
+}
+
+/// The context file's contents.
+#[derive(Debug, Deserialize)]
+struct ContextFile {
+    controller: String,
+    #[serde(default)]
+    source: Option<String>,
+}
+
+/// Picks the controller address: flag, then environment, then context file,
+/// then the default. A context file that exists but cannot be read or parsed
+/// is an error rather than a silent fall-through, because falling through
+/// would talk to some other cluster than the one the file names.
+pub fn resolve(
+    flag: Option<&str>,
+    env: Option<&str>,
+    context_file: &Path,
+) -> anyhow::Result<Target> {
+    let nonempty = |s: Option<&str>| {
+        s.map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    if let Some(address) = nonempty(flag) {
+        return Ok(Target {
+            address,
+            source: Source::Flag,
+        });
+    }
+    if let Some(address) = nonempty(env) {
+        return Ok(Target {
+            address,
+            source: Source::Env,
+        });
+    }
+    match std::fs::read(context_file) {
+        Ok(bytes) => {
+            let context: ContextFile = serde_json::from_slice(&bytes).with_context(|| {
+                format!(
+                    "invalid context file {} (remove it, or pass --controller)",
+                    context_file.display()
+                )
+            })?;
+            if context.controller.trim().is_empty() {
+                anyhow::bail!(
+                    "invalid context file {}: `controller` is empty",
+                    context_file.display()
+                );
+            }
+            Ok(Target {
+                address: context.controller.trim().to_string(),
+                source: Source::Context {
+                    path: context_file.to_path_buf(),
+                    writer: context.source,
+                },
+            })
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(Target {
+            address: DEFAULT_CONTROLLER.to_string(),
+            source: Source::Default,
+        }),
+        Err(err) => Err(err)
+            .with_context(|| format!("cannot read the context file {}", context_file.display())),
+    }
+}
+
+/// A connected client of the controller's `Control` service.
+pub struct Client {
+    /// The generated gRPC client.
+    pub control: ControlClient<Channel>,
+    /// Where it is connected to.
+    pub target: Target,
+}
+
+impl Client {
+    /// Resolves the address (see [`resolve`]) and connects.
+    pub async fn connect(flag: &ControllerFlag) -> anyhow::Result<Client> {
+        let env = std::env::var(CONTROLLER_ENV).ok();
+        let target = resolve(flag.0.as_deref(), env.as_deref(), Path::new(CONTEXT_FILE))?;
+        Self::connect_to(target).await
+    }
+
+    /// Connects to a resolved address.
+    pub async fn connect_to(target: Target) -> anyhow::Result<Client> {
+        let endpoint = Endpoint::from_shared(format!("http://{}", target.address))
+            .map_err(|err| {
+                UsageError(format!(
+                    "invalid controller address `{}` (from {}): {err} (expected HOST:PORT)",
+                    target.address, target.source
+                ))
+            })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|err| unreachable(&target, &error_chain(&err)))?;
+        Ok(Client {
+            control: ControlClient::new(channel),
+            target,
+        })
+    }
+
+    /// Turns a failed call into the error the user sees, with its exit code
+    /// (see the module documentation).
+    pub fn error(&self, status: Status) -> anyhow::Error {
+        status_error(&self.target, status)
+    }
+}
+
+/// Maps a gRPC status to an error: bad input (exit 2), an unreachable
+/// controller (exit 1, with a hint), or another failure (exit 1).
+pub fn status_error(target: &Target, status: Status) -> anyhow::Error {
+    let message = status.message().to_string();
+    // Only a status made on this side from a transport error has a source
+    // (a refused reconnect, a connection lost mid-stream, which tonic reports
+    // as UNAVAILABLE or UNKNOWN); a status the controller sent has none, so
+    // its own UNAVAILABLE (a task's node is not connected) stays an answer.
+    let cause = std::error::Error::source(&status).map(error_chain);
+    match (status.code(), cause) {
+        (code, _) if is_bad_input(code) => UsageError(message).into(),
+        (_, Some(cause)) => unreachable(target, &format!("{message}: {cause}")),
+        (code, None) => anyhow::anyhow!(
+            "the controller at {} answered {}: {message}",
+            target.address,
+            code_name(code)
+        ),
+    }
+}
+
+/// Whether a status code means bad input (exit 2).
+pub fn is_bad_input(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::AlreadyExists
+    )
+}
+
+fn unreachable(target: &Target, why: &str) -> anyhow::Error {
+    let mut message = format!(
+        "cannot reach the controller at {} (from {}): {why}\n\
+         hint: start one with `gantry up` (this machine) or `gantry dev cluster up` \
+         (a local cluster), or point at one with --controller HOST:PORT or {CONTROLLER_ENV}",
+        target.address, target.source
+    );
+    // A context file outlives a cluster killed without `down`: say so,
+    // since nothing else would point at it.
+    if let Source::Context { path, .. } = &target.source {
+        message.push_str(&format!(
+            "\nhint: if that cluster is gone, remove the stale {}",
+            path.display()
+        ));
+    }
+    anyhow::anyhow!(message)
+}
+
+/// A transport error's whole chain on one line: tonic's top-level message
+/// ("transport error") says nothing about why.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
+/// The gRPC name of a code (`DEADLINE_EXCEEDED`), as the spec writes it.
+fn code_name(code: Code) -> String {
+    let debug = format!("{code:?}");
+    let mut out = String::new();
+    for (i, c) in debug.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+/// Runs a client command's future on a current-thread runtime built here:
+/// `main` stays synchronous and thread-free (ARCHITECTURE.md), and a client
+/// needs no more than one thread.
+pub fn block_on<F: Future>(future: F) -> anyhow::Result<F::Output> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let output = runtime.block_on(future);
+    // Dropping a runtime waits for its blocking threads, and `exec -i` may
+    // leave one blocked reading our stdin after the process has ended.
+    runtime.shutdown_background();
+    Ok(output)
+}
+
+/// Converts a message from the controller into the model type, naming what
+/// it was if the controller sent something this client cannot read (a
+/// version mismatch or a bug, never the user's fault: exit 1).
+pub fn from_wire<W, D>(value: W, what: &str) -> anyhow::Result<D>
+where
+    D: TryFrom<W, Error = gantry_controller::wire::WireError>,
+{
+    D::try_from(value).with_context(|| format!("the controller sent an invalid {what}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, body: &str) -> PathBuf {
+        let path = dir.join("context.json");
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_flag_wins_over_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = write(dir.path(), r#"{"controller": "10.0.0.1:7070"}"#);
+        let t = resolve(Some("1.2.3.4:1"), Some("5.6.7.8:2"), &ctx).unwrap();
+        assert_eq!(t.address, "1.2.3.4:1");
+        assert_eq!(t.source, Source::Flag);
+    }
+
+    #[test]
+    fn the_environment_wins_over_the_context_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = write(dir.path(), r#"{"controller": "10.0.0.1:7070"}"#);
+        let t = resolve(None, Some("5.6.7.8:2"), &ctx).unwrap();
+        assert_eq!(t.address, "5.6.7.8:2");
+        assert_eq!(t.source, Source::Env);
+        // An empty variable is as good as unset (`GANTRY_CONTROLLER= gantry ...`).
+        let t = resolve(None, Some(""), &ctx).unwrap();
+        assert_eq!(t.address, "10.0.0.1:7070");
+    }
+
+    #[test]
+    fn the_context_file_names_its_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = write(
+            dir.path(),
+            r#"{"controller": "10.251.0.2:7070", "source": "dev cluster gantry"}"#,
+        );
+        let t = resolve(None, None, &ctx).unwrap();
+        assert_eq!(t.address, "10.251.0.2:7070");
+        assert_eq!(
+            t.source.to_string(),
+            format!("{}, written by dev cluster gantry", ctx.display())
+        );
+        let text = unreachable(&t, "refused").to_string();
+        assert!(
+            text.contains(&format!("remove the stale {}", ctx.display())),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn no_configuration_means_the_local_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = resolve(None, None, &dir.path().join("absent.json")).unwrap();
+        assert_eq!(t.address, DEFAULT_CONTROLLER);
+        assert_eq!(t.source.to_string(), "the default");
+    }
+
+    #[test]
+    fn a_broken_context_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = write(dir.path(), "{not json");
+        let err = resolve(None, None, &ctx).unwrap_err();
+        assert!(
+            format!("{err:#}").contains(&ctx.display().to_string()),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn bad_input_codes_exit_2_and_others_exit_1() {
+        let target = Target {
+            address: "127.0.0.1:1".into(),
+            source: Source::Default,
+        };
+        for code in [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::FailedPrecondition,
+            Code::AlreadyExists,
+        ] {
+            let err = status_error(&target, Status::new(code, "no such service `web`"));
+            assert!(err.downcast_ref::<UsageError>().is_some(), "{code:?}");
+            assert_eq!(err.to_string(), "no such service `web`");
+        }
+        let err = status_error(&target, Status::new(Code::Internal, "disk full"));
+        assert!(err.downcast_ref::<UsageError>().is_none());
+        assert_eq!(
+            err.to_string(),
+            "the controller at 127.0.0.1:1 answered INTERNAL: disk full"
+        );
+        let mut status = Status::new(Code::Unavailable, "transport error");
+        status.set_source(std::sync::Arc::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        )));
+        let text = status_error(&target, status).to_string();
+        assert!(
+            text.starts_with(
+                "cannot reach the controller at 127.0.0.1:1 (from the default): \
+                 transport error: connection refused"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("gantry up") && text.contains("gantry dev cluster up"));
+        // A connection lost mid-stream: tonic says UNKNOWN, with the cause.
+        let mut status = Status::new(Code::Unknown, "h2 protocol error");
+        status.set_source(std::sync::Arc::new(std::io::Error::other(
+            "error reading a body from connection",
+        )));
+        let text = status_error(&target, status).to_string();
+        assert!(
+            text.starts_with(
+                "cannot reach the controller at 127.0.0.1:1 (from the default): \
+                 h2 protocol error: error reading a body from connection"
+            ),
+            "{text}"
+        );
+        // The controller's own UNAVAILABLE (no session with the task's node).
+        let err = status_error(
+            &target,
+            Status::new(Code::Unavailable, "node n1 is not connected"),
+        );
+        assert_eq!(
+            err.to_string(),
+            "the controller at 127.0.0.1:1 answered UNAVAILABLE: node n1 is not connected"
+        );
+    }
+
+    #[test]
+    fn an_unreachable_controller_is_reported_with_address_and_source() {
+        // Port 1 on loopback: nothing listens there, the connect is refused.
+        let target = Target {
+            address: "127.0.0.1:1".into(),
+            source: Source::Env,
+        };
+        let err = block_on(Client::connect_to(target)).unwrap().err().unwrap();
+        let text = err.to_string();
+        assert!(
+            text.starts_with(
+                "cannot reach the controller at 127.0.0.1:1 (from GANTRY_CONTROLLER): "
+            ),
+            "{text}"
+        );
+    }
+}

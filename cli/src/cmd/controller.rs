@@ -1,0 +1,95 @@
+//! `gantry controller`: runs the control plane (store, scheduler,
+//! orchestrators, dispatcher, API) until SIGTERM or SIGINT.
+//!
+//! The tokio runtime is built here, inside the subcommand, so that `main`
+//! stays synchronous (ARCHITECTURE.md's invariant).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use gantry_agent::paths::DataDir;
+use gantry_controller::compose::units;
+use gantry_controller::registry::{self, RegistryStore};
+use gantry_controller::server::{self, ControllerConfig};
+
+use super::UsageError;
+
+/// Arguments of `gantry controller`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The address gRPC and the image registry are served on.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:7070")]
+    listen: SocketAddr,
+    /// The data directory (default: $GANTRY_DATA_DIR, else /var/lib/gantry);
+    /// state goes to DIR/controller/.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// How often agents heartbeat (Go duration syntax: 1s, 500ms).
+    #[arg(long, value_name = "D", default_value = "1s", value_parser = parse_duration)]
+    heartbeat_period: Duration,
+    /// How long a silent node keeps its tasks before it is marked down.
+    #[arg(long, value_name = "D", default_value = "3s", value_parser = parse_duration)]
+    lease: Duration,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d = units::Duration::parse(text).map_err(|e| e.to_string())?.0;
+    if d.is_zero() {
+        return Err("must be greater than 0".into());
+    }
+    Ok(d)
+}
+
+/// Runs `gantry controller`.
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.lease <= args.heartbeat_period {
+        return Err(UsageError(format!(
+            "--lease {:?} must be longer than --heartbeat-period {:?}",
+            args.lease, args.heartbeat_period
+        ))
+        .into());
+    }
+    let data_dir = args
+        .data_dir
+        .map(DataDir::new)
+        .unwrap_or_else(DataDir::from_env);
+    let config = ControllerConfig {
+        data_dir: data_dir.root().to_path_buf(),
+        listen: args.listen,
+        heartbeat_period: args.heartbeat_period,
+        lease: args.lease,
+        ..ControllerConfig::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("gantry-controller")
+        .build()
+        .context("starting the async runtime")?;
+    let registry_dir = config.registry_dir();
+    let registry = RegistryStore::open(&registry_dir)
+        .with_context(|| format!("opening the registry in {}", registry_dir.display()))?;
+    runtime.block_on(async move {
+        let shutdown = shutdown_signal().context("installing signal handlers")?;
+        // One port: gRPC for clients and agents, `/v2/` for image pulls.
+        server::serve(config, registry::router(registry), shutdown)
+            .await
+            .context("controller")
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    })
+}

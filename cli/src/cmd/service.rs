@@ -1,0 +1,365 @@
+//! `gantry service ls|ps|inspect|scale|logs|rm`, as `docker service` has
+//! them. A service is named by its id, `STACK_NAME`, or `NAME` when only one
+//! stack has a service of that name; the controller resolves the name.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use gantry_controller::model as m;
+use gantry_proto::v1 as pb;
+use serde::Serialize;
+
+use crate::client::{Client, ControllerFlag, block_on, from_wire};
+use crate::cmd::task;
+use crate::output::{self, Format, ServiceRow, full_name};
+
+/// `gantry service`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// List services with their running and desired task counts.
+    #[command(visible_alias = "list")]
+    Ls {
+        /// Only this stack's services.
+        #[arg(long, value_name = "STACK")]
+        stack: Option<String>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// List a service's tasks.
+    Ps {
+        /// The service.
+        service: String,
+        /// Also show tasks that are meant to be stopped (history).
+        #[arg(short, long)]
+        all: bool,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Show a service in full (JSON unless -o says otherwise).
+    Inspect {
+        /// The service.
+        service: String,
+        /// Output format; `table` prints a short summary.
+        #[arg(short, long, value_enum, default_value_t = Format::Json)]
+        output: Format,
+    },
+    /// Set replicated services' replica counts: `scale web=3 api=2`.
+    Scale {
+        /// SERVICE=REPLICAS pairs.
+        #[arg(required = true, value_name = "SERVICE=REPLICAS", value_parser = parse_scale)]
+        scales: Vec<(String, u64)>,
+        #[command(flatten)]
+        wait: task::WaitArgs,
+    },
+    /// Print a service's logs, from every task.
+    Logs {
+        /// The service.
+        service: String,
+        /// Keep printing new lines.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines of each task (a number, or `all`).
+        #[arg(short = 'n', long, value_name = "N", value_parser = parse_tail)]
+        tail: Option<Tail>,
+        /// Print lines without the `NAME.SLOT.TASK@NODE |` prefix.
+        #[arg(long)]
+        no_task_prefix: bool,
+    },
+    /// Remove services.
+    #[command(visible_alias = "remove")]
+    Rm {
+        /// The services.
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+}
+
+/// `--tail`: a count or `all`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tail {
+    /// Every line.
+    All,
+    /// The last N lines.
+    Lines(u64),
+}
+
+/// Parses `NAME=N` for `service scale`; the message names the bad value
+/// (clap prints it with the argument and exits 2).
+pub fn parse_scale(value: &str) -> Result<(String, u64), String> {
+    let (name, count) = value
+        .split_once('=')
+        .ok_or_else(|| format!("`{value}` is not SERVICE=REPLICAS"))?;
+    if name.is_empty() {
+        return Err(format!(
+            "`{value}` names no service (expected SERVICE=REPLICAS)"
+        ));
+    }
+    let count = count.parse::<u64>().map_err(|_| {
+        format!("invalid replica count `{count}` in `{value}`: expected a whole number, 0 or more")
+    })?;
+    Ok((name.to_string(), count))
+}
+
+fn parse_tail(value: &str) -> Result<Tail, String> {
+    if value == "all" {
+        return Ok(Tail::All);
+    }
+    value
+        .parse()
+        .map(Tail::Lines)
+        .map_err(|_| format!("invalid line count `{value}`: a whole number or `all`"))
+}
+
+/// What `service inspect -o json` prints: the `service ls` row, then the
+/// whole spec as the model has it.
+#[derive(Debug, Serialize)]
+struct Inspect {
+    #[serde(flatten)]
+    row: ServiceRow,
+    spec_version: u64,
+    version: u64,
+    spec: m::ServiceSpec,
+}
+
+/// Runs `gantry service ...`.
+pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> {
+    block_on(async {
+        let mut client = Client::connect(controller).await?;
+        match args.command {
+            Command::Ls { stack, output } => {
+                let services = task::services(&mut client, stack.as_deref().unwrap_or("")).await?;
+                let rows: Vec<ServiceRow> = services
+                    .iter()
+                    .map(|(s, running, desired)| ServiceRow::new(s, *running, *desired))
+                    .collect();
+                output::emit(output, &rows, || output::service_table(&rows))?;
+            }
+            Command::Ps {
+                service,
+                all,
+                output,
+            } => {
+                let names = task::names(&mut client).await?;
+                let filter = pb::TaskFilter {
+                    service,
+                    all,
+                    ..Default::default()
+                };
+                let rows = task::list(&mut client, &names, filter).await?;
+                task::print(output, &rows)?;
+            }
+            Command::Inspect { service, output } => {
+                let info = inspect(&mut client, &service).await?;
+                output::emit(output, &info, || summary(&info))?;
+            }
+            Command::Scale { scales, wait } => {
+                let names: Vec<String> = scales.iter().map(|(n, _)| n.clone()).collect();
+                let code = scale(&mut client, scales).await?;
+                if wait.wait && code == ExitCode::SUCCESS {
+                    return task::wait_converged(&mut client, "", &names, wait.timeout).await;
+                }
+                return Ok(code);
+            }
+            Command::Logs {
+                service,
+                follow,
+                tail,
+                no_task_prefix,
+            } => {
+                logs(&mut client, service, follow, tail, !no_task_prefix).await?;
+            }
+            Command::Rm { services } => {
+                let mut first_error = None;
+                for service in services {
+                    match client
+                        .control
+                        .remove_service(pb::ServiceRef {
+                            service: service.clone(),
+                        })
+                        .await
+                    {
+                        Ok(_) => println!("{service}"),
+                        Err(status) => {
+                            let err = client.error(status);
+                            eprintln!("gantry: service {service}: {err:#}");
+                            first_error.get_or_insert(err);
+                        }
+                    }
+                }
+                if let Some(err) = first_error {
+                    return Ok(crate::cmd::exit_code_for(&err));
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })?
+}
+
+async fn inspect(client: &mut Client, service: &str) -> anyhow::Result<Inspect> {
+    let info = client
+        .control
+        .inspect_service(pb::ServiceRef {
+            service: service.to_string(),
+        })
+        .await
+        .map_err(|s| client.error(s))?
+        .into_inner();
+    let wire = info
+        .service
+        .ok_or_else(|| anyhow::anyhow!("the controller sent service {service} without its spec"))?;
+    let service: m::Service = from_wire(wire, "service")?;
+    Ok(Inspect {
+        row: ServiceRow::new(&service, info.running, info.desired),
+        spec_version: service.spec_version,
+        version: service.version,
+        spec: service.spec,
+    })
+}
+
+/// `service inspect -o table`: the few lines a person looks for.
+fn summary(info: &Inspect) -> String {
+    let r = &info.row;
+    let mut out = format!(
+        "ID:        {}\nName:      {}\nStack:     {}\nMode:      {}\nReplicas:  {}/{}\nImage:     {}\n",
+        r.id,
+        full_name(&r.stack, &r.name),
+        r.stack,
+        r.mode,
+        r.running,
+        r.desired,
+        r.image
+    );
+    if !r.ports.is_empty() {
+        out.push_str(&format!("Ports:     {}\n", r.ports.join(", ")));
+    }
+    out
+}
+
+async fn scale(client: &mut Client, scales: Vec<(String, u64)>) -> anyhow::Result<ExitCode> {
+    // As `docker service scale a=1 b=2`: each is tried, and the first
+    // failure decides the exit code.
+    let mut first_error = None;
+    for (service, replicas) in scales {
+        let request = pb::ScaleServiceRequest {
+            service: service.clone(),
+            replicas,
+        };
+        match client.control.scale_service(request).await {
+            Ok(_) => println!("{service} scaled to {replicas}"),
+            Err(status) => {
+                let err = client.error(status);
+                eprintln!("gantry: service {service}: {err:#}");
+                first_error.get_or_insert(err);
+            }
+        }
+    }
+    Ok(match first_error {
+        Some(err) => crate::cmd::exit_code_for(&err),
+        None => ExitCode::SUCCESS,
+    })
+}
+
+async fn logs(
+    client: &mut Client,
+    service: String,
+    follow: bool,
+    tail: Option<Tail>,
+    prefix: bool,
+) -> anyhow::Result<()> {
+    // Task names for the prefix, as `docker service logs` writes it
+    // (`web.1.abc123@node1 | `); a task that starts later is shown by id.
+    let mut labels: HashMap<String, String> = HashMap::new();
+    if prefix {
+        let names = task::names(client).await?;
+        let filter = pb::TaskFilter {
+            service: service.clone(),
+            all: true,
+            ..Default::default()
+        };
+        for row in task::list(client, &names, filter).await? {
+            let node = row
+                .node
+                .as_ref()
+                .map(|n| format!("@{n}"))
+                .unwrap_or_default();
+            labels.insert(
+                row.id.clone(),
+                format!("{}.{}{node}", row.name, output::short_id(&row.id)),
+            );
+        }
+    }
+    let request = pb::ServiceLogsRequest {
+        service,
+        follow,
+        tail: match tail {
+            Some(Tail::Lines(n)) => Some(n),
+            Some(Tail::All) | None => None,
+        },
+        since_unix_nanos: None,
+    };
+    let mut stream = client
+        .control
+        .service_logs(request)
+        .await
+        .map_err(|s| client.error(s))?
+        .into_inner();
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    while let Some(entry) = stream.message().await.map_err(|s| client.error(s))? {
+        let mut line = Vec::with_capacity(entry.line.len() + 64);
+        if prefix {
+            let label = labels
+                .get(&entry.task)
+                .cloned()
+                .unwrap_or_else(|| format!("{}@{}", output::short_id(&entry.task), entry.node));
+            line.extend_from_slice(label.as_bytes());
+            line.extend_from_slice(b"    | ");
+        }
+        line.extend_from_slice(&entry.line);
+        line.push(b'\n');
+        // Lines go out whole, one write each, so that stdout and stderr
+        // interleave at line boundaries; a closed pipe (`| head`) ends us.
+        let written = if entry.stream == pb::LogStream::Stderr as i32 {
+            stderr.lock().write_all(&line)
+        } else {
+            let mut out = stdout.lock();
+            out.write_all(&line).and_then(|()| out.flush())
+        };
+        if written.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_pairs_parse_and_bad_counts_name_the_value() {
+        assert_eq!(parse_scale("web=3"), Ok(("web".to_string(), 3)));
+        assert_eq!(parse_scale("demo_web=0"), Ok(("demo_web".to_string(), 0)));
+        let err = parse_scale("web=x").unwrap_err();
+        assert!(err.contains("`x`") && err.contains("web=x"), "{err}");
+        assert!(parse_scale("web").unwrap_err().contains("SERVICE=REPLICAS"));
+        assert!(parse_scale("=3").is_err());
+        assert!(parse_scale("web=-1").is_err());
+    }
+
+    #[test]
+    fn tail_is_a_count_or_all() {
+        assert_eq!(parse_tail("all"), Ok(Tail::All));
+        assert_eq!(parse_tail("20"), Ok(Tail::Lines(20)));
+        assert!(parse_tail("many").is_err());
+    }
+}
