@@ -644,7 +644,7 @@ fn tasks_that_cannot_run_are_rejected_naming_why() {
     missing.spec.as_mut().unwrap().image = "gantry.test/missing:1".into();
     let mut ports = task("task4port", "true");
     ports.spec.as_mut().unwrap().ports = vec![pb::PortConfig {
-        published: Some(18080),
+        published: None,
         target: 80,
         protocol: pb::Protocol::Tcp as i32,
         mode: pb::PublishMode::Host as i32,
@@ -657,7 +657,7 @@ fn tasks_that_cannot_run_are_rejected_naming_why() {
             .error
             .as_deref()
             .unwrap_or("")
-            .contains("spec.ports"),
+            .contains("spec.ports[0].published"),
         "{rejected:?}"
     );
     // The pull goes to the controller's address first; this one serves
@@ -948,4 +948,28 @@ fn a_missing_image_is_pulled_from_the_controller_registry() {
     controller.wait_status("task8pull", pb::TaskState::Running, 1);
     assert!(node.engine.images().resolve("gantry.test/web:v1").is_ok());
     assert!(running_container(&node.containers(), "task8pull").is_some());
+}
+
+#[test]
+fn a_task_on_the_bridge_publishes_its_ports() {
+    require!();
+    let controller = FakeController::start();
+    let node = Node::new(&controller);
+    let mut t = task("task9port", "exec nc -l -p 80 -e echo hello");
+    t.spec.as_mut().unwrap().ports = vec![pb::PortConfig {
+        published: Some(18089),
+        target: 80,
+        protocol: pb::Protocol::Tcp as i32,
+        mode: pb::PublishMode::Ingress as i32,
+    }];
+    controller.assign(vec![t]);
+    controller.wait_status("task9port", pb::TaskState::Running, 1);
+    let containers = node.containers();
+    let c = running_container(&containers, "task9port").unwrap();
+    assert_eq!(
+        c.config.network,
+        gantry_agent::engine::spec::NetworkMode::Bridge
+    );
+    assert_eq!(c.config.ports.len(), 1);
+    assert_eq!(c.config.ports[0].host_port, 18089);
 }

@@ -268,6 +268,7 @@ fn task(id: &str, script: &str, restart: RestartPolicy) -> TaskSpec {
         restart,
         health: HealthSetting::FromImage,
         network: Default::default(),
+        ports: Vec::new(),
         stop_grace: Some(Duration::from_secs(1)),
         labels: Default::default(),
         generation: 1,

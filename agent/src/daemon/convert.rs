@@ -6,7 +6,7 @@
 //! the field (`spec.mounts[1].source: ...`), never a task that runs
 //! differently from what was asked.
 
-use crate::engine::spec::{MountConfig, NetworkMode, ResourceConfig};
+use crate::engine::spec::{MountConfig, NetworkMode, PortProtocol, PublishedPort, ResourceConfig};
 use crate::worker::TaskSpec;
 use crate::worker::health::{HealthCheck, HealthSetting, Probe};
 use crate::worker::restart::{RestartCondition, RestartPolicy};
@@ -81,7 +81,7 @@ pub fn task_spec(task: &pb::Task, service_name: &str) -> Result<TaskSpec, Conver
         None => HealthSetting::FromImage,
         Some(h) => health(h).map_err(|(f, r)| err(&format!("spec.healthcheck.{f}"), &r))?,
     };
-    let network = network_for(t).map_err(|(f, r)| err(&format!("spec.{f}"), &r))?;
+    let (network, ports) = network_for(t).map_err(|(f, r)| err(&format!("spec.{f}"), &r))?;
     Ok(TaskSpec {
         task_id: task.id.clone(),
         service: service_name.to_string(),
@@ -99,35 +99,60 @@ pub fn task_spec(task: &pb::Task, service_name: &str) -> Result<TaskSpec, Conver
         restart,
         health,
         network,
+        ports,
         stop_grace: t.stop_grace_period_ms.map(Duration::from_millis),
         labels: t.labels.clone().into_iter().collect(),
         generation: task.generation,
     })
 }
 
-/// The network a task's container gets.
+/// The network a task's container gets, and the ports it publishes.
 ///
-/// `network_mode: host` shares the node's namespace. Anything else should
-/// be the per-node bridge with outbound NAT and the published ports; until
-/// the engine has it (`NetworkMode::Bridge`, another branch) a task gets a
-/// namespace of its own with loopback only, and a task that publishes
-/// ports is refused rather than run unreachable. This is the one function
-/// to change when the bridge lands.
-pub fn network_for(t: &pb::TaskTemplate) -> Result<NetworkMode, (String, String)> {
+/// `network_mode: host` shares the node's namespace (and publishes
+/// nothing: the ports are the host's already, as Docker ignores `ports`
+/// with host networking). Anything else is the node's bridge with outbound
+/// NAT, its ports published on the node. Swarm's default `ingress` mode is
+/// published like `host` mode, on the task's node only: the routing mesh
+/// comes with the overlay network. A port without a published number is
+/// refused: the node does not pick one yet.
+pub fn network_for(
+    t: &pb::TaskTemplate,
+) -> Result<(NetworkMode, Vec<PublishedPort>), (String, String)> {
     if t.host_network {
-        // Host networking publishes nothing: the ports are the host's
-        // already (Docker ignores `ports` with `network_mode: host` too).
-        return Ok(NetworkMode::Host);
+        return Ok((NetworkMode::Host, Vec::new()));
     }
-    if !t.ports.is_empty() {
-        return Err((
-            "ports".into(),
-            "publishing ports needs the per-node bridge, which this agent does not have yet \
-             (use network_mode: host)"
-                .into(),
-        ));
-    }
-    Ok(NetworkMode::None)
+    let ports = t
+        .ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let bad = |field: &str, reason: String| (format!("ports[{i}].{field}"), reason);
+            let host_port = match p.published {
+                Some(n) => port(n).map_err(|r| bad("published", r))?,
+                None => {
+                    return Err(bad(
+                        "published",
+                        "a published port number is needed: the node does not pick one yet".into(),
+                    ));
+                }
+            };
+            let container_port = port(p.target).map_err(|r| bad("target", r))?;
+            let protocol = match pb::Protocol::try_from(p.protocol) {
+                Ok(pb::Protocol::Tcp) => PortProtocol::Tcp,
+                Ok(pb::Protocol::Udp) => PortProtocol::Udp,
+                Ok(pb::Protocol::Unspecified) | Err(_) => {
+                    return Err(bad("protocol", format!("unknown protocol {}", p.protocol)));
+                }
+            };
+            Ok(PublishedPort {
+                host_ip: None,
+                host_port,
+                container_port,
+                protocol,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((NetworkMode::Bridge, ports))
 }
 
 /// A mount; the error is `(field, reason)` relative to the mount.
@@ -497,7 +522,8 @@ mod tests {
         assert_eq!(spec.command, None);
         assert_eq!(spec.entrypoint, None);
         assert_eq!(spec.health, HealthSetting::FromImage);
-        assert_eq!(spec.network, NetworkMode::None);
+        assert_eq!(spec.network, NetworkMode::Bridge);
+        assert!(spec.ports.is_empty());
         assert_eq!(spec.stop_grace, None);
         assert_eq!(spec.resources, ResourceConfig::default());
         assert_eq!(spec.restart, RestartPolicy::always());
@@ -588,20 +614,54 @@ mod tests {
             assert_eq!(field_of(t), field);
         }
         let mut t = template();
-        t.ports = vec![pb::PortConfig {
-            published: Some(8080),
-            target: 80,
-            protocol: pb::Protocol::Tcp as i32,
-            mode: pb::PublishMode::Host as i32,
-        }];
+        t.ports = vec![
+            pb::PortConfig {
+                published: Some(8080),
+                target: 80,
+                protocol: pb::Protocol::Tcp as i32,
+                mode: pb::PublishMode::Ingress as i32,
+            },
+            pb::PortConfig {
+                published: None,
+                target: 53,
+                protocol: pb::Protocol::Udp as i32,
+                mode: pb::PublishMode::Host as i32,
+            },
+        ];
         let err = task_spec(&task(t.clone()), "web").unwrap_err();
-        assert_eq!(err.field(), "spec.ports");
+        assert_eq!(err.field(), "spec.ports[1].published");
         assert!(
-            err.to_string().starts_with("task t1: spec.ports: "),
+            err.to_string()
+                .starts_with("task t1: spec.ports[1].published: "),
             "{err}"
         );
+        t.ports[1].published = Some(5353);
+        let spec = task_spec(&task(t.clone()), "web").unwrap();
+        assert_eq!(spec.network, NetworkMode::Bridge);
+        assert_eq!(
+            spec.ports,
+            vec![
+                PublishedPort {
+                    host_ip: None,
+                    host_port: 8080,
+                    container_port: 80,
+                    protocol: PortProtocol::Tcp
+                },
+                PublishedPort {
+                    host_ip: None,
+                    host_port: 5353,
+                    container_port: 53,
+                    protocol: PortProtocol::Udp
+                },
+            ]
+        );
+        t.ports[0].target = 0;
+        assert_eq!(field_of(t.clone()), "spec.ports[0].target");
+        // Host networking publishes nothing.
         t.host_network = true;
-        assert!(task_spec(&task(t), "web").is_ok());
+        let spec = task_spec(&task(t), "web").unwrap();
+        assert_eq!(spec.network, NetworkMode::Host);
+        assert!(spec.ports.is_empty());
         let mut t = template();
         t.env = [("A=B".to_string(), "1".to_string())].into_iter().collect();
         assert!(field_of(t).starts_with("spec.env"));

@@ -33,7 +33,9 @@ pub mod health;
 pub mod restart;
 
 use crate::engine::container::{ContainerError, ContainerId, ContainerState, Engine};
-use crate::engine::spec::{ContainerConfig, MountConfig, NetworkMode, ResourceConfig};
+use crate::engine::spec::{
+    ContainerConfig, MountConfig, NetworkMode, PublishedPort, ResourceConfig,
+};
 use crate::paths::DataDir;
 use health::{
     ExecProbe, HealthCheck, HealthSetting, HealthState, HealthStatus, ProbeResult, ProbeTarget,
@@ -111,6 +113,9 @@ pub struct TaskSpec {
     pub health: HealthSetting,
     /// The network namespace.
     pub network: NetworkMode,
+    /// Ports published on the node (with [`NetworkMode::Bridge`]).
+    #[serde(default)]
+    pub ports: Vec<PublishedPort>,
     /// Time between the stop signal and SIGKILL; the engine's 10 s when unset.
     pub stop_grace: Option<Duration>,
     /// User labels, added to the worker's own.
@@ -144,6 +149,7 @@ impl TaskSpec {
             mounts: self.mounts.clone(),
             resources: self.resources.clone(),
             network: self.network.clone(),
+            ports: self.ports.clone(),
             stop_grace_secs: self.stop_grace.map(|d| d.as_secs()),
             labels,
             ..ContainerConfig::default()
