@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Gantry's main job on one machine, as root, from a fresh Debian 12:
-# builds gantry, builds the test images offline, imports them, and runs a
-# small two-container application through Gantry's own engine — a web
-# server with cgroup limits and a named volume, and a client container that
-# joins its network namespace and fetches its page — then shows ps, stats,
-# logs and exec, and cleans up.
+# Gantry's main job on one machine, as root, from a fresh Debian 12: a local
+# cluster (one controller and four agents, each host a network namespace)
+# deploys a real multi-service Compose file and shows where it runs.
 #
-# The multi-node version (a local cluster deploying a Compose file) arrives
-# with the control-plane work; this script then becomes that.
+#   1. builds gantry (release) and the test images (offline, from Debian's
+#      busybox-static);
+#   2. `gantry dev cluster up --agents 4` — real controller and agent processes;
+#   3. `gantry image load` — the images go to the controller, and every agent
+#      fetches them from there when a task needs them;
+#   4. `gantry deploy -f examples/compose.yaml --wait` — a 3-replica web
+#      service with a health check and a global client;
+#   5. `gantry service ps`, the client's logs, `gantry node ls`.
+#
+# The cluster stays up for you to play with (`gantry ps`, `gantry dev cluster
+# kill n2`, ...); `gantry dev cluster down` removes everything it made.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/lib.sh
@@ -16,53 +22,54 @@ require_root
 ensure_cargo
 ensure_packages "${GANTRY_PACKAGES[@]}"
 
-echo "==> building gantry (release)"
+step() { printf '\n==> %s\n' "$*"; }
+
+step "building gantry (release)"
 cargo build --release --locked --bin gantry
 G="$PWD/target/release/gantry"
 
-# A data directory of its own, so the demo never touches a real node's state.
-export GANTRY_DATA_DIR="${GANTRY_DATA_DIR:-/var/lib/gantry-demo}"
 work=$(mktemp -d /tmp/gantry-demo.XXXXXX)
-cleanup() {
-  "$G" container rm -f demo-web demo-client >/dev/null 2>&1 || true
-  "$G" volume rm demo-data >/dev/null 2>&1 || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-step() { printf '\n==> %s\n' "$*"; }
+trap 'rm -rf "$work"' EXIT
 
 step "building test images from Debian's busybox-static"
 deploy/images/build-test-images.sh "$work/images" >/dev/null
-"$G" image import "$work/images/busybox.tar"
-"$G" image import "$work/images/web.tar"
-"$G" image ls
 
-step "gantry container run -d --name demo-web -m 64m --cpus 0.5 --pids-limit 64 -v demo-data:/data gantry.test/web"
-"$G" container rm -f demo-web >/dev/null 2>&1 || true
-"$G" container run -d --name demo-web -m 64m --cpus 0.5 --pids-limit 64 \
-  -v demo-data:/data gantry.test/web
-"$G" container ps
+step "gantry dev cluster up --agents 4   (a controller and four agents, each in its own network namespace)"
+# A cluster left by an earlier run goes first, so the demo always starts clean.
+"$G" dev cluster down >/dev/null 2>&1 || true
+"$G" dev cluster up --agents 4
+"$G" dev cluster ls
 
-pid=$("$G" container inspect demo-web | jq -r '.[0].pid // .pid')
-step "a client container in demo-web's network namespace fetches its page (retrying until httpd listens)"
-"$G" container run -d --name demo-client --network "/proc/$pid/ns/net" gantry.test/busybox \
-  sh -c 'for i in $(seq 1 50); do timeout 3 wget -q -O - http://127.0.0.1/ && exit 0; sleep 0.1; done; exit 1'
-code=$("$G" container wait demo-client)
-step "gantry container logs demo-client (exit code $code)"
-"$G" container logs demo-client
-[ "$code" = 0 ] || { echo "the web container did not answer" >&2; exit 1; }
-"$G" container rm demo-client
+step "gantry image load   (the controller keeps the images; agents fetch them from it)"
+"$G" image load "$work/images/web.tar"
+"$G" image load "$work/images/busybox.tar"
 
-step "gantry container exec demo-web sh -c 'echo hello > /data/greeting; id; hostname'"
-"$G" container exec demo-web sh -c 'echo hello > /data/greeting; id; hostname'
+step "gantry deploy -f examples/compose.yaml --wait"
+"$G" deploy -f examples/compose.yaml --wait --timeout 60s
 
-step "gantry container stats --no-stream"
-"$G" container stats --no-stream demo-web
+step "gantry service ls"
+"$G" service ls
 
-step "stop (SIGTERM, then SIGKILL after the grace period) and remove; the volume stays"
-"$G" container stop -t 2 demo-web
-"$G" container rm demo-web
-"$G" volume ls
-echo
-echo "Done. Gantry's engine ran both containers itself: namespaces, cgroups, overlayfs, a shim each."
+step "gantry service ps examples_web   (spread by the scheduler, one per node)"
+"$G" service ps examples_web
+
+step "gantry node ls"
+"$G" node ls
+
+step "what the clients see: each fetches the web replica on its own node"
+for _ in $(seq 1 50); do
+  if "$G" service logs --tail 1 examples_client 2>/dev/null | grep -q 'hostname='; then break; fi
+  sleep 0.2
+done
+"$G" service logs --tail 1 examples_client
+
+cat <<'TXT'
+
+Done. The cluster is still up; try:
+  gantry ps                              every task, where it runs, its health
+  gantry dev cluster kill n2             kill -9 n2's agent: n2 goes down within 3 s and
+                                         its replica runs on the free node
+  gantry service scale examples_web=2
+  gantry exec examples_web -- hostname
+  gantry dev cluster down                remove the cluster and everything it made
+TXT
