@@ -31,6 +31,18 @@ use crate::cmd::UsageError;
 /// The context file that `gantry up` and `gantry dev cluster up` write.
 pub const CONTEXT_FILE: &str = "/run/gantry/context.json";
 
+/// The environment variable that moves the context file (tests use it so
+/// that a `gantry up` they start never redirects the machine's CLI).
+pub const CONTEXT_FILE_ENV: &str = "GANTRY_CONTEXT_FILE";
+
+/// The context file in effect: `$GANTRY_CONTEXT_FILE`, else [`CONTEXT_FILE`].
+pub fn context_file() -> std::path::PathBuf {
+    std::env::var_os(CONTEXT_FILE_ENV)
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(CONTEXT_FILE))
+}
+
 /// The environment variable naming the controller.
 pub const CONTROLLER_ENV: &str = "GANTRY_CONTROLLER";
 
@@ -166,7 +178,7 @@ impl Client {
     /// Resolves the address (see [`resolve`]) and connects.
     pub async fn connect(flag: &ControllerFlag) -> anyhow::Result<Client> {
         let env = std::env::var(CONTROLLER_ENV).ok();
-        let target = resolve(flag.0.as_deref(), env.as_deref(), Path::new(CONTEXT_FILE))?;
+        let target = resolve(flag.0.as_deref(), env.as_deref(), &context_file())?;
         Self::connect_to(target).await
     }
 

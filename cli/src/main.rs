@@ -36,6 +36,8 @@ enum Command {
     Container(cmd::container::Args),
     /// Manage named volumes: create, ls, inspect, rm.
     Volume(cmd::volume::Args),
+    /// A one-machine cluster in one process: controller plus this machine's agent.
+    Up(cmd::up::Args),
     /// Run this node's agent: join a controller and run what it assigns.
     Agent(cmd::agent::Args),
     /// Run the control plane (store, scheduler, dispatcher, API) on this host.
@@ -82,6 +84,7 @@ fn main() -> ExitCode {
         Command::Image(args) => cmd::image::run(args, &controller),
         Command::Container(args) => cmd::container::run(args),
         Command::Volume(args) => cmd::volume::run(args),
+        Command::Up(args) => cmd::up::run(args),
         Command::Agent(args) => cmd::agent::run(args),
         Command::Controller(args) => cmd::controller::run(args),
         Command::Dev(args) => cmd::dev::run(args),

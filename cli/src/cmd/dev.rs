@@ -114,7 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             config.agent_cpus = up.cpus;
             config.agent_memory = up.memory;
             config.base_dir = up.base_dir;
-            config.context_file = Some(PathBuf::from(cluster::DEFAULT_CONTEXT_FILE));
+            config.context_file = Some(crate::client::context_file());
             config.readiness = Readiness::NodesReady;
             config.ready_timeout = Duration::from_secs(up.wait);
             let dev = Cluster::up(config).map_err(usage_or_failure)?;
@@ -122,7 +122,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             println!(
                 "controller {} (context {}); `gantry dev cluster down --name {name}` removes it",
                 dev.controller_endpoint(),
-                cluster::DEFAULT_CONTEXT_FILE
+                crate::client::context_file().display()
             );
             dev.detach();
         }

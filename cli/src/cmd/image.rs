@@ -4,7 +4,7 @@
 //! `gantry_agent::image`, the registry in `gantry_controller::registry`.
 
 use super::UsageError;
-use crate::client::{CONTEXT_FILE, CONTROLLER_ENV, ControllerFlag, resolve};
+use crate::client::{CONTROLLER_ENV, ControllerFlag, context_file, resolve};
 use anyhow::Context as _;
 use gantry_agent::image::{
     Credentials, ImageError, ImageRecord, ImageStore, ImportOptions, PullOptions, PushTarget,
@@ -12,7 +12,7 @@ use gantry_agent::image::{
 };
 use gantry_agent::paths::DataDir;
 use std::io::BufRead as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Environment variable with the registry username for `pull`.
@@ -254,12 +254,7 @@ fn load(
     // context file, default), so that `image load` and `deploy` never talk
     // to two different clusters.
     let env = std::env::var(CONTROLLER_ENV).ok();
-    let controller = resolve(
-        controller.0.as_deref(),
-        env.as_deref(),
-        Path::new(CONTEXT_FILE),
-    )?
-    .address;
+    let controller = resolve(controller.0.as_deref(), env.as_deref(), &context_file())?.address;
     let scratch = tempfile::Builder::new()
         .prefix("gantry-load-")
         .tempdir()

@@ -14,6 +14,7 @@ pub mod service;
 pub mod shim;
 pub mod stack;
 pub mod task;
+pub mod up;
 pub mod volume;
 
 use std::fmt;
