@@ -264,6 +264,22 @@ impl Env {
     }
 }
 
+impl Env {
+    /// Every container of the service with id `service_id` on the agent
+    /// hosts, running or not, as `(host, container)`.
+    fn containers_of(&self, service_id: &str) -> Vec<(String, Value)> {
+        self.c
+            .hosts_with(cluster::Role::Agent)
+            .into_iter()
+            .flat_map(|h| {
+                self.service_containers_on(&h, service_id)
+                    .into_iter()
+                    .map(move |c| (h.clone(), c))
+            })
+            .collect()
+    }
+}
+
 /// The `node` of each task.
 fn nodes_of(tasks: &[Value]) -> Vec<String> {
     tasks
@@ -475,20 +491,9 @@ fn deploy_scale_update_and_remove_on_three_agents() {
     wait_for(
         "scaled-down containers gone",
         Duration::from_secs(30),
-        || {
-            let running: usize = ["n1", "n2", "n3"]
-                .iter()
-                .map(|h| {
-                    env.service_containers_on(h, &web_id)
-                        .iter()
-                        .filter(|c| c["state"] == "running")
-                        .count()
-                })
-                .sum();
-            running == 2
-        },
+        || env.containers_of(&web_id).len() == 2,
     )
-    .unwrap();
+    .unwrap_or_else(|e| panic!("{e}: {:?}", env.containers_of(&web_id)));
     assert_eq!(counts(&env.services(), "app_web"), (2, 2));
 
     // Removal: the service leaves `service ls`, and its containers leave
@@ -497,17 +502,9 @@ fn deploy_scale_update_and_remove_on_three_agents() {
     assert!(!env.services().contains_key("app_web"));
     assert!(env.services().contains_key("app_talk"));
     wait_for("web's containers removed", Duration::from_secs(30), || {
-        ["n1", "n2", "n3"]
-            .iter()
-            .all(|h| env.service_containers_on(h, &web_id).is_empty())
+        env.containers_of(&web_id).is_empty()
     })
-    .unwrap_or_else(|e| {
-        let left: Vec<_> = ["n1", "n2", "n3"]
-            .iter()
-            .map(|h| env.service_containers_on(h, &web_id))
-            .collect();
-        panic!("{e}: {left:?}")
-    });
+    .unwrap_or_else(|e| panic!("{e}: {:?}", env.containers_of(&web_id)));
     let out = env.run(&["service", "ps", "app_web"]);
     assert!(!out.status.success(), "service ps of a removed service");
 }
@@ -797,22 +794,14 @@ services:
     // Back: the agent is told its old task is gone; it stops it and the
     // count stays at three.
     wait_for("n2's old container gone", Duration::from_secs(20), || {
-        env.service_containers_on("n2", &service_id)
-            .iter()
-            .all(|c| c["state"] != "running")
+        env.service_containers_on("n2", &service_id).is_empty()
     })
     .unwrap_or_else(|e| panic!("{e}: {:?}", env.service_containers_on("n2", &service_id)));
     env.wait_running("ha_web", 3, Duration::from_secs(10));
-    let running: usize = ["n1", "n2", "n3"]
-        .iter()
-        .map(|h| {
-            env.service_containers_on(h, &service_id)
-                .iter()
-                .filter(|c| c["state"] == "running")
-                .count()
-        })
-        .sum();
-    assert_eq!(running, 3, "containers running across the nodes");
+    // Exactly one container per replica is left on the nodes.
+    let containers = env.containers_of(&service_id);
+    assert_eq!(containers.len(), 3, "{containers:?}");
+    assert!(containers.iter().all(|(_, c)| c["state"] == "running"));
     assert_eq!(counts(&env.services(), "ha_web"), (3, 3));
     let old = on_n2[0]["id"].as_str().unwrap();
     let history = env.tasks("ha_web", true);
@@ -870,14 +859,10 @@ services:
     let slots: BTreeSet<u64> = tasks.iter().map(|t| t["slot"].as_u64().unwrap()).collect();
     assert_eq!(slots, (1..=20).collect(), "one task per slot");
     let service_id = many["id"].as_str().unwrap();
-    let containers: usize = ["n1", "n2", "n3"]
-        .iter()
-        .map(|h| {
-            env.service_containers_on(h, service_id)
-                .iter()
-                .filter(|c| c["state"] == "running")
-                .count()
-        })
-        .sum();
-    assert_eq!(containers, 20, "no duplicate containers");
+    let running = env
+        .containers_of(service_id)
+        .into_iter()
+        .filter(|(_, c)| c["state"] == "running")
+        .count();
+    assert_eq!(running, 20, "no duplicate containers");
 }
