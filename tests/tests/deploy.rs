@@ -495,6 +495,14 @@ fn deploy_scale_update_and_remove_on_three_agents() {
     )
     .unwrap_or_else(|e| panic!("{e}: {:?}", env.containers_of(&web_id)));
     assert_eq!(counts(&env.services(), "app_web"), (2, 2));
+    // What `ps -a` still shows of the removed slots is shut down.
+    for t in env.tasks("app_web", true) {
+        if t["desired_state"] == "shutdown" {
+            assert_ne!(t["state"], "running", "{t}");
+        } else {
+            assert_eq!(t["state"], "running", "{t}");
+        }
+    }
 
     // Removal: the service leaves `service ls`, and its containers leave
     // every node.
@@ -774,9 +782,10 @@ services:
 
     env.c.kill("n2").unwrap();
     let killed = Instant::now();
-    // The lease is 3 s; the brief's target is about 5 s. The bound allows
-    // for a loaded CI machine; the time taken is printed.
-    wait_for("n2's replica elsewhere", Duration::from_secs(15), || {
+    // The lease is 3 s, so about 3.3 s is expected (the issue asks for about
+    // 5 s); the bound leaves room for a loaded CI machine, and the time
+    // taken is printed.
+    wait_for("n2's replica elsewhere", Duration::from_secs(10), || {
         let running = env.running("ha_web");
         running.len() == 3 && running.iter().all(|t| t["node"] != "n2")
     })
