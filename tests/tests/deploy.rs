@@ -321,17 +321,22 @@ fn counts(services: &BTreeMap<String, Value>, service: &str) -> (u64, u64) {
     )
 }
 
+// Long-running test commands trap SIGTERM: a shell that is PID 1 ignores
+// it otherwise, and every stop (update, scale-down, unhealthy restart) would
+// wait out the 10 s grace period, which gantry does not let a file shorten
+// yet (`stop_grace_period` is ignored with a warning).
+
+/// Two services: `web` (the web image, spread freely) and `talk` (logs one
+/// line naming its container, at most one replica per node).
 const APP: &str = "
 services:
   web:
     image: gantry.test/web:latest
-    stop_grace_period: 1s
     deploy:
       replicas: 3
   talk:
     image: gantry.test/busybox:latest
-    stop_grace_period: 1s
-    command: [\"sh\", \"-c\", \"echo talking on $$(hostname); exec sleep 1000\"]
+    command: [\"sh\", \"-c\", \"trap 'exit 0' TERM; echo talking on $$(hostname); while true; do sleep 1; done\"]
     deploy:
       replicas: 3
       placement:
@@ -544,7 +549,6 @@ services:
   eu:
     image: gantry.test/busybox:latest
     command: [\"sleep\", \"1000\"]
-    stop_grace_period: 1s
     deploy:
       replicas: 3
       placement:
@@ -608,7 +612,6 @@ fn restart_policies_kill_give_up_backoff_and_health() {
 services:
   web:
     image: gantry.test/web:latest
-    stop_grace_period: 1s
     deploy:
       replicas: 1
       restart_policy:
@@ -631,8 +634,7 @@ services:
         delay: 0s
   sick:
     image: gantry.test/busybox:latest
-    command: [\"sleep\", \"1000\"]
-    stop_grace_period: 1s
+    command: [\"sh\", \"-c\", \"trap 'exit 0' TERM; while true; do sleep 1; done\"]
     healthcheck:
       test: [\"CMD\", \"false\"]
       interval: 1s
@@ -779,7 +781,6 @@ fn agent_host_killed_and_returning() {
 services:
   web:
     image: gantry.test/web:latest
-    stop_grace_period: 1s
     deploy:
       replicas: 3
 ",
@@ -848,7 +849,6 @@ services:
   many:
     image: gantry.test/busybox:latest
     command: [\"sleep\", \"1000\"]
-    stop_grace_period: 1s
     deploy:
       replicas: 20
 ",
