@@ -440,6 +440,12 @@ fn deploy_scale_update_and_remove_on_three_agents() {
     }
     assert_eq!(env.services(), before, "a refused file changed the cluster");
 
+    // Redeploying the same file changes nothing.
+    let out = env.deploy("app", &app);
+    assert!(out.contains("up to date"), "{out}");
+    assert_eq!(env.services(), before);
+    assert_eq!(ids_of(&env.running("app_talk")), talk_ids);
+
     // Redeploy of the changed file: only `talk` is replaced; web's tasks
     // keep their ids.
     env.deploy("app", &changed);
@@ -561,6 +567,14 @@ services:
       resources:
         reservations:
           memory: 100000G
+  site:
+    image: gantry.test/web:latest
+    ports:
+      - target: 80
+        published: 8080
+        mode: host
+    deploy:
+      mode: global
 ",
     );
     // As in Swarm, a placement nothing satisfies is not a deploy error.
@@ -598,6 +612,35 @@ services:
     // The other stays pending, still explained.
     let huge = explained("pl_huge", "no node has");
     assert_eq!(huge.len(), 2);
+
+    // A global service runs once on every node, and its published host
+    // port answers on each node's address, from a host (n1 itself too), each
+    // node with its own container. (`timeout`, not wget's `-T`: Debian's
+    // busybox 1.35 wget crashes with `-T`.)
+    env.wait_running("pl_site", 3, Duration::from_secs(30));
+    let mut nodes = nodes_of(&env.running("pl_site"));
+    nodes.sort();
+    assert_eq!(nodes, vec!["n1", "n2", "n3"]);
+    assert_eq!(counts(&env.services(), "pl_site"), (3, 3));
+    let mut answered = BTreeSet::new();
+    for host in ["n1", "n2", "n3"] {
+        let url = format!("http://{}:8080/", env.c.host_addr(host).unwrap());
+        let mut body = String::new();
+        wait_for(&format!("{url} to answer"), Duration::from_secs(10), || {
+            body = env
+                .c
+                .exec_in(
+                    "n1",
+                    &["timeout", "2", "busybox", "wget", "-q", "-O", "-", &url],
+                )
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            body.starts_with("hostname=")
+        })
+        .unwrap_or_else(|e| panic!("{e}: {body:?}"));
+        answered.insert(body);
+    }
+    assert_eq!(answered.len(), 3, "one container per node: {answered:?}");
 }
 
 /// Restart policies on the agent: kill -9 of the main process, give-up
@@ -783,10 +826,16 @@ services:
     image: gantry.test/web:latest
     deploy:
       replicas: 3
+  every:
+    image: gantry.test/busybox:latest
+    command: [\"sh\", \"-c\", \"trap 'exit 0' TERM; while true; do sleep 1; done\"]
+    deploy:
+      mode: global
 ",
     );
     env.deploy("ha", &file);
     env.wait_running("ha_web", 3, Duration::from_secs(30));
+    env.wait_running("ha_every", 3, Duration::from_secs(30));
     let service_id = env.services()["ha_web"]["id"].as_str().unwrap().to_string();
     let on_n2: Vec<Value> = env
         .running("ha_web")
@@ -807,6 +856,12 @@ services:
     .unwrap_or_else(|e| panic!("{e}: {:?}", env.tasks("ha_web", true)));
     println!("replica moved off n2 in {:?}", killed.elapsed());
     assert_eq!(env.c.node_statuses().unwrap()["n2"], "down");
+    // A global service is not moved: its n2 task just stops counting.
+    let every = env.running("ha_every");
+    assert!(every.iter().all(|t| t["node"] != "n2"), "{every:?}");
+    let mut every_nodes = nodes_of(&every);
+    every_nodes.sort();
+    assert_eq!(every_nodes, vec!["n1", "n3"]);
     // The old container still runs on the dead host's machine (an agent
     // crash does not stop containers).
     assert_eq!(env.service_containers_on("n2", &service_id).len(), 1);
@@ -834,6 +889,22 @@ services:
         assert_eq!(old_now["desired_state"], "shutdown", "{old_now}");
         assert_ne!(old_now["state"], "running", "{old_now}");
     }
+    // The global service is back to one task per node.
+    env.wait_running("ha_every", 3, Duration::from_secs(20));
+    let mut every_nodes = nodes_of(&env.running("ha_every"));
+    every_nodes.sort();
+    assert_eq!(every_nodes, vec!["n1", "n2", "n3"]);
+    assert_eq!(counts(&env.services(), "ha_every"), (3, 3));
+    let every_id = env.services()["ha_every"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_for(
+        "one global container per node",
+        Duration::from_secs(20),
+        || env.containers_of(&every_id).len() == 3,
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", env.containers_of(&every_id)));
 }
 
 /// The controller killed with -9 right after a 20-replica deploy returns:
@@ -877,6 +948,11 @@ services:
     .unwrap();
     let many = services.get("many").expect("the service survived the kill");
     assert_eq!(many["replicas"], 20);
+    // The whole spec survived: the same file is nothing new to it.
+    let dry = env.json(&["deploy", "-p", "cc", "-f", &file, "--dry-run"]);
+    for kind in ["create", "update", "remove"] {
+        assert_eq!(dry["changes"][kind], serde_json::json!([]), "{dry}");
+    }
     env.wait_running("cc_many", 20, Duration::from_secs(30));
     let tasks = env.running("cc_many");
     let slots: BTreeSet<u64> = tasks.iter().map(|t| t["slot"].as_u64().unwrap()).collect();
