@@ -664,6 +664,10 @@ pub struct TaskTemplate {
     /// Container labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Time between the stop signal and SIGKILL (Compose
+    /// `stop_grace_period`); `None` leaves it to the node (10 s).
+    #[serde(default, with = "opt_duration_ms")]
+    pub stop_grace_period: Option<Duration>,
 }
 
 /// What to do when an update fails (stored for the update orchestrator).

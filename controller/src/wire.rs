@@ -683,7 +683,7 @@ impl From<m::TaskTemplate> for pb::TaskTemplate {
             ports: t.ports.into_iter().map(Into::into).collect(),
             host_network: t.host_network,
             labels: t.labels,
-            stop_grace_period_ms: None,
+            stop_grace_period_ms: t.stop_grace_period.map(millis),
         }
     }
 }
@@ -707,6 +707,7 @@ impl TryFrom<pb::TaskTemplate> for m::TaskTemplate {
             ports: each(t.ports, "ports")?,
             host_network: t.host_network,
             labels: t.labels,
+            stop_grace_period: t.stop_grace_period_ms.map(Duration::from_millis),
         })
     }
 }
@@ -1350,6 +1351,7 @@ mod tests {
                 prop::collection::vec(port_config, 0..3),
                 any::<bool>(),
                 prop::collection::btree_map(text(), text(), 0..3),
+                proptest::option::of(ms()),
             ),
         )
             .prop_map(
@@ -1361,7 +1363,7 @@ mod tests {
                     restart_policy,
                     healthcheck,
                     placement,
-                    (ports, host_network, labels),
+                    (ports, host_network, labels, stop_grace_period),
                 )| m::TaskTemplate {
                     image,
                     command,
@@ -1381,6 +1383,7 @@ mod tests {
                     ports,
                     host_network,
                     labels,
+                    stop_grace_period,
                 },
             )
     }
@@ -1831,6 +1834,20 @@ mod tests {
         set.changes[0] = set.changes[1].clone();
         let err = Assignments::try_from(set).map_err(|e| e.to_string());
         assert_eq!(err, Err("field changes[0].action is unspecified".into()));
+    }
+
+    #[test]
+    fn stop_grace_period_reaches_the_agent_in_milliseconds() {
+        let template = m::TaskTemplate {
+            image: "busybox".into(),
+            stop_grace_period: Some(Duration::from_millis(2500)),
+            ..m::TaskTemplate::default()
+        };
+        let wire = pb::TaskTemplate::from(template.clone());
+        assert_eq!(wire.stop_grace_period_ms, Some(2500));
+        assert_eq!(m::TaskTemplate::try_from(wire), Ok(template));
+        let unset = pb::TaskTemplate::from(m::TaskTemplate::default());
+        assert_eq!(unset.stop_grace_period_ms, None);
     }
 
     #[test]
