@@ -248,7 +248,7 @@ impl Names {
 pub struct TaskRow {
     /// The task's id.
     pub id: String,
-    /// `STACK_NAME.SLOT` (or `STACK_NAME.NODEID` for a global service).
+    /// `STACK_NAME.SLOT` (or `STACK_NAME.NODEID12` for a global service).
     pub name: String,
     /// The service's name within its stack (its id if unknown).
     pub service: String,
@@ -307,10 +307,19 @@ impl TaskRow {
                 .cloned()
                 .unwrap_or_else(|| id.clone())
         });
+        // Swarm names a global task `<service>.<node id>`; the id is cut to
+        // 12 characters like every id in a table.
         let suffix = match (task.slot, &node_id) {
             (Some(slot), _) => slot.to_string(),
-            (None, Some(node)) => node.clone(),
+            (None, Some(node)) => short_id(node),
             (None, None) => short_id(task.id.as_str()),
+        };
+        // A task of a removed service still carries the name it was made
+        // with.
+        let full = if names.services.contains_key(&service_id) || task.service_name.is_empty() {
+            full_name(&stack, &service)
+        } else {
+            task.service_name.clone()
         };
         let pending = task.status.state.rank() <= m::TaskState::Pending.rank();
         let error = task.status.error.clone().or_else(|| {
@@ -318,7 +327,7 @@ impl TaskRow {
         });
         TaskRow {
             id: task.id.to_string(),
-            name: format!("{}.{suffix}", full_name(&stack, &service)),
+            name: format!("{full}.{suffix}"),
             service,
             stack,
             service_id,

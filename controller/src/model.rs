@@ -735,6 +735,18 @@ pub struct ServiceSpec {
     pub update_config: Option<UpdateConfig>,
 }
 
+impl ServiceSpec {
+    /// The name Swarm prints and `ServiceRef` accepts: `STACK_NAME`, or
+    /// `NAME` outside a stack.
+    pub fn full_name(&self) -> String {
+        if self.stack.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}_{}", self.stack, self.name)
+        }
+    }
+}
+
 /// A service: a desired set of tasks.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Service {
@@ -939,6 +951,12 @@ pub struct Task {
     /// The log index of the command that last changed this task.
     #[serde(default)]
     pub version: u64,
+    /// The service's name as Swarm prints it ([`ServiceSpec::full_name`]),
+    /// copied at creation like swarmkit's `ServiceAnnotations`, so that an
+    /// agent can name the task's container without the service. Empty in
+    /// tasks stored before it existed.
+    #[serde(default)]
+    pub service_name: String,
 }
 
 impl Task {
@@ -1112,6 +1130,7 @@ mod tests {
                 status: TaskStatus::default(),
                 generation,
                 version: 7,
+                service_name: "demo_web".into(),
             };
             let json = serde_json::to_string(&task).expect("serializes");
             let back: Task = serde_json::from_str(&json).expect("deserializes");

@@ -859,6 +859,7 @@ impl From<m::Task> for pb::Task {
             status: Some(t.status.into()),
             generation: t.generation,
             version: t.version,
+            service_name: t.service_name,
         }
     }
 }
@@ -877,6 +878,7 @@ impl TryFrom<pb::Task> for m::Task {
             status: required(t.status, "status")?,
             generation: t.generation,
             version: t.version,
+            service_name: t.service_name,
         })
     }
 }
@@ -1496,7 +1498,7 @@ mod tests {
             template(),
             select(vec![m::DesiredState::Running, m::DesiredState::Shutdown]),
             task_status(),
-            (any::<u64>(), any::<u64>()),
+            (any::<u64>(), any::<u64>(), text()),
         )
             .prop_map(
                 |(
@@ -1506,7 +1508,7 @@ mod tests {
                     spec,
                     desired_state,
                     status,
-                    (generation, version),
+                    (generation, version, service_name),
                 )| m::Task {
                     id: m::TaskId::new(id).expect("strategy makes valid ids"),
                     service: m::ServiceId::new(service).expect("strategy makes valid ids"),
@@ -1518,6 +1520,7 @@ mod tests {
                     status,
                     generation,
                     version,
+                    service_name,
                 },
             )
     }
@@ -1649,6 +1652,7 @@ mod tests {
             status: m::TaskStatus::default(),
             generation: 1,
             version: 1,
+            service_name: "demo_web".into(),
         })
     }
 

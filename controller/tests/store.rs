@@ -58,6 +58,7 @@ fn new_task(id: &str, service: &str, slot: u64) -> Task {
         status: TaskStatus::default(),
         generation: 0,
         version: 0,
+        service_name: format!("demo_{service}"),
     }
 }
 

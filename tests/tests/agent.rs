@@ -477,11 +477,13 @@ impl Drop for Node {
     }
 }
 
-/// A task of service `svc1` running `sh -c script` with restart `any`.
+/// A task of service `svc1` (`demo_web`) running `sh -c script` with
+/// restart `any`.
 fn task(id: &str, script: &str) -> pb::Task {
     pb::Task {
         id: id.into(),
         service: "svc1".into(),
+        service_name: "demo_web".into(),
         slot: Some(1),
         spec: Some(pb::TaskTemplate {
             image: IMAGE.into(),
@@ -542,7 +544,8 @@ fn hello_then_assignment_runs_and_removal_stops() {
     assert_eq!(update, 1, "statuses carry the task's generation");
     let containers = node.containers();
     let c = running_container(&containers, "task1run").expect("a running container");
-    assert_eq!(c.name, "svc1.1.task1run");
+    // Named like a Swarm task: the service's name, not its id.
+    assert_eq!(c.name, "demo_web.1.task1run");
     // Heartbeats flow at the accepted period (200 ms).
     controller.wait_for("heartbeats", WAIT, |s| (s.heartbeats >= 2).then_some(()));
 

@@ -74,6 +74,7 @@ fn task(slot: u64) -> pb::Task {
         },
         generation: 1,
         version: 5,
+        service_name: "demo_web".into(),
     }
     .into()
 }

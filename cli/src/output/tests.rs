@@ -32,6 +32,7 @@ fn task(slot: Option<u64>, node: Option<&str>, state: pb::TaskState, message: &s
         }),
         generation: 1,
         version: 7,
+        service_name: "demo_web".into(),
     }
 }
 
@@ -116,6 +117,26 @@ fn a_pending_task_shows_the_schedulers_reason_as_its_error() {
         lines[1],
         "3f2a9c1d7e6b   demo_web.2   nginx:1.27          Running         Pending         0                   \"no node is ready (0 nodes)\""
     );
+}
+
+#[test]
+fn a_global_task_is_named_after_its_node_id_cut_to_12() {
+    let r = row(task(
+        None,
+        Some("node-aaaabbbbccccdddd"),
+        pb::TaskState::Running,
+        "started",
+    ));
+    assert_eq!(r.name, "demo_web.node-aaaabbb");
+    assert_eq!(r.node_id.as_deref(), Some("node-aaaabbbbccccdddd"));
+}
+
+#[test]
+fn a_task_of_a_removed_service_keeps_its_name() {
+    let mut t = task(Some(3), None, pb::TaskState::Shutdown, "stopped");
+    t.service = "gone1".into();
+    t.service_name = "old_api".into();
+    assert_eq!(row(t).name, "old_api.3");
 }
 
 #[test]

@@ -61,6 +61,8 @@ pub const MAX_REPLICAS: u64 = 100_000;
 pub struct NewTask {
     /// The service.
     pub service: ServiceId,
+    /// The service's full name ([`Task::service_name`]).
+    pub service_name: String,
     /// Replicated: the slot it fills.
     pub slot: Option<u64>,
     /// Global: the node it is for (the scheduler only checks it fits).
@@ -227,6 +229,7 @@ fn new_task(
 ) -> Action {
     Action::Create(Box::new(NewTask {
         service: service.id.clone(),
+        service_name: service.spec.full_name(),
         slot,
         node,
         spec_version: service.spec_version,

@@ -117,6 +117,7 @@ fn task(
         },
         generation: 1,
         version: 1,
+        service_name: service.spec.full_name(),
     }
 }
 
@@ -137,6 +138,7 @@ fn apply(tasks: &mut Vec<Task>, actions: &[Action], next_id: &mut usize) {
                     status: TaskStatus::default(),
                     generation: 1,
                     version: 1,
+                    service_name: new.service_name.clone(),
                 });
             }
             Action::Shutdown { task, .. } => {

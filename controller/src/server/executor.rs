@@ -183,6 +183,7 @@ fn update_actions(service: &Service, tasks: &[Task]) -> Vec<Action> {
         });
         actions.push(Action::Create(Box::new(NewTask {
             service: service.id.clone(),
+            service_name: service.spec.full_name(),
             slot: t.slot,
             // A global task stays on its node; a replicated one is placed
             // again by the scheduler.
@@ -228,6 +229,7 @@ fn commands_for(actions: Vec<Action>) -> Vec<Command> {
                     },
                     generation: 0,
                     version: 0,
+                    service_name: new.service_name,
                 });
             }
             Action::Shutdown { task, reason } => {
