@@ -957,6 +957,17 @@ pub struct Task {
     /// tasks stored before it existed.
     #[serde(default)]
     pub service_name: String,
+    /// Retries of its slot (or node) after failures that only the
+    /// controller could act on (rejected, orphaned); 0 for a first task.
+    /// `restart_policy.max_attempts` counts these.
+    #[serde(default)]
+    pub attempt: u32,
+    /// A retry's back-off: the scheduler leaves the task alone before this
+    /// time (Unix milliseconds). Set by the executor from the
+    /// orchestrator's relative delay, so the state machine never reads a
+    /// clock.
+    #[serde(default)]
+    pub not_before_unix_ms: Option<u64>,
 }
 
 impl Task {
@@ -1131,6 +1142,8 @@ mod tests {
                 generation,
                 version: 7,
                 service_name: "demo_web".into(),
+                attempt: 2,
+                not_before_unix_ms: Some(1_700_000_000_000),
             };
             let json = serde_json::to_string(&task).expect("serializes");
             let back: Task = serde_json::from_str(&json).expect("deserializes");

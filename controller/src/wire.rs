@@ -860,6 +860,8 @@ impl From<m::Task> for pb::Task {
             generation: t.generation,
             version: t.version,
             service_name: t.service_name,
+            attempt: t.attempt,
+            not_before_unix_ms: t.not_before_unix_ms,
         }
     }
 }
@@ -879,6 +881,8 @@ impl TryFrom<pb::Task> for m::Task {
             generation: t.generation,
             version: t.version,
             service_name: t.service_name,
+            attempt: t.attempt,
+            not_before_unix_ms: t.not_before_unix_ms,
         })
     }
 }
@@ -1498,7 +1502,13 @@ mod tests {
             template(),
             select(vec![m::DesiredState::Running, m::DesiredState::Shutdown]),
             task_status(),
-            (any::<u64>(), any::<u64>(), text()),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                text(),
+                any::<u32>(),
+                proptest::option::of(any::<u64>()),
+            ),
         )
             .prop_map(
                 |(
@@ -1508,7 +1518,7 @@ mod tests {
                     spec,
                     desired_state,
                     status,
-                    (generation, version, service_name),
+                    (generation, version, service_name, attempt, not_before_unix_ms),
                 )| m::Task {
                     id: m::TaskId::new(id).expect("strategy makes valid ids"),
                     service: m::ServiceId::new(service).expect("strategy makes valid ids"),
@@ -1521,6 +1531,8 @@ mod tests {
                     generation,
                     version,
                     service_name,
+                    attempt,
+                    not_before_unix_ms,
                 },
             )
     }
@@ -1653,6 +1665,8 @@ mod tests {
             generation: 1,
             version: 1,
             service_name: "demo_web".into(),
+            attempt: 0,
+            not_before_unix_ms: None,
         })
     }
 

@@ -59,6 +59,8 @@ fn new_task(id: &str, service: &str, slot: u64) -> Task {
         generation: 0,
         version: 0,
         service_name: format!("demo_{service}"),
+        attempt: 0,
+        not_before_unix_ms: None,
     }
 }
 

@@ -75,6 +75,8 @@ fn task(slot: u64) -> pb::Task {
         generation: 1,
         version: 5,
         service_name: "demo_web".into(),
+        attempt: 0,
+        not_before_unix_ms: None,
     }
     .into()
 }

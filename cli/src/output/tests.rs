@@ -33,6 +33,8 @@ fn task(slot: Option<u64>, node: Option<&str>, state: pb::TaskState, message: &s
         generation: 1,
         version: 7,
         service_name: "demo_web".into(),
+        attempt: 0,
+        not_before_unix_ms: None,
     }
 }
 
