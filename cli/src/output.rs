@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::ValueEnum;
 use gantry_controller::model as m;
@@ -184,6 +184,14 @@ pub fn current_state(state: m::TaskState, since: Option<Duration>) -> String {
     }
 }
 
+/// How long before `now` a task's state changed, from its status timestamp
+/// (Unix milliseconds); `None` without one. A time a little ahead of `now`
+/// (another node's clock) reads as just now.
+pub fn since(timestamp_unix_ms: Option<u64>, now: SystemTime) -> Option<Duration> {
+    let at = UNIX_EPOCH + Duration::from_millis(timestamp_unix_ms?);
+    Some(now.duration_since(at).unwrap_or_default())
+}
+
 /// CPU as `docker node inspect` prints it: `2`, `1.5`.
 pub fn cpus(nano_cpus: u64) -> String {
     let whole = nano_cpus / 1_000_000_000;
@@ -288,9 +296,8 @@ pub struct TaskRow {
 }
 
 impl TaskRow {
-    /// Builds a row. `since` is how long ago the task entered its state;
-    /// the wire's task status has no timestamp yet, so callers pass `None`
-    /// until it has one.
+    /// Builds a row. `since` is how long ago the task entered its state
+    /// ([`since`] of its status timestamp), `None` when unknown.
     pub fn new(task: &m::Task, names: &Names, since: Option<Duration>) -> TaskRow {
         let service_id = task.service.to_string();
         let (stack, service) = names

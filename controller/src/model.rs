@@ -895,6 +895,12 @@ pub struct TaskStatus {
     /// Health check verdict.
     #[serde(default)]
     pub health: Health,
+    /// When the state last changed (Unix milliseconds), by the clock of
+    /// whoever changed it; `service ps` shows "Running 5 seconds ago" from
+    /// it. The time travels inside the command that changes the state, so
+    /// applying the log never reads a clock.
+    #[serde(default)]
+    pub timestamp_unix_ms: Option<u64>,
 }
 
 impl TaskStatus {

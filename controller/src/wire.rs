@@ -828,6 +828,7 @@ impl From<m::TaskStatus> for pb::TaskStatus {
             exit_code: s.exit_code,
             restarts: s.restarts,
             health: s.health.to_wire(),
+            timestamp_unix_ms: s.timestamp_unix_ms,
         }
     }
 }
@@ -842,6 +843,7 @@ impl TryFrom<pb::TaskStatus> for m::TaskStatus {
             exit_code: s.exit_code,
             restarts: s.restarts,
             health: m::Health::from_wire(s.health, "health")?,
+            timestamp_unix_ms: s.timestamp_unix_ms,
         })
     }
 }
@@ -1481,17 +1483,21 @@ mod tests {
                 m::Health::Healthy,
                 m::Health::Unhealthy,
             ]),
+            proptest::option::of(any::<u64>()),
         )
-            .prop_map(|(state, message, error, exit_code, restarts, health)| {
-                m::TaskStatus {
-                    state,
-                    message,
-                    error,
-                    exit_code,
-                    restarts,
-                    health,
-                }
-            })
+            .prop_map(
+                |(state, message, error, exit_code, restarts, health, timestamp_unix_ms)| {
+                    m::TaskStatus {
+                        state,
+                        message,
+                        error,
+                        exit_code,
+                        restarts,
+                        health,
+                        timestamp_unix_ms,
+                    }
+                },
+            )
     }
 
     fn task() -> impl Strategy<Value = m::Task> {

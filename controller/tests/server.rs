@@ -449,6 +449,13 @@ fn running_on(tasks: &[pb::Task]) -> Option<BTreeMap<String, usize>> {
     Some(per_node)
 }
 
+fn unix_ms_now() -> u64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    u64::try_from(d.as_millis()).expect("milliseconds fit")
+}
+
 fn data_dir() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().to_path_buf();
@@ -635,7 +642,8 @@ async fn impossible_placement_stays_pending_with_reasons() {
         "services:\n  big:\n    image: busybox\n    deploy:\n      replicas: 1\n      resources:\n        reservations:\n          memory: 64g\n  eu:\n    image: busybox\n    deploy:\n      placement:\n        constraints: [node.labels.zone==eu]\n",
     )
     .await;
-    let messages = until("both pending", Duration::from_secs(10), || {
+    let before = unix_ms_now();
+    let pending = until("both pending", Duration::from_secs(10), || {
         let mut c = c.clone();
         async move {
             let tasks = c
@@ -647,16 +655,22 @@ async fn impossible_placement_stays_pending_with_reasons() {
                 .ok()?
                 .into_inner()
                 .tasks;
-            let pending: Vec<String> = tasks
+            let pending: Vec<pb::TaskStatus> = tasks
                 .iter()
-                .filter_map(|t| t.status.as_ref())
+                .filter_map(|t| t.status.clone())
                 .filter(|s| s.state == pb::TaskState::Pending as i32)
-                .map(|s| s.message.clone())
                 .collect();
             (pending.len() == 2).then_some(pending)
         }
     })
     .await;
+    // The scheduler stamps the move to pending with its clock.
+    let after = unix_ms_now();
+    for s in &pending {
+        let at = s.timestamp_unix_ms.expect("pending since a time");
+        assert!(before <= at && at <= after, "{before} <= {at} <= {after}");
+    }
+    let messages: Vec<String> = pending.into_iter().map(|s| s.message).collect();
     let all = messages.join(" | ");
     assert!(all.contains("memory"), "{all}");
     assert!(all.contains("(2 nodes)"), "{all}");

@@ -535,6 +535,15 @@ fn hello_then_assignment_runs_and_removal_stops() {
     controller.assign(vec![task("task1run", "exec sleep 1000")]);
     let running = controller.wait_status("task1run", pb::TaskState::Running, 1);
     assert_eq!(running.restarts, 0);
+    // Stamped with the time of the state change, by the agent's clock.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let at = running
+        .timestamp_unix_ms
+        .expect("a running status has a time");
+    assert!(at <= now && now - at < 60_000, "stamped {at}, now {now}");
     let update = controller.wait_for("generation", WAIT, |s| {
         s.updates
             .iter()

@@ -349,7 +349,15 @@ pub fn status_to_wire(status: &crate::worker::TaskStatus) -> pb::TaskStatus {
         exit_code: status.exit_code,
         restarts: status.restarts,
         health: health as i32,
+        // Stamped when the session records it.
+        timestamp_unix_ms: None,
     }
+}
+
+/// `time` in Unix milliseconds, as task statuses carry it (0 before 1970).
+pub fn unix_ms(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A status the agent makes itself, before the worker has the task
@@ -363,6 +371,7 @@ pub fn own_status(state: pb::TaskState, message: String) -> pb::TaskStatus {
         exit_code: None,
         restarts: 0,
         health: pb::Health::None as i32,
+        timestamp_unix_ms: None,
     }
 }
 

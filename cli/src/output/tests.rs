@@ -29,6 +29,7 @@ fn task(slot: Option<u64>, node: Option<&str>, state: pb::TaskState, message: &s
             exit_code: None,
             restarts: 0,
             health: pb::Health::None as i32,
+            timestamp_unix_ms: None,
         }),
         generation: 1,
         version: 7,
@@ -299,4 +300,35 @@ fn small_formatters() {
         mode: m::PublishMode::Host,
     };
     assert_eq!(port(&host), "80->8080/udp (host)");
+}
+
+#[test]
+fn current_state_says_how_long_ago_from_the_status_time() {
+    let mut t = task(
+        Some(1),
+        Some("node-aaaabbbbccccdddd"),
+        pb::TaskState::Running,
+        "started",
+    );
+    t.status.as_mut().unwrap().timestamp_unix_ms = Some(1_700_000_000_000);
+    let task: m::Task = t.try_into().unwrap();
+    let now = std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_005_400);
+    let since = since(task.status.timestamp_unix_ms, now);
+    assert_eq!(since, Some(Duration::from_millis(5_400)));
+    let table = task_table(&[TaskRow::new(&task, &names(), since)]);
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .unwrap()
+            .contains(" Running 5 seconds ago "),
+        "{table}"
+    );
+    // Another node's clock a little ahead: just now, not a panic.
+    let behind = std::time::UNIX_EPOCH + Duration::from_millis(1_699_999_999_000);
+    assert_eq!(
+        super::since(Some(1_700_000_000_000), behind),
+        Some(Duration::ZERO)
+    );
+    assert_eq!(super::since(None, now), None);
 }

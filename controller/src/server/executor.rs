@@ -12,8 +12,9 @@
 //!
 //! The loops are the shell around the pure cores, so they read the clock:
 //! the orchestrator's retry delays become absolute `not_before` times here,
-//! written into the `CreateTasks` command (the state machine never reads a
-//! clock; replaying the log gives the same times).
+//! and the state changes they make are stamped, the times written into the
+//! commands (the state machine never reads a clock; replaying the log gives
+//! the same times).
 //! - The **task history** loop deletes stopped tasks beyond the last
 //!   [`TASK_HISTORY_LIMIT`] per slot (per node for global services), like
 //!   Swarm's `task-history-limit`, and every stopped task of a removed
@@ -109,7 +110,7 @@ async fn sleep_until(wake: Option<Instant>) {
 }
 
 /// Now, in Unix milliseconds (0 for a clock before 1970).
-fn unix_ms(now: SystemTime) -> u64 {
+pub(super) fn unix_ms(now: SystemTime) -> u64 {
     now.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
@@ -232,7 +233,8 @@ fn update_actions(service: &Service, tasks: &[Task]) -> Vec<Action> {
 
 /// Turns one service's actions into at most two commands (each all or
 /// none, so a refusal of one service's creations does not hold up another's).
-/// `now` (Unix milliseconds) turns retry delays into `not_before` times.
+/// `now` (Unix milliseconds) stamps the new tasks and turns retry delays
+/// into `not_before` times.
 fn commands_for(actions: Vec<Action>, now: u64) -> Vec<Command> {
     let mut tasks = Vec::new();
     let mut changes = Vec::new();
@@ -256,6 +258,7 @@ fn commands_for(actions: Vec<Action>, now: u64) -> Vec<Command> {
                     desired_state: DesiredState::Running,
                     status: TaskStatus {
                         state: TaskState::New,
+                        timestamp_unix_ms: Some(now),
                         ..TaskStatus::default()
                     },
                     generation: 0,
@@ -342,6 +345,7 @@ async fn schedule_pending(store: &StoreFront) -> Option<Instant> {
         if !plan.assignments.is_empty() {
             commands.push(Command::AssignTasks {
                 assignments: plan.assignments,
+                at_unix_ms: Some(now),
             });
         }
         let newly_pending: Vec<PendingTask> =
@@ -362,6 +366,7 @@ async fn schedule_pending(store: &StoreFront) -> Option<Instant> {
         if !newly_pending.is_empty() {
             commands.push(Command::MarkTasksPending {
                 tasks: newly_pending,
+                at_unix_ms: Some(now),
             });
         }
         commands
