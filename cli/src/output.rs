@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::ValueEnum;
 use gantry_controller::model as m;
@@ -184,6 +184,14 @@ pub fn current_state(state: m::TaskState, since: Option<Duration>) -> String {
     }
 }
 
+/// How long before `now` a task's state changed, from its status timestamp
+/// (Unix milliseconds); `None` without one. A time a little ahead of `now`
+/// (another node's clock) reads as just now.
+pub fn since(timestamp_unix_ms: Option<u64>, now: SystemTime) -> Option<Duration> {
+    let at = UNIX_EPOCH + Duration::from_millis(timestamp_unix_ms?);
+    Some(now.duration_since(at).unwrap_or_default())
+}
+
 /// CPU as `docker node inspect` prints it: `2`, `1.5`.
 pub fn cpus(nano_cpus: u64) -> String {
     let whole = nano_cpus / 1_000_000_000;
@@ -248,7 +256,7 @@ impl Names {
 pub struct TaskRow {
     /// The task's id.
     pub id: String,
-    /// `STACK_NAME.SLOT` (or `STACK_NAME.NODEID` for a global service).
+    /// `STACK_NAME.SLOT` (or `STACK_NAME.NODEID12` for a global service).
     pub name: String,
     /// The service's name within its stack (its id if unknown).
     pub service: String,
@@ -288,9 +296,8 @@ pub struct TaskRow {
 }
 
 impl TaskRow {
-    /// Builds a row. `since` is how long ago the task entered its state;
-    /// the wire's task status has no timestamp yet, so callers pass `None`
-    /// until it has one.
+    /// Builds a row. `since` is how long ago the task entered its state
+    /// ([`since`] of its status timestamp), `None` when unknown.
     pub fn new(task: &m::Task, names: &Names, since: Option<Duration>) -> TaskRow {
         let service_id = task.service.to_string();
         let (stack, service) = names
@@ -307,10 +314,19 @@ impl TaskRow {
                 .cloned()
                 .unwrap_or_else(|| id.clone())
         });
+        // Swarm names a global task `<service>.<node id>`; the id is cut to
+        // 12 characters like every id in a table.
         let suffix = match (task.slot, &node_id) {
             (Some(slot), _) => slot.to_string(),
-            (None, Some(node)) => node.clone(),
+            (None, Some(node)) => short_id(node),
             (None, None) => short_id(task.id.as_str()),
+        };
+        // A task of a removed service still carries the name it was made
+        // with.
+        let full = if names.services.contains_key(&service_id) || task.service_name.is_empty() {
+            full_name(&stack, &service)
+        } else {
+            task.service_name.clone()
         };
         let pending = task.status.state.rank() <= m::TaskState::Pending.rank();
         let error = task.status.error.clone().or_else(|| {
@@ -318,7 +334,7 @@ impl TaskRow {
         });
         TaskRow {
             id: task.id.to_string(),
-            name: format!("{}.{suffix}", full_name(&stack, &service)),
+            name: format!("{full}.{suffix}"),
             service,
             stack,
             service_id,

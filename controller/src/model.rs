@@ -664,6 +664,10 @@ pub struct TaskTemplate {
     /// Container labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Time between the stop signal and SIGKILL (Compose
+    /// `stop_grace_period`); `None` leaves it to the node (10 s).
+    #[serde(default, with = "opt_duration_ms")]
+    pub stop_grace_period: Option<Duration>,
 }
 
 /// What to do when an update fails (stored for the update orchestrator).
@@ -729,6 +733,18 @@ pub struct ServiceSpec {
     /// Rolling update settings.
     #[serde(default)]
     pub update_config: Option<UpdateConfig>,
+}
+
+impl ServiceSpec {
+    /// The name Swarm prints and `ServiceRef` accepts: `STACK_NAME`, or
+    /// `NAME` outside a stack.
+    pub fn full_name(&self) -> String {
+        if self.stack.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}_{}", self.stack, self.name)
+        }
+    }
 }
 
 /// A service: a desired set of tasks.
@@ -879,6 +895,12 @@ pub struct TaskStatus {
     /// Health check verdict.
     #[serde(default)]
     pub health: Health,
+    /// When the state last changed (Unix milliseconds), by the clock of
+    /// whoever changed it; `service ps` shows "Running 5 seconds ago" from
+    /// it. The time travels inside the command that changes the state, so
+    /// applying the log never reads a clock.
+    #[serde(default)]
+    pub timestamp_unix_ms: Option<u64>,
 }
 
 impl TaskStatus {
@@ -935,6 +957,23 @@ pub struct Task {
     /// The log index of the command that last changed this task.
     #[serde(default)]
     pub version: u64,
+    /// The service's name as Swarm prints it ([`ServiceSpec::full_name`]),
+    /// copied at creation like swarmkit's `ServiceAnnotations`, so that an
+    /// agent can name the task's container without the service. Empty in
+    /// tasks stored before it existed.
+    #[serde(default)]
+    pub service_name: String,
+    /// Retries of its slot (or node) after failures that only the
+    /// controller could act on (rejected, orphaned); 0 for a first task.
+    /// `restart_policy.max_attempts` counts these.
+    #[serde(default)]
+    pub attempt: u32,
+    /// A retry's back-off: the scheduler leaves the task alone before this
+    /// time (Unix milliseconds). Set by the executor from the
+    /// orchestrator's relative delay, so the state machine never reads a
+    /// clock.
+    #[serde(default)]
+    pub not_before_unix_ms: Option<u64>,
 }
 
 impl Task {
@@ -1108,6 +1147,9 @@ mod tests {
                 status: TaskStatus::default(),
                 generation,
                 version: 7,
+                service_name: "demo_web".into(),
+                attempt: 2,
+                not_before_unix_ms: Some(1_700_000_000_000),
             };
             let json = serde_json::to_string(&task).expect("serializes");
             let back: Task = serde_json::from_str(&json).expect("deserializes");

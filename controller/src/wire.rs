@@ -683,7 +683,7 @@ impl From<m::TaskTemplate> for pb::TaskTemplate {
             ports: t.ports.into_iter().map(Into::into).collect(),
             host_network: t.host_network,
             labels: t.labels,
-            stop_grace_period_ms: None,
+            stop_grace_period_ms: t.stop_grace_period.map(millis),
         }
     }
 }
@@ -707,6 +707,7 @@ impl TryFrom<pb::TaskTemplate> for m::TaskTemplate {
             ports: each(t.ports, "ports")?,
             host_network: t.host_network,
             labels: t.labels,
+            stop_grace_period: t.stop_grace_period_ms.map(Duration::from_millis),
         })
     }
 }
@@ -827,6 +828,7 @@ impl From<m::TaskStatus> for pb::TaskStatus {
             exit_code: s.exit_code,
             restarts: s.restarts,
             health: s.health.to_wire(),
+            timestamp_unix_ms: s.timestamp_unix_ms,
         }
     }
 }
@@ -841,6 +843,7 @@ impl TryFrom<pb::TaskStatus> for m::TaskStatus {
             exit_code: s.exit_code,
             restarts: s.restarts,
             health: m::Health::from_wire(s.health, "health")?,
+            timestamp_unix_ms: s.timestamp_unix_ms,
         })
     }
 }
@@ -858,6 +861,9 @@ impl From<m::Task> for pb::Task {
             status: Some(t.status.into()),
             generation: t.generation,
             version: t.version,
+            service_name: t.service_name,
+            attempt: t.attempt,
+            not_before_unix_ms: t.not_before_unix_ms,
         }
     }
 }
@@ -876,6 +882,9 @@ impl TryFrom<pb::Task> for m::Task {
             status: required(t.status, "status")?,
             generation: t.generation,
             version: t.version,
+            service_name: t.service_name,
+            attempt: t.attempt,
+            not_before_unix_ms: t.not_before_unix_ms,
         })
     }
 }
@@ -1350,6 +1359,7 @@ mod tests {
                 prop::collection::vec(port_config, 0..3),
                 any::<bool>(),
                 prop::collection::btree_map(text(), text(), 0..3),
+                proptest::option::of(ms()),
             ),
         )
             .prop_map(
@@ -1361,7 +1371,7 @@ mod tests {
                     restart_policy,
                     healthcheck,
                     placement,
-                    (ports, host_network, labels),
+                    (ports, host_network, labels, stop_grace_period),
                 )| m::TaskTemplate {
                     image,
                     command,
@@ -1381,6 +1391,7 @@ mod tests {
                     ports,
                     host_network,
                     labels,
+                    stop_grace_period,
                 },
             )
     }
@@ -1472,17 +1483,21 @@ mod tests {
                 m::Health::Healthy,
                 m::Health::Unhealthy,
             ]),
+            proptest::option::of(any::<u64>()),
         )
-            .prop_map(|(state, message, error, exit_code, restarts, health)| {
-                m::TaskStatus {
-                    state,
-                    message,
-                    error,
-                    exit_code,
-                    restarts,
-                    health,
-                }
-            })
+            .prop_map(
+                |(state, message, error, exit_code, restarts, health, timestamp_unix_ms)| {
+                    m::TaskStatus {
+                        state,
+                        message,
+                        error,
+                        exit_code,
+                        restarts,
+                        health,
+                        timestamp_unix_ms,
+                    }
+                },
+            )
     }
 
     fn task() -> impl Strategy<Value = m::Task> {
@@ -1493,7 +1508,13 @@ mod tests {
             template(),
             select(vec![m::DesiredState::Running, m::DesiredState::Shutdown]),
             task_status(),
-            (any::<u64>(), any::<u64>()),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                text(),
+                any::<u32>(),
+                proptest::option::of(any::<u64>()),
+            ),
         )
             .prop_map(
                 |(
@@ -1503,7 +1524,7 @@ mod tests {
                     spec,
                     desired_state,
                     status,
-                    (generation, version),
+                    (generation, version, service_name, attempt, not_before_unix_ms),
                 )| m::Task {
                     id: m::TaskId::new(id).expect("strategy makes valid ids"),
                     service: m::ServiceId::new(service).expect("strategy makes valid ids"),
@@ -1515,6 +1536,9 @@ mod tests {
                     status,
                     generation,
                     version,
+                    service_name,
+                    attempt,
+                    not_before_unix_ms,
                 },
             )
     }
@@ -1646,6 +1670,9 @@ mod tests {
             status: m::TaskStatus::default(),
             generation: 1,
             version: 1,
+            service_name: "demo_web".into(),
+            attempt: 0,
+            not_before_unix_ms: None,
         })
     }
 
@@ -1831,6 +1858,20 @@ mod tests {
         set.changes[0] = set.changes[1].clone();
         let err = Assignments::try_from(set).map_err(|e| e.to_string());
         assert_eq!(err, Err("field changes[0].action is unspecified".into()));
+    }
+
+    #[test]
+    fn stop_grace_period_reaches_the_agent_in_milliseconds() {
+        let template = m::TaskTemplate {
+            image: "busybox".into(),
+            stop_grace_period: Some(Duration::from_millis(2500)),
+            ..m::TaskTemplate::default()
+        };
+        let wire = pb::TaskTemplate::from(template.clone());
+        assert_eq!(wire.stop_grace_period_ms, Some(2500));
+        assert_eq!(m::TaskTemplate::try_from(wire), Ok(template));
+        let unset = pb::TaskTemplate::from(m::TaskTemplate::default());
+        assert_eq!(unset.stop_grace_period_ms, None);
     }
 
     #[test]

@@ -449,6 +449,13 @@ fn running_on(tasks: &[pb::Task]) -> Option<BTreeMap<String, usize>> {
     Some(per_node)
 }
 
+fn unix_ms_now() -> u64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    u64::try_from(d.as_millis()).expect("milliseconds fit")
+}
+
 fn data_dir() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().to_path_buf();
@@ -635,7 +642,8 @@ async fn impossible_placement_stays_pending_with_reasons() {
         "services:\n  big:\n    image: busybox\n    deploy:\n      replicas: 1\n      resources:\n        reservations:\n          memory: 64g\n  eu:\n    image: busybox\n    deploy:\n      placement:\n        constraints: [node.labels.zone==eu]\n",
     )
     .await;
-    let messages = until("both pending", Duration::from_secs(10), || {
+    let before = unix_ms_now();
+    let pending = until("both pending", Duration::from_secs(10), || {
         let mut c = c.clone();
         async move {
             let tasks = c
@@ -647,16 +655,22 @@ async fn impossible_placement_stays_pending_with_reasons() {
                 .ok()?
                 .into_inner()
                 .tasks;
-            let pending: Vec<String> = tasks
+            let pending: Vec<pb::TaskStatus> = tasks
                 .iter()
-                .filter_map(|t| t.status.as_ref())
+                .filter_map(|t| t.status.clone())
                 .filter(|s| s.state == pb::TaskState::Pending as i32)
-                .map(|s| s.message.clone())
                 .collect();
             (pending.len() == 2).then_some(pending)
         }
     })
     .await;
+    // The scheduler stamps the move to pending with its clock.
+    let after = unix_ms_now();
+    for s in &pending {
+        let at = s.timestamp_unix_ms.expect("pending since a time");
+        assert!(before <= at && at <= after, "{before} <= {at} <= {after}");
+    }
+    let messages: Vec<String> = pending.into_iter().map(|s| s.message).collect();
     let all = messages.join(" | ");
     assert!(all.contains("memory"), "{all}");
     assert!(all.contains("(2 nodes)"), "{all}");
@@ -1149,8 +1163,9 @@ async fn task_history_keeps_five_tasks_per_slot() {
     let mut most = 0;
     let mut removed_seen = false;
     let mut seen: BTreeSet<String> = BTreeSet::new();
+    // Retries back off (100 ms, doubling): 7 tasks take about 6.3 s.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while seen.len() < 8 {
+    while seen.len() < 7 {
         assert!(
             Instant::now() < deadline,
             "only {} tasks were made",
@@ -1175,6 +1190,71 @@ async fn task_history_keeps_five_tasks_per_slot() {
     assert!(removed_seen, "old tasks are collected");
     // The limit, plus the replacement made before the collector ran.
     assert!(most <= 6, "at most 5 kept per slot (saw {most})");
+    drop(agent);
+    ctl.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_tasks_are_retried_with_back_off() {
+    let (_tmp, dir) = data_dir();
+    let ctl = Controller::start(&dir);
+    let url = ctl.url();
+    let agent = FakeAgent::join(&url, "n1", &[]).await;
+    agent.reject.store(true, Ordering::SeqCst);
+    let mut c = control(&url).await;
+    deploy(
+        &mut c,
+        "services:\n  flaky:\n    image: busybox\n    deploy:\n      replicas: 1\n      restart_policy:\n        delay: 0s\n        max_attempts: 4\n",
+    )
+    .await;
+    // When each task was first seen, and the last list.
+    let start = Instant::now();
+    let mut first_seen: BTreeMap<String, Duration> = BTreeMap::new();
+    let mut last: Vec<pb::Task> = Vec::new();
+    // Retries 1 to 4 wait 100, 200, 400 and 800 ms: about 1.5 s in all,
+    // then max_attempts stops them. Without back-off a task was made about
+    // every 50 ms.
+    while start.elapsed() < Duration::from_millis(2500) {
+        last = c
+            .list_tasks(pb::TaskFilter {
+                service: "flaky".into(),
+                all: true,
+                ..pb::TaskFilter::default()
+            })
+            .await
+            .expect("list")
+            .into_inner()
+            .tasks;
+        for t in &last {
+            first_seen.entry(t.id.clone()).or_insert(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut times: Vec<Duration> = first_seen.values().copied().collect();
+    times.sort();
+    assert_eq!(
+        times.len(),
+        5,
+        "the first task and 4 retries, no more (seen at {times:?})"
+    );
+    // A retry is created at once and scheduled after its back-off, so the
+    // gap before task n+1 is task n's back-off (0, 100, 200, 400 ms) plus a
+    // round trip to the fake agent.
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps[1] >= Duration::from_millis(90)
+            && gaps[3] >= Duration::from_millis(380)
+            && gaps[3] > gaps[1] + Duration::from_millis(200),
+        "retries slow down: gaps {gaps:?}"
+    );
+    let newest = last.iter().max_by_key(|t| t.attempt).expect("tasks listed");
+    assert_eq!(newest.attempt, 4);
+    assert!(newest.not_before_unix_ms.is_some(), "a retry has a time");
+    assert_eq!(
+        pb::TaskState::try_from(newest.status.as_ref().map_or(0, |s| s.state)),
+        Ok(pb::TaskState::Rejected),
+        "the last retry is rejected and left alone"
+    );
     drop(agent);
     ctl.shutdown();
 }

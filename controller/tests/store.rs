@@ -58,6 +58,9 @@ fn new_task(id: &str, service: &str, slot: u64) -> Task {
         status: TaskStatus::default(),
         generation: 0,
         version: 0,
+        service_name: format!("demo_{service}"),
+        attempt: 0,
+        not_before_unix_ms: None,
     }
 }
 
@@ -115,6 +118,64 @@ fn cluster() -> (StateMachine, Vec<Command>) {
 // ---------------------------------------------------------------------------
 // Apply scenarios
 
+/// The time of a task's last state change comes from the command that made
+/// it: the scheduler's clock for pending and assigned, the agent's for what
+/// it reports; a report that repeats the state keeps the time.
+#[test]
+fn state_changes_carry_the_time_in_the_command() {
+    let (mut sm, _) = cluster();
+    let stamped = |state, at| Command::UpdateTaskStatus {
+        task: task_id("t1"),
+        node: node_id("n1"),
+        status: TaskStatus {
+            state,
+            timestamp_unix_ms: Some(at),
+            ..TaskStatus::default()
+        },
+    };
+    let results = run(
+        &mut sm,
+        &[
+            Command::MarkTasksPending {
+                tasks: vec![PendingTask {
+                    task: task_id("t2"),
+                    message: "no node fits".into(),
+                }],
+                at_unix_ms: Some(1_000),
+            },
+            // Only the reason changes: the task has been pending since 1000.
+            Command::MarkTasksPending {
+                tasks: vec![PendingTask {
+                    task: task_id("t2"),
+                    message: "still no node fits".into(),
+                }],
+                at_unix_ms: Some(1_500),
+            },
+            Command::AssignTasks {
+                assignments: vec![Assignment {
+                    task: task_id("t1"),
+                    node: node_id("n1"),
+                }],
+                at_unix_ms: Some(2_000),
+            },
+        ],
+    );
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let time = |sm: &StateMachine, id: &str| {
+        sm.task(&task_id(id))
+            .expect("task")
+            .status
+            .timestamp_unix_ms
+    };
+    assert_eq!(time(&sm, "t2"), Some(1_000));
+    assert_eq!(time(&sm, "t1"), Some(2_000));
+    run(&mut sm, &[stamped(TaskState::Running, 3_000)]);
+    assert_eq!(time(&sm, "t1"), Some(3_000));
+    let resent = run(&mut sm, &[stamped(TaskState::Running, 4_000)]);
+    assert_eq!(resent, [Ok(0)], "a resent report changes nothing");
+    assert_eq!(time(&sm, "t1"), Some(3_000));
+}
+
 #[test]
 fn a_task_goes_from_creation_to_removal() {
     let (mut sm, _) = cluster();
@@ -126,12 +187,14 @@ fn a_task_goes_from_creation_to_removal() {
                     task: task_id("t2"),
                     message: "no node has 2 GiB memory free (1 node)".into(),
                 }],
+                at_unix_ms: None,
             },
             Command::AssignTasks {
                 assignments: vec![Assignment {
                     task: task_id("t1"),
                     node: node_id("n1"),
                 }],
+                at_unix_ms: None,
             },
             report("t1", "n1", TaskState::Running),
             report("t1", "n1", TaskState::Running),
@@ -178,6 +241,7 @@ fn assignment_bumps_generation_and_indexes_the_node() {
                     node: node_id("n1"),
                 },
             ],
+            at_unix_ms: None,
         }],
     );
     assert_eq!(results, vec![Ok(2)]);
@@ -289,6 +353,7 @@ fn refusals_name_the_object_and_field() {
                     task: task_id("t1"),
                     node: node_id("n9"),
                 }],
+                at_unix_ms: None,
             },
             "assign-tasks: task t1 field node: node n9 not found",
         ),
@@ -335,6 +400,7 @@ fn agent_reports_never_move_a_task_backwards() {
                     task: task_id("t1"),
                     node: node_id("n1"),
                 }],
+                at_unix_ms: None,
             },
             report("t1", "n1", TaskState::Failed),
             report("t1", "n1", TaskState::Running),
@@ -644,12 +710,14 @@ fn any_command() -> impl Strategy<Value = Command> {
                 task,
                 message: "no nodes in the cluster".into(),
             }],
+            at_unix_ms: None,
         }),
         prop::collection::vec((task.clone(), node), 1..3).prop_map(|a| Command::AssignTasks {
             assignments: a
                 .into_iter()
                 .map(|(task, node)| Assignment { task, node })
                 .collect(),
+            at_unix_ms: None,
         }),
         prop::collection::vec(task, 1..3).prop_map(|tasks| Command::RemoveTasks { tasks }),
     ]

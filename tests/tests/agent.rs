@@ -477,11 +477,13 @@ impl Drop for Node {
     }
 }
 
-/// A task of service `svc1` running `sh -c script` with restart `any`.
+/// A task of service `svc1` (`demo_web`) running `sh -c script` with
+/// restart `any`.
 fn task(id: &str, script: &str) -> pb::Task {
     pb::Task {
         id: id.into(),
         service: "svc1".into(),
+        service_name: "demo_web".into(),
         slot: Some(1),
         spec: Some(pb::TaskTemplate {
             image: IMAGE.into(),
@@ -533,6 +535,15 @@ fn hello_then_assignment_runs_and_removal_stops() {
     controller.assign(vec![task("task1run", "exec sleep 1000")]);
     let running = controller.wait_status("task1run", pb::TaskState::Running, 1);
     assert_eq!(running.restarts, 0);
+    // Stamped with the time of the state change, by the agent's clock.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let at = running
+        .timestamp_unix_ms
+        .expect("a running status has a time");
+    assert!(at <= now && now - at < 60_000, "stamped {at}, now {now}");
     let update = controller.wait_for("generation", WAIT, |s| {
         s.updates
             .iter()
@@ -542,7 +553,8 @@ fn hello_then_assignment_runs_and_removal_stops() {
     assert_eq!(update, 1, "statuses carry the task's generation");
     let containers = node.containers();
     let c = running_container(&containers, "task1run").expect("a running container");
-    assert_eq!(c.name, "svc1.1.task1run");
+    // Named like a Swarm task: the service's name, not its id.
+    assert_eq!(c.name, "demo_web.1.task1run");
     // Heartbeats flow at the accepted period (200 ms).
     controller.wait_for("heartbeats", WAIT, |s| (s.heartbeats >= 2).then_some(()));
 

@@ -29,6 +29,9 @@ struct Seen {
     scales: Vec<(String, u64)>,
     node_updates: Vec<pb::UpdateNodeRequest>,
     exec_start: Option<pb::ExecStart>,
+    /// `list_tasks` calls so far: task 3 exists from the third on (a
+    /// replacement that starts while `service logs` runs).
+    task_lists: usize,
 }
 
 #[derive(Clone, Default)]
@@ -74,6 +77,9 @@ fn task(slot: u64) -> pb::Task {
         },
         generation: 1,
         version: 5,
+        service_name: "demo_web".into(),
+        attempt: 0,
+        not_before_unix_ms: None,
     }
     .into()
 }
@@ -243,10 +249,16 @@ impl Control for Fake {
                 line: line.as_bytes().to_vec(),
             })
         };
-        let entries = vec![
+        let mut entries = vec![
             entry(pb::LogStream::Stdout, &format!("hello tail={:?}", req.tail)),
             entry(pb::LogStream::Stderr, "oops"),
         ];
+        if req.follow {
+            entries.push(Ok(pb::LogEntry {
+                task: "task-3".into(),
+                ..entry(pb::LogStream::Stdout, "from the replacement")?
+            }));
+        }
         Ok(Response::new(Box::pin(tokio_stream::iter(entries))))
     }
 
@@ -260,6 +272,14 @@ impl Control for Fake {
         }
         let running = filter.states.contains(&(pb::TaskState::Running as i32));
         let mut tasks = vec![task(2), task(1)];
+        let lists = {
+            let mut seen = self.seen.lock().unwrap();
+            seen.task_lists += 1;
+            seen.task_lists
+        };
+        if lists > 2 && !running {
+            tasks.push(task(3));
+        }
         if running {
             for t in &mut tasks {
                 t.status.as_mut().unwrap().state = pb::TaskState::Running as i32;
@@ -598,6 +618,13 @@ fn logs_and_events_stream_lines() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out), "demo_web.1.task-1    | hello tail=Some(5)\n");
     assert_eq!(stderr(&out), "demo_web.1.task-1    | oops\n");
+    // A task that was not there when the logs began is looked up by name.
+    let out = gantry(addr, &["service", "logs", "--follow", "web"], b"");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "demo_web.1.task-1    | hello tail=None\ndemo_web.3.task-3    | from the replacement\n"
+    );
 
     let out = gantry(addr, &["events", "--since", "10"], b"");
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));

@@ -256,6 +256,7 @@ fn task(id: &str, script: &str, restart: RestartPolicy) -> TaskSpec {
         task_id: id.to_string(),
         service: "web".into(),
         slot: 1,
+        global_node: None,
         image: IMAGE.into(),
         command: Some(vec!["sh".into(), "-c".into(), script.into()]),
         entrypoint: None,

@@ -162,9 +162,7 @@ impl Wanted {
             {
                 continue;
             }
-            // The task names its service by id; the containers are named
-            // after it (`<service id>.<slot>.<task>`).
-            match convert::task_spec(&task, &task.service) {
+            match convert::task_spec(&task) {
                 Ok(spec) => {
                     let ready = self
                         .tasks

@@ -38,9 +38,10 @@ impl ConvertError {
     }
 }
 
-/// The worker's spec of `task`. `service_name` names the containers
-/// (`<service>.<slot>.<task>`); the task only carries the service's id.
-pub fn task_spec(task: &pb::Task, service_name: &str) -> Result<TaskSpec, ConvertError> {
+/// The worker's spec of `task`. The task's `service_name` names its
+/// containers (`<service>.<slot>.<task>`); a task from a controller that
+/// does not send it is named after the service's id instead.
+pub fn task_spec(task: &pb::Task) -> Result<TaskSpec, ConvertError> {
     let err = |field: &str, reason: &str| ConvertError::Field {
         task: task.id.clone(),
         field: field.to_string(),
@@ -84,9 +85,18 @@ pub fn task_spec(task: &pb::Task, service_name: &str) -> Result<TaskSpec, Conver
     let (network, ports) = network_for(t).map_err(|(f, r)| err(&format!("spec.{f}"), &r))?;
     Ok(TaskSpec {
         task_id: task.id.clone(),
-        service: service_name.to_string(),
-        // Global tasks have no slot; the task id in the name keeps it unique.
+        service: if task.service_name.is_empty() {
+            task.service.clone()
+        } else {
+            task.service_name.clone()
+        },
+        // Global tasks have no slot: the node's id takes its place in the
+        // container name, and the task id keeps it unique.
         slot: task.slot.unwrap_or(0),
+        global_node: match task.slot {
+            Some(_) => None,
+            None => task.node.clone(),
+        },
         image: t.image.clone(),
         command: t.command.as_ref().map(|l| l.items.clone()),
         entrypoint: t.entrypoint.as_ref().map(|l| l.items.clone()),
@@ -339,7 +349,15 @@ pub fn status_to_wire(status: &crate::worker::TaskStatus) -> pb::TaskStatus {
         exit_code: status.exit_code,
         restarts: status.restarts,
         health: health as i32,
+        // Stamped when the session records it.
+        timestamp_unix_ms: None,
     }
+}
+
+/// `time` in Unix milliseconds, as task statuses carry it (0 before 1970).
+pub fn unix_ms(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A status the agent makes itself, before the worker has the task
@@ -353,6 +371,7 @@ pub fn own_status(state: pb::TaskState, message: String) -> pb::TaskStatus {
         exit_code: None,
         restarts: 0,
         health: pb::Health::None as i32,
+        timestamp_unix_ms: None,
     }
 }
 
@@ -379,6 +398,7 @@ mod tests {
         pb::Task {
             id: "t1".into(),
             service: "svc1".into(),
+            service_name: "demo_web".into(),
             slot: Some(2),
             generation: 7,
             spec: Some(spec),
@@ -388,7 +408,7 @@ mod tests {
     }
 
     fn field_of(t: pb::TaskTemplate) -> String {
-        task_spec(&task(t), "web").unwrap_err().field().to_string()
+        task_spec(&task(t)).unwrap_err().field().to_string()
     }
 
     #[test]
@@ -454,9 +474,9 @@ mod tests {
             .into_iter()
             .collect();
         t.stop_grace_period_ms = Some(3000);
-        let spec = task_spec(&task(t), "web").unwrap();
+        let spec = task_spec(&task(t)).unwrap();
         assert_eq!(spec.task_id, "t1");
-        assert_eq!(spec.service, "web");
+        assert_eq!(spec.service, "demo_web");
         assert_eq!(spec.slot, 2);
         assert_eq!(spec.generation, 7);
         assert_eq!(spec.image, "gantry.test/web:1");
@@ -518,7 +538,7 @@ mod tests {
 
     #[test]
     fn defaults_keep_the_image_and_engine_values() {
-        let spec = task_spec(&task(template()), "web").unwrap();
+        let spec = task_spec(&task(template())).unwrap();
         assert_eq!(spec.command, None);
         assert_eq!(spec.entrypoint, None);
         assert_eq!(spec.health, HealthSetting::FromImage);
@@ -529,7 +549,25 @@ mod tests {
         assert_eq!(spec.restart, RestartPolicy::always());
         let mut global = task(template());
         global.slot = None;
-        assert_eq!(task_spec(&global, "web").unwrap().slot, 0);
+        assert_eq!(task_spec(&global).unwrap().slot, 0);
+    }
+
+    #[test]
+    fn containers_are_named_like_swarm_tasks() {
+        let replicated = task_spec(&task(template())).unwrap();
+        assert_eq!(replicated.container_name(), "demo_web.2.t1");
+        let mut global = task(template());
+        global.id = "abcdefghijklmnopqrstuvwxyz".into();
+        global.slot = None;
+        global.node = Some("0123456789abcdef0123".into());
+        assert_eq!(
+            task_spec(&global).unwrap().container_name(),
+            "demo_web.0123456789ab.abcdefghijkl"
+        );
+        // A controller that does not send the name: the service's id.
+        let mut unnamed = task(template());
+        unnamed.service_name.clear();
+        assert_eq!(task_spec(&unnamed).unwrap().container_name(), "svc1.2.t1");
     }
 
     #[test]
@@ -540,7 +578,7 @@ mod tests {
                 probe: Some(pb::HealthProbe { probe: Some(probe) }),
                 ..pb::HealthCheck::default()
             });
-            task_spec(&task(t), "web").map(|s| s.health)
+            task_spec(&task(t)).map(|s| s.health)
         };
         use pb::health_probe::Probe as P;
         assert_eq!(with(P::None(pb::Empty {})), Ok(HealthSetting::Disabled));
@@ -628,7 +666,7 @@ mod tests {
                 mode: pb::PublishMode::Host as i32,
             },
         ];
-        let err = task_spec(&task(t.clone()), "web").unwrap_err();
+        let err = task_spec(&task(t.clone())).unwrap_err();
         assert_eq!(err.field(), "spec.ports[1].published");
         assert!(
             err.to_string()
@@ -636,7 +674,7 @@ mod tests {
             "{err}"
         );
         t.ports[1].published = Some(5353);
-        let spec = task_spec(&task(t.clone()), "web").unwrap();
+        let spec = task_spec(&task(t.clone())).unwrap();
         assert_eq!(spec.network, NetworkMode::Bridge);
         assert_eq!(
             spec.ports,
@@ -659,7 +697,7 @@ mod tests {
         assert_eq!(field_of(t.clone()), "spec.ports[0].target");
         // Host networking publishes nothing.
         t.host_network = true;
-        let spec = task_spec(&task(t), "web").unwrap();
+        let spec = task_spec(&task(t)).unwrap();
         assert_eq!(spec.network, NetworkMode::Host);
         assert!(spec.ports.is_empty());
         let mut t = template();
@@ -667,7 +705,7 @@ mod tests {
         assert!(field_of(t).starts_with("spec.env"));
         let mut no_spec = task(template());
         no_spec.spec = None;
-        assert_eq!(task_spec(&no_spec, "web").unwrap_err().field(), "spec");
+        assert_eq!(task_spec(&no_spec).unwrap_err().field(), "spec");
     }
 
     #[test]

@@ -360,7 +360,16 @@ impl Agent {
         self.set_status(status.task_id, generation, wire);
     }
 
-    fn set_status(&mut self, task: String, generation: u64, status: pb::TaskStatus) {
+    /// Records and queues a status, stamped with the time of its state
+    /// change: now, or the time already recorded when the state is the same
+    /// (a new health verdict or restart count is no state change).
+    fn set_status(&mut self, task: String, generation: u64, mut status: pb::TaskStatus) {
+        status.timestamp_unix_ms = match self.statuses.get(&task) {
+            Some((_, old)) if old.state == status.state && old.timestamp_unix_ms.is_some() => {
+                old.timestamp_unix_ms
+            }
+            _ => Some(convert::unix_ms(std::time::SystemTime::now())),
+        };
         self.statuses
             .insert(task.clone(), (generation, status.clone()));
         self.unsent.push(pb::TaskStatusUpdate {

@@ -85,10 +85,14 @@ pub enum WorkerError {
 pub struct TaskSpec {
     /// The task id (unique in the cluster).
     pub task_id: String,
-    /// The service's name.
+    /// The service's name (`STACK_NAME`).
     pub service: String,
     /// The replica slot (for global services, any number unique on the node).
     pub slot: u64,
+    /// Global services: the node's id, which takes the slot's place in the
+    /// container name, as Swarm names global tasks `<service>.<node>`.
+    #[serde(default)]
+    pub global_node: Option<String>,
     /// The image reference.
     pub image: String,
     /// Replaces the image's cmd.
@@ -125,10 +129,16 @@ pub struct TaskSpec {
 }
 
 impl TaskSpec {
-    /// The container name: `<service>.<slot>.<first 12 of the task id>`.
+    /// The container name, as Swarm's: `<service>.<slot>.<task12>`, or
+    /// `<service>.<node12>.<task12>` for a global service (ids cut to 12
+    /// characters, as tables show them).
     pub fn container_name(&self) -> String {
-        let short: String = self.task_id.chars().take(12).collect();
-        format!("{}.{}.{}", self.service, self.slot, short)
+        let short = |id: &str| id.chars().take(12).collect::<String>();
+        let instance = match &self.global_node {
+            Some(node) => short(node),
+            None => self.slot.to_string(),
+        };
+        format!("{}.{instance}.{}", self.service, short(&self.task_id))
     }
 
     fn container_config(&self) -> ContainerConfig {

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::client::{Client, ControllerFlag, block_on, from_wire};
 use crate::cmd::task;
-use crate::output::{self, Format, ServiceRow, full_name};
+use crate::output::{self, Format, Names, ServiceRow, full_name};
 
 /// `gantry service`.
 #[derive(Debug, clap::Args)]
@@ -268,6 +268,33 @@ async fn scale(client: &mut Client, scales: Vec<(String, u64)>) -> anyhow::Resul
     })
 }
 
+/// Records the log prefix of each of `service`'s tasks:
+/// `STACK_NAME.SLOT.TASK12@NODE`.
+async fn task_labels(
+    client: &mut Client,
+    names: &Names,
+    service: &str,
+    labels: &mut HashMap<String, String>,
+) -> anyhow::Result<()> {
+    let filter = pb::TaskFilter {
+        service: service.to_string(),
+        all: true,
+        ..Default::default()
+    };
+    for row in task::list(client, names, filter).await? {
+        let node = row
+            .node
+            .as_ref()
+            .map(|n| format!("@{n}"))
+            .unwrap_or_default();
+        labels.insert(
+            row.id.clone(),
+            format!("{}.{}{node}", row.name, output::short_id(&row.id)),
+        );
+    }
+    Ok(())
+}
+
 async fn logs(
     client: &mut Client,
     service: String,
@@ -276,29 +303,17 @@ async fn logs(
     prefix: bool,
 ) -> anyhow::Result<()> {
     // Task names for the prefix, as `docker service logs` writes it
-    // (`web.1.abc123@node1 | `); a task that starts later is shown by id.
+    // (`web.1.abc123@node1 | `). A task that starts later (a replacement,
+    // with --follow) is looked up once when its first line comes, and shown
+    // by id if even that fails.
     let mut labels: HashMap<String, String> = HashMap::new();
+    let mut names = Names::default();
     if prefix {
-        let names = task::names(client).await?;
-        let filter = pb::TaskFilter {
-            service: service.clone(),
-            all: true,
-            ..Default::default()
-        };
-        for row in task::list(client, &names, filter).await? {
-            let node = row
-                .node
-                .as_ref()
-                .map(|n| format!("@{n}"))
-                .unwrap_or_default();
-            labels.insert(
-                row.id.clone(),
-                format!("{}.{}{node}", row.name, output::short_id(&row.id)),
-            );
-        }
+        names = task::names(client).await?;
+        task_labels(client, &names, &service, &mut labels).await?;
     }
     let request = pb::ServiceLogsRequest {
-        service,
+        service: service.clone(),
         follow,
         tail: match tail {
             Some(Tail::Lines(n)) => Some(n),
@@ -317,10 +332,14 @@ async fn logs(
     while let Some(entry) = stream.message().await.map_err(|s| client.error(s))? {
         let mut line = Vec::with_capacity(entry.line.len() + 64);
         if prefix {
-            let label = labels
-                .get(&entry.task)
-                .cloned()
-                .unwrap_or_else(|| format!("{}@{}", output::short_id(&entry.task), entry.node));
+            if !labels.contains_key(&entry.task) {
+                // Once per task: a failed look-up records the id form.
+                task_labels(client, &names, &service, &mut labels).await?;
+                labels
+                    .entry(entry.task.clone())
+                    .or_insert_with(|| format!("{}@{}", output::short_id(&entry.task), entry.node));
+            }
+            let label = labels.get(&entry.task).cloned().unwrap_or_default();
             line.extend_from_slice(label.as_bytes());
             line.extend_from_slice(b"    | ");
         }

@@ -115,13 +115,13 @@ pub async fn list(
 
 /// Tasks from the wire as rows, in the controller's order.
 pub fn rows(tasks: Vec<pb::Task>, names: &Names) -> anyhow::Result<Vec<TaskRow>> {
+    let now = std::time::SystemTime::now();
     tasks
         .into_iter()
         .map(|t| {
             let task: m::Task = from_wire(t, "task")?;
-            // The wire's task status carries no time of its last change yet,
-            // so CURRENT STATE shows the state alone.
-            Ok(TaskRow::new(&task, names, None))
+            let since = output::since(task.status.timestamp_unix_ms, now);
+            Ok(TaskRow::new(&task, names, since))
         })
         .collect()
 }

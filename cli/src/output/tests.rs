@@ -29,9 +29,13 @@ fn task(slot: Option<u64>, node: Option<&str>, state: pb::TaskState, message: &s
             exit_code: None,
             restarts: 0,
             health: pb::Health::None as i32,
+            timestamp_unix_ms: None,
         }),
         generation: 1,
         version: 7,
+        service_name: "demo_web".into(),
+        attempt: 0,
+        not_before_unix_ms: None,
     }
 }
 
@@ -116,6 +120,26 @@ fn a_pending_task_shows_the_schedulers_reason_as_its_error() {
         lines[1],
         "3f2a9c1d7e6b   demo_web.2   nginx:1.27          Running         Pending         0                   \"no node is ready (0 nodes)\""
     );
+}
+
+#[test]
+fn a_global_task_is_named_after_its_node_id_cut_to_12() {
+    let r = row(task(
+        None,
+        Some("node-aaaabbbbccccdddd"),
+        pb::TaskState::Running,
+        "started",
+    ));
+    assert_eq!(r.name, "demo_web.node-aaaabbb");
+    assert_eq!(r.node_id.as_deref(), Some("node-aaaabbbbccccdddd"));
+}
+
+#[test]
+fn a_task_of_a_removed_service_keeps_its_name() {
+    let mut t = task(Some(3), None, pb::TaskState::Shutdown, "stopped");
+    t.service = "gone1".into();
+    t.service_name = "old_api".into();
+    assert_eq!(row(t).name, "old_api.3");
 }
 
 #[test]
@@ -276,4 +300,35 @@ fn small_formatters() {
         mode: m::PublishMode::Host,
     };
     assert_eq!(port(&host), "80->8080/udp (host)");
+}
+
+#[test]
+fn current_state_says_how_long_ago_from_the_status_time() {
+    let mut t = task(
+        Some(1),
+        Some("node-aaaabbbbccccdddd"),
+        pb::TaskState::Running,
+        "started",
+    );
+    t.status.as_mut().unwrap().timestamp_unix_ms = Some(1_700_000_000_000);
+    let task: m::Task = t.try_into().unwrap();
+    let now = std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_005_400);
+    let since = since(task.status.timestamp_unix_ms, now);
+    assert_eq!(since, Some(Duration::from_millis(5_400)));
+    let table = task_table(&[TaskRow::new(&task, &names(), since)]);
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .unwrap()
+            .contains(" Running 5 seconds ago "),
+        "{table}"
+    );
+    // Another node's clock a little ahead: just now, not a panic.
+    let behind = std::time::UNIX_EPOCH + Duration::from_millis(1_699_999_999_000);
+    assert_eq!(
+        super::since(Some(1_700_000_000_000), behind),
+        Some(Duration::ZERO)
+    );
+    assert_eq!(super::since(None, now), None);
 }

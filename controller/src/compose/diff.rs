@@ -131,6 +131,7 @@ fn service_fields(old: &Service, new: &Service) -> Vec<String> {
         working_dir,
         hostname,
         labels,
+        stop_grace_period,
         deploy,
         network_mode,
         depends_on,
@@ -157,7 +158,8 @@ fn service_fields(old: &Service, new: &Service) -> Vec<String> {
         user,
         working_dir,
         hostname,
-        labels
+        labels,
+        stop_grace_period
     );
     fields.extend(deploy_fields(&old.deploy, deploy));
     compare!(network_mode, depends_on, networks);

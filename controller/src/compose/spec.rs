@@ -67,6 +67,10 @@ pub struct Service {
     /// Container labels.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Time between the stop signal and SIGKILL; `None` for the node's
+    /// default (10 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_grace_period: Option<Duration>,
     /// Orchestration settings, always complete after normalization.
     pub deploy: Deploy,
     /// `host` to share the node's network namespace; `None` for the default.

@@ -9,23 +9,20 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::replicated::{node_loss, shutdown};
-use super::{Action, Finished, ShutdownReason, finished, keep_one, new_task};
+use super::{Action, Finished, Origin, ShutdownReason, finished, keep_one, new_task};
 use crate::model::{DesiredState, Node, NodeId, Service, Task};
 
 pub(super) fn reconcile(service: &Service, tasks: &[&Task], nodes: &[Node]) -> Vec<Action> {
     let constraints = &service.spec.task.placement.constraints;
     let mut actions = Vec::new();
-    let mut history: BTreeMap<&NodeId, Vec<&Task>> = BTreeMap::new();
     let mut live: BTreeMap<&NodeId, Vec<&Task>> = BTreeMap::new();
     let mut nodeless: Vec<&Task> = Vec::new();
     for &t in tasks {
         match &t.node {
-            Some(node) => {
-                history.entry(node).or_default().push(t);
-                if t.desired_state == DesiredState::Running {
-                    live.entry(node).or_default().push(t);
-                }
+            Some(node) if t.desired_state == DesiredState::Running => {
+                live.entry(node).or_default().push(t);
             }
+            Some(_) => {}
             None if t.desired_state == DesiredState::Running => nodeless.push(t),
             None => {}
         }
@@ -58,21 +55,18 @@ pub(super) fn reconcile(service: &Service, tasks: &[&Task], nodes: &[Node]) -> V
             actions.push(shutdown(task, reason));
             continue;
         }
-        if task.status.state.is_terminal() {
-            let hist = history.get(node_id).map_or(&[][..], Vec::as_slice);
-            if finished(task, hist) == Finished::Replace {
-                actions.push(shutdown(task, ShutdownReason::Replaced));
-                if node.is_some_and(|n| n.takes_new_tasks()) && meets_constraints {
-                    actions.push(new_task(
-                        service,
-                        None,
-                        Some(node_id.clone()),
-                        Some(task.id.clone()),
-                    ));
-                }
-                covered.insert(node_id);
-                continue;
+        if task.status.state.is_terminal() && finished(task) == Finished::Replace {
+            actions.push(shutdown(task, ShutdownReason::Replaced));
+            if node.is_some_and(|n| n.takes_new_tasks()) && meets_constraints {
+                actions.push(new_task(
+                    service,
+                    None,
+                    Some(node_id.clone()),
+                    Origin::Retries(task),
+                ));
             }
+            covered.insert(node_id);
+            continue;
         }
         covered.insert(node_id);
     }
@@ -84,7 +78,12 @@ pub(super) fn reconcile(service: &Service, tasks: &[&Task], nodes: &[Node]) -> V
     eligible.sort_by(|a, b| a.id.cmp(&b.id));
     for node in eligible {
         if !covered.contains(&node.id) {
-            actions.push(new_task(service, None, Some(node.id.clone()), None));
+            actions.push(new_task(
+                service,
+                None,
+                Some(node.id.clone()),
+                Origin::Fresh,
+            ));
         }
     }
     actions

@@ -17,12 +17,19 @@
 //! can act: its node is down, drained or gone (whatever the restart
 //! condition: the container never exited on its own), or the task was
 //! `rejected`, `orphaned` or shut down behind the controller's back (unless
-//! the condition is `none`, and counting `rejected` tasks against
-//! `max_attempts`).
+//! the condition is `none`).
 //!
-//! **Invariant:** pure and deterministic: no I/O, no clock (so the restart
-//! `window` is the agent's business), no randomness. New tasks carry no id;
-//! the executor assigns one when it commits them.
+//! Such a replacement is a *retry* and backs off like the agent's restarts:
+//! the new task carries its slot's `attempt` count (the predecessor's plus
+//! one) and a delay of `max(restart_policy.delay, 100 ms doubling per
+//! attempt up to 10 s)`, which the executor turns into the task's
+//! `not_before` time and the scheduler honours. `max_attempts` counts these
+//! retries: a task that failed on its `max_attempts`-th retry is left alone.
+//! A task moved off a lost or drained node is no retry: attempt 0, no delay.
+//!
+//! **Invariant:** pure and deterministic: no I/O, no clock (delays are
+//! relative; the restart `window` is the agent's business), no randomness.
+//! New tasks carry no id; the executor assigns one when it commits them.
 
 mod global;
 mod replicated;
@@ -30,11 +37,13 @@ mod replicated;
 #[cfg(test)]
 mod tests;
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    DesiredState, Node, NodeId, RestartCondition, Service, ServiceId, ServiceMode, Task, TaskId,
-    TaskState, TaskTemplate,
+    DesiredState, Node, NodeId, RestartCondition, RestartPolicy, Service, ServiceId, ServiceMode,
+    Task, TaskId, TaskState, TaskTemplate,
 };
 
 /// Errors from the orchestrator module.
@@ -61,6 +70,8 @@ pub const MAX_REPLICAS: u64 = 100_000;
 pub struct NewTask {
     /// The service.
     pub service: ServiceId,
+    /// The service's full name ([`Task::service_name`]).
+    pub service_name: String,
     /// Replicated: the slot it fills.
     pub slot: Option<u64>,
     /// Global: the node it is for (the scheduler only checks it fits).
@@ -71,6 +82,34 @@ pub struct NewTask {
     pub spec: TaskTemplate,
     /// The task it replaces, if any.
     pub replaces: Option<TaskId>,
+    /// Retries of its slot (or node) so far, this one included
+    /// ([`Task::attempt`]); 0 for a first task or one moved off a node.
+    #[serde(default)]
+    pub attempt: u32,
+    /// How long after its creation it may be scheduled: the retry back-off.
+    #[serde(default)]
+    pub delay: Duration,
+}
+
+/// The first retry's back-off (Docker's and the agent's restart back-off).
+pub const RETRY_BACKOFF_BASE: Duration = Duration::from_millis(100);
+
+/// The longest retry back-off.
+pub const RETRY_BACKOFF_CAP: Duration = Duration::from_secs(10);
+
+/// The wait before retry number `attempt` (1 for the first) under
+/// `policy`: the policy's delay, or the back-off when that is longer —
+/// [`RETRY_BACKOFF_BASE`] doubling per attempt up to [`RETRY_BACKOFF_CAP`].
+pub fn retry_delay(policy: &RestartPolicy, attempt: u32) -> Duration {
+    if attempt == 0 {
+        return Duration::ZERO;
+    }
+    // 100 ms × 2^7 already exceeds the cap: larger shifts are the cap.
+    let doublings = (attempt - 1).min(16);
+    let backoff = RETRY_BACKOFF_BASE
+        .saturating_mul(1u32 << doublings)
+        .min(RETRY_BACKOFF_CAP);
+    policy.delay.max(backoff)
 }
 
 /// Why a task's desired state goes to shutdown.
@@ -192,9 +231,13 @@ enum Finished {
     Replace,
 }
 
-/// Decides about a terminal live task `task`; `history` is every task of the
-/// same slot (or node), for counting rejected attempts.
-fn finished(task: &Task, history: &[&Task]) -> Finished {
+/// Decides about a terminal live task `task`.
+///
+/// Decision: retries are counted in the tasks themselves
+/// ([`Task::attempt`]), not in the slot's history, which the task history
+/// collector cuts to five tasks: counted there, a `max_attempts` above four
+/// would never be reached.
+fn finished(task: &Task) -> Finished {
     let policy = &task.spec.restart_policy;
     match task.status.state {
         TaskState::Rejected | TaskState::Orphaned | TaskState::Shutdown => {}
@@ -203,34 +246,42 @@ fn finished(task: &Task, history: &[&Task]) -> Finished {
     if policy.condition == RestartCondition::None {
         return Finished::Leave;
     }
-    if task.status.state == TaskState::Rejected
-        && let Some(max) = policy.max_attempts.filter(|&m| m > 0)
+    // Swarm's convention: max_attempts 0 means unlimited. The first task is
+    // not a retry, so `max` retries means `max + 1` failed tasks.
+    if let Some(max) = policy.max_attempts.filter(|&m| m > 0)
+        && task.attempt >= max
     {
-        // Swarm's convention: max_attempts 0 means unlimited. The first task
-        // is not a restart, so `max` replacements means `max + 1` rejections.
-        let rejected = history
-            .iter()
-            .filter(|t| t.status.state == TaskState::Rejected)
-            .count();
-        if rejected > max as usize {
-            return Finished::Leave;
-        }
+        return Finished::Leave;
     }
     Finished::Replace
 }
 
-fn new_task(
-    service: &Service,
-    slot: Option<u64>,
-    node: Option<NodeId>,
-    replaces: Option<TaskId>,
-) -> Action {
+/// Where a new task comes from, which decides its attempt count and delay.
+#[derive(Clone, Copy)]
+enum Origin<'a> {
+    /// A slot or node that has no task yet.
+    Fresh,
+    /// Replaces a task that did nothing wrong (its node was lost).
+    Moves(&'a Task),
+    /// Retries a task that failed where only the controller can act.
+    Retries(&'a Task),
+}
+
+fn new_task(service: &Service, slot: Option<u64>, node: Option<NodeId>, origin: Origin) -> Action {
+    let (replaces, attempt) = match origin {
+        Origin::Fresh => (None, 0),
+        Origin::Moves(t) => (Some(t.id.clone()), 0),
+        Origin::Retries(t) => (Some(t.id.clone()), t.attempt.saturating_add(1)),
+    };
     Action::Create(Box::new(NewTask {
         service: service.id.clone(),
+        service_name: service.spec.full_name(),
         slot,
         node,
         spec_version: service.spec_version,
         spec: service.spec.task.clone(),
         replaces,
+        attempt,
+        delay: retry_delay(&service.spec.task.restart_policy, attempt),
     }))
 }

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{Action, Finished, ShutdownReason, finished, keep_one, new_task};
+use super::{Action, Finished, Origin, ShutdownReason, finished, keep_one, new_task};
 use crate::model::{Availability, DesiredState, Node, NodeState, Service, Task};
 
 pub(super) fn reconcile(
@@ -16,17 +16,14 @@ pub(super) fn reconcile(
     nodes: &[Node],
 ) -> Vec<Action> {
     let mut actions = Vec::new();
-    let mut history: BTreeMap<u64, Vec<&Task>> = BTreeMap::new();
     let mut live: BTreeMap<u64, Vec<&Task>> = BTreeMap::new();
     let mut slotless: Vec<&Task> = Vec::new();
     for &t in tasks {
         match t.slot {
-            Some(slot) => {
-                history.entry(slot).or_default().push(t);
-                if t.desired_state == DesiredState::Running {
-                    live.entry(slot).or_default().push(t);
-                }
+            Some(slot) if t.desired_state == DesiredState::Running => {
+                live.entry(slot).or_default().push(t);
             }
+            Some(_) => {}
             // A task without a slot cannot belong to a replicated service
             // (left over from a mode change): it has no place to stay.
             None if t.desired_state == DesiredState::Running => slotless.push(t),
@@ -54,17 +51,17 @@ pub(super) fn reconcile(
         for t in duplicates {
             actions.push(shutdown(t, ShutdownReason::Duplicate));
         }
-        let reason = if task.status.state.is_terminal() {
-            match finished(task, history.get(&slot).map_or(&[][..], Vec::as_slice)) {
+        let replace = if task.status.state.is_terminal() {
+            match finished(task) {
                 Finished::Leave => None,
-                Finished::Replace => Some(ShutdownReason::Replaced),
+                Finished::Replace => Some((ShutdownReason::Replaced, Origin::Retries(task))),
             }
         } else {
-            node_loss(task, nodes)
+            node_loss(task, nodes).map(|reason| (reason, Origin::Moves(task)))
         };
-        if let Some(reason) = reason {
+        if let Some((reason, origin)) = replace {
             actions.push(shutdown(task, reason));
-            actions.push(new_task(service, Some(slot), None, Some(task.id.clone())));
+            actions.push(new_task(service, Some(slot), None, origin));
         }
     }
 
@@ -72,7 +69,7 @@ pub(super) fn reconcile(
     let mut slot = 1u64;
     while occupied < keep_count {
         if live.get(&slot).is_none_or(|c| c.is_empty()) {
-            actions.push(new_task(service, Some(slot), None, None));
+            actions.push(new_task(service, Some(slot), None, Origin::Fresh));
             occupied += 1;
         }
         slot += 1;

@@ -50,6 +50,9 @@ struct FixtureTask {
     state: TaskState,
     #[serde(default)]
     desired: DesiredState,
+    /// Retries of its slot before it ([`Task::attempt`]).
+    #[serde(default)]
+    attempt: u32,
 }
 
 fn running_state() -> TaskState {
@@ -117,6 +120,9 @@ fn task(
         },
         generation: 1,
         version: 1,
+        service_name: service.spec.full_name(),
+        attempt: 0,
+        not_before_unix_ms: None,
     }
 }
 
@@ -137,6 +143,9 @@ fn apply(tasks: &mut Vec<Task>, actions: &[Action], next_id: &mut usize) {
                     status: TaskStatus::default(),
                     generation: 1,
                     version: 1,
+                    service_name: new.service_name.clone(),
+                    attempt: new.attempt,
+                    not_before_unix_ms: None,
                 });
             }
             Action::Shutdown { task, .. } => {
@@ -163,6 +172,10 @@ fn render(actions: &[Action]) -> String {
                 }
                 if let Some(old) = &new.replaces {
                     write!(out, " replacing {old}").expect("write to string");
+                }
+                if new.attempt > 0 {
+                    write!(out, " (attempt {} after {:?})", new.attempt, new.delay)
+                        .expect("write to string");
                 }
                 out.push('\n');
             }
@@ -203,7 +216,10 @@ fn run_orchestrator_fixture(text: &str) -> String {
     let mut tasks: Vec<Task> = fx
         .tasks
         .iter()
-        .map(|t| task(&t.id, &svc, t.slot, t.node.as_deref(), t.state, t.desired))
+        .map(|t| Task {
+            attempt: t.attempt,
+            ..task(&t.id, &svc, t.slot, t.node.as_deref(), t.state, t.desired)
+        })
         .collect();
     let pass = |tasks: &[Task]| {
         if fx.removed {
@@ -225,6 +241,26 @@ fn orchestrator_scenarios() {
     check_fixtures(
         &testdata("scheduler/orchestrator"),
         run_orchestrator_fixture,
+    );
+}
+
+#[test]
+fn retries_back_off_from_100ms_to_10s_never_below_the_policy_delay() {
+    let policy = RestartPolicy::default();
+    let ms = |attempt| retry_delay(&policy, attempt).as_millis();
+    assert_eq!(
+        (0..=9).map(ms).collect::<Vec<_>>(),
+        [0, 100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000]
+    );
+    assert_eq!(ms(u32::MAX), 10_000);
+    let slow = RestartPolicy {
+        delay: std::time::Duration::from_secs(5),
+        ..RestartPolicy::default()
+    };
+    assert_eq!(retry_delay(&slow, 1), std::time::Duration::from_secs(5));
+    assert_eq!(
+        retry_delay(&slow, 7),
+        std::time::Duration::from_millis(6400)
     );
 }
 

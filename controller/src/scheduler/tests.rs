@@ -216,6 +216,9 @@ fn task(id: &str, service: &str, node: Option<&str>, state: TaskState, spec: Tas
         },
         generation: 1,
         version: 1,
+        service_name: String::new(),
+        attempt: 0,
+        not_before_unix_ms: None,
     }
 }
 

@@ -85,10 +85,7 @@ fn resolve_service<'a>(s: &'a StateMachine, reference: &str) -> Result<&'a Servi
     {
         return Ok(svc);
     }
-    if let Some(svc) = s
-        .services()
-        .find(|svc| format!("{}_{}", svc.spec.stack, svc.spec.name) == reference)
-    {
+    if let Some(svc) = s.services().find(|svc| svc.spec.full_name() == reference) {
         return Ok(svc);
     }
     let named: Vec<&Service> = s

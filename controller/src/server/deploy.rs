@@ -204,6 +204,7 @@ fn service_spec(stack: &str, name: &str, s: &compose::Service) -> Result<Service
             ports,
             host_network: s.network_mode == Some(compose::NetworkMode::Host),
             labels: s.labels.clone(),
+            stop_grace_period: s.stop_grace_period.map(|d| d.0),
         },
         update_config: Some(UpdateConfig {
             parallelism: uc.parallelism,
@@ -289,6 +290,10 @@ fn changed_fields(a: &ServiceSpec, b: &ServiceSpec) -> Vec<String> {
     check(x.working_dir != y.working_dir, "working_dir");
     check(x.hostname != y.hostname, "hostname");
     check(x.labels != y.labels, "labels");
+    check(
+        x.stop_grace_period != y.stop_grace_period,
+        "stop_grace_period",
+    );
     check(x.host_network != y.host_network, "network_mode");
     match (&a.mode, &b.mode) {
         (ServiceMode::Replicated { .. }, ServiceMode::Replicated { .. }) => {
@@ -330,7 +335,7 @@ mod tests {
     #[test]
     fn a_stack_becomes_model_specs() {
         let stack = load(
-            "services:\n  web:\n    image: nginx\n    network_mode: host\n    labels: {tier: front}\n    ports: ['8080:80']\n    healthcheck:\n      test: [CMD, wget, -q, localhost]\n      interval: 2s\n    deploy:\n      replicas: 3\n      resources:\n        limits: {cpus: '0.5', memory: 64m}\n      placement:\n        constraints: [node.labels.zone==eu]\n        max_replicas_per_node: 2\n      restart_policy:\n        condition: on-failure\n        max_attempts: 4\n",
+            "services:\n  web:\n    image: nginx\n    stop_grace_period: 1m30s\n    network_mode: host\n    labels: {tier: front}\n    ports: ['8080:80']\n    healthcheck:\n      test: [CMD, wget, -q, localhost]\n      interval: 2s\n    deploy:\n      replicas: 3\n      resources:\n        limits: {cpus: '0.5', memory: 64m}\n      placement:\n        constraints: [node.labels.zone==eu]\n        max_replicas_per_node: 2\n      restart_policy:\n        condition: on-failure\n        max_attempts: 4\n",
         );
         let specs = service_specs(&revalidate(&stack).expect("valid")).expect("converts");
         let web = &specs["web"];
@@ -356,6 +361,25 @@ mod tests {
             HealthProbe::Exec(vec!["wget".into(), "-q".into(), "localhost".into()])
         );
         assert_eq!(hc.interval, std::time::Duration::from_secs(2));
+        assert_eq!(
+            t.stop_grace_period,
+            Some(std::time::Duration::from_secs(90))
+        );
+    }
+
+    #[test]
+    fn stop_grace_period_is_optional_and_diffed() {
+        let old = service_specs(&load("services:\n  web:\n    image: a\n")).expect("old");
+        assert_eq!(old["web"].task.stop_grace_period, None);
+        let new = service_specs(&load(
+            "services:\n  web:\n    image: a\n    stop_grace_period: 500ms\n",
+        ))
+        .expect("new");
+        assert_eq!(
+            new["web"].task.stop_grace_period,
+            Some(std::time::Duration::from_millis(500))
+        );
+        assert_eq!(diff(&old, &new).update[0].fields, ["stop_grace_period"]);
     }
 
     #[test]

@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use gantry_proto::v1 as pb;
 use tokio::sync::{Notify, mpsc};
@@ -560,6 +560,7 @@ impl Dispatcher {
                     status.message =
                         "not in the node's assignments when its agent connected; stopped by the agent"
                             .into();
+                    status.timestamp_unix_ms = Some(super::executor::unix_ms(SystemTime::now()));
                     Command::UpdateTaskStatus {
                         task: t.id,
                         node: node.clone(),

@@ -7,7 +7,14 @@
 //! - The **scheduler** loop gathers every new or pending task, builds one
 //!   [`ClusterView`], runs [`scheduler::schedule`] once for the batch and
 //!   proposes `AssignTasks` and `MarkTasksPending` (with each filter's
-//!   explanation).
+//!   explanation). A retry whose `not_before` time has not come is left
+//!   out, and the loop wakes up again when the earliest one comes.
+//!
+//! The loops are the shell around the pure cores, so they read the clock:
+//! the orchestrator's retry delays become absolute `not_before` times here,
+//! and the state changes they make are stamped, the times written into the
+//! commands (the state machine never reads a clock; replaying the log gives
+//! the same times).
 //! - The **task history** loop deletes stopped tasks beyond the last
 //!   [`TASK_HISTORY_LIMIT`] per slot (per node for global services), like
 //!   Swarm's `task-history-limit`, and every stopped task of a removed
@@ -21,6 +28,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
 
 use crate::model::{
     DesiredState, Node, NodeId, Service, ServiceId, Task, TaskId, TaskState, TaskStatus,
@@ -42,7 +52,8 @@ enum Scope {
 }
 
 /// Runs `pass` once over everything, then once per batch of events, until
-/// `shutdown` resolves.
+/// `shutdown` resolves. A pass may ask to run again at a time of its own
+/// (with no events) even when nothing happens before then.
 async fn drive<F, Fut>(
     name: &'static str,
     store: &StoreFront,
@@ -50,12 +61,12 @@ async fn drive<F, Fut>(
     mut pass: F,
 ) where
     F: FnMut(Option<Vec<Event>>) -> Fut,
-    Fut: Future<Output = ()>,
+    Fut: Future<Output = Option<Instant>>,
 {
     tokio::pin!(shutdown);
     'resync: loop {
         let revision = store.revision();
-        pass(None).await;
+        let mut wake = pass(None).await;
         let mut events = match store.watch(revision + 1) {
             Ok(rx) => rx,
             Err(e) => {
@@ -67,6 +78,10 @@ async fn drive<F, Fut>(
             let first = tokio::select! {
                 () = &mut shutdown => return,
                 e = events.recv() => e,
+                () = sleep_until(wake), if wake.is_some() => {
+                    wake = pass(Some(Vec::new())).await;
+                    continue;
+                }
             };
             let mut batch = Vec::new();
             match first {
@@ -83,9 +98,21 @@ async fn drive<F, Fut>(
                     Err(_) => continue 'resync,
                 }
             }
-            pass(Some(batch)).await;
+            wake = pass(Some(batch)).await;
         }
     }
+}
+
+async fn sleep_until(wake: Option<Instant>) {
+    if let Some(at) = wake {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+/// Now, in Unix milliseconds (0 for a clock before 1970).
+pub(super) fn unix_ms(now: SystemTime) -> u64 {
+    now.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The orchestrator loop.
@@ -99,6 +126,7 @@ pub async fn run_orchestrator(store: StoreFront, shutdown: impl Future<Output = 
                 Some(events) => orchestrator_scope(&events),
             };
             orchestrate(&store, &scope).await;
+            None
         }
     })
     .await;
@@ -122,6 +150,7 @@ fn orchestrator_scope(events: &[Event]) -> Scope {
 
 /// One orchestrator pass over the services in `scope`.
 async fn orchestrate(store: &StoreFront, scope: &Scope) {
+    let now = unix_ms(SystemTime::now());
     let commands = store.read(|s| {
         let nodes: Vec<Node> = s.nodes().cloned().collect();
         let ids: BTreeSet<ServiceId> = match scope {
@@ -148,7 +177,7 @@ async fn orchestrate(store: &StoreFront, scope: &Scope) {
                 },
                 None => orchestrator::remove_service(&id, &tasks),
             };
-            commands.extend(commands_for(actions));
+            commands.extend(commands_for(actions, now));
         }
         commands
     });
@@ -183,6 +212,7 @@ fn update_actions(service: &Service, tasks: &[Task]) -> Vec<Action> {
         });
         actions.push(Action::Create(Box::new(NewTask {
             service: service.id.clone(),
+            service_name: service.spec.full_name(),
             slot: t.slot,
             // A global task stays on its node; a replicated one is placed
             // again by the scheduler.
@@ -194,6 +224,8 @@ fn update_actions(service: &Service, tasks: &[Task]) -> Vec<Action> {
             spec_version: service.spec_version,
             spec: service.spec.task.clone(),
             replaces: Some(t.id.clone()),
+            attempt: 0,
+            delay: Duration::ZERO,
         })));
     }
     actions
@@ -201,7 +233,9 @@ fn update_actions(service: &Service, tasks: &[Task]) -> Vec<Action> {
 
 /// Turns one service's actions into at most two commands (each all or
 /// none, so a refusal of one service's creations does not hold up another's).
-fn commands_for(actions: Vec<Action>) -> Vec<Command> {
+/// `now` (Unix milliseconds) stamps the new tasks and turns retry delays
+/// into `not_before` times.
+fn commands_for(actions: Vec<Action>, now: u64) -> Vec<Command> {
     let mut tasks = Vec::new();
     let mut changes = Vec::new();
     for action in actions {
@@ -224,10 +258,16 @@ fn commands_for(actions: Vec<Action>) -> Vec<Command> {
                     desired_state: DesiredState::Running,
                     status: TaskStatus {
                         state: TaskState::New,
+                        timestamp_unix_ms: Some(now),
                         ..TaskStatus::default()
                     },
                     generation: 0,
                     version: 0,
+                    service_name: new.service_name,
+                    attempt: new.attempt,
+                    not_before_unix_ms: (!new.delay.is_zero()).then(|| {
+                        now.saturating_add(u64::try_from(new.delay.as_millis()).unwrap_or(u64::MAX))
+                    }),
                 });
             }
             Action::Shutdown { task, reason } => {
@@ -261,14 +301,24 @@ pub async fn run_scheduler(store: StoreFront, shutdown: impl Future<Output = ()>
     .await;
 }
 
-/// One scheduling pass over every new or pending task.
-async fn schedule_pending(store: &StoreFront) {
+/// One scheduling pass over every new or pending task whose time has
+/// come; returns when the next one's comes.
+async fn schedule_pending(store: &StoreFront) -> Option<Instant> {
+    let now = unix_ms(SystemTime::now());
+    let mut next: Option<u64> = None;
     let commands = store.read(|s| {
         let mut pending: Vec<&Task> = s
             .tasks()
             .filter(|t| {
                 matches!(t.status.state, TaskState::New | TaskState::Pending)
                     && t.desired_state == DesiredState::Running
+            })
+            .filter(|t| match t.not_before_unix_ms {
+                Some(at) if at > now => {
+                    next = Some(next.map_or(at, |n| n.min(at)));
+                    false
+                }
+                _ => true,
             })
             .collect();
         if pending.is_empty() {
@@ -295,6 +345,7 @@ async fn schedule_pending(store: &StoreFront) {
         if !plan.assignments.is_empty() {
             commands.push(Command::AssignTasks {
                 assignments: plan.assignments,
+                at_unix_ms: Some(now),
             });
         }
         let newly_pending: Vec<PendingTask> =
@@ -315,11 +366,13 @@ async fn schedule_pending(store: &StoreFront) {
         if !newly_pending.is_empty() {
             commands.push(Command::MarkTasksPending {
                 tasks: newly_pending,
+                at_unix_ms: Some(now),
             });
         }
         commands
     });
     propose_logged(store, "scheduler", commands).await;
+    next.map(|at| Instant::now() + Duration::from_millis(at - now))
 }
 
 /// The task history loop.
@@ -336,6 +389,7 @@ pub async fn run_task_history(store: StoreFront, shutdown: impl Future<Output = 
             if relevant {
                 collect_history(&store).await;
             }
+            None
         }
     })
     .await;

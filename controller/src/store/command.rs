@@ -137,12 +137,20 @@ pub enum Command {
     MarkTasksPending {
         /// The tasks and why each is pending.
         tasks: Vec<PendingTask>,
+        /// The proposer's clock (Unix milliseconds): the state change's
+        /// timestamp for tasks that become pending.
+        #[serde(default)]
+        at_unix_ms: Option<u64>,
     },
     /// Commits a scheduler plan's assignments, all or none: each task moves
     /// to `assigned` on its node and its generation is bumped.
     AssignTasks {
         /// The assignments.
         assignments: Vec<Assignment>,
+        /// The proposer's clock (Unix milliseconds): the state change's
+        /// timestamp.
+        #[serde(default)]
+        at_unix_ms: Option<u64>,
     },
     /// Deletes tasks that no longer hold anything on a node and whose desired
     /// state is shutdown (task history garbage collection), all or none.

@@ -365,8 +365,13 @@ impl StateMachine {
             Command::UpdateTaskStatus { task, node, status } => {
                 self.update_task_status(index, name, task, node, status)
             }
-            Command::MarkTasksPending { tasks } => self.mark_pending(index, name, tasks),
-            Command::AssignTasks { assignments } => self.assign(index, name, assignments),
+            Command::MarkTasksPending { tasks, at_unix_ms } => {
+                self.mark_pending(index, name, tasks, *at_unix_ms)
+            }
+            Command::AssignTasks {
+                assignments,
+                at_unix_ms,
+            } => self.assign(index, name, assignments, *at_unix_ms),
             Command::RemoveTasks { tasks } => self.remove_tasks(index, name, tasks),
         }
     }
@@ -622,8 +627,16 @@ impl StateMachine {
             ));
         }
         let mut next = task.status.clone();
-        next.advance(id, status.state)
+        let changed = next
+            .advance(id, status.state)
             .map_err(ApplyError::Backward)?;
+        // The time of the last state change: a resent report of the same
+        // state (or one that only changes health) keeps it.
+        next.timestamp_unix_ms = if changed {
+            status.timestamp_unix_ms
+        } else {
+            task.status.timestamp_unix_ms.or(status.timestamp_unix_ms)
+        };
         next.message = status.message.clone();
         next.error = status.error.clone();
         next.exit_code = status.exit_code;
@@ -647,6 +660,7 @@ impl StateMachine {
         index: u64,
         name: &'static str,
         pending: &[PendingTask],
+        at_unix_ms: Option<u64>,
     ) -> Result<Vec<Event>, ApplyError> {
         let mut seen = BTreeSet::new();
         for p in pending {
@@ -678,6 +692,9 @@ impl StateMachine {
             if let Some(task) = self.tasks.get_mut(&p.task)
                 && (task.status.state != TaskState::Pending || task.status.message != p.message)
             {
+                if task.status.state != TaskState::Pending {
+                    task.status.timestamp_unix_ms = at_unix_ms;
+                }
                 task.status.state = TaskState::Pending;
                 task.status.message = p.message.clone();
                 task.version = index;
@@ -692,6 +709,7 @@ impl StateMachine {
         index: u64,
         name: &'static str,
         assignments: &[Assignment],
+        at_unix_ms: Option<u64>,
     ) -> Result<Vec<Event>, ApplyError> {
         let mut seen = BTreeSet::new();
         for a in assignments {
@@ -736,6 +754,7 @@ impl StateMachine {
                 task.node = Some(a.node.clone());
                 task.status.state = TaskState::Assigned;
                 task.status.message = String::new();
+                task.status.timestamp_unix_ms = at_unix_ms;
                 task.generation += 1;
                 task.version = index;
                 events.push(event(index, EventKind::Updated, Object::Task(task.clone())));

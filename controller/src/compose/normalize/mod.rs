@@ -42,6 +42,7 @@ const SERVICE_KEYS: &[&str] = &[
     "network_mode",
     "depends_on",
     "networks",
+    "stop_grace_period",
 ];
 /// Every other service key of the compose-spec: accepted with a warning.
 const SERVICE_UNSUPPORTED: &[&str] = &[
@@ -109,7 +110,6 @@ const SERVICE_UNSUPPORTED: &[&str] = &[
     "security_opt",
     "shm_size",
     "stdin_open",
-    "stop_grace_period",
     "stop_signal",
     "storage_opt",
     "sysctls",
@@ -698,6 +698,10 @@ impl Walker<'_> {
         }
         let hostname = self.opt_string(map, "hostname", &path)?;
         let labels = self.labels(map, &path)?;
+        let stop_grace_period = match get(map, "stop_grace_period") {
+            Some(v) => Some(self.duration(v, &join(&path, "stop_grace_period"))?),
+            None => None,
+        };
         let restart = match get(map, "restart") {
             Some(v) => Some(self.restart(v, &join(&path, "restart"))?),
             None => None,
@@ -734,6 +738,7 @@ impl Walker<'_> {
             working_dir,
             hostname,
             labels,
+            stop_grace_period,
             deploy,
             network_mode,
             depends_on,
