@@ -158,7 +158,10 @@ impl ImageError {
             | ImageError::DiffIdMismatch { .. }
             | ImageError::InvalidArchive { .. } => true,
             ImageError::Blob(e) => !matches!(e, BlobError::Io { .. }),
-            ImageError::Registry(e) => matches!(e, RegistryError::NotFound { .. }),
+            ImageError::Registry(e) => matches!(
+                e,
+                RegistryError::NotFound { .. } | RegistryError::ReservedName { .. }
+            ),
             ImageError::Io { .. } | ImageError::InUse { .. } | ImageError::CorruptIndex { .. } => {
                 false
             }

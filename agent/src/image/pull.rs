@@ -100,6 +100,12 @@ pub(super) fn pull(
             done => return done,
         }
     }
+    if reference.is_reserved_registry() {
+        return Err(RegistryError::ReservedName {
+            host: reference.registry_host().to_string(),
+        }
+        .into());
+    }
     let client = RegistryClient::new(&reference, &registry_options);
     pull_with(store, input, reference, client, progress)
 }

@@ -125,6 +125,19 @@ impl Reference {
         }
     }
 
+    /// Whether the registry host is a special-use domain name (RFC 6761)
+    /// that no resolver answers: `*.test`, `*.example`, `*.invalid`,
+    /// `*.localhost`. Images named so (Gantry's own test images are
+    /// `gantry.test/...`) only ever come from a store or a mirror; asking
+    /// DNS about them would only send a query off the machine and wait.
+    pub fn is_reserved_registry(&self) -> bool {
+        let host = host_without_port(&self.domain).to_ascii_lowercase();
+        let host = host.trim_end_matches('.');
+        ["test", "example", "invalid", "localhost"]
+            .iter()
+            .any(|tld| host.ends_with(&format!(".{tld}")))
+    }
+
     /// Whether Docker's rule allows plain HTTP to this registry without
     /// `--insecure`: loopback only (`localhost`, `127.0.0.0/8`, `::1`).
     pub fn is_loopback_registry(&self) -> bool {
@@ -277,6 +290,18 @@ mod tests {
             full("docker.io/busybox"),
             "docker.io/library/busybox:latest"
         );
+    }
+
+    #[test]
+    fn special_use_registry_names_are_reserved() {
+        let reserved = |input: &str| Reference::parse(input).unwrap().is_reserved_registry();
+        assert!(reserved("gantry.test/web:latest"));
+        assert!(reserved("registry.example:5000/app"));
+        assert!(reserved("Thing.INVALID/app"));
+        assert!(!reserved("busybox"));
+        assert!(!reserved("ghcr.io/acme/app"));
+        assert!(!reserved("127.0.0.1:5000/app"));
+        assert!(!reserved("test/app"), "docker.io/test/app");
     }
 
     #[test]

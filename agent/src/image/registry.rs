@@ -42,6 +42,17 @@ pub enum RegistryError {
         /// The URL requested.
         url: String,
     },
+    /// The registry's host is a special-use name that never resolves
+    /// (RFC 6761: `.test`, `.example`, `.invalid`, `.localhost`), so it is
+    /// not looked up at all.
+    #[error(
+        "registry {host} is a reserved name that never resolves: \
+         load the image with `gantry image load` or push it to a real registry"
+    )]
+    ReservedName {
+        /// The registry host.
+        host: String,
+    },
     /// The registry wants credentials that were refused or not given.
     #[error("{url}: authentication failed: {reason}")]
     Auth {
