@@ -257,6 +257,8 @@ struct Watcher {
 #[derive(Default)]
 struct View {
     tasks: HashMap<String, pb::Task>,
+    /// When each task last changed (since the watch began).
+    updated: HashMap<String, Instant>,
     /// When the last change was applied.
     changed: Option<Instant>,
     /// Why the stream ended, if it did.
@@ -306,12 +308,15 @@ impl Watcher {
                 match next {
                     Ok(Some(event)) => {
                         if let Some(pb::event::Object::Task(task)) = event.object {
+                            let now = Instant::now();
                             if event.action == pb::EventAction::Remove as i32 {
                                 v.tasks.remove(&task.id);
+                                v.updated.remove(&task.id);
                             } else {
+                                v.updated.insert(task.id.clone(), now);
                                 v.tasks.insert(task.id.clone(), task);
                             }
-                            v.changed = Some(Instant::now());
+                            v.changed = Some(now);
                         }
                     }
                     Ok(None) => v.error = Some("events stream ended".into()),
@@ -372,6 +377,21 @@ impl Watcher {
                 return Err(format!("not within {limit:?}: {}", summary(&v.tasks)));
             }
             v = changed.wait_timeout(v, left).unwrap().0;
+        }
+    }
+
+    /// When task `id` last changed, if it is now as `holds` says.
+    fn task_updated_when(
+        &self,
+        id: &str,
+        holds: impl FnOnce(&pb::Task) -> bool,
+    ) -> Option<Instant> {
+        let v = self.view.0.lock().unwrap();
+        let task = v.tasks.get(id)?;
+        if holds(task) {
+            v.updated.get(id).copied()
+        } else {
+            None
         }
     }
 
@@ -564,16 +584,16 @@ impl Bench<'_> {
         }
         picks.truncate(kills);
         for task in picks {
-            let Some(pid) = containers.iter().find_map(|(name, pid)| {
-                name.ends_with(&format!(".{}", &task.id[..task.id.len().min(10)]))
-                    .then_some(*pid)
+            // The agent names a task's container SERVICE.SLOT.TASKID-PREFIX.
+            let Some(container) = containers.iter().find(|c| {
+                let short = c.name.rsplit('.').next().unwrap_or("");
+                short.len() >= 8 && task.id.starts_with(short)
             }) else {
                 errors.push(format!("no running container of task {} found", task.id));
                 continue;
             };
             let restarts = task.status.as_ref().map_or(0, |s| s.restarts);
-            let parent = parent_of(pid);
-            let id = task.id.clone();
+            let (id, pid) = (task.id.clone(), container.pid);
             let start = Instant::now();
             if let Err(e) = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
@@ -582,40 +602,42 @@ impl Bench<'_> {
                 errors.push(format!("kill {pid} (task {id}): {e}"));
                 continue;
             }
-            // The node's view: the shim's new child (polled every 1 ms).
-            let mut new_pid_at = None;
-            if let Some(shim) = parent {
-                let deadline = start + Duration::from_secs(10);
-                while Instant::now() < deadline {
-                    if children(shim).iter().any(|c| *c != pid) {
-                        new_pid_at = Some(start.elapsed());
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
+            // Both views are polled every millisecond: the node's (the new
+            // shim's `shim.json` names a new, live init) and the
+            // controller's (the task running with one more restart; the
+            // event's arrival time is what counts).
+            let deadline = start + Duration::from_secs(30);
+            let (mut node_at, mut controller_at) = (None, None);
+            while Instant::now() < deadline && (node_at.is_none() || controller_at.is_none()) {
+                if node_at.is_none() && new_init(&container.shim_state, pid) {
+                    node_at = Some(start.elapsed().as_secs_f64());
                 }
-            }
-            let at = self.w.wait_until(Duration::from_secs(30), |t| {
-                t.get(&id).is_some_and(|t| {
-                    is_running(t) && t.status.as_ref().is_some_and(|s| s.restarts > restarts)
-                })
-            });
-            match at {
-                Ok(at) => {
-                    let s = at.saturating_duration_since(start).as_secs_f64();
-                    println!(
-                        "restart of task {id}: reported running {:.0} ms, new process {}",
-                        s * 1e3,
-                        new_pid_at.map_or("not seen".into(), |d| format!(
-                            "{:.0} ms",
-                            d.as_secs_f64() * 1e3
-                        ))
-                    );
-                    reported.push(s);
+                if controller_at.is_none() {
+                    controller_at = self.w.task_updated_when(&id, |t| {
+                        is_running(t) && t.status.as_ref().is_some_and(|s| s.restarts > restarts)
+                    });
                 }
-                Err(e) => errors.push(format!("task {id}: {e}")),
+                std::thread::sleep(Duration::from_millis(1));
             }
-            if let Some(d) = new_pid_at {
-                process.push(d.as_secs_f64());
+            let fmt =
+                |s: Option<f64>| s.map_or("not seen".into(), |s| format!("{:.0} ms", s * 1e3));
+            let controller_s =
+                controller_at.map(|at| at.saturating_duration_since(start).as_secs_f64());
+            println!(
+                "restart of task {id}: reported running {}, new process {}",
+                fmt(controller_s),
+                fmt(node_at)
+            );
+            match controller_s {
+                Some(s) => reported.push(s),
+                None => errors.push(format!("task {id}: not reported running again within 30 s")),
+            }
+            match node_at {
+                Some(s) => process.push(s),
+                None => errors.push(format!(
+                    "task {id}: no new main process in {} within 30 s",
+                    container.shim_state.display()
+                )),
             }
         }
         json!({
@@ -626,9 +648,9 @@ impl Bench<'_> {
         })
     }
 
-    /// Every running container on the agents: (name, main pid), from
-    /// `gantry container ps -o json` with each host's data dir, in its netns.
-    fn containers(&self) -> Result<Vec<(String, i32)>, String> {
+    /// Every running container on the agents, from `gantry container ps -o
+    /// json` with each host's data dir, in its netns.
+    fn containers(&self) -> Result<Vec<Container>, String> {
         let mut all = Vec::new();
         for host in self.c.hosts_with(Role::Agent) {
             let data = self.c.host_data_dir(&host).map_err(|e| e.to_string())?;
@@ -651,8 +673,14 @@ impl Bench<'_> {
                 let Ok(v) = serde_json::from_str::<Value>(line) else {
                     continue;
                 };
-                if let (Some(name), Some(pid)) = (v["name"].as_str(), v["pid"].as_i64()) {
-                    all.push((name.to_string(), pid as i32));
+                if let (Some(id), Some(name), Some(pid)) =
+                    (v["id"].as_str(), v["name"].as_str(), v["pid"].as_i64())
+                {
+                    all.push(Container {
+                        name: name.to_string(),
+                        pid: pid as i32,
+                        shim_state: data.join("containers").join(id).join("shim.json"),
+                    });
                 }
             }
         }
@@ -660,27 +688,27 @@ impl Bench<'_> {
     }
 }
 
-/// A process's parent, from `/proc/PID/stat`.
-fn parent_of(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name, which may hold spaces: "S PPID ...".
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(1)?.parse().ok()
+/// A running container on an agent.
+struct Container {
+    name: String,
+    /// Its main process (init), in this machine's pid namespace.
+    pid: i32,
+    /// The engine's `<data>/containers/<id>/shim.json`, which every shim
+    /// (re)writes with its init's pid.
+    shim_state: PathBuf,
 }
 
-/// A process's children (all its threads').
-fn children(pid: i32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
+/// Whether `shim.json` names an init other than `old` that is alive.
+fn new_init(shim_state: &Path, old: i32) -> bool {
+    let Ok(text) = std::fs::read(shim_state) else {
+        return false;
     };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| std::fs::read_to_string(e.path().join("children")).ok())
-        .flat_map(|s| {
-            s.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<i32>>()
-        })
-        .collect()
+    let Ok(v) = serde_json::from_slice::<Value>(&text) else {
+        return false;
+    };
+    v["init_pid"]
+        .as_i64()
+        .is_some_and(|pid| pid as i32 != old && Path::new(&format!("/proc/{pid}")).exists())
 }
 
 // ---------------------------------------------------------------------------
