@@ -259,6 +259,9 @@ struct View {
     tasks: HashMap<String, pb::Task>,
     /// When each task last changed (since the watch began).
     updated: HashMap<String, Instant>,
+    /// When each task was first seen in each state (indexed by the state's
+    /// number), for the deploy's milestones.
+    first_seen: HashMap<String, [Option<Instant>; 16]>,
     /// When the last change was applied.
     changed: Option<Instant>,
     /// Why the stream ended, if it did.
@@ -314,6 +317,13 @@ impl Watcher {
                                 v.updated.remove(&task.id);
                             } else {
                                 v.updated.insert(task.id.clone(), now);
+                                let state = task.status.as_ref().map_or(0, |s| s.state);
+                                if let Ok(i) = usize::try_from(state) {
+                                    let seen = v.first_seen.entry(task.id.clone()).or_default();
+                                    if let Some(slot) = seen.get_mut(i) {
+                                        slot.get_or_insert(now);
+                                    }
+                                }
                                 v.tasks.insert(task.id.clone(), task);
                             }
                             v.changed = Some(now);
@@ -395,6 +405,28 @@ impl Watcher {
         }
     }
 
+    /// For each of `states`, when the last of the running tasks had first
+    /// reached that state or a later one (a task may skip a report).
+    fn milestones(&self, states: &[pb::TaskState]) -> Vec<Option<Instant>> {
+        let v = self.view.0.lock().unwrap();
+        states
+            .iter()
+            .map(|state| {
+                let from = *state as usize;
+                let mut last: Option<Instant> = None;
+                for t in v.tasks.values().filter(|t| is_running(t)) {
+                    let seen = v.first_seen.get(&t.id)?;
+                    let first = seen[from..=pb::TaskState::Running as usize]
+                        .iter()
+                        .flatten()
+                        .min()?;
+                    last = Some(last.map_or(*first, |l| l.max(*first)));
+                }
+                last
+            })
+            .collect()
+    }
+
     /// A copy of the current tasks.
     fn tasks(&self) -> HashMap<String, pb::Task> {
         self.view.0.lock().unwrap().tasks.clone()
@@ -450,6 +482,24 @@ impl Network {
     }
 }
 
+/// The states whose arrival the deploy benchmark times, on the way to
+/// running: placed by the scheduler, taken by the agent, container starting.
+const MILESTONES: [pb::TaskState; 3] = [
+    pb::TaskState::Assigned,
+    pb::TaskState::Accepted,
+    pb::TaskState::Starting,
+];
+
+/// What one deploy took, in seconds from the CLI's start.
+struct Deployed {
+    /// Until every replica ran.
+    running_s: f64,
+    /// Until `gantry deploy` returned.
+    cli_s: f64,
+    /// Until every replica had reached each of [`MILESTONES`].
+    milestones: Vec<Option<f64>>,
+}
+
 struct Bench<'a> {
     c: &'a Cluster,
     w: &'a Watcher,
@@ -470,7 +520,7 @@ fn compose(replicas: usize, network: Network) -> String {
 impl Bench<'_> {
     /// Deploys `replicas` of the sleep service as `stack` and returns the
     /// seconds until all run (and until the CLI returned).
-    fn deploy(&self, stack: &str, replicas: usize, network: Network) -> Result<(f64, f64), String> {
+    fn deploy(&self, stack: &str, replicas: usize, network: Network) -> Result<Deployed, String> {
         let file = self.dir.join(format!("{stack}-{}.yaml", network.name()));
         std::fs::write(&file, compose(replicas, network)).map_err(|e| e.to_string())?;
         let file = file.display().to_string();
@@ -489,10 +539,18 @@ impl Bench<'_> {
         let at = self
             .w
             .wait_until(CONVERGE_LIMIT, |t| running(t) >= replicas)?;
-        Ok((
-            at.saturating_duration_since(start).as_secs_f64(),
-            cli.as_secs_f64(),
-        ))
+        let since = |at: Instant| at.saturating_duration_since(start).as_secs_f64();
+        let milestones = self
+            .w
+            .milestones(&MILESTONES)
+            .into_iter()
+            .map(|at| at.map(since))
+            .collect();
+        Ok(Deployed {
+            running_s: since(at),
+            cli_s: cli.as_secs_f64(),
+            milestones,
+        })
     }
 
     /// `gantry stack rm` and a wait until every task is terminal or gone.
@@ -511,6 +569,7 @@ impl Bench<'_> {
     fn deploy_rounds(&self, network: Network, rounds: usize) -> Value {
         let mut samples = Vec::new();
         let mut cli = Vec::new();
+        let mut steps: Vec<Vec<f64>> = vec![Vec::new(); MILESTONES.len()];
         let mut warmup = Value::Null;
         let mut errors = Vec::new();
         for round in 0..=rounds {
@@ -518,17 +577,39 @@ impl Bench<'_> {
                 self.remove("bench");
             }
             match self.deploy("bench", REPLICAS, network) {
-                Ok((s, c)) if round == 0 => {
-                    warmup = json!(round2(s));
-                    println!("deploy {}: warm-up {s:.2} s (cli {c:.2} s)", network.name());
-                }
-                Ok((s, c)) => {
+                Ok(d) => {
+                    let steps_text: Vec<String> = MILESTONES
+                        .iter()
+                        .zip(&d.milestones)
+                        .map(|(state, s)| {
+                            format!(
+                                "{} {}",
+                                state.as_str_name(),
+                                s.map_or("?".into(), |s| format!("{s:.2}"))
+                            )
+                        })
+                        .collect();
                     println!(
-                        "deploy {}: round {round} {s:.2} s (cli {c:.2} s)",
-                        network.name()
+                        "deploy {}: {} {:.2} s (cli {:.2} s; all {})",
+                        network.name(),
+                        if round == 0 {
+                            "warm-up".to_string()
+                        } else {
+                            format!("round {round}")
+                        },
+                        d.running_s,
+                        d.cli_s,
+                        steps_text.join(", ")
                     );
-                    samples.push(s);
-                    cli.push(c);
+                    if round == 0 {
+                        warmup = json!(round3(d.running_s));
+                    } else {
+                        samples.push(d.running_s);
+                        cli.push(d.cli_s);
+                        for (list, s) in steps.iter_mut().zip(&d.milestones) {
+                            list.extend(*s);
+                        }
+                    }
                 }
                 Err(e) => {
                     println!("deploy {}: round {round} failed: {e}", network.name());
@@ -546,6 +627,11 @@ impl Bench<'_> {
             "warmup_s": warmup,
             "converged_s": stats_json(&samples),
             "deploy_cli_s": stats_json(&cli),
+            "all_reached_s": MILESTONES
+                .iter()
+                .zip(&steps)
+                .map(|(state, list)| (state.as_str_name().to_string(), stats_json(list)))
+                .collect::<serde_json::Map<String, Value>>(),
             "errors": errors,
         })
     }
@@ -1155,6 +1241,24 @@ fn markdown(report: &Value) -> String {
             d["warmup_s"],
             d["deploy_cli_s"]["median"],
         ));
+        if let Some(steps) = d["all_reached_s"].as_object() {
+            // In the order a task goes through them (the map is sorted by name).
+            let text: Vec<String> = MILESTONES
+                .iter()
+                .map(|state| {
+                    let name = state.as_str_name();
+                    let short = name.trim_start_matches("TASK_STATE_").to_lowercase();
+                    format!(
+                        "{short} {} s",
+                        steps.get(name).map_or(Value::Null, |s| s["median"].clone())
+                    )
+                })
+                .collect();
+            md.push_str(&format!(
+                "  - median time until all 100 had reached (or passed): {}\n",
+                text.join(", ")
+            ));
+        }
     }
     let mem = &report["memory"];
     if let Some(reason) = mem["skipped"].as_str() {
