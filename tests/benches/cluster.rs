@@ -553,7 +553,9 @@ impl Bench<'_> {
         })
     }
 
-    /// `gantry stack rm` and a wait until every task is terminal or gone.
+    /// `gantry stack rm`, a wait until every task is terminal or gone, and
+    /// one until the agents have removed every container: removals still in
+    /// flight would otherwise slow the next round's starts.
     fn remove(&self, stack: &str) {
         self.c.gantry_ok(&["stack", "rm", stack]);
         if let Err(e) = self
@@ -562,6 +564,43 @@ impl Bench<'_> {
         {
             panic!("stack {stack} not gone: {e}");
         }
+        let deadline = Instant::now() + CONVERGE_LIMIT;
+        loop {
+            let left = self.container_count();
+            if left == Ok(0) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containers of stack {stack} not removed within {CONVERGE_LIMIT:?}: {left:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// How many containers (of any state) the agents have.
+    fn container_count(&self) -> Result<usize, String> {
+        let mut count = 0;
+        for host in self.c.hosts_with(Role::Agent) {
+            let data = self.c.host_data_dir(&host).map_err(|e| e.to_string())?;
+            let out = self
+                .c
+                .command_in(&host, &self.c.record().gantry_binary.display().to_string())
+                .map_err(|e| e.to_string())?
+                .env("GANTRY_DATA_DIR", &data)
+                .args(["container", "ps", "-a", "-q"])
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("container ps on {host}: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "container ps on {host}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            count += String::from_utf8_lossy(&out.stdout).lines().count();
+        }
+        Ok(count)
     }
 
     /// One warm-up and `rounds` measured deploys of 100 replicas; the last
