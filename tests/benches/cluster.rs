@@ -10,9 +10,11 @@
 //! reports):
 //! - `deploy`: `gantry deploy` of one service with 100 replicas of
 //!   `gantry.test/busybox` → all 100 tasks running; with `network_mode: host`
-//!   and with the default bridge network; the stack is removed (every task
-//!   terminal) between rounds; the first round of each mode is a warm-up
-//!   (images pulled through the controller's registry, bridges created);
+//!   and with the default bridge network; the stack is removed between rounds
+//!   (every task terminal, every container removed on the agents); the first
+//!   round of each mode is a warm-up (the image pulled through the
+//!   controller's registry, the bridges created); also timed: when the last
+//!   replica was assigned, accepted by its agent and starting;
 //! - `restart`: SIGKILL of a running task's container main process → the task
 //!   running again with its restart counted (and the container's new main
 //!   process alive, as the node sees it); different tasks, default policy;
@@ -665,6 +667,7 @@ impl Bench<'_> {
             "replicas": REPLICAS,
             "warmup_s": warmup,
             "converged_s": stats_json(&samples),
+            "rounds_s": samples.iter().map(|s| round3(*s)).collect::<Vec<_>>(),
             "deploy_cli_s": stats_json(&cli),
             "all_reached_s": MILESTONES
                 .iter()
