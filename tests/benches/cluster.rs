@@ -980,7 +980,7 @@ fn measure_memory(c: &Cluster) -> Value {
         "network": "bridge",
         "processes": control_plane,
         "control_plane_pss_mib": round2(total_mib),
-        "share_of_swarm": round2(share * 100.0) / 100.0,
+        "percent_of_swarm": round2(share * 100.0),
         "met": share <= target::MEMORY_SHARE,
         "shims": {
             "count": shims.len(),
@@ -1317,7 +1317,7 @@ fn markdown(report: &Value) -> String {
             mem["running_tasks"],
             mem["control_plane_pss_mib"],
             procs.join(", "),
-            mem["share_of_swarm"].as_f64().unwrap_or(0.0) * 100.0,
+            mem["percent_of_swarm"].as_f64().unwrap_or(0.0),
             swarm::MEMORY_MIB,
             target::MEMORY_SHARE * 100.0,
             if mem["met"] == true { "met" } else { "NOT met" },
