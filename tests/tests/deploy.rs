@@ -267,10 +267,10 @@ impl Env {
             .collect()
     }
 
-    /// The containers of the service with id `service_id` on `host`: the
-    /// agent names them `SERVICEID.SLOT.TASKID`.
-    fn service_containers_on(&self, host: &str, service_id: &str) -> Vec<Value> {
-        let prefix = format!("{service_id}.");
+    /// The containers of the service named `service` (`STACK_NAME`) on
+    /// `host`: the agent names them `STACK_NAME.SLOT.TASK` (Swarm's names).
+    fn service_containers_on(&self, host: &str, service: &str) -> Vec<Value> {
+        let prefix = format!("{service}.");
         self.containers_on(host)
             .into_iter()
             .filter(|c| c["name"].as_str().unwrap_or("").starts_with(&prefix))
@@ -279,14 +279,14 @@ impl Env {
 }
 
 impl Env {
-    /// Every container of the service with id `service_id` on the agent
-    /// hosts, running or not, as `(host, container)`.
-    fn containers_of(&self, service_id: &str) -> Vec<(String, Value)> {
+    /// Every container of the service named `service` on the agent hosts,
+    /// running or not, as `(host, container)`.
+    fn containers_of(&self, service: &str) -> Vec<(String, Value)> {
         self.c
             .hosts_with(cluster::Role::Agent)
             .into_iter()
             .flat_map(|h| {
-                self.service_containers_on(&h, service_id)
+                self.service_containers_on(&h, service)
                     .into_iter()
                     .map(move |c| (h.clone(), c))
             })
@@ -359,7 +359,7 @@ fn deploy_scale_update_and_remove_on_three_agents() {
     let services = env.services();
     assert_eq!(counts(&services, "app_web"), (3, 3));
     assert_eq!(counts(&services, "app_talk"), (3, 3));
-    let web_id = services["app_web"]["id"].as_str().unwrap().to_string();
+    let web_id = "app_web".to_string();
 
     // Spread: three replicas of a service with no placement rule land on
     // three distinct nodes.
@@ -836,7 +836,7 @@ services:
     env.deploy("ha", &file);
     env.wait_running("ha_web", 3, Duration::from_secs(30));
     env.wait_running("ha_every", 3, Duration::from_secs(30));
-    let service_id = env.services()["ha_web"]["id"].as_str().unwrap().to_string();
+    let service_id = "ha_web".to_string();
     let on_n2: Vec<Value> = env
         .running("ha_web")
         .into_iter()
@@ -895,10 +895,7 @@ services:
     every_nodes.sort();
     assert_eq!(every_nodes, vec!["n1", "n2", "n3"]);
     assert_eq!(counts(&env.services(), "ha_every"), (3, 3));
-    let every_id = env.services()["ha_every"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let every_id = "ha_every".to_string();
     wait_for(
         "one global container per node",
         Duration::from_secs(20),
@@ -957,9 +954,8 @@ services:
     let tasks = env.running("cc_many");
     let slots: BTreeSet<u64> = tasks.iter().map(|t| t["slot"].as_u64().unwrap()).collect();
     assert_eq!(slots, (1..=20).collect(), "one task per slot");
-    let service_id = many["id"].as_str().unwrap();
     let running = env
-        .containers_of(service_id)
+        .containers_of("cc_many")
         .into_iter()
         .filter(|(_, c)| c["state"] == "running")
         .count();
