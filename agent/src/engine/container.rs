@@ -874,7 +874,9 @@ impl Engine {
                 network::ensure_attached(&self.data, a, Some(shim.init_pid))?;
             }
         }
-        self.publish(None, None)
+        // Always: after a reboot or a hand edit the kernel's table may not be
+        // the one this data dir last loaded.
+        self.publish_with(None, None, network::Sync::Always)
     }
 
     /// The published ports of running bridged containers, plus those of
@@ -919,13 +921,27 @@ impl Engine {
         starting: Option<&ContainerId>,
         removing: Option<&ContainerId>,
     ) -> Result<(), ContainerError> {
+        self.publish_with(starting, removing, network::Sync::IfChanged)
+    }
+
+    fn publish_with(
+        &self,
+        starting: Option<&ContainerId>,
+        removing: Option<&ContainerId>,
+        mode: network::Sync,
+    ) -> Result<(), ContainerError> {
         let _lock = network::lock(&self.data)?;
         let bindings: Vec<PortBinding> = self
             .port_bindings(starting)?
             .into_iter()
             .filter(|b| Some(b.container.as_str()) != removing.map(|id| id.as_str()))
             .collect();
-        Ok(network::sync_rules(&self.network, &bindings)?)
+        Ok(network::sync_rules(
+            &self.data,
+            &self.network,
+            &bindings,
+            mode,
+        )?)
     }
 
     /// A pidfd of the container's shim while it runs: readable when the
