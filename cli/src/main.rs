@@ -63,10 +63,46 @@ enum Command {
     Shim(cmd::shim::Args),
 }
 
+/// The container-start paths, parsed on their own: `gantry runtime` and
+/// `gantry shim` run once per container start, and building clap's whole
+/// command tree (every client and daemon subcommand) costs them a measurable
+/// part of a start. Same argument types, so the same flags and errors.
+#[derive(Debug, Parser)]
+#[command(name = "gantry", version)]
+struct StartPath {
+    #[command(subcommand)]
+    command: StartCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum StartCommand {
+    /// Run OCI bundles directly, like runc (create, start, state, kill, delete, run, exec).
+    Runtime(cmd::runtime::Args),
+    /// The per-container shim (started by the engine, not by people).
+    Shim(cmd::shim::Args),
+}
+
 fn main() -> ExitCode {
+    match std::env::args_os()
+        .nth(1)
+        .as_deref()
+        .and_then(|a| a.to_str())
+    {
+        // The shim lives as long as its container, once per container: it
+        // skips the logging setup (its diagnostics go to a file through
+        // stderr).
+        Some("shim") | Some("runtime") => {
+            return match StartPath::parse().command {
+                StartCommand::Shim(args) => finish(cmd::shim::run(args)),
+                StartCommand::Runtime(args) => {
+                    cmd::init_logging();
+                    finish(cmd::runtime::run(args))
+                }
+            };
+        }
+        _ => {}
+    }
     let cli = Cli::parse();
-    // The shim lives as long as its container, once per container: it skips
-    // the logging setup (its diagnostics go to a file through stderr).
     if let Command::Shim(args) = cli.command {
         return finish(cmd::shim::run(args));
     }

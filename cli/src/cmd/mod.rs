@@ -44,12 +44,22 @@ pub fn exit_code_for(err: &anyhow::Error) -> ExitCode {
 
 /// Logs go to stderr, filtered by `GANTRY_LOG` (default: warnings).
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("GANTRY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    // Without GANTRY_LOG a plain level filter: parsing filter directives is
+    // measurable on `gantry runtime`'s per-container path.
+    match tracing_subscriber::EnvFilter::try_from_env("GANTRY_LOG") {
+        Ok(filter) => {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
+        Err(_) => {
+            let _ = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::WARN)
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
+    }
 }
 
 /// Memory sizes as `docker stats` prints them: binary units, two decimals.
