@@ -201,6 +201,7 @@ pub struct TmpfsOptions {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Healthcheck {
     /// `["NONE"]` (disabled), `["CMD", args…]` or `["CMD-SHELL", command]`;
+    /// Gantry also takes `["HTTP", port, "/path"]` and `["TCP", port]`;
     /// empty to keep the image's test and override only the timings.
     pub test: Vec<String>,
     /// Time between checks (default 30s).

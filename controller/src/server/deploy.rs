@@ -230,6 +230,14 @@ fn health(h: &Healthcheck) -> Option<HealthCheck> {
         Some("NONE") => HealthProbe::None,
         Some("CMD") => HealthProbe::Exec(h.test[1..].to_vec()),
         Some("CMD-SHELL") => HealthProbe::Shell(h.test[1..].join(" ")),
+        // The loader checked the port and the path.
+        Some("HTTP") => HealthProbe::Http {
+            port: h.test.get(1)?.parse().ok()?,
+            path: h.test.get(2)?.clone(),
+        },
+        Some("TCP") => HealthProbe::Tcp {
+            port: h.test.get(1)?.parse().ok()?,
+        },
         _ => return None,
     };
     Some(HealthCheck {
@@ -365,6 +373,59 @@ mod tests {
             t.stop_grace_period,
             Some(std::time::Duration::from_secs(90))
         );
+    }
+
+    #[test]
+    fn http_and_tcp_probes_reach_the_model() {
+        let stack = load(
+            "services:\n  web:\n    image: a\n    healthcheck:\n      test: [HTTP, '8080', /health]\n  db:\n    image: b\n    healthcheck:\n      test: [TCP, '5432']\n",
+        );
+        let specs = service_specs(&revalidate(&stack).expect("valid")).expect("converts");
+        let probe = |name: &str| {
+            specs[name]
+                .task
+                .healthcheck
+                .as_ref()
+                .expect(name)
+                .probe
+                .clone()
+        };
+        assert_eq!(
+            probe("web"),
+            HealthProbe::Http {
+                port: 8080,
+                path: "/health".into()
+            }
+        );
+        assert_eq!(probe("db"), HealthProbe::Tcp { port: 5432 });
+
+        let env = BTreeMap::new();
+        let files = MemoryFiles::default();
+        for bad in [
+            "[HTTP, '0', /health]",
+            "[HTTP, '8080', health]",
+            "[HTTP, '8080']",
+            "[TCP, '70000']",
+            "[TCP]",
+        ] {
+            let yaml =
+                format!("services:\n  web:\n    image: a\n    healthcheck:\n      test: {bad}\n");
+            let err = compose::load(
+                yaml.as_bytes(),
+                &LoadOptions {
+                    project_dir: Path::new("/srv/demo"),
+                    stack_name: Some("demo"),
+                    env: &env,
+                    files: &files,
+                },
+            )
+            .expect_err(bad)
+            .to_string();
+            assert!(
+                err.contains("services.web.healthcheck.test"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

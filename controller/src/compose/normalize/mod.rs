@@ -1075,16 +1075,24 @@ impl Walker<'_> {
                 vec!["CMD-SHELL".to_string(), text]
             }
         };
+        // Gantry's own probes, beyond Docker's: `["HTTP", PORT, PATH]` (a GET
+        // from the node, healthy on 2xx/3xx) and `["TCP", PORT]` (a connect),
+        // as Kubernetes' httpGet and tcpSocket probes: they need no shell or
+        // wget in the image and cost no process per check.
+        let port_ok = |p: &str| p.parse::<u16>().is_ok_and(|p| p > 0);
         match test.first().map(String::as_str) {
             None => {}
             Some("NONE") if test.len() == 1 => {}
             Some("CMD") if test.len() >= 2 => {}
             Some("CMD-SHELL") if test.len() == 2 => {}
+            Some("HTTP") if test.len() == 3 && port_ok(&test[1]) && test[2].starts_with('/') => {}
+            Some("TCP") if test.len() == 2 && port_ok(&test[1]) => {}
             Some(_) => {
                 return Err(self.invalid(
                     &test_path,
                     format!("{test:?}"),
-                    "expected [\"NONE\"], [\"CMD\", args...] or [\"CMD-SHELL\", command]",
+                    "expected [\"NONE\"], [\"CMD\", args...], [\"CMD-SHELL\", command], \
+                     [\"HTTP\", port, \"/path\"] or [\"TCP\", port]",
                 ));
             }
         }
