@@ -31,6 +31,7 @@
 //! `GANTRY_BENCH_LOST_ROUNDS` (rounds per fault, default 3).
 
 use gantry_proto::v1 as pb;
+use gantry_tests::bench::{env_usize, gantry_release_bin, git_commit, utc_now, workspace_root};
 use gantry_tests::cluster::{self, Cluster, ClusterConfig, Role};
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -1061,45 +1062,6 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-/// The workspace root (this package is `tests/`).
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
-
-/// The release `gantry`: `GANTRY_BIN`, else `target/release/gantry` brought
-/// up to date with `cargo build --release --bin gantry` (a stale binary would
-/// measure old code; debug builds are not what users run).
-fn gantry_release_bin(workspace: &Path) -> PathBuf {
-    if let Some(path) = std::env::var_os("GANTRY_BIN") {
-        return PathBuf::from(path);
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"));
-    println!("cargo build --release --bin gantry");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "--bin", "gantry"])
-        .current_dir(workspace)
-        .status()
-        .expect("run cargo build --release --bin gantry");
-    assert!(
-        status.success(),
-        "cargo build --release --bin gantry failed"
-    );
-    target.join("release/gantry")
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn machine() -> Value {
     let uts = nix::sys::utsname::uname().ok();
     let kernel = uts
@@ -1139,42 +1101,6 @@ fn machine() -> Value {
         "os": os, "kernel": kernel, "cpus": cpus, "cpu_model": cpu_model,
         "cgroups": cgroups, "loadavg_1m_at_end": load,
     })
-}
-
-/// The workspace's `git describe --always --dirty`, if git is there.
-fn git_commit(workspace: &Path) -> String {
-    Command::new("git")
-        .args(["describe", "--always", "--dirty"])
-        .current_dir(workspace)
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
-}
-
-/// Now as `YYYY-MM-DDTHH:MM:SSZ` (no date crate needed for one timestamp).
-fn utc_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 /// One table row: median and p95 of `stats` (seconds) against the reference.

@@ -4,6 +4,7 @@
 //! root, kernel features or Debian packages check for them first and print
 //! `SKIPPED: <reason>` when they truly cannot run.
 
+pub mod bench;
 pub mod bundle;
 pub mod cluster;
 pub mod image_fixtures;
