@@ -962,9 +962,58 @@ fn a_missing_image_is_pulled_from_the_controller_registry() {
     assert!(running_container(&node.containers(), "task8pull").is_some());
 }
 
+/// Undoes what a bridged task makes in the machine's own network namespace
+/// (the agent here runs in it, to reach the in-process controller on
+/// loopback): the `gantry0` bridge, the `ip gantry` nft table and
+/// `ip_forward`, each only if the test made it.
+struct HostNetworkGuard {
+    bridge_existed: bool,
+    table_existed: bool,
+    ip_forward: Option<String>,
+}
+
+impl HostNetworkGuard {
+    const FORWARD: &'static str = "/proc/sys/net/ipv4/ip_forward";
+
+    fn new() -> HostNetworkGuard {
+        HostNetworkGuard {
+            bridge_existed: std::path::Path::new("/sys/class/net/gantry0").exists(),
+            table_existed: Command::new("nft")
+                .args(["list", "table", "ip", "gantry"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success()),
+            ip_forward: std::fs::read_to_string(Self::FORWARD).ok(),
+        }
+    }
+}
+
+impl Drop for HostNetworkGuard {
+    fn drop(&mut self) {
+        if !self.table_existed {
+            let _ = Command::new("nft")
+                .args(["delete", "table", "ip", "gantry"])
+                .stderr(Stdio::null())
+                .status();
+        }
+        if !self.bridge_existed {
+            let _ = Command::new("ip")
+                .args(["link", "delete", "gantry0"])
+                .stderr(Stdio::null())
+                .status();
+        }
+        if let Some(value) = &self.ip_forward {
+            let _ = std::fs::write(Self::FORWARD, value);
+        }
+    }
+}
+
 #[test]
 fn a_task_on_the_bridge_publishes_its_ports() {
     require!();
+    // Declared first, so it is dropped last: after the node's containers.
+    let _host_network = HostNetworkGuard::new();
     let controller = FakeController::start();
     let node = Node::new(&controller);
     let mut t = task("task9port", "exec nc -l -p 80 -e echo hello");
