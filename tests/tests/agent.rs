@@ -497,6 +497,11 @@ fn task(id: &str, script: &str) -> pb::Task {
                 window_ms: None,
             }),
             stop_grace_period_ms: Some(500),
+            // The agent here runs in the machine's own network namespace (to
+            // reach the in-process controller on loopback): the host network
+            // keeps these tasks from building a bridge and nft table there.
+            // The bridge has its own test below, which undoes what it makes.
+            host_network: true,
             ..pb::TaskTemplate::default()
         }),
         desired_state: pb::DesiredState::Running as i32,
@@ -655,6 +660,8 @@ fn tasks_that_cannot_run_are_rejected_naming_why() {
     let mut missing = task("task4pull", "true");
     missing.spec.as_mut().unwrap().image = "gantry.test/missing:1".into();
     let mut ports = task("task4port", "true");
+    // Refused before anything is made, so no bridge appears here.
+    ports.spec.as_mut().unwrap().host_network = false;
     ports.spec.as_mut().unwrap().ports = vec![pb::PortConfig {
         published: None,
         target: 80,
@@ -1017,6 +1024,7 @@ fn a_task_on_the_bridge_publishes_its_ports() {
     let controller = FakeController::start();
     let node = Node::new(&controller);
     let mut t = task("task9port", "exec nc -l -p 80 -e echo hello");
+    t.spec.as_mut().unwrap().host_network = false;
     t.spec.as_mut().unwrap().ports = vec![pb::PortConfig {
         published: Some(18089),
         target: 80,
