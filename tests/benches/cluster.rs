@@ -197,16 +197,10 @@ fn preflight() -> Result<(), String> {
     if let Some(reason) = gantry_tests::engine_test_prerequisites() {
         return Err(reason.into());
     }
-    for tool in ["ip", "nft"] {
-        let found = std::env::var_os("PATH")
-            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()));
-        if !found {
-            return Err(format!(
-                "needs `{tool}` (iproute2 / nftables) for the dev cluster"
-            ));
-        }
+    match cluster::missing_network_tools() {
+        Some(reason) => Err(format!("{reason} for the dev cluster")),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Extends [`Cluster`] with a CLI call that must succeed.

@@ -23,21 +23,7 @@ fn prerequisites() -> Option<&'static str> {
     if !Path::new("/bin/busybox").exists() {
         return Some("needs busybox-static (/bin/busybox) for the stand-in hosts");
     }
-    for tool in ["ip", "nft"] {
-        let found = Command::new(tool)
-            .arg("-V")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !found {
-            return Some(if tool == "ip" {
-                "needs iproute2 (ip)"
-            } else {
-                "needs nftables (nft)"
-            });
-        }
-    }
-    None
+    cluster::missing_network_tools()
 }
 
 macro_rules! require {

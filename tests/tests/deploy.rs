@@ -35,21 +35,7 @@ fn prerequisites() -> Option<&'static str> {
     if let Some(reason) = gantry_tests::engine_test_prerequisites() {
         return Some(reason);
     }
-    for tool in ["ip", "nft"] {
-        let found = Command::new(tool)
-            .arg("-V")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !found {
-            return Some(if tool == "ip" {
-                "needs iproute2 (ip)"
-            } else {
-                "needs nftables (nft)"
-            });
-        }
-    }
-    None
+    cluster::missing_network_tools()
 }
 
 macro_rules! require {

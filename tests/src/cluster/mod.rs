@@ -1031,6 +1031,24 @@ pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bo
         detail: String::new(),
     })
 }
+/// Why a dev cluster cannot be built here, if it cannot: it needs
+/// iproute2's `ip` and nftables' `nft` (root and busybox are the callers' to
+/// check, as the stand-in and real-process tests need different things).
+pub fn missing_network_tools() -> Option<&'static str> {
+    for (tool, reason) in [
+        ("ip", "needs iproute2 (ip)"),
+        ("nft", "needs nftables (nft)"),
+    ] {
+        let found = std::process::Command::new(tool)
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            return Some(reason);
+        }
+    }
+    None
+}
 
 /// A cluster name no other cluster of this process, nor (very likely) of a
 /// concurrent one, uses: `<prefix><pid>-<n>`, within [`MAX_NAME_LEN`].
