@@ -394,6 +394,8 @@ impl From<m::Node> for pb::Node {
             spec: Some(n.spec.into()),
             status: Some(n.status.into()),
             version: n.version,
+            // Issue 5 allocates node subnets.
+            subnet: String::new(),
         }
     }
 }
@@ -684,6 +686,7 @@ impl From<m::TaskTemplate> for pb::TaskTemplate {
             host_network: t.host_network,
             labels: t.labels,
             stop_grace_period_ms: t.stop_grace_period.map(millis),
+            networks: Vec::new(),
         }
     }
 }
@@ -776,6 +779,7 @@ impl From<m::ServiceSpec> for pb::ServiceSpec {
             mode: Some(s.mode.into()),
             task: Some(s.task.into()),
             update_config: s.update_config.map(Into::into),
+            endpoint_mode: pb::EndpointMode::Unspecified as i32,
         }
     }
 }
@@ -800,6 +804,7 @@ impl From<m::Service> for pb::Service {
             spec: Some(s.spec.into()),
             spec_version: s.spec_version,
             version: s.version,
+            virtual_ip: String::new(),
         }
     }
 }
@@ -864,6 +869,7 @@ impl From<m::Task> for pb::Task {
             service_name: t.service_name,
             attempt: t.attempt,
             not_before_unix_ms: t.not_before_unix_ms,
+            address: None,
         }
     }
 }
@@ -1799,6 +1805,7 @@ mod tests {
             spec: Some(pb::NodeSpec::default()),
             status: Some(pb::NodeStatus::default()),
             version: 0,
+            subnet: String::new(),
         };
         let err = m::Node::try_from(node).map_err(|e| e.to_string());
         assert_eq!(err, Err("field spec.availability is unspecified".into()));

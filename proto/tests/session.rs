@@ -59,6 +59,7 @@ impl Dispatcher for ToyDispatcher {
                 heartbeat_period_ms: 100,
                 lease_ms: 500,
                 protocol_version: PROTOCOL_VERSION,
+                controllers: Vec::new(),
             });
             if tx.send(Ok(send(accepted))).await.is_err() {
                 return;

@@ -114,6 +114,7 @@ impl Dispatcher for FakeDispatcher {
                 heartbeat_period_ms: 200,
                 lease_ms: 600,
                 protocol_version: gantry_proto::PROTOCOL_VERSION,
+                controllers: Vec::new(),
             });
             tx.try_send(message(accepted)).unwrap();
             if let Some(full) = seen.full_set.clone() {

@@ -394,6 +394,10 @@ impl Agent {
             }
             Some(M::Exec(request)) => self.exec(request, tx.clone()),
             Some(M::Accepted(_)) => tracing::warn!("a second accepted in one session, ignored"),
+            // The overlay data plane is not programmed yet.
+            Some(M::Network(update)) => {
+                tracing::debug!(revision = update.revision, "network update ignored")
+            }
             None => tracing::warn!("an empty controller message, ignored"),
         }
     }

@@ -36,6 +36,7 @@ fn task(slot: Option<u64>, node: Option<&str>, state: pb::TaskState, message: &s
         service_name: "demo_web".into(),
         attempt: 0,
         not_before_unix_ms: None,
+        address: None,
     }
 }
 
@@ -53,9 +54,11 @@ fn service(mode: pb::service_mode::Mode) -> pb::Service {
                 mode: m::PublishMode::Ingress,
             }])),
             update_config: None,
+            endpoint_mode: pb::EndpointMode::Unspecified as i32,
         }),
         spec_version: 1,
         version: 3,
+        virtual_ip: String::new(),
     }
 }
 
@@ -81,6 +84,7 @@ fn node() -> pb::Node {
             }),
         }),
         version: 2,
+        subnet: String::new(),
     }
 }
 

@@ -353,6 +353,8 @@ impl Dispatcher {
                     heartbeat_period_ms: duration_ms(self.inner.config.heartbeat_period),
                     lease_ms: duration_ms(self.inner.config.lease),
                     protocol_version: gantry_proto::PROTOCOL_VERSION,
+                    // One controller until Raft membership lands.
+                    controllers: Vec::new(),
                 },
             )),
         };
