@@ -93,6 +93,31 @@ pub struct ControllerConfig {
     pub lease: Duration,
     /// Snapshot and watch history settings.
     pub store: StoreConfig,
+    /// The address other controllers, agents and clients reach this one at;
+    /// `None`: `listen` when it names an address, else one found by
+    /// [`advertise_address`].
+    pub advertise: Option<String>,
+    /// How to start when the data directory holds no cluster yet.
+    pub mode: StartMode,
+}
+
+/// How a controller starts (`gantry controller` flags). Whatever the mode,
+/// a data directory that already holds a cluster restarts that member,
+/// except with [`StartMode::ForceNewCluster`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StartMode {
+    /// A new one-member cluster if the data directory is empty, else a
+    /// restart.
+    #[default]
+    Auto,
+    /// `gantry cluster init`: like `Auto`, but the caller refuses a data
+    /// directory that holds a cluster (see [`holds_cluster`]).
+    Init,
+    /// `--join ADDR`: ask the member at ADDR to add this controller, then
+    /// start empty and wait for the leader's log or snapshot.
+    Join(String),
+    /// `--force-new-cluster`: this member's data as a one-member cluster.
+    ForceNewCluster,
 }
 
 impl ControllerConfig {
@@ -123,7 +148,40 @@ impl Default for ControllerConfig {
             heartbeat_period: Duration::from_secs(1),
             lease: Duration::from_secs(3),
             store: StoreConfig::default(),
+            advertise: None,
+            mode: StartMode::Auto,
         }
+    }
+}
+
+/// Whether the controller's directory already holds a cluster's data.
+pub fn holds_cluster(config: &ControllerConfig) -> bool {
+    config
+        .controller_dir()
+        .join(crate::store::LOG_FILE)
+        .exists()
+}
+
+/// The address to advertise: `config.advertise`, else `listen` when it is
+/// not the unspecified address, else the local address of a route towards
+/// `toward` (a UDP connect, which sends nothing) with the listen port, else
+/// loopback.
+pub fn advertise_address(config: &ControllerConfig, toward: Option<&str>) -> String {
+    if let Some(a) = &config.advertise {
+        return a.clone();
+    }
+    let port = config.listen.port();
+    if !config.listen.ip().is_unspecified() {
+        return config.listen.to_string();
+    }
+    let local = toward.and_then(|t| {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+        socket.connect(t).ok()?;
+        socket.local_addr().ok()
+    });
+    match local {
+        Some(a) => SocketAddr::new(a.ip(), port).to_string(),
+        None => SocketAddr::from(([127, 0, 0, 1], port)).to_string(),
     }
 }
 
