@@ -6,9 +6,11 @@
 //! up`, removed when they go down), and finally `127.0.0.1:7070`, where
 //! `gantry up` listens. The flag and the variable may be comma lists and the
 //! context file lists every controller (`controllers`; the older single
-//! `controller` key is still read): the client takes the first controller
-//! that answers and knows a Raft leader, so a dead or partitioned controller
-//! is skipped (a connect times out after 1 s when there are others). Every message about an unreachable controller names
+//! `controller` key is still read): the client asks the first controller
+//! that answers where the leader is and talks to the leader (logs and exec
+//! go through its agent sessions), else to a controller that knows one, so
+//! a dead or partitioned controller is skipped (a connect times out after
+//! 1 s when there are others). Every message about an unreachable controller names
 //! the address and where it came from, so that a stale context file or a
 //! forgotten variable is obvious.
 //!
@@ -209,6 +211,16 @@ pub fn resolve(
     }
 }
 
+/// Where a controller says the leader is.
+enum Leader {
+    /// It does not know (or did not answer in time).
+    Unknown,
+    /// It leads (or is not replicated).
+    Here,
+    /// Elsewhere.
+    At(String),
+}
+
 /// A connected client of the controller's `Control` service.
 pub struct Client {
     /// The generated gRPC client.
@@ -242,12 +254,27 @@ impl Client {
                 fallbacks: Vec::new(),
             };
             match Self::connect_one(one, FAILOVER_CONNECT_TIMEOUT).await {
-                Ok(client) => {
-                    if client.knows_leader().await {
-                        return Ok(client.with_fallbacks(&target));
+                Ok(client) => match client.leader().await {
+                    Leader::Unknown => {
+                        leaderless.get_or_insert(client);
                     }
-                    leaderless.get_or_insert(client);
-                }
+                    Leader::Here => return Ok(client.with_fallbacks(&target)),
+                    Leader::At(leader) => {
+                        // Logs and exec go through the leader's agent
+                        // sessions: talk to it when it answers.
+                        let at = Target {
+                            address: leader,
+                            source: target.source.clone(),
+                            fallbacks: Vec::new(),
+                        };
+                        return Ok(
+                            match Self::connect_one(at, FAILOVER_CONNECT_TIMEOUT).await {
+                                Ok(leader) => leader.with_fallbacks(&target),
+                                Err(_) => client.with_fallbacks(&target),
+                            },
+                        );
+                    }
+                },
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
@@ -270,15 +297,30 @@ impl Client {
         self
     }
 
-    /// Whether the controller answers `ListControllers` in time and knows a
-    /// leader (a controller too old to have the service counts as yes).
-    async fn knows_leader(&self) -> bool {
+    /// Where the controller says the leader is (`ListControllers`, within
+    /// the failover timeout). A controller without the service (an older
+    /// one) counts as its own leader.
+    async fn leader(&self) -> Leader {
         let mut cluster = ClusterClient::new(self.channel.clone());
         let mut request = gantry_proto::tonic::Request::new(gantry_proto::v1::Empty {});
         request.set_timeout(FAILOVER_CONNECT_TIMEOUT);
         match cluster.list_controllers(request).await {
-            Ok(r) => r.into_inner().leader_id != 0,
-            Err(status) => status.code() == Code::Unimplemented,
+            Ok(r) => {
+                let list = r.into_inner();
+                match list
+                    .controllers
+                    .iter()
+                    .find(|c| c.raft_id == list.leader_id)
+                {
+                    _ if list.leader_id == 0 => Leader::Unknown,
+                    Some(c) if c.is_self || c.address.is_empty() => Leader::Here,
+                    Some(c) if c.address == self.target.address => Leader::Here,
+                    Some(c) => Leader::At(c.address.clone()),
+                    None => Leader::Here,
+                }
+            }
+            Err(status) if status.code() == Code::Unimplemented => Leader::Here,
+            Err(_) => Leader::Unknown,
         }
     }
 
