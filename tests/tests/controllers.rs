@@ -219,6 +219,25 @@ impl Env {
     }
 }
 
+/// A plain HTTP/1.1 GET on the cluster's bridge (the test's own network).
+fn http_get(address: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&address.parse().unwrap(), Duration::from_secs(2))
+            .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    body
+}
+
 #[test]
 fn three_controllers_fail_over_without_restarting_tasks() {
     if let Some(reason) = prerequisites() {
@@ -267,6 +286,14 @@ fn three_controllers_fail_over_without_restarting_tasks() {
         .into_iter()
         .find(|h| *h != leader)
         .unwrap();
+    // Metrics for graphs: in the JSON listing and on /metrics.
+    assert!(list["metrics"]["term"].as_u64().unwrap_or(0) >= 1, "{list}");
+    let metrics = http_get(&env.address(&leader), "/metrics");
+    assert!(metrics.contains("gantry_raft_is_leader 1"), "{metrics}");
+    assert!(
+        metrics.contains("gantry_raft_proposal_latency_seconds_bucket"),
+        "{metrics}"
+    );
 
     // A deploy through a follower.
     let web = images.join("web.tar");

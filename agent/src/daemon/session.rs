@@ -225,9 +225,11 @@ impl Agent {
                 .connect_timeout(CONNECT_TIMEOUT)
                 .tcp_nodelay(true)
                 // A controller that vanishes without closing the connection
-                // (a cut link, a frozen host) is noticed by HTTP/2 pings.
+                // (a cut link, a frozen host) is noticed by HTTP/2 pings
+                // within ~3 s: before a new leader's grace (one 3 s lease
+                // from its election, itself ~1 s after the cut) runs out.
                 .http2_keep_alive_interval(Duration::from_secs(1))
-                .keep_alive_timeout(Duration::from_secs(3))
+                .keep_alive_timeout(Duration::from_secs(2))
                 .keep_alive_while_idle(true),
             Err(e) => return broken(format!("address: {e}")),
         };

@@ -370,7 +370,8 @@ pub async fn serve_on(
             store.clone(),
         )))
         .into_axum_router()
-        .merge(http_routes);
+        .merge(http_routes)
+        .merge(metrics_route(store.clone()));
     drop(store);
 
     let server_stop = stopped(stop_rx.clone());
@@ -413,6 +414,25 @@ pub async fn serve_on(
             source: std::io::Error::other(e.to_string()),
         }),
     }
+}
+
+/// `GET /metrics`: the Raft counters in Prometheus' text format.
+fn metrics_route(store: StoreFront) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = replication::metrics_text(&store);
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    text,
+                )
+            }
+        }),
+    )
 }
 
 /// Runs the leader-only loops (orchestrator, scheduler, task history,

@@ -644,3 +644,86 @@ fn code_name(code: tonic::Code) -> &'static str {
         _ => "error",
     }
 }
+
+/// The Prometheus text exposition of this controller's Raft counters
+/// (`GET /metrics` on the controller's port).
+pub fn metrics_text(store: &StoreFront) -> String {
+    use std::fmt::Write as _;
+    let raft = store.raft();
+    let m = raft.metrics();
+    let status = raft.status();
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, kind: &str, value: f64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    gauge(
+        "gantry_raft_term",
+        "The current Raft term.",
+        "gauge",
+        m.term as f64,
+    );
+    gauge(
+        "gantry_raft_is_leader",
+        "1 while this controller leads.",
+        "gauge",
+        f64::from(u8::from(status.role == Role::Leader)),
+    );
+    gauge(
+        "gantry_raft_leader_changes_total",
+        "Leader changes seen by this controller.",
+        "counter",
+        m.leader_changes as f64,
+    );
+    gauge(
+        "gantry_raft_commit_index",
+        "The commit index.",
+        "gauge",
+        m.commit as f64,
+    );
+    gauge(
+        "gantry_raft_applied_index",
+        "The applied index.",
+        "gauge",
+        m.applied as f64,
+    );
+    gauge(
+        "gantry_raft_members",
+        "Voters in the configuration.",
+        "gauge",
+        status.members.len() as f64,
+    );
+    gauge(
+        "gantry_raft_proposals_committed_total",
+        "Commands proposed here and committed.",
+        "counter",
+        m.proposals_committed as f64,
+    );
+    gauge(
+        "gantry_raft_proposals_failed_total",
+        "Commands proposed here that failed (outcome unknown).",
+        "counter",
+        m.proposals_failed as f64,
+    );
+    let h = &m.proposal_latency;
+    let name = "gantry_raft_proposal_latency_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Proposal latency, proposed to applied.\n# TYPE {name} histogram"
+    );
+    let mut cumulative = 0;
+    for (i, bound) in crate::raft::LATENCY_BUCKETS_MS.iter().enumerate() {
+        cumulative += h.counts.get(i).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"{}\"}} {cumulative}",
+            bound / 1000.0
+        );
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum {}", h.sum_seconds);
+    let _ = writeln!(out, "{name}_count {}", h.count);
+    out
+}
