@@ -89,7 +89,8 @@ struct Metrics {
     proposal_p99_ms: f64,
 }
 
-fn role_name(role: i32) -> String {
+/// The lowercase name of a wire role.
+pub fn role_name(role: i32) -> String {
     match pb::ControllerRole::try_from(role).unwrap_or(pb::ControllerRole::Unspecified) {
         pb::ControllerRole::Leader => "leader",
         pb::ControllerRole::Follower => "follower",

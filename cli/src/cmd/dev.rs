@@ -127,16 +127,23 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             config.ready_timeout = Duration::from_secs(up.wait);
             let dev = Cluster::up(config).map_err(usage_or_failure)?;
             print_hosts(&dev)?;
+            let controllers = dev.controller_endpoints();
             println!(
-                "controller {} (context {}); `gantry dev cluster down --name {name}` removes it",
-                dev.controller_endpoint(),
+                "{} {} (context {}); `gantry dev cluster down --name {name}` removes it",
+                if controllers.len() > 1 {
+                    "controllers"
+                } else {
+                    "controller"
+                },
+                controllers.join(", "),
                 crate::client::context_file().display()
             );
             dev.detach();
         }
         ClusterCommand::Ls => {
             let dev = Cluster::open(&name, &state_root).map_err(usage_or_failure)?;
-            print_hosts(&dev)?;
+            let roles = raft_roles(&dev);
+            print_table(&dev, &roles)?;
         }
         ClusterCommand::Kill(h) => fault(&name, &state_root, &h.host, Cluster::kill)?,
         ClusterCommand::Stop(h) => fault(&name, &state_root, &h.host, Cluster::stop)?,
@@ -175,19 +182,81 @@ fn fault(
 }
 
 fn print_hosts(dev: &Cluster) -> anyhow::Result<()> {
+    print_table(dev, &std::collections::HashMap::new())
+}
+
+/// Each running, reachable controller's Raft role as it reports it
+/// (`ListControllers`, 1 s each); a stopped, partitioned or silent one is
+/// left out rather than waited for.
+fn raft_roles(dev: &Cluster) -> std::collections::HashMap<String, String> {
+    use gantry_proto::v1 as pb;
+    let hosts: Vec<(String, String)> = dev
+        .status()
+        .into_iter()
+        .filter(|h| {
+            h.role == cluster::Role::Controller
+                && h.process == cluster::ProcessState::Running
+                && !h.partitioned
+        })
+        .map(|h| {
+            (
+                h.name,
+                format!("{}:{}", h.address, cluster::CONTROLLER_PORT),
+            )
+        })
+        .collect();
+    if hosts.len() < 2 {
+        return std::collections::HashMap::new();
+    }
+    let ask = async move {
+        let mut roles = std::collections::HashMap::new();
+        for (host, address) in hosts {
+            let asked = tokio::time::timeout(Duration::from_secs(1), async {
+                let channel = gantry_proto::tonic::transport::Endpoint::from_shared(format!(
+                    "http://{address}"
+                ))
+                .ok()?
+                .connect()
+                .await
+                .ok()?;
+                pb::cluster_client::ClusterClient::new(channel)
+                    .list_controllers(pb::Empty {})
+                    .await
+                    .ok()
+            })
+            .await;
+            if let Ok(Some(list)) = asked
+                && let Some(me) = list.into_inner().controllers.iter().find(|c| c.is_self)
+            {
+                roles.insert(host, super::cluster::role_name(me.role));
+            }
+        }
+        roles
+    };
+    crate::client::block_on(ask).unwrap_or_default()
+}
+
+fn print_table(
+    dev: &Cluster,
+    roles: &std::collections::HashMap<String, String>,
+) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{:<6} {:<11} {:<16} {:<8} STATE",
+        "{:<6} {:<22} {:<16} {:<8} STATE",
         "NAME", "ROLE", "ADDRESS", "PID"
     )?;
     for h in dev.status() {
         let pid = h.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        let role = match roles.get(&h.name) {
+            Some(raft) => format!("{} ({raft})", h.role),
+            None => h.role.to_string(),
+        };
         writeln!(
             out,
-            "{:<6} {:<11} {:<16} {:<8} {}",
+            "{:<6} {:<22} {:<16} {:<8} {}",
             h.name,
-            h.role.to_string(),
+            role,
             h.address.to_string(),
             pid,
             h.state_word()
