@@ -217,6 +217,8 @@ impl RaftNode {
             change: None,
             last_heard: HashMap::new(),
             leadership: Leadership::default(),
+            answers: Vec::new(),
+            changes_done: Vec::new(),
             applied_tx,
             leader_tx,
             commit_dirty: false,
@@ -706,6 +708,11 @@ struct Loop {
     change: Option<PendingChange>,
     last_heard: HashMap<u64, Instant>,
     leadership: Leadership,
+    /// Answers for proposals applied in the current batch, sent once the
+    /// applied index is published (so that a proposer that got its answer
+    /// finds `applied()` at least at its index).
+    answers: Vec<(ProposeReply, Vec<(u64, Applied)>)>,
+    changes_done: Vec<PendingChange>,
     applied_tx: watch::Sender<u64>,
     leader_tx: watch::Sender<Leadership>,
     /// The light ready advanced the commit index past the stored one; the
@@ -1250,13 +1257,19 @@ impl Loop {
                         && self.change.as_ref().is_some_and(|c| c.key == r.key)
                         && let Some(change) = self.change.take()
                     {
-                        change.finish(Ok(()));
+                        self.changes_done.push(change);
                     }
                 }
             }
         }
         drop(machine);
         self.applied_tx.send_replace(last);
+        for (reply, results) in self.answers.drain(..) {
+            let _ = reply.send(Ok(results));
+        }
+        for change in self.changes_done.drain(..) {
+            change.finish(Ok(()));
+        }
         Ok(())
     }
 
@@ -1280,7 +1293,7 @@ impl Loop {
             metrics.proposal_latency.observe(p.started.elapsed());
             drop(metrics);
             let results = p.results.into_iter().flatten().collect();
-            let _ = p.reply.send(Ok(results));
+            self.answers.push((p.reply, results));
         }
     }
 

@@ -44,14 +44,36 @@ fn value(node: &RaftNode, key: &str) -> Option<String> {
     })
 }
 
-fn state_bytes(node: &RaftNode) -> Vec<u8> {
+fn state_bytes(node: &RaftNode) -> String {
     node.read(|sm| {
         let mut snap = sm.snapshot();
         // Members may sit at different indexes after the same writes
         // (no-op entries of different leaders); compare the content.
         snap.applied_index = 0;
-        snap.encode().expect("encode")
+        String::from_utf8(snap.encode().expect("encode")).expect("json")
     })
+}
+
+/// Asserts two members' states are byte for byte the same, showing where
+/// they differ.
+#[track_caller]
+fn assert_same_state(a: &str, b: &str, what: &str) {
+    if a == b {
+        return;
+    }
+    let at = a
+        .bytes()
+        .zip(b.bytes())
+        .position(|(x, y)| x != y)
+        .unwrap_or(a.len().min(b.len()));
+    let lo = at.saturating_sub(150);
+    panic!(
+        "{what}: states differ at byte {at} (lengths {} and {}):\n  {}\n  {}",
+        a.len(),
+        b.len(),
+        a.get(lo..(at + 150).min(a.len())).unwrap_or(""),
+        b.get(lo..(at + 150).min(b.len())).unwrap_or("")
+    );
 }
 
 #[derive(Default)]
@@ -424,10 +446,10 @@ async fn three_members_apply_the_same_commands_in_the_same_order() {
     let leader_state = state_bytes(&c.node(leader));
     // Every member's hub saw every index in order, and states agree.
     for &id in &ids {
-        assert_eq!(
-            state_bytes(&c.node(id)),
-            leader_state,
-            "member {id} diverged"
+        assert_same_state(
+            &state_bytes(&c.node(id)),
+            &leader_state,
+            &format!("member {id}"),
         );
         assert_eq!(value(&c.node(id), "k3-24").as_deref(), Some("24"));
     }
@@ -451,12 +473,17 @@ async fn three_members_apply_the_same_commands_in_the_same_order() {
     );
     c.node(follower).wait_applied(read).await.expect("applied");
     assert_eq!(value(&c.node(follower), "fresh").as_deref(), Some("yes"));
-    let status = c.node(leader).status();
-    assert_eq!(status.members.len(), 3);
-    assert!(
-        status.members.iter().all(|m| m.match_index >= index),
-        "{status:?}"
-    );
+    // The leader's view of its followers catches up with the write.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = c.node(leader).status();
+        assert_eq!(status.members.len(), 3);
+        if status.members.iter().all(|m| m.match_index >= index) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -508,7 +535,271 @@ async fn minority_leader_stops_committing_and_heals_without_divergence() {
     c.wait_applied(&ids, last).await;
     let want = state_bytes(&c.node(new));
     for &id in &ids {
-        assert_eq!(state_bytes(&c.node(id)), want, "member {id} diverged");
+        assert_same_state(&state_bytes(&c.node(id)), &want, &format!("member {id}"));
         assert_eq!(value(&c.node(id), "lost"), None);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_leader_is_replaced_and_catches_up_on_restart() {
+    let mut c = TestCluster::grow(3).await;
+    let ids = c.ids();
+    let old = c.wait_leader(&ids).await;
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        c.write(&ids, &format!("a{i}"), "1").await;
+        acked.push(format!("a{i}"));
+    }
+    c.kill(old);
+    let rest: Vec<u64> = ids.iter().copied().filter(|&i| i != old).collect();
+    let killed_at = Instant::now();
+    let new = c.wait_leader(&rest).await;
+    let index = c.write(&rest, "after-kill", "1").await;
+    let elapsed = killed_at.elapsed();
+    // 20 ms ticks: an election within 10–20 ticks, plus pre-vote rounds.
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "writes resumed after {elapsed:?}"
+    );
+    assert_ne!(new, old);
+    for key in &acked {
+        for &id in &rest {
+            assert_eq!(
+                value(&c.node(id), key).as_deref(),
+                Some("1"),
+                "{key} lost on {id}"
+            );
+        }
+    }
+    // The old leader restarts from its files and catches up.
+    let back = c.start(old, Bootstrap::Restart);
+    c.wait_applied(&[old], index).await;
+    assert_eq!(value(&back, "after-kill").as_deref(), Some("1"));
+    assert_same_state(
+        &state_bytes(&back),
+        &state_bytes(&c.node(new)),
+        "restarted leader",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_follower_catches_up_by_snapshot() {
+    let mut c = TestCluster::empty();
+    let dir = c.dir.path().to_path_buf();
+    let small = |id| RaftConfig {
+        snapshot_every: 20,
+        ..config(id, &dir)
+    };
+    c.start_with(small(1), Bootstrap::NewCluster);
+    c.wait_leader(&[1]).await;
+    for id in [2, 3] {
+        assert_eq!(
+            c.node(1).add_member(format!("n{id}")).await.expect("add"),
+            id
+        );
+        let cfg = small(id);
+        c.start_with(cfg, Bootstrap::Join);
+        let applied = c.node(1).applied();
+        c.wait_applied(&[id], applied).await;
+    }
+    let ids = c.ids();
+    c.kill(3);
+    let live = [1, 2];
+    let mut last = 0;
+    for i in 0..70 {
+        last = c.write(&live, &format!("s{i}"), &i.to_string()).await;
+    }
+    // The leader compacted past everything member 3 has.
+    let leader = c.wait_leader(&live).await;
+    let log = c.node(leader).metrics();
+    assert!(log.snapshots >= 3, "{log:?}");
+    let node = c.start_with(small(3), Bootstrap::Restart);
+    c.wait_applied(&[3], last).await;
+    assert!(
+        node.metrics().snapshots >= 1,
+        "member 3 installed no snapshot"
+    );
+    assert_eq!(value(&node, "s69").as_deref(), Some("69"));
+    assert_same_state(
+        &state_bytes(&node),
+        &state_bytes(&c.node(leader)),
+        "member 3",
+    );
+    // It knows every address from the snapshot's membership.
+    let addresses: Vec<String> = node
+        .status()
+        .members
+        .into_iter()
+        .map(|m| m.address)
+        .collect();
+    assert_eq!(addresses, ["n1", "n2", "n3"]);
+    // And after a restart it still does, from its own snapshot.
+    c.kill(3);
+    let node = c.start_with(small(3), Bootstrap::Restart);
+    assert_eq!(value(&node, "s69").as_deref(), Some("69"));
+    assert_eq!(node.status().members.len(), 3);
+    let index = c.write(&ids, "more", "1").await;
+    c.wait_applied(&ids, index).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_added_and_removed_one_at_a_time() {
+    let mut c = TestCluster::grow(3).await;
+    let leader = c.wait_leader(&c.ids()).await;
+    let node = c.node(leader);
+    // Two changes at once: the second names the first. Holding the first
+    // back (its messages cut for a moment) makes "at once" certain.
+    let ids = c.ids();
+    c.net.isolate(&[leader], &ids);
+    let first = tokio::spawn({
+        let node = node.clone();
+        async move { node.add_member("n4".to_string()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let err = node
+        .add_member("n5".to_string())
+        .await
+        .expect_err("second change while one is pending");
+    assert_eq!(
+        err.to_string(),
+        "membership change refused: adding controller 4 at n4 is still pending"
+    );
+    c.net.heal();
+    assert_eq!(first.await.expect("task").expect("first change"), 4);
+    c.start(4, Bootstrap::Join);
+    let err = node.add_member("n2".to_string()).await.expect_err("dup");
+    assert_eq!(
+        err.to_string(),
+        "membership change refused: address n2 already belongs to controller 2"
+    );
+    let err = node.remove_member(9).await.expect_err("unknown");
+    assert_eq!(
+        err.to_string(),
+        "membership change refused: controller 9 is not a member"
+    );
+    // Remove a follower; the rest carry on, and its id is never reused.
+    let victim = *c.ids().iter().find(|&&i| i != leader).unwrap();
+    node.remove_member(victim).await.expect("remove");
+    c.kill(victim);
+    let ids = c.ids();
+    let index = c.write(&ids, "after-remove", "1").await;
+    c.wait_applied(&ids, index).await;
+    for &id in &ids {
+        let members: Vec<u64> = c.node(id).status().members.iter().map(|m| m.id).collect();
+        assert!(
+            !members.contains(&victim),
+            "{id} still lists {victim}: {members:?}"
+        );
+        assert_eq!(members.len(), 3);
+    }
+    let leader = c.wait_leader(&ids).await;
+    assert_eq!(
+        c.node(leader)
+            .add_member("n6".to_string())
+            .await
+            .expect("add"),
+        5,
+        "ids are never reused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_new_cluster_from_one_survivor_keeps_the_data() {
+    let mut c = TestCluster::grow(3).await;
+    let ids = c.ids();
+    let mut last = 0;
+    for i in 0..10 {
+        last = c.write(&ids, &format!("f{i}"), "1").await;
+    }
+    c.wait_applied(&ids, last).await;
+    // Two of three are lost for good.
+    let survivor = 3;
+    for id in [1, 2] {
+        c.kill(id);
+    }
+    c.kill(survivor);
+    let node = c.start(survivor, Bootstrap::ForceNewCluster);
+    assert_eq!(c.wait_leader(&[survivor]).await, survivor);
+    for i in 0..10 {
+        assert_eq!(value(&node, &format!("f{i}")).as_deref(), Some("1"));
+    }
+    let members: Vec<u64> = node.status().members.iter().map(|m| m.id).collect();
+    assert_eq!(members, [survivor]);
+    let index = c.write(&[survivor], "recovered", "1").await;
+    assert!(index > last);
+    // It restarts as the 1-member cluster it now is, and can grow again.
+    c.kill(survivor);
+    let node = c.start(survivor, Bootstrap::Restart);
+    c.wait_leader(&[survivor]).await;
+    assert_eq!(value(&node, "recovered").as_deref(), Some("1"));
+    let id = node.add_member("n-new".to_string()).await.expect("add");
+    assert_eq!(id, 4, "ids of the lost members are not reused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_every_member_keeps_the_state() {
+    let mut c = TestCluster::grow(3).await;
+    let ids = c.ids();
+    let mut last = 0;
+    for i in 0..15 {
+        last = c.write(&ids, &format!("r{i}"), "1").await;
+    }
+    c.wait_applied(&ids, last).await;
+    let before = state_bytes(&c.node(1));
+    for &id in &ids {
+        c.kill(id);
+    }
+    for &id in &ids {
+        c.start(id, Bootstrap::Restart);
+    }
+    let leader = c.wait_leader(&ids).await;
+    for &id in &ids {
+        assert_same_state(&state_bytes(&c.node(id)), &before, &format!("member {id}"));
+    }
+    let index = c.write(&ids, "again", "1").await;
+    c.wait_applied(&ids, index).await;
+    assert_eq!(value(&c.node(leader), "r14").as_deref(), Some("1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_three_five_and_seven_members_elect() {
+    for n in [1, 3, 5, 7] {
+        let c = TestCluster::grow(n).await;
+        let ids = c.ids();
+        let index = c.write(&ids, "k", &n.to_string()).await;
+        c.wait_applied(&ids, index).await;
+        for &id in &ids {
+            assert_eq!(c.node(id).status().members.len(), n as usize);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drops_and_delays_lose_nothing_acknowledged() {
+    let c = TestCluster::grow(3).await;
+    let ids = c.ids();
+    {
+        let mut s = c.net.state.lock().unwrap();
+        s.drop_one_in = 10;
+        s.delay = Duration::from_millis(3);
+    }
+    let mut acked = Vec::new();
+    for i in 0..30 {
+        c.write(&ids, &format!("d{i}"), "1").await;
+        acked.push(i);
+    }
+    {
+        let mut s = c.net.state.lock().unwrap();
+        s.drop_one_in = 0;
+        s.delay = Duration::ZERO;
+    }
+    let last = c.write(&ids, "end", "1").await;
+    c.wait_applied(&ids, last).await;
+    let want = state_bytes(&c.node(1));
+    for &id in &ids {
+        assert_same_state(&state_bytes(&c.node(id)), &want, &format!("member {id}"));
+        for i in &acked {
+            assert_eq!(value(&c.node(id), &format!("d{i}")).as_deref(), Some("1"));
+        }
     }
 }
