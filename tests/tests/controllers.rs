@@ -474,3 +474,215 @@ fn three_controllers_fail_over_without_restarting_tasks() {
         "a refused write is not applied: {node}"
     );
 }
+
+/// `gantry controller` processes on loopback, killed (SIGKILL, by the
+/// child handle: only what this test started) when dropped.
+struct Controllers {
+    dir: tempfile::TempDir,
+    ports: Vec<u16>,
+    children: Vec<Option<std::process::Child>>,
+}
+
+impl Controllers {
+    fn new(n: usize) -> Controllers {
+        // Free ports: bound by the kernel, then released for the controller.
+        let ports = (0..n)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            })
+            .collect();
+        Controllers {
+            dir: tempfile::Builder::new()
+                .prefix("gantry-raft-loopback-")
+                .tempdir()
+                .unwrap(),
+            ports,
+            children: (0..n).map(|_| None).collect(),
+        }
+    }
+
+    fn address(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.ports[i])
+    }
+
+    fn start(&mut self, i: usize, extra: &[&str]) {
+        let data = self.dir.path().join(format!("c{i}"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("c{i}.log")))
+            .unwrap();
+        let child = Command::new(gantry_tests::gantry_bin())
+            .args(["controller", "--listen", &self.address(i), "--data-dir"])
+            .arg(&data)
+            .args(extra)
+            .env("GANTRY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start gantry controller");
+        self.children[i] = Some(child);
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn cli(&self, i: usize, args: &[&str]) -> Output {
+        let mut cmd = Command::new(gantry_tests::gantry_bin());
+        cmd.args(["--controller", &self.address(i)]).args(args);
+        cluster::output_within(cmd, Duration::from_secs(20)).unwrap()
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for i in 0..self.ports.len() {
+            let text = std::fs::read_to_string(self.dir.path().join(format!("c{i}.log")))
+                .unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!(
+                "\n--- c{i}:\n{}",
+                lines[lines.len().saturating_sub(10)..].join("\n")
+            ));
+        }
+        out
+    }
+
+    /// `cluster controllers -o json` of controller `i`, once it answers.
+    fn list(&self, i: usize) -> Option<Value> {
+        let out = self.cli(i, &["cluster", "controllers", "-o", "json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
+    /// Waits until controller `i` sees `members` members and a leader.
+    fn wait_members(&self, i: usize, members: usize) {
+        let mut last = Value::Null;
+        wait_for(
+            &format!("c{i} to see {members} members and a leader"),
+            Duration::from_secs(20),
+            || {
+                last = self.list(i).unwrap_or(Value::Null);
+                last["controllers"].as_array().map_or(0, Vec::len) == members
+                    && last["leader_id"].as_u64().unwrap_or(0) != 0
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}: last {last}{}", self.logs()));
+    }
+
+    fn ok(&self, out: Output, what: &str) -> String {
+        assert!(
+            out.status.success(),
+            "{what}: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Controllers {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Membership and recovery with controller processes on loopback (no
+/// namespaces needed): join through a follower, remove a controller,
+/// restart every controller at once with the state intact, disaster
+/// recovery with --force-new-cluster from one survivor, and `cluster init`
+/// refusing a data directory that holds a cluster.
+#[test]
+fn membership_restart_all_and_force_new_cluster() {
+    if !gantry_tests::gantry_bin().exists() {
+        println!("SKIPPED: build the gantry binary first (cargo build --bin gantry)");
+        return;
+    }
+    let mut c = Controllers::new(3);
+    c.start(0, &[]);
+    c.wait_members(0, 1);
+    let first = c.address(0);
+    c.start(1, &["--join", &first]);
+    c.wait_members(0, 2);
+    // Joining through a follower: it passes the request to the leader.
+    let second = c.address(1);
+    c.start(2, &["--join", &second]);
+    c.wait_members(0, 3);
+
+    // A write through a follower, read back on every member.
+    let stack = c.dir.path().join("keep.yaml");
+    std::fs::write(
+        &stack,
+        "services:\n  web:\n    image: gantry.test/web:latest\n    deploy:\n      replicas: 2\n",
+    )
+    .unwrap();
+    let out = c.cli(2, &["deploy", "-p", "keep", "-f", stack.to_str().unwrap()]);
+    c.ok(out, "deploy through c2");
+    for i in 0..3 {
+        let ls = c.ok(c.cli(i, &["service", "ls", "-o", "json"]), "service ls");
+        assert!(ls.contains("\"keep\""), "c{i}: {ls}");
+    }
+
+    // Remove c2 (by address), then stop it: two members remain.
+    let third = c.address(2);
+    let out = c.cli(0, &["cluster", "remove-controller", &third]);
+    c.ok(out, "cluster remove-controller");
+    c.kill(2);
+    c.wait_members(0, 2);
+
+    // Restart every controller at once: same members, same state.
+    c.kill(0);
+    c.kill(1);
+    c.start(0, &[]);
+    c.start(1, &["--join", &first]);
+    c.wait_members(0, 2);
+    let ls = c.ok(c.cli(1, &["service", "ls", "-o", "json"]), "service ls");
+    assert!(
+        ls.contains("\"keep\""),
+        "state intact after restarting all: {ls}"
+    );
+
+    // Lose the majority for good: c0 alone cannot write...
+    c.kill(1);
+    let out = c.cli(0, &["service", "scale", "keep_web=3"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no quorum"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ...until it is restarted as a new one-member cluster from its data.
+    c.kill(0);
+    c.start(0, &["--force-new-cluster"]);
+    c.wait_members(0, 1);
+    let out = c.cli(0, &["service", "scale", "keep_web=3"]);
+    c.ok(out, "a write after --force-new-cluster");
+    let ls = c.ok(c.cli(0, &["service", "ls", "-o", "json"]), "service ls");
+    assert!(ls.contains("\"keep\""), "{ls}");
+
+    // `cluster init` refuses a data directory that holds a cluster.
+    let out = Command::new(gantry_tests::gantry_bin())
+        .args(["cluster", "init", "--listen", "127.0.0.1:1", "--data-dir"])
+        .arg(c.dir.path().join("c0"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already holds a cluster"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
