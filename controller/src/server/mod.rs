@@ -263,6 +263,9 @@ fn save_identity(dir: &std::path::Path, identity: &Identity) -> Result<(), Serve
     std::fs::rename(&tmp, &path).map_err(fail)
 }
 
+/// The largest Raft message (a snapshot) a controller accepts.
+const MAX_RAFT_MESSAGE: usize = 1 << 30;
+
 /// How long `--join` keeps asking before giving up.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -363,9 +366,12 @@ pub async fn serve_on(
 
     let router = tonic::service::Routes::new(pb::control_server::ControlServer::new(control))
         .add_service(pb::dispatcher_server::DispatcherServer::new(dispatcher))
-        .add_service(pb::raft_server::RaftServer::new(RaftService::new(
-            store.clone(),
-        )))
+        .add_service(
+            // A snapshot travels as one `Raft.Step` message: far above
+            // tonic's 4 MiB default for a state with many services.
+            pb::raft_server::RaftServer::new(RaftService::new(store.clone()))
+                .max_decoding_message_size(MAX_RAFT_MESSAGE),
+        )
         .add_service(pb::cluster_server::ClusterServer::new(ClusterService::new(
             store.clone(),
         )))

@@ -198,7 +198,9 @@ async fn peer_loop(
     channel: Channel,
     mut rx: mpsc::Receiver<Message>,
 ) {
-    let mut client = pb::raft_client::RaftClient::new(channel);
+    let mut client = pb::raft_client::RaftClient::new(channel)
+        .max_encoding_message_size(usize::MAX)
+        .max_decoding_message_size(usize::MAX);
     let mut failing = false;
     while let Some(m) = rx.recv().await {
         let snapshot = m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot;
