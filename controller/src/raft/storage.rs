@@ -25,6 +25,8 @@ pub struct RaftStorage {
     log: RedbLog,
     hard_state: HardState,
     conf_state: ConfState,
+    /// Set when raft-rs asked for a snapshot newer than the stored one.
+    snapshot_wanted: std::sync::atomic::AtomicBool,
 }
 
 impl RaftStorage {
@@ -36,6 +38,7 @@ impl RaftStorage {
             log,
             hard_state,
             conf_state,
+            snapshot_wanted: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -59,6 +62,13 @@ impl RaftStorage {
     /// `RawNode`) and that snapshots carry.
     pub fn set_conf_state(&mut self, conf_state: ConfState) {
         self.conf_state = conf_state;
+    }
+
+    /// Whether raft-rs asked for a snapshot newer than the stored one since
+    /// the last call (the loop then takes one at once).
+    pub fn take_snapshot_wanted(&self) -> bool {
+        self.snapshot_wanted
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Writes `batch` in one fsynced transaction, remembering its hard state.
@@ -205,12 +215,23 @@ impl raft::Storage for RaftStorage {
         self.log.last_index().map_err(raft_err)
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<RaftSnapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<RaftSnapshot> {
         let record = match self.log.snapshot().map_err(raft_err)? {
-            Some(record) if record.index >= request_index => record,
-            // Snapshots are taken by the loop every `snapshot_every`
-            // entries; raft-rs asks again later.
+            // A snapshot whose configuration lacks `to` is useless to it:
+            // raft-rs on the receiver ignores a snapshot that does not
+            // name it as a member (a member added after the last snapshot
+            // would be sent that one forever).
+            Some(record)
+                if record.index >= request_index
+                    && (to == 0 || record.membership.voters.contains_key(&to)) =>
+            {
+                record
+            }
+            // Ask the loop for a fresh snapshot now (not only every
+            // `snapshot_every` entries); raft-rs asks again later.
             _ => {
+                self.snapshot_wanted
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 return Err(raft::Error::Store(
                     StorageError::SnapshotTemporarilyUnavailable,
                 ));
