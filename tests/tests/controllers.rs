@@ -521,6 +521,7 @@ impl Controllers {
             .arg(&data)
             .args(extra)
             .env("GANTRY_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -620,6 +621,10 @@ fn membership_restart_all_and_force_new_cluster() {
     let second = c.address(1);
     c.start(2, &["--join", &second]);
     c.wait_members(0, 3);
+    // A member knows the others once the leader's snapshot or log reached
+    // it (a moment after the join is acknowledged).
+    c.wait_members(1, 3);
+    c.wait_members(2, 3);
 
     // A write through a follower, read back on every member.
     let stack = c.dir.path().join("keep.yaml");
@@ -671,6 +676,39 @@ fn membership_restart_all_and_force_new_cluster() {
     c.ok(out, "a write after --force-new-cluster");
     let ls = c.ok(c.cli(0, &["service", "ls", "-o", "json"]), "service ls");
     assert!(ls.contains("\"keep\""), "{ls}");
+
+    // A new member of a cluster whose log was compacted catches up by
+    // snapshot (the leader snapshots every 20 entries here).
+    c.kill(0);
+    c.start(0, &["--snapshot-every", "20"]);
+    c.wait_members(0, 1);
+    for n in 1..=30 {
+        let out = c.cli(0, &["service", "scale", &format!("keep_web={}", n % 5 + 1)]);
+        c.ok(out, "service scale");
+    }
+    let out = c.cli(0, &["service", "scale", "keep_web=7"]);
+    c.ok(out, "service scale");
+    let _ = std::fs::remove_dir_all(c.dir.path().join("c1"));
+    c.start(1, &["--join", &first]);
+    c.wait_members(1, 2);
+    let ls = c.ok(
+        c.cli(1, &["service", "ls", "-o", "json"]),
+        "service ls on c1",
+    );
+    assert!(ls.contains("\"keep\""), "{ls}");
+    let inspect = c.ok(
+        c.cli(1, &["service", "inspect", "keep_web", "-o", "json"]),
+        "service inspect on c1",
+    );
+    assert!(inspect.contains("\"replicas\": 7"), "{inspect}");
+    let leader_log = std::fs::read_to_string(c.dir.path().join("c0.log")).unwrap_or_default();
+    assert!(
+        leader_log
+            .lines()
+            .any(|l| l.contains("snapshot sent") && l.contains("delivered=true")),
+        "the new member caught up by snapshot{}",
+        c.logs()
+    );
 
     // `cluster init` refuses a data directory that holds a cluster.
     let out = Command::new(gantry_tests::gantry_bin())

@@ -54,6 +54,11 @@ pub struct Args {
     /// one (etcd's --force-new-cluster); add the others back with --join.
     #[arg(long)]
     force_new_cluster: bool,
+    /// Snapshot the state and compact the log every N applied entries
+    /// (etcd's --snapshot-count); a lagging or new controller is sent the
+    /// snapshot.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    snapshot_every: u64,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -106,7 +111,10 @@ fn start(args: Args, mode: StartMode) -> anyhow::Result<ExitCode> {
         lease: args.lease,
         advertise: args.advertise,
         mode,
-        ..ControllerConfig::default()
+        store: gantry_controller::store::StoreConfig {
+            snapshot_every: args.snapshot_every,
+            ..Default::default()
+        },
     };
     if matches!(config.mode, StartMode::Init) && server::holds_cluster(&config) {
         return Err(UsageError(format!(

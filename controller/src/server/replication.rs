@@ -223,6 +223,13 @@ async fn peer_loop(
         .await;
         let ok = matches!(result, Ok(Ok(_)));
         if snapshot {
+            tracing::info!(
+                peer = to,
+                %address,
+                index = m.get_snapshot().get_metadata().get_index(),
+                delivered = ok,
+                "snapshot sent"
+            );
             node.report_snapshot(to, !ok);
         }
         if ok {
@@ -395,6 +402,11 @@ impl RaftService {
 impl pb::raft_server::Raft for RaftService {
     async fn step(&self, request: Request<pb::RaftMessage>) -> Result<Response<pb::Empty>, Status> {
         let bytes = request.into_inner().message;
+        if tracing::enabled!(tracing::Level::DEBUG)
+            && let Ok(m) = crate::raft::decode_message(&bytes)
+        {
+            tracing::debug!(from = m.from, kind = ?m.get_msg_type(), index = m.index, "raft message");
+        }
         match self.store.raft().step(&bytes) {
             Ok(()) => Ok(Response::new(pb::Empty {})),
             Err(RaftError::Stopped) => Err(Status::unavailable("the controller is shutting down")),
