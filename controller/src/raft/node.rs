@@ -594,6 +594,33 @@ fn recover(config: &RaftConfig, bootstrap: Bootstrap) -> Result<Recovered, RaftE
         }
     }
 
+    if membership.voters.is_empty() && has_data && hard_state.term == 0 {
+        // Data from the single-node store (issue 3), which never wrote a
+        // hard state or a configuration: it becomes a 1-member Raft cluster
+        // with every entry committed, as it was.
+        if bootstrap == Bootstrap::Join {
+            return Err(bootstrap_error(
+                config,
+                "holds a single-node controller's data: a joining controller needs an empty \
+                 data directory",
+            ));
+        }
+        replay(&log, &mut machine, &hub, &mut membership, last)?;
+        let term = log.term(last)?.max(1);
+        let entry = conf_change_entry(last + 1, term, &add_node(config.id, &config.address));
+        hard_state = HardState {
+            term,
+            vote: 0,
+            commit: last + 1,
+        };
+        log.write_batch(LogBatch {
+            entries: vec![entry.clone()],
+            hard_state: Some(hard_state),
+            ..LogBatch::default()
+        })?;
+        replay_entry(&mut machine, &hub, &mut membership, &entry)?;
+    }
+
     let applied = machine.applied_index();
     let conf_state: ConfState = conf_state_of(&membership);
     let mut storage = RaftStorage::new(log, conf_state)?;

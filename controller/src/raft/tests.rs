@@ -815,7 +815,10 @@ async fn writes_resume_within_one_and_a_half_seconds_of_the_leader_dying() {
     c.start_with(prod(1), Bootstrap::NewCluster);
     c.wait_leader(&[1]).await;
     for id in [2, 3] {
-        assert_eq!(c.node(1).add_member(format!("n{id}")).await.expect("add"), id);
+        assert_eq!(
+            c.node(1).add_member(format!("n{id}")).await.expect("add"),
+            id
+        );
         c.start_with(prod(id), Bootstrap::Join);
         let applied = c.node(1).applied();
         c.wait_applied(&[id], applied).await;
@@ -837,4 +840,41 @@ async fn writes_resume_within_one_and_a_half_seconds_of_the_leader_dying() {
     for f in &figures {
         assert!(*f < Duration::from_millis(1500), "{figures:?}");
     }
+}
+
+#[tokio::test]
+async fn single_node_store_data_becomes_a_one_member_cluster() {
+    let mut c = TestCluster::empty();
+    let dir = c.dir.path().join("n1");
+    {
+        let mut store =
+            crate::store::Store::open(&dir, crate::store::StoreConfig::default()).expect("store");
+        store.propose(&write_cmd("old", "1")).expect("propose");
+        store.propose(&write_cmd("older", "2")).expect("propose");
+    }
+    let node = c.start(1, Bootstrap::NewCluster);
+    c.wait_leader(&[1]).await;
+    assert_eq!(value(&node, "old").as_deref(), Some("1"));
+    assert_eq!(value(&node, "older").as_deref(), Some("2"));
+    let index = c.write(&[1], "new", "3").await;
+    assert!(index > 3, "{index}");
+    assert_eq!(node.status().members.len(), 1);
+    // A joining controller refuses such data instead of forking it.
+    let other = c.dir.path().join("n2");
+    {
+        let mut store =
+            crate::store::Store::open(&other, crate::store::StoreConfig::default()).expect("store");
+        store.propose(&write_cmd("x", "1")).expect("propose");
+    }
+    let transport = Arc::new(NetTransport {
+        from: 2,
+        net: Arc::downgrade(&c.net),
+    });
+    let err = RaftNode::start(config(2, c.dir.path()), Bootstrap::Join, transport)
+        .expect_err("join with data");
+    assert!(
+        err.to_string()
+            .contains("a joining controller needs an empty data directory"),
+        "{err}"
+    );
 }
