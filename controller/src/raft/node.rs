@@ -8,16 +8,18 @@
 //!
 //! 1. send `messages` (the leader's appends may leave before its own fsync,
 //!    Raft §10.2.1);
-//! 2. persist the snapshot, the entries and the hard state in **one**
-//!    fsynced redb transaction, and install the snapshot into the state
-//!    machine;
-//! 3. send `persisted_messages` (votes, append responses: they promise
+//! 2. a received snapshot: persist it, install it into the state machine;
+//! 3. answer ReadIndex requests, apply committed entries to the
+//!    [`StateMachine`], publish their events, answer their proposers
+//!    (raft-rs hands out only entries already durable here, so answers need
+//!    not wait for this Ready's fsync);
+//! 4. persist the entries and the hard state in **one** fsynced redb
+//!    transaction (a commit-index-only change waits for the next write);
+//! 5. send `persisted_messages` (votes, append responses: they promise
 //!    what was just made durable);
-//! 4. answer ReadIndex requests, apply committed entries to the
-//!    [`StateMachine`], publish their events, answer their proposers;
-//! 5. `advance`, then the light ready: its commit index (persisted with the
-//!    next write), messages, committed entries; `advance_apply`;
-//! 6. snapshot and compact when `snapshot_every` entries were applied.
+//! 6. `advance`, then the light ready: messages, committed entries;
+//!    `advance_apply`;
+//! 7. snapshot and compact when `snapshot_every` entries were applied.
 //!
 //! Proposals are routed back by their entry context: this member's id, a
 //! per-start incarnation (so an entry proposed before a restart never
@@ -33,9 +35,7 @@ use ::raft::{RawNode, ReadOnlyOption, SnapshotStatus, StateRole};
 use protobuf::Message as _;
 use tokio::sync::{oneshot, watch};
 
-use super::storage::{
-    RaftStorage, conf_state_of, decode_snapshot_data, entry_from_raft, hard_state_from_raft,
-};
+use super::storage::{RaftStorage, conf_state_of, decode_snapshot_data, hard_state_from_raft};
 use super::{
     Bootstrap, LatencyHistogram, Leadership, MemberStatus, Message, RaftConfig, RaftError,
     RaftMetrics, RaftStatus, Role, Transport,
@@ -195,7 +195,6 @@ impl RaftNode {
         {
             raw.campaign().map_err(|e| RaftError::Raft(e.to_string()))?;
         }
-        let now = Instant::now();
         let mut lp = Loop {
             request_timeout: config.request_timeout,
             snapshot_every: config.snapshot_every,
@@ -222,7 +221,6 @@ impl RaftNode {
             applied_tx,
             leader_tx,
             commit_dirty: false,
-            started: now,
         };
         lp.publish_status();
         let handle = std::thread::Builder::new()
@@ -596,6 +594,33 @@ fn recover(config: &RaftConfig, bootstrap: Bootstrap) -> Result<Recovered, RaftE
         }
     }
 
+    if membership.voters.is_empty() && has_data && hard_state.term == 0 {
+        // Data from the single-node store (issue 3), which never wrote a
+        // hard state or a configuration: it becomes a 1-member Raft cluster
+        // with every entry committed, as it was.
+        if bootstrap == Bootstrap::Join {
+            return Err(bootstrap_error(
+                config,
+                "holds a single-node controller's data: a joining controller needs an empty \
+                 data directory",
+            ));
+        }
+        replay(&log, &mut machine, &hub, &mut membership, last)?;
+        let term = log.term(last)?.max(1);
+        let entry = conf_change_entry(last + 1, term, &add_node(config.id, &config.address));
+        hard_state = HardState {
+            term,
+            vote: 0,
+            commit: last + 1,
+        };
+        log.write_batch(LogBatch {
+            entries: vec![entry.clone()],
+            hard_state: Some(hard_state),
+            ..LogBatch::default()
+        })?;
+        replay_entry(&mut machine, &hub, &mut membership, &entry)?;
+    }
+
     let applied = machine.applied_index();
     let conf_state: ConfState = conf_state_of(&membership);
     let mut storage = RaftStorage::new(log, conf_state)?;
@@ -718,7 +743,6 @@ struct Loop {
     /// The light ready advanced the commit index past the stored one; the
     /// next write carries it.
     commit_dirty: bool,
-    started: Instant,
 }
 
 impl Loop {
@@ -873,13 +897,9 @@ impl Loop {
             }
             return Err(self.not_leader());
         }
-        // Fail fast when the leader knows it is cut off (check_quorum makes
-        // it step down after an election timeout anyway). Just after the
-        // start, nobody was heard from yet: let the request wait instead.
-        let members = self.membership.voters.len();
-        if self.started.elapsed() > self.election_timeout && self.reachable() <= members / 2 {
-            return Err(self.no_quorum());
-        }
+        // A leader cut off from its quorum steps down after an election
+        // timeout (check_quorum); its requests wait until then or until
+        // the request timeout, whichever comes first.
         Ok(())
     }
 
@@ -1092,8 +1112,8 @@ impl Loop {
             self.transport.send(ready.take_messages());
         }
 
-        let mut batch = LogBatch::default();
-        let mut installed = None;
+        // A snapshot from the leader: made durable and installed first
+        // (raft-rs puts no committed entries in a Ready that has one).
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot();
             let meta = snap.get_metadata();
@@ -1108,43 +1128,37 @@ impl Loop {
                 data,
                 membership,
             };
-            batch.snapshot = Some(record.clone());
-            installed = Some(record);
-        }
-        batch.entries = ready.entries().iter().map(entry_from_raft).collect();
-        if let Some(hs) = ready.hs() {
-            batch.hard_state = Some(hard_state_from_raft(hs));
-        } else if self.commit_dirty {
-            batch.hard_state = Some(hard_state_from_raft(&self.raw.raft.hard_state()));
-        }
-        if !batch.is_empty() {
-            if batch.hard_state.is_some() {
-                self.commit_dirty = false;
-            }
-            self.raw.mut_store().persist(batch)?;
-        }
-        if let Some(record) = installed {
+            self.raw.mut_store().persist(LogBatch {
+                snapshot: Some(record.clone()),
+                ..LogBatch::default()
+            })?;
             self.install(record)?;
+        }
+
+        // Committed entries are already durable here (raft-rs hands out
+        // only entries up to the persisted index), so they are applied and
+        // answered before this Ready's fsync, as raft-rs's example does:
+        // a leader's answers do not wait for the next batch's fsync.
+        self.answer_reads(ready.take_read_states());
+        let committed = ready.take_committed_entries();
+        self.apply(committed)?;
+
+        // Entries and hard state: one transaction, one fsync. A change of
+        // the commit index alone is not worth an fsync (raft-rs's
+        // `must_sync` is false then: the commit index is recovered from the
+        // leader); it rides along with the next write.
+        let entries = ready.take_entries();
+        let hs_changed = ready.hs().is_some() || self.commit_dirty;
+        if !entries.is_empty() || ready.must_sync() {
+            let hard_state = hs_changed.then(|| hard_state_from_raft(&self.raw.raft.hard_state()));
+            self.raw.mut_store().persist_entries(entries, hard_state)?;
+            self.commit_dirty = false;
+        } else if hs_changed {
+            self.commit_dirty = true;
         }
         if !ready.persisted_messages().is_empty() {
             self.transport.send(ready.take_persisted_messages());
         }
-        for state in ready.take_read_states() {
-            let Some(key) = state
-                .request_ctx
-                .as_slice()
-                .try_into()
-                .ok()
-                .map(u64::from_le_bytes)
-            else {
-                continue;
-            };
-            if let Some(read) = self.reads.remove(&key) {
-                let _ = read.reply.send(Ok(state.index));
-            }
-        }
-        let committed = ready.take_committed_entries();
-        self.apply(committed)?;
 
         let mut light = self.raw.advance(ready);
         if light.commit_index().is_some() {
@@ -1159,6 +1173,23 @@ impl Loop {
         self.maybe_snapshot()?;
         self.check_leadership();
         Ok(())
+    }
+
+    fn answer_reads(&mut self, states: Vec<::raft::ReadState>) {
+        for state in states {
+            let Some(key) = state
+                .request_ctx
+                .as_slice()
+                .try_into()
+                .ok()
+                .map(u64::from_le_bytes)
+            else {
+                continue;
+            };
+            if let Some(read) = self.reads.remove(&key) {
+                let _ = read.reply.send(Ok(state.index));
+            }
+        }
     }
 
     /// Replaces the state with a snapshot from the leader.

@@ -10,6 +10,8 @@
 //! Reads serve raft-rs; writes go through [`RaftStorage::persist`], one
 //! fsynced transaction per Ready.
 
+use std::collections::VecDeque;
+
 use raft::eraftpb::{ConfState, Entry as RaftEntry, EntryType, HardState as RaftHardState};
 use raft::eraftpb::{Snapshot as RaftSnapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
@@ -18,8 +20,14 @@ use crate::store::{
     Entry, EntryKind, HardState, Log, LogBatch, LogError, Membership, RedbLog, SnapshotRecord,
 };
 
+/// How many of the latest entries stay in memory. raft-rs asks for terms
+/// and entries near the end of the log all the time (matching appends,
+/// applying, replicating); reading them back from redb each time would cost
+/// a read transaction each. TiKV keeps an entry cache for the same reason.
+const CACHE_ENTRIES: usize = 4096;
+
 /// raft-rs's view of the log: a [`RedbLog`] plus the in-memory hard state
-/// and conf state raft-rs starts from.
+/// and conf state raft-rs starts from, and a cache of the latest entries.
 #[derive(Debug)]
 pub struct RaftStorage {
     log: RedbLog,
@@ -27,6 +35,9 @@ pub struct RaftStorage {
     conf_state: ConfState,
     /// Set when raft-rs asked for a snapshot newer than the stored one.
     snapshot_wanted: std::sync::atomic::AtomicBool,
+    /// The latest persisted entries, consecutive, ending at the last index
+    /// (or empty).
+    cache: VecDeque<RaftEntry>,
 }
 
 impl RaftStorage {
@@ -39,6 +50,7 @@ impl RaftStorage {
             hard_state,
             conf_state,
             snapshot_wanted: std::sync::atomic::AtomicBool::new(false),
+            cache: VecDeque::new(),
         })
     }
 
@@ -74,11 +86,66 @@ impl RaftStorage {
     /// Writes `batch` in one fsynced transaction, remembering its hard state.
     pub fn persist(&mut self, batch: LogBatch) -> Result<(), LogError> {
         let hard_state = batch.hard_state;
+        let snapshot = batch.snapshot.is_some();
+        let compact_to = batch.compact_to;
+        let first_new = batch.entries.first().map(|e| e.index);
         self.log.write_batch(batch)?;
         if let Some(hs) = hard_state {
             self.hard_state = hs;
         }
+        if snapshot {
+            // A snapshot that did not follow on from the log reset it.
+            let index = self.log.first_index()? - 1;
+            if self.log.last_index()? == index {
+                self.cache.clear();
+            }
+            while self.cache.front().is_some_and(|e| e.index <= index) {
+                self.cache.pop_front();
+            }
+        }
+        if let Some(upto) = compact_to {
+            while self.cache.front().is_some_and(|e| e.index <= upto) {
+                self.cache.pop_front();
+            }
+        }
+        if let Some(first) = first_new {
+            // Appending replaced everything from `first` on.
+            while self.cache.back().is_some_and(|e| e.index >= first) {
+                self.cache.pop_back();
+            }
+        }
         Ok(())
+    }
+
+    /// Writes a Ready's entries (raft-rs's own) and hard state in one
+    /// fsynced transaction, and keeps the entries in the cache.
+    pub fn persist_entries(
+        &mut self,
+        entries: Vec<RaftEntry>,
+        hard_state: Option<HardState>,
+    ) -> Result<(), LogError> {
+        self.persist(LogBatch {
+            entries: entries.iter().map(entry_from_raft).collect(),
+            hard_state,
+            ..LogBatch::default()
+        })?;
+        let Some(first) = entries.first().map(|e| e.index) else {
+            return Ok(());
+        };
+        if self.cache.back().is_some_and(|e| e.index + 1 != first) {
+            self.cache.clear();
+        }
+        self.cache.extend(entries);
+        while self.cache.len() > CACHE_ENTRIES {
+            self.cache.pop_front();
+        }
+        Ok(())
+    }
+
+    fn cached(&self, index: u64) -> Option<&RaftEntry> {
+        let first = self.cache.front()?.index;
+        self.cache
+            .get(usize::try_from(index.checked_sub(first)?).ok()?)
     }
 }
 
@@ -192,6 +259,18 @@ impl raft::Storage for RaftStorage {
         max_size: impl Into<Option<u64>>,
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<RaftEntry>> {
+        if low < high
+            && let (Some(first), Some(_)) = (self.cached(low), self.cached(high - 1))
+        {
+            let start = (first.index - self.cache[0].index) as usize;
+            let mut out: Vec<RaftEntry> = self
+                .cache
+                .range(start..start + (high - low) as usize)
+                .cloned()
+                .collect();
+            raft::util::limit_size(&mut out, max_size.into());
+            return Ok(out);
+        }
         let mut out: Vec<RaftEntry> = self
             .log
             .entries(low, high)
@@ -204,6 +283,9 @@ impl raft::Storage for RaftStorage {
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
+        if let Some(e) = self.cached(idx) {
+            return Ok(e.term);
+        }
         self.log.term(idx).map_err(raft_err)
     }
 

@@ -803,3 +803,78 @@ async fn drops_and_delays_lose_nothing_acknowledged() {
         }
     }
 }
+
+/// The target with the production timings (50 ms ticks, elections
+/// after 0.5–1 s): writes are accepted again within 1.5 s of the leader's
+/// death, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_resume_within_one_and_a_half_seconds_of_the_leader_dying() {
+    let mut c = TestCluster::empty();
+    let dir = c.dir.path().to_path_buf();
+    let prod = |id: u64| RaftConfig::new(id, format!("n{id}"), dir.join(format!("n{id}")));
+    c.start_with(prod(1), Bootstrap::NewCluster);
+    c.wait_leader(&[1]).await;
+    for id in [2, 3] {
+        assert_eq!(
+            c.node(1).add_member(format!("n{id}")).await.expect("add"),
+            id
+        );
+        c.start_with(prod(id), Bootstrap::Join);
+        let applied = c.node(1).applied();
+        c.wait_applied(&[id], applied).await;
+    }
+    let ids = c.ids();
+    let mut figures = Vec::new();
+    for round in 0..3 {
+        let old = c.wait_leader(&ids).await;
+        c.write(&ids, &format!("before{round}"), "1").await;
+        c.kill(old);
+        let killed = Instant::now();
+        let rest: Vec<u64> = ids.iter().copied().filter(|&i| i != old).collect();
+        let index = c.write(&rest, &format!("after{round}"), "1").await;
+        figures.push(killed.elapsed());
+        c.start_with(prod(old), Bootstrap::Restart);
+        c.wait_applied(&[old], index).await;
+    }
+    eprintln!("writes resumed after leader kill: {figures:?}");
+    for f in &figures {
+        assert!(*f < Duration::from_millis(1500), "{figures:?}");
+    }
+}
+
+#[tokio::test]
+async fn single_node_store_data_becomes_a_one_member_cluster() {
+    let mut c = TestCluster::empty();
+    let dir = c.dir.path().join("n1");
+    {
+        let mut store =
+            crate::store::Store::open(&dir, crate::store::StoreConfig::default()).expect("store");
+        store.propose(&write_cmd("old", "1")).expect("propose");
+        store.propose(&write_cmd("older", "2")).expect("propose");
+    }
+    let node = c.start(1, Bootstrap::NewCluster);
+    c.wait_leader(&[1]).await;
+    assert_eq!(value(&node, "old").as_deref(), Some("1"));
+    assert_eq!(value(&node, "older").as_deref(), Some("2"));
+    let index = c.write(&[1], "new", "3").await;
+    assert!(index > 3, "{index}");
+    assert_eq!(node.status().members.len(), 1);
+    // A joining controller refuses such data instead of forking it.
+    let other = c.dir.path().join("n2");
+    {
+        let mut store =
+            crate::store::Store::open(&other, crate::store::StoreConfig::default()).expect("store");
+        store.propose(&write_cmd("x", "1")).expect("propose");
+    }
+    let transport = Arc::new(NetTransport {
+        from: 2,
+        net: Arc::downgrade(&c.net),
+    });
+    let err = RaftNode::start(config(2, c.dir.path()), Bootstrap::Join, transport)
+        .expect_err("join with data");
+    assert!(
+        err.to_string()
+            .contains("a joining controller needs an empty data directory"),
+        "{err}"
+    );
+}
