@@ -325,13 +325,28 @@ fn three_controllers_fail_over_without_restarting_tasks() {
     let containers = env.web_containers();
     assert_eq!(containers.len(), 2, "{containers:?}");
 
-    // kill -9 the leader: a new leader within 1.5 s, writes accepted again.
+    // kill -9 the leader right after it acknowledged a second deploy (its
+    // tasks not yet placed or started): a new leader within 1.5 s, writes
+    // accepted again, and the new leader finishes the deploy.
     let mut c = env;
     let killed = leader.clone();
     let survivors: Vec<&str> = ["c1", "c2", "c3"]
         .into_iter()
         .filter(|h| *h != killed)
         .collect();
+    let inflight = c.files.path().join("inflight.yaml");
+    std::fs::write(
+        &inflight,
+        "services:\n  web:\n    image: gantry.test/web:latest\n    deploy:\n      replicas: 2\n",
+    )
+    .unwrap();
+    let at_leader = c.address(&killed);
+    let out = c.run_at(
+        &killed,
+        &at_leader,
+        &["deploy", "-p", "late", "-f", inflight.to_str().unwrap()],
+    );
+    c.ok(out, "deploy on the leader");
     let start = Instant::now();
     c.c.kill(&killed).unwrap();
     let mut new_leader = None;
@@ -369,7 +384,18 @@ fn three_controllers_fail_over_without_restarting_tasks() {
 
     // The CLI fails over (its list starts with c1, which may be the dead one).
     let services = c.json(&["service", "ls"]);
-    assert_eq!(services.as_array().unwrap().len(), 1, "{services}");
+    assert_eq!(services.as_array().unwrap().len(), 2, "{services}");
+    // The deploy in flight when the leader died runs to the end.
+    wait_for("late_web to run 2 tasks", Duration::from_secs(30), || {
+        c.json(&["service", "ps", "late_web"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["desired_state"] == "running" && t["state"] == "running")
+            .count()
+            == 2
+    })
+    .unwrap_or_else(|e| panic!("{e}{}", c.logs()));
 
     // No task restarted and no node marked down, past a whole lease.
     std::thread::sleep(Duration::from_secs(4));
