@@ -776,7 +776,9 @@ impl Loop {
                 }
                 self.expire(now);
             }
-            if let Err(e) = self.on_ready() {
+            // A snapshot raft-rs asked for (see `RaftStorage::snapshot`)
+            // may come without a Ready.
+            if let Err(e) = self.on_ready().and_then(|()| self.maybe_snapshot()) {
                 tracing::error!(id = self.shared.id, error = %e, "raft loop stopped");
                 break;
             }
@@ -1003,6 +1005,36 @@ impl Loop {
             let _ = reply.send(Err(RaftError::BadChange(format!(
                 "controller {id} is the last member"
             ))));
+            return;
+        }
+        if id == self.shared.id {
+            // raft-rs keeps a leader that removed itself leading (its
+            // followers keep hearing heartbeats and never elect); etcd and
+            // swarmkit move leadership first. Pick the follower furthest
+            // along and hand over.
+            let target = self
+                .raw
+                .raft
+                .prs()
+                .iter()
+                .filter(|(peer, p)| **peer != id && p.recent_active)
+                .max_by_key(|(_, p)| p.matched)
+                .map(|(peer, _)| *peer);
+            let Some(target) = target else {
+                let _ = reply.send(Err(self.no_quorum()));
+                return;
+            };
+            self.raw.transfer_leader(target);
+            let to_address = self
+                .membership
+                .voters
+                .get(&target)
+                .cloned()
+                .unwrap_or_default();
+            let _ = reply.send(Err(RaftError::LeadershipMoving {
+                id,
+                to: (target, to_address),
+            }));
             return;
         }
         let description = format!("removing controller {id} at {address}");
@@ -1333,10 +1365,12 @@ impl Loop {
     /// one transaction.
     fn maybe_snapshot(&mut self) -> Result<(), RaftError> {
         let every = self.snapshot_every;
+        let wanted = self.raw.store().take_snapshot_request();
         let (index, data) = {
             let machine = read(&self.shared.machine);
             let index = machine.applied_index();
-            if every == 0 || index < self.snapshot_index + every {
+            let due = every > 0 && index >= self.snapshot_index + every;
+            if !(due || wanted && index > self.snapshot_index) {
                 return Ok(());
             }
             let data = machine

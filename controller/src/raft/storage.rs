@@ -36,6 +36,10 @@ pub struct RaftStorage {
     /// The latest persisted entries, consecutive, ending at the last index
     /// (or empty).
     cache: VecDeque<RaftEntry>,
+    /// raft-rs asked for a snapshot the stored one cannot serve (too old,
+    /// or taken before the receiving member was added): the loop takes a
+    /// fresh one, and raft-rs asks again.
+    snapshot_wanted: std::cell::Cell<bool>,
 }
 
 impl RaftStorage {
@@ -48,6 +52,7 @@ impl RaftStorage {
             hard_state,
             conf_state,
             cache: VecDeque::new(),
+            snapshot_wanted: std::cell::Cell::new(false),
         })
     }
 
@@ -130,6 +135,11 @@ impl RaftStorage {
             self.cache.pop_front();
         }
         Ok(())
+    }
+
+    /// Whether raft-rs asked for a fresher snapshot since the last call.
+    pub fn take_snapshot_request(&self) -> bool {
+        self.snapshot_wanted.replace(false)
     }
 
     fn cached(&self, index: u64) -> Option<&RaftEntry> {
@@ -287,12 +297,19 @@ impl raft::Storage for RaftStorage {
         self.log.last_index().map_err(raft_err)
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<RaftSnapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<RaftSnapshot> {
         let record = match self.log.snapshot().map_err(raft_err)? {
-            Some(record) if record.index >= request_index => record,
-            // Snapshots are taken by the loop every `snapshot_every`
-            // entries; raft-rs asks again later.
+            // A member added after the snapshot would refuse it (it is not
+            // in the snapshot's configuration).
+            Some(record)
+                if record.index >= request_index && record.membership.voters.contains_key(&to) =>
+            {
+                record
+            }
+            // The loop takes a fresh snapshot; raft-rs asks again on the
+            // next heartbeat response.
             _ => {
+                self.snapshot_wanted.set(true);
                 return Err(raft::Error::Store(
                     StorageError::SnapshotTemporarilyUnavailable,
                 ));

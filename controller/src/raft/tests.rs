@@ -640,6 +640,29 @@ async fn lagging_follower_catches_up_by_snapshot() {
     assert_eq!(node.status().members.len(), 3);
     let index = c.write(&ids, "more", "1").await;
     c.wait_applied(&ids, index).await;
+    // A brand-new member joins from the snapshot too (the log before it is
+    // gone), and learns every address from it.
+    let leader = c.wait_leader(&ids).await;
+    let id = c
+        .node(leader)
+        .add_member("n4".to_string())
+        .await
+        .expect("add");
+    let fresh = c.start_with(small(id), Bootstrap::Join);
+    let index = c.write(&c.ids(), "joined", "1").await;
+    c.wait_applied(&[id], index).await;
+    assert!(
+        fresh.metrics().snapshots >= 1,
+        "the new member installed no snapshot"
+    );
+    assert_eq!(value(&fresh, "s0").as_deref(), Some("0"));
+    let addresses: Vec<String> = fresh
+        .status()
+        .members
+        .into_iter()
+        .map(|m| m.address)
+        .collect();
+    assert_eq!(addresses, ["n1", "n2", "n3", "n4"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -877,4 +900,33 @@ async fn single_node_store_data_becomes_a_one_member_cluster() {
             .contains("a joining controller needs an empty data directory"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_leader_moves_leadership_first() {
+    let mut c = TestCluster::grow(3).await;
+    let ids = c.ids();
+    let old = c.wait_leader(&ids).await;
+    let err = c.node(old).remove_member(old).await.expect_err("leader");
+    let RaftError::LeadershipMoving { id, to } = &err else {
+        panic!("{err}");
+    };
+    assert_eq!(*id, old);
+    assert_eq!(to.1, format!("n{}", to.0));
+    let rest: Vec<u64> = ids.iter().copied().filter(|&i| i != old).collect();
+    let deadline = Instant::now() + WAIT;
+    while c.node(to.0).status().role != Role::Leader {
+        assert!(Instant::now() < deadline, "leadership never moved");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let new = c.wait_leader(&ids).await;
+    assert_eq!(new, to.0, "leadership went where the error said");
+    c.node(new)
+        .remove_member(old)
+        .await
+        .expect("remove the old leader");
+    c.kill(old);
+    let index = c.write(&rest, "after", "1").await;
+    c.wait_applied(&rest, index).await;
+    assert_eq!(c.node(new).status().members.len(), 2);
 }
