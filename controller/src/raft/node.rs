@@ -776,13 +776,21 @@ impl Loop {
                 }
                 self.expire(now);
             }
+            self.issue_reads();
             // A snapshot raft-rs asked for (see `RaftStorage::snapshot`)
-            // may come without a Ready.
-            if let Err(e) = self.on_ready().and_then(|()| self.maybe_snapshot()) {
+            // may come without a Ready. Reads that this Ready made
+            // servable (a new leader's first commit) go out at once.
+            let turn = self
+                .on_ready()
+                .and_then(|()| self.maybe_snapshot())
+                .and_then(|()| match self.issue_reads() {
+                    true => self.on_ready(),
+                    false => Ok(()),
+                });
+            if let Err(e) = turn {
                 tracing::error!(id = self.shared.id, error = %e, "raft loop stopped");
                 break;
             }
-            self.issue_reads();
             self.publish_status();
         }
         self.shutdown();
@@ -1103,9 +1111,9 @@ impl Loop {
     /// Issues reads not yet issued, or unanswered for [`READ_RETRY`], when
     /// they can be served: a leader must have committed an entry in its
     /// term (raft-rs drops the read otherwise); a follower needs a leader.
-    fn issue_reads(&mut self) {
+    fn issue_reads(&mut self) -> bool {
         if self.reads.is_empty() {
-            return;
+            return false;
         }
         let can = if self.raw.raft.state == StateRole::Leader {
             self.raw.raft.commit_to_current_term()
@@ -1113,7 +1121,7 @@ impl Loop {
             self.raw.raft.leader_id != 0
         };
         if !can {
-            return;
+            return false;
         }
         let now = Instant::now();
         let mut due = Vec::new();
@@ -1126,13 +1134,11 @@ impl Loop {
                 due.push(read.ctx.clone());
             }
         }
+        let issued = !due.is_empty();
         for ctx in due {
             self.raw.read_index(ctx);
         }
-        // A lone leader answers at once, in the next Ready.
-        if let Err(e) = self.on_ready() {
-            tracing::error!(id = self.shared.id, error = %e, "raft ready failed");
-        }
+        issued
     }
 
     fn on_ready(&mut self) -> Result<(), RaftError> {

@@ -554,6 +554,14 @@ async fn killed_leader_is_replaced_and_catches_up_on_restart() {
     let rest: Vec<u64> = ids.iter().copied().filter(|&i| i != old).collect();
     let killed_at = Instant::now();
     let new = c.wait_leader(&rest).await;
+    // A linearizable read right after the election (the new leader holds
+    // reads until it has committed an entry of its term) sees every
+    // acknowledged write.
+    for &id in &rest {
+        let read = c.node(id).read_index().await.expect("read after failover");
+        c.node(id).wait_applied(read).await.expect("applied");
+        assert_eq!(value(&c.node(id), "a19").as_deref(), Some("1"));
+    }
     let index = c.write(&rest, "after-kill", "1").await;
     let elapsed = killed_at.elapsed();
     // 20 ms ticks: an election within 10–20 ticks, plus pre-vote rounds.
