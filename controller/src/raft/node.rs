@@ -8,13 +8,14 @@
 //!
 //! 1. send `messages` (the leader's appends may leave before its own fsync,
 //!    Raft §10.2.1);
-//! 2. a received snapshot: persist it, install it into the state machine;
-//! 3. answer ReadIndex requests, apply committed entries to the
+//! 2. answer ReadIndex requests, apply committed entries to the
 //!    [`StateMachine`], publish their events, answer their proposers
 //!    (raft-rs hands out only entries already durable here, so answers need
 //!    not wait for this Ready's fsync);
-//! 4. persist the entries and the hard state in **one** fsynced redb
-//!    transaction (a commit-index-only change waits for the next write);
+//! 3. persist the snapshot, the entries and the hard state in **one**
+//!    fsynced redb transaction (a commit-index-only change waits for the
+//!    next write);
+//! 4. install a received snapshot into the state machine;
 //! 5. send `persisted_messages` (votes, append responses: they promise
 //!    what was just made durable);
 //! 6. `advance`, then the light ready: messages, committed entries;
@@ -1150,9 +1151,11 @@ impl Loop {
             self.transport.send(ready.take_messages());
         }
 
-        // A snapshot from the leader: made durable and installed first
-        // (raft-rs puts no committed entries in a Ready that has one).
-        if !ready.snapshot().is_empty() {
+        // A snapshot from the leader (raft-rs puts no committed entries in a
+        // Ready that has one).
+        let snapshot = if ready.snapshot().is_empty() {
+            None
+        } else {
             let snap = ready.snapshot();
             let meta = snap.get_metadata();
             let (membership, data) =
@@ -1160,18 +1163,13 @@ impl Loop {
                     index: meta.index,
                     message,
                 })?;
-            let record = SnapshotRecord {
+            Some(SnapshotRecord {
                 index: meta.index,
                 term: meta.term,
                 data,
                 membership,
-            };
-            self.raw.mut_store().persist(LogBatch {
-                snapshot: Some(record.clone()),
-                ..LogBatch::default()
-            })?;
-            self.install(record)?;
-        }
+            })
+        };
 
         // Committed entries are already durable here (raft-rs hands out
         // only entries up to the persisted index), so they are applied and
@@ -1181,18 +1179,23 @@ impl Loop {
         let committed = ready.take_committed_entries();
         self.apply(committed)?;
 
-        // Entries and hard state: one transaction, one fsync. A change of
-        // the commit index alone is not worth an fsync (raft-rs's
+        // Snapshot, entries and hard state: one transaction, one fsync. A
+        // change of the commit index alone is not worth an fsync (raft-rs's
         // `must_sync` is false then: the commit index is recovered from the
         // leader); it rides along with the next write.
         let entries = ready.take_entries();
         let hs_changed = ready.hs().is_some() || self.commit_dirty;
-        if !entries.is_empty() || ready.must_sync() {
+        if snapshot.is_some() || !entries.is_empty() || ready.must_sync() {
             let hard_state = hs_changed.then(|| hard_state_from_raft(&self.raw.raft.hard_state()));
-            self.raw.mut_store().persist_entries(entries, hard_state)?;
+            self.raw
+                .mut_store()
+                .persist_ready(snapshot.clone(), entries, hard_state)?;
             self.commit_dirty = false;
         } else if hs_changed {
             self.commit_dirty = true;
+        }
+        if let Some(record) = snapshot {
+            self.install(record)?;
         }
         if !ready.persisted_messages().is_empty() {
             self.transport.send(ready.take_persisted_messages());
