@@ -938,3 +938,73 @@ async fn removing_the_leader_moves_leadership_first() {
     c.wait_applied(&rest, index).await;
     assert_eq!(c.node(new).status().members.len(), 2);
 }
+
+/// Writes through whichever of `nodes` leads; None once `deadline` passes.
+async fn write_anywhere(nodes: &[RaftNode], key: &str, deadline: Instant) -> Option<u64> {
+    while Instant::now() < deadline {
+        for node in nodes {
+            if node.status().role != Role::Leader {
+                continue;
+            }
+            if let Ok(results) = node.propose(vec![write_cmd(key, "1")]).await {
+                return Some(results[0].0);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_during_concurrent_writes_loses_no_acknowledged_write() {
+    let mut c = TestCluster::grow(3).await;
+    let ids = c.ids();
+    let nodes: Vec<RaftNode> = ids.iter().map(|&i| c.node(i)).collect();
+    let stop = Instant::now() + Duration::from_millis(1500);
+    let mut clients = Vec::new();
+    for client in 0..4 {
+        let nodes = nodes.clone();
+        clients.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0;
+            while Instant::now() < stop {
+                let key = format!("w{client}-{i}");
+                if write_anywhere(&nodes, &key, stop + WAIT).await.is_some() {
+                    acked.push(key);
+                }
+                i += 1;
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let old = c.wait_leader(&ids).await;
+    c.kill(old);
+    let mut acked = Vec::new();
+    for t in clients {
+        acked.extend(t.await.expect("client"));
+    }
+    let rest: Vec<u64> = ids.iter().copied().filter(|&i| i != old).collect();
+    let last = c.write(&rest, "end", "1").await;
+    c.wait_applied(&rest, last).await;
+    assert!(acked.len() > 20, "only {} writes acknowledged", acked.len());
+    for &id in &rest {
+        for key in &acked {
+            assert_eq!(
+                value(&c.node(id), key).as_deref(),
+                Some("1"),
+                "{key} lost on {id}"
+            );
+        }
+    }
+    // The killed leader comes back with every acknowledged write too.
+    let back = c.start(old, Bootstrap::Restart);
+    c.wait_applied(&[old], last).await;
+    for key in &acked {
+        assert_eq!(
+            value(&back, key).as_deref(),
+            Some("1"),
+            "{key} lost on {old}"
+        );
+    }
+}
