@@ -92,6 +92,8 @@ struct Shared {
     leadership: watch::Receiver<Leadership>,
     status: Mutex<RaftStatus>,
     metrics: Mutex<RaftMetrics>,
+    /// Why the loop ended, once it has.
+    stopped: Mutex<Option<String>>,
 }
 
 /// A handle on a running Raft member; cheap to clone.
@@ -169,6 +171,7 @@ impl RaftNode {
                 proposal_latency: LatencyHistogram::new(),
                 ..RaftMetrics::default()
             }),
+            stopped: Mutex::new(None),
         });
         *write(&shared.machine) = recovered.machine;
 
@@ -355,6 +358,15 @@ impl RaftNode {
     /// the leader-only loops. Closed when the loop stops.
     pub fn leadership(&self) -> watch::Receiver<Leadership> {
         self.shared.leadership.clone()
+    }
+
+    /// Why the loop ended, once it has: `stopped` after
+    /// [`RaftThread::stop`], or the fatal error (a failed fsync, an entry
+    /// the state machine cannot apply). The server should exit then: every
+    /// request fails with [`RaftError::Stopped`], and the leadership watch
+    /// is closed.
+    pub fn stopped(&self) -> Option<String> {
+        lock(&self.shared.stopped).clone()
     }
 
     /// Counters for metrics.
@@ -790,6 +802,7 @@ impl Loop {
                 });
             if let Err(e) = turn {
                 tracing::error!(id = self.shared.id, error = %e, "raft loop stopped");
+                *lock(&self.shared.stopped) = Some(e.to_string());
                 break;
             }
             self.publish_status();
@@ -1515,5 +1528,6 @@ impl Loop {
             change.finish(Err(RaftError::Stopped));
         }
         self.shared.hub.close();
+        lock(&self.shared.stopped).get_or_insert_with(|| "stopped".to_string());
     }
 }

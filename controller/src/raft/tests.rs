@@ -409,7 +409,17 @@ async fn single_member_commits_reads_and_restarts() {
     assert_eq!(metrics.proposals_committed, 2);
     assert_eq!(metrics.proposal_latency.count, 1);
 
+    assert_eq!(node.stopped(), None);
     c.kill(1);
+    assert_eq!(node.stopped().as_deref(), Some("stopped"));
+    assert!(matches!(
+        node.propose(vec![write_cmd("late", "1")]).await,
+        Err(RaftError::Stopped)
+    ));
+    assert!(
+        node.leadership().has_changed().is_err(),
+        "leadership watch closed"
+    );
     // NewCluster on existing data restarts from it.
     let node = c.start(1, Bootstrap::NewCluster);
     c.wait_leader(&[1]).await;
