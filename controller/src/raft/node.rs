@@ -1387,11 +1387,13 @@ impl Loop {
     /// one transaction.
     fn maybe_snapshot(&mut self) -> Result<(), RaftError> {
         let every = self.snapshot_every;
-        let wanted = self.raw.store().take_snapshot_request();
+        // A follower needs a snapshot the stored one cannot serve (it is
+        // older than asked, or from before the follower was added).
+        let wanted = self.raw.store().take_snapshot_wanted();
         let (index, data) = {
             let machine = read(&self.shared.machine);
             let index = machine.applied_index();
-            let due = every > 0 && index >= self.snapshot_index + every;
+            let due = every != 0 && index >= self.snapshot_index + every;
             if !(due || wanted && index > self.snapshot_index) {
                 return Ok(());
             }

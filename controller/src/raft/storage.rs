@@ -33,13 +33,11 @@ pub struct RaftStorage {
     log: RedbLog,
     hard_state: HardState,
     conf_state: ConfState,
+    /// Set when raft-rs asked for a snapshot newer than the stored one.
+    snapshot_wanted: std::sync::atomic::AtomicBool,
     /// The latest persisted entries, consecutive, ending at the last index
     /// (or empty).
     cache: VecDeque<RaftEntry>,
-    /// raft-rs asked for a snapshot the stored one cannot serve (too old,
-    /// or taken before the receiving member was added): the loop takes a
-    /// fresh one, and raft-rs asks again.
-    snapshot_wanted: std::cell::Cell<bool>,
 }
 
 impl RaftStorage {
@@ -51,8 +49,8 @@ impl RaftStorage {
             log,
             hard_state,
             conf_state,
+            snapshot_wanted: std::sync::atomic::AtomicBool::new(false),
             cache: VecDeque::new(),
-            snapshot_wanted: std::cell::Cell::new(false),
         })
     }
 
@@ -76,6 +74,13 @@ impl RaftStorage {
     /// `RawNode`) and that snapshots carry.
     pub fn set_conf_state(&mut self, conf_state: ConfState) {
         self.conf_state = conf_state;
+    }
+
+    /// Whether raft-rs asked for a snapshot newer than the stored one since
+    /// the last call (the loop then takes one at once).
+    pub fn take_snapshot_wanted(&self) -> bool {
+        self.snapshot_wanted
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Writes `batch` in one fsynced transaction, remembering its hard state.
@@ -138,11 +143,6 @@ impl RaftStorage {
             self.cache.pop_front();
         }
         Ok(())
-    }
-
-    /// Whether raft-rs asked for a fresher snapshot since the last call.
-    pub fn take_snapshot_request(&self) -> bool {
-        self.snapshot_wanted.replace(false)
     }
 
     fn cached(&self, index: u64) -> Option<&RaftEntry> {
@@ -302,17 +302,21 @@ impl raft::Storage for RaftStorage {
 
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<RaftSnapshot> {
         let record = match self.log.snapshot().map_err(raft_err)? {
-            // A member added after the snapshot would refuse it (it is not
-            // in the snapshot's configuration).
+            // A snapshot whose configuration lacks `to` is useless to it:
+            // raft-rs on the receiver ignores a snapshot that does not
+            // name it as a member (a member added after the last snapshot
+            // would be sent that one forever).
             Some(record)
-                if record.index >= request_index && record.membership.voters.contains_key(&to) =>
+                if record.index >= request_index
+                    && (to == 0 || record.membership.voters.contains_key(&to)) =>
             {
                 record
             }
-            // The loop takes a fresh snapshot; raft-rs asks again on the
-            // next heartbeat response.
+            // Ask the loop for a fresh snapshot now (not only every
+            // `snapshot_every` entries); raft-rs asks again later.
             _ => {
-                self.snapshot_wanted.set(true);
+                self.snapshot_wanted
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 return Err(raft::Error::Store(
                     StorageError::SnapshotTemporarilyUnavailable,
                 ));
