@@ -174,6 +174,19 @@ pub enum RaftError {
         /// The pending change, e.g. `adding controller 3 at 10.0.0.3:4701`.
         pending: String,
     },
+    /// The leader was asked to remove itself: it hands leadership to the
+    /// most up-to-date member first (raft-rs would keep a removed leader
+    /// leading). Retry the removal on the new leader.
+    #[error(
+        "controller {id} is the leader: leadership is moving to controller {} at {}; retry the removal there",
+        .to.0, .to.1
+    )]
+    LeadershipMoving {
+        /// The leader being removed (this member).
+        id: u64,
+        /// The member taking over: id and address.
+        to: (u64, String),
+    },
     /// The membership change makes no sense (unknown id, address already a
     /// member, removing the last member).
     #[error("membership change refused: {0}")]

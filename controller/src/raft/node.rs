@@ -8,13 +8,14 @@
 //!
 //! 1. send `messages` (the leader's appends may leave before its own fsync,
 //!    Raft §10.2.1);
-//! 2. a received snapshot: persist it, install it into the state machine;
-//! 3. answer ReadIndex requests, apply committed entries to the
+//! 2. answer ReadIndex requests, apply committed entries to the
 //!    [`StateMachine`], publish their events, answer their proposers
 //!    (raft-rs hands out only entries already durable here, so answers need
 //!    not wait for this Ready's fsync);
-//! 4. persist the entries and the hard state in **one** fsynced redb
-//!    transaction (a commit-index-only change waits for the next write);
+//! 3. persist the snapshot, the entries and the hard state in **one**
+//!    fsynced redb transaction (a commit-index-only change waits for the
+//!    next write);
+//! 4. install a received snapshot into the state machine;
 //! 5. send `persisted_messages` (votes, append responses: they promise
 //!    what was just made durable);
 //! 6. `advance`, then the light ready: messages, committed entries;
@@ -91,6 +92,8 @@ struct Shared {
     leadership: watch::Receiver<Leadership>,
     status: Mutex<RaftStatus>,
     metrics: Mutex<RaftMetrics>,
+    /// Why the loop ended, once it has.
+    stopped: Mutex<Option<String>>,
 }
 
 /// A handle on a running Raft member; cheap to clone.
@@ -168,6 +171,7 @@ impl RaftNode {
                 proposal_latency: LatencyHistogram::new(),
                 ..RaftMetrics::default()
             }),
+            stopped: Mutex::new(None),
         });
         *write(&shared.machine) = recovered.machine;
 
@@ -354,6 +358,15 @@ impl RaftNode {
     /// the leader-only loops. Closed when the loop stops.
     pub fn leadership(&self) -> watch::Receiver<Leadership> {
         self.shared.leadership.clone()
+    }
+
+    /// Why the loop ended, once it has: `stopped` after
+    /// [`RaftThread::stop`], or the fatal error (a failed fsync, an entry
+    /// the state machine cannot apply). The server should exit then: every
+    /// request fails with [`RaftError::Stopped`], and the leadership watch
+    /// is closed.
+    pub fn stopped(&self) -> Option<String> {
+        lock(&self.shared.stopped).clone()
     }
 
     /// Counters for metrics.
@@ -776,11 +789,22 @@ impl Loop {
                 }
                 self.expire(now);
             }
-            if let Err(e) = self.on_ready() {
+            self.issue_reads();
+            // A snapshot raft-rs asked for (see `RaftStorage::snapshot`)
+            // may come without a Ready. Reads that this Ready made
+            // servable (a new leader's first commit) go out at once.
+            let turn = self
+                .on_ready()
+                .and_then(|()| self.maybe_snapshot())
+                .and_then(|()| match self.issue_reads() {
+                    true => self.on_ready(),
+                    false => Ok(()),
+                });
+            if let Err(e) = turn {
                 tracing::error!(id = self.shared.id, error = %e, "raft loop stopped");
+                *lock(&self.shared.stopped) = Some(e.to_string());
                 break;
             }
-            self.issue_reads();
             self.publish_status();
         }
         self.shutdown();
@@ -1005,6 +1029,36 @@ impl Loop {
             ))));
             return;
         }
+        if id == self.shared.id {
+            // raft-rs keeps a leader that removed itself leading (its
+            // followers keep hearing heartbeats and never elect); etcd and
+            // swarmkit move leadership first. Pick the follower furthest
+            // along and hand over.
+            let target = self
+                .raw
+                .raft
+                .prs()
+                .iter()
+                .filter(|(peer, p)| **peer != id && p.recent_active)
+                .max_by_key(|(_, p)| p.matched)
+                .map(|(peer, _)| *peer);
+            let Some(target) = target else {
+                let _ = reply.send(Err(self.no_quorum()));
+                return;
+            };
+            self.raw.transfer_leader(target);
+            let to_address = self
+                .membership
+                .voters
+                .get(&target)
+                .cloned()
+                .unwrap_or_default();
+            let _ = reply.send(Err(RaftError::LeadershipMoving {
+                id,
+                to: (target, to_address),
+            }));
+            return;
+        }
         let description = format!("removing controller {id} at {address}");
         self.propose_change(remove_node(id), description, ChangeReply::Remove(reply));
     }
@@ -1071,9 +1125,9 @@ impl Loop {
     /// Issues reads not yet issued, or unanswered for [`READ_RETRY`], when
     /// they can be served: a leader must have committed an entry in its
     /// term (raft-rs drops the read otherwise); a follower needs a leader.
-    fn issue_reads(&mut self) {
+    fn issue_reads(&mut self) -> bool {
         if self.reads.is_empty() {
-            return;
+            return false;
         }
         let can = if self.raw.raft.state == StateRole::Leader {
             self.raw.raft.commit_to_current_term()
@@ -1081,7 +1135,7 @@ impl Loop {
             self.raw.raft.leader_id != 0
         };
         if !can {
-            return;
+            return false;
         }
         let now = Instant::now();
         let mut due = Vec::new();
@@ -1094,13 +1148,11 @@ impl Loop {
                 due.push(read.ctx.clone());
             }
         }
+        let issued = !due.is_empty();
         for ctx in due {
             self.raw.read_index(ctx);
         }
-        // A lone leader answers at once, in the next Ready.
-        if let Err(e) = self.on_ready() {
-            tracing::error!(id = self.shared.id, error = %e, "raft ready failed");
-        }
+        issued
     }
 
     fn on_ready(&mut self) -> Result<(), RaftError> {
@@ -1112,9 +1164,11 @@ impl Loop {
             self.transport.send(ready.take_messages());
         }
 
-        // A snapshot from the leader: made durable and installed first
-        // (raft-rs puts no committed entries in a Ready that has one).
-        if !ready.snapshot().is_empty() {
+        // A snapshot from the leader (raft-rs puts no committed entries in a
+        // Ready that has one).
+        let snapshot = if ready.snapshot().is_empty() {
+            None
+        } else {
             let snap = ready.snapshot();
             let meta = snap.get_metadata();
             let (membership, data) =
@@ -1122,18 +1176,13 @@ impl Loop {
                     index: meta.index,
                     message,
                 })?;
-            let record = SnapshotRecord {
+            Some(SnapshotRecord {
                 index: meta.index,
                 term: meta.term,
                 data,
                 membership,
-            };
-            self.raw.mut_store().persist(LogBatch {
-                snapshot: Some(record.clone()),
-                ..LogBatch::default()
-            })?;
-            self.install(record)?;
-        }
+            })
+        };
 
         // Committed entries are already durable here (raft-rs hands out
         // only entries up to the persisted index), so they are applied and
@@ -1143,18 +1192,23 @@ impl Loop {
         let committed = ready.take_committed_entries();
         self.apply(committed)?;
 
-        // Entries and hard state: one transaction, one fsync. A change of
-        // the commit index alone is not worth an fsync (raft-rs's
+        // Snapshot, entries and hard state: one transaction, one fsync. A
+        // change of the commit index alone is not worth an fsync (raft-rs's
         // `must_sync` is false then: the commit index is recovered from the
         // leader); it rides along with the next write.
         let entries = ready.take_entries();
         let hs_changed = ready.hs().is_some() || self.commit_dirty;
-        if !entries.is_empty() || ready.must_sync() {
+        if snapshot.is_some() || !entries.is_empty() || ready.must_sync() {
             let hard_state = hs_changed.then(|| hard_state_from_raft(&self.raw.raft.hard_state()));
-            self.raw.mut_store().persist_entries(entries, hard_state)?;
+            self.raw
+                .mut_store()
+                .persist_ready(snapshot.clone(), entries, hard_state)?;
             self.commit_dirty = false;
         } else if hs_changed {
             self.commit_dirty = true;
+        }
+        if let Some(record) = snapshot {
+            self.install(record)?;
         }
         if !ready.persisted_messages().is_empty() {
             self.transport.send(ready.take_persisted_messages());
@@ -1476,5 +1530,6 @@ impl Loop {
             change.finish(Err(RaftError::Stopped));
         }
         self.shared.hub.close();
+        lock(&self.shared.stopped).get_or_insert_with(|| "stopped".to_string());
     }
 }

@@ -117,14 +117,17 @@ impl RaftStorage {
         Ok(())
     }
 
-    /// Writes a Ready's entries (raft-rs's own) and hard state in one
-    /// fsynced transaction, and keeps the entries in the cache.
-    pub fn persist_entries(
+    /// Writes what a Ready asks to persist (a snapshot, raft-rs's entries,
+    /// the hard state) in one fsynced transaction, and keeps the entries in
+    /// the cache.
+    pub fn persist_ready(
         &mut self,
+        snapshot: Option<SnapshotRecord>,
         entries: Vec<RaftEntry>,
         hard_state: Option<HardState>,
     ) -> Result<(), LogError> {
         self.persist(LogBatch {
+            snapshot,
             entries: entries.iter().map(entry_from_raft).collect(),
             hard_state,
             ..LogBatch::default()

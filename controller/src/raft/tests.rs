@@ -409,7 +409,17 @@ async fn single_member_commits_reads_and_restarts() {
     assert_eq!(metrics.proposals_committed, 2);
     assert_eq!(metrics.proposal_latency.count, 1);
 
+    assert_eq!(node.stopped(), None);
     c.kill(1);
+    assert_eq!(node.stopped().as_deref(), Some("stopped"));
+    assert!(matches!(
+        node.propose(vec![write_cmd("late", "1")]).await,
+        Err(RaftError::Stopped)
+    ));
+    assert!(
+        node.leadership().has_changed().is_err(),
+        "leadership watch closed"
+    );
     // NewCluster on existing data restarts from it.
     let node = c.start(1, Bootstrap::NewCluster);
     c.wait_leader(&[1]).await;
@@ -554,6 +564,14 @@ async fn killed_leader_is_replaced_and_catches_up_on_restart() {
     let rest: Vec<u64> = ids.iter().copied().filter(|&i| i != old).collect();
     let killed_at = Instant::now();
     let new = c.wait_leader(&rest).await;
+    // A linearizable read right after the election (the new leader holds
+    // reads until it has committed an entry of its term) sees every
+    // acknowledged write.
+    for &id in &rest {
+        let read = c.node(id).read_index().await.expect("read after failover");
+        c.node(id).wait_applied(read).await.expect("applied");
+        assert_eq!(value(&c.node(id), "a19").as_deref(), Some("1"));
+    }
     let index = c.write(&rest, "after-kill", "1").await;
     let elapsed = killed_at.elapsed();
     // 20 ms ticks: an election within 10–20 ticks, plus pre-vote rounds.
@@ -640,6 +658,29 @@ async fn lagging_follower_catches_up_by_snapshot() {
     assert_eq!(node.status().members.len(), 3);
     let index = c.write(&ids, "more", "1").await;
     c.wait_applied(&ids, index).await;
+    // A brand-new member joins from the snapshot too (the log before it is
+    // gone), and learns every address from it.
+    let leader = c.wait_leader(&ids).await;
+    let id = c
+        .node(leader)
+        .add_member("n4".to_string())
+        .await
+        .expect("add");
+    let fresh = c.start_with(small(id), Bootstrap::Join);
+    let index = c.write(&c.ids(), "joined", "1").await;
+    c.wait_applied(&[id], index).await;
+    assert!(
+        fresh.metrics().snapshots >= 1,
+        "the new member installed no snapshot"
+    );
+    assert_eq!(value(&fresh, "s0").as_deref(), Some("0"));
+    let addresses: Vec<String> = fresh
+        .status()
+        .members
+        .into_iter()
+        .map(|m| m.address)
+        .collect();
+    assert_eq!(addresses, ["n1", "n2", "n3", "n4"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -877,4 +918,103 @@ async fn single_node_store_data_becomes_a_one_member_cluster() {
             .contains("a joining controller needs an empty data directory"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_the_leader_moves_leadership_first() {
+    let mut c = TestCluster::grow(3).await;
+    let ids = c.ids();
+    let old = c.wait_leader(&ids).await;
+    let err = c.node(old).remove_member(old).await.expect_err("leader");
+    let RaftError::LeadershipMoving { id, to } = &err else {
+        panic!("{err}");
+    };
+    assert_eq!(*id, old);
+    assert_eq!(to.1, format!("n{}", to.0));
+    let rest: Vec<u64> = ids.iter().copied().filter(|&i| i != old).collect();
+    let deadline = Instant::now() + WAIT;
+    while c.node(to.0).status().role != Role::Leader {
+        assert!(Instant::now() < deadline, "leadership never moved");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let new = c.wait_leader(&ids).await;
+    assert_eq!(new, to.0, "leadership went where the error said");
+    c.node(new)
+        .remove_member(old)
+        .await
+        .expect("remove the old leader");
+    c.kill(old);
+    let index = c.write(&rest, "after", "1").await;
+    c.wait_applied(&rest, index).await;
+    assert_eq!(c.node(new).status().members.len(), 2);
+}
+
+/// Writes through whichever of `nodes` leads; None once `deadline` passes.
+async fn write_anywhere(nodes: &[RaftNode], key: &str, deadline: Instant) -> Option<u64> {
+    while Instant::now() < deadline {
+        for node in nodes {
+            if node.status().role != Role::Leader {
+                continue;
+            }
+            if let Ok(results) = node.propose(vec![write_cmd(key, "1")]).await {
+                return Some(results[0].0);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_during_concurrent_writes_loses_no_acknowledged_write() {
+    let mut c = TestCluster::grow(3).await;
+    let ids = c.ids();
+    let nodes: Vec<RaftNode> = ids.iter().map(|&i| c.node(i)).collect();
+    let stop = Instant::now() + Duration::from_millis(1500);
+    let mut clients = Vec::new();
+    for client in 0..4 {
+        let nodes = nodes.clone();
+        clients.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0;
+            while Instant::now() < stop {
+                let key = format!("w{client}-{i}");
+                if write_anywhere(&nodes, &key, stop + WAIT).await.is_some() {
+                    acked.push(key);
+                }
+                i += 1;
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let old = c.wait_leader(&ids).await;
+    c.kill(old);
+    let mut acked = Vec::new();
+    for t in clients {
+        acked.extend(t.await.expect("client"));
+    }
+    let rest: Vec<u64> = ids.iter().copied().filter(|&i| i != old).collect();
+    let last = c.write(&rest, "end", "1").await;
+    c.wait_applied(&rest, last).await;
+    assert!(acked.len() > 20, "only {} writes acknowledged", acked.len());
+    for &id in &rest {
+        for key in &acked {
+            assert_eq!(
+                value(&c.node(id), key).as_deref(),
+                Some("1"),
+                "{key} lost on {id}"
+            );
+        }
+    }
+    // The killed leader comes back with every acknowledged write too.
+    let back = c.start(old, Bootstrap::Restart);
+    c.wait_applied(&[old], last).await;
+    for key in &acked {
+        assert_eq!(
+            value(&back, key).as_deref(),
+            Some("1"),
+            "{key} lost on {old}"
+        );
+    }
 }
