@@ -14,6 +14,8 @@
 //! - [`netns`]: persistent network namespace files.
 //! - [`link`]: the bridge, veths, addresses and routes (via iproute2's `ip`).
 //! - [`nft`]: the `ip gantry` ruleset (generated purely, applied with `nft -f -`).
+//! - [`overlay`]: the cluster overlay (VXLAN, service VIPs and routing mesh,
+//!   network isolation, DNS), programmed from the controller's updates.
 //!
 //! Decisions are in `docs/network.md`. The short version: kernel objects are
 //! driven through `ip` and `nft` (no netlink crate is in the dependency graph
@@ -25,6 +27,7 @@ pub mod ipam;
 pub mod link;
 pub mod netns;
 pub mod nft;
+pub mod overlay;
 pub mod subnet;
 
 use crate::engine::spec::PublishedPort;
