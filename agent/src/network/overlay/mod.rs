@@ -197,16 +197,34 @@ impl Overlay {
         Ok(report)
     }
 
-    /// Removes everything the overlay made on this node: the table and the
-    /// VXLAN device with its entries. The bridge stays (containers may be
-    /// on it, and it is the engine's). For a node leaving the cluster and
-    /// for tests; an agent that merely stops leaves the data plane running.
+    /// Removes everything the overlay made on this node: the table, the
+    /// VXLAN device with its entries, and the bridge if no container is on
+    /// it any more (one that is keeps it: it is the engine's too). For a
+    /// node leaving the cluster and for tests; an agent that merely stops
+    /// leaves the data plane running.
     pub fn teardown(&mut self) -> Result<(), NetworkError> {
         self.model = None;
         self.peers = None;
         self.device = None;
         let table = rules::delete_table();
         let device = vxlan::delete_device();
-        table.and(device)
+        let bridge = match link::exists(&self.config.bridge) {
+            Ok(true) => {
+                let ports = run_tool(
+                    "ip",
+                    &["-o", "link", "show", "master", &self.config.bridge],
+                    "list bridge ports",
+                    "",
+                )?;
+                if ports.trim().is_empty() {
+                    link::delete_link(&self.config.bridge)
+                } else {
+                    Ok(())
+                }
+            }
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        };
+        table.and(device).and(bridge)
     }
 }

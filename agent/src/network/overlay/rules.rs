@@ -53,6 +53,7 @@ pub struct Context {
 struct Header {
     cluster: Subnet,
     services: Subnet,
+    node: Option<Subnet>,
     bridge: String,
     vxlan: String,
 }
@@ -104,6 +105,7 @@ pub fn model(state: &DesiredState, ctx: &Context) -> Option<Model> {
     let header = Header {
         cluster: state.cluster_cidr?,
         services: state.service_cidr?,
+        node: state.node_subnet,
         bridge: ctx.bridge.clone(),
         vxlan: ctx.vxlan.clone(),
     };
@@ -195,9 +197,21 @@ pub fn full(m: &Model) -> String {
     let Header {
         cluster,
         services,
-        bridge: _,
+        node,
+        bridge,
         vxlan,
     } = &m.header;
+    // A container reaching a VIP whose chosen replica is on the same bridge
+    // would get the reply straight from the replica's address (bridged, so
+    // never un-NATed): masquerade that hairpin, as the bridge table does for
+    // published ports. Replicas on other nodes and mesh clients keep the
+    // client's address.
+    let hairpin = match node {
+        Some(subnet) => {
+            format!("\t\toifname \"{bridge}\" ip saddr {subnet} ct status dnat masquerade\n")
+        }
+        None => String::new(),
+    };
     let mut out = format!(
         "table ip {TABLE}\n\
          delete table ip {TABLE}\n\
@@ -219,6 +233,8 @@ pub fn full(m: &Model) -> String {
          \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority srcnat - 1; policy accept;\n\
          \t\toifname \"{vxlan}\" ct status dnat ip saddr != {cluster} masquerade\n\
+         {hairpin}\
+         \t\tip saddr 127.0.0.0/8 ct status dnat masquerade\n\
          \t}}\n\
          \tchain forward {{\n\
          \t\ttype filter hook forward priority filter - 1; policy accept;\n\

@@ -158,8 +158,31 @@ pub fn underlay_mtu(underlay: Ipv4Addr) -> Result<u32, NetworkError> {
     Ok(mtu)
 }
 
-/// The local address of an existing device, if there is one.
-fn device_local() -> Result<Option<Ipv4Addr>, NetworkError> {
+/// What an existing device is: its local address, MAC and MTU.
+#[derive(Debug, PartialEq, Eq)]
+struct Device {
+    local: Option<Ipv4Addr>,
+    mac: String,
+    mtu: u32,
+}
+
+/// Parses `ip -d -o link show` of the device.
+fn parse_device(text: &str) -> Device {
+    let after = |key: &str| {
+        text.split_whitespace()
+            .skip_while(|w| *w != key)
+            .nth(1)
+            .map(str::to_string)
+    };
+    Device {
+        local: after("local").and_then(|a| a.parse().ok()),
+        mac: after("link/ether").unwrap_or_default(),
+        mtu: after("mtu").and_then(|m| m.parse().ok()).unwrap_or(0),
+    }
+}
+
+/// The existing device, if there is one.
+fn device() -> Result<Option<Device>, NetworkError> {
     if !link::exists(DEVICE)? {
         return Ok(None);
     }
@@ -169,34 +192,39 @@ fn device_local() -> Result<Option<Ipv4Addr>, NetworkError> {
         "read vxlan device",
         "",
     )?;
-    Ok(out
-        .split_whitespace()
-        .skip_while(|w| *w != "local")
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .or(Some(Ipv4Addr::UNSPECIFIED)))
+    Ok(Some(parse_device(&out)))
 }
 
 /// Makes the device exist with `local` as its underlay address, this
 /// node's VTEP MAC and address, `mtu`, and up. A device with another local
-/// address (the node's address changed) is recreated; otherwise it is left
-/// alone, so its peers' entries survive an agent restart.
+/// address (the node's address changed) is recreated. An existing one is
+/// changed only where it differs: setting a link's MAC, even to the same
+/// value, makes the kernel flush its neighbour entries, permanent ones
+/// included, which would cut every peer until the next update.
 pub fn ensure_device(local: Ipv4Addr, subnet: &Subnet, mtu: u32) -> Result<(), NetworkError> {
+    let mac = vtep_mac(subnet);
     let mut batch = String::new();
-    match device_local()? {
-        Some(l) if l == local => {}
+    let add = format!(
+        "link add {DEVICE} address {mac} mtu {mtu} type vxlan id {VNI} local {local} dstport {PORT} nolearning\n"
+    );
+    match device()? {
+        Some(d) if d.local == Some(local) => {
+            if d.mac != mac {
+                let _ = writeln!(batch, "link set {DEVICE} address {mac}");
+            }
+            if d.mtu != mtu {
+                let _ = writeln!(batch, "link set {DEVICE} mtu {mtu}");
+            }
+        }
         Some(_) => {
             let _ = writeln!(batch, "link del {DEVICE}");
-            add_line(&mut batch, local);
+            batch.push_str(&add);
         }
-        None => add_line(&mut batch, local),
+        None => batch.push_str(&add),
     }
     let _ = writeln!(
         batch,
-        "link set {DEVICE} address {mac} mtu {mtu}\n\
-         addr replace {ip}/32 dev {DEVICE}\n\
-         link set {DEVICE} up",
-        mac = vtep_mac(subnet),
+        "addr replace {ip}/32 dev {DEVICE}\nlink set {DEVICE} up",
         ip = vtep_ip(subnet),
     );
     run_tool(
@@ -206,13 +234,6 @@ pub fn ensure_device(local: Ipv4Addr, subnet: &Subnet, mtu: u32) -> Result<(), N
         &batch,
     )
     .map(|_| ())
-}
-
-fn add_line(batch: &mut String, local: Ipv4Addr) {
-    let _ = writeln!(
-        batch,
-        "link add {DEVICE} type vxlan id {VNI} local {local} dstport {PORT} nolearning"
-    );
 }
 
 /// The peers the device has now (from its routes and FDB), for an agent
@@ -274,6 +295,19 @@ mod tests {
         assert_eq!(vtep_ip(&s("10.42.3.0/24")), Ipv4Addr::new(10, 42, 3, 0));
         // Bit 1 of the first byte set (local), bit 0 clear (unicast).
         assert_eq!(0x0a & 0b11, 0b10);
+    }
+
+    #[test]
+    fn device_details_are_read_from_ip_output() {
+        let text = "7: gantry.vx: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1450 qdisc noqueue state UNKNOWN mode DEFAULT group default qlen 1000\\    link/ether 0a:58:0a:2a:01:00 brd ff:ff:ff:ff:ff:ff promiscuity 0 minmtu 68 maxmtu 65535 \\    vxlan id 1 local 10.250.0.1 srcport 0 0 dstport 4789 nolearning ttl auto ageing 300";
+        assert_eq!(
+            parse_device(text),
+            Device {
+                local: Some(Ipv4Addr::new(10, 250, 0, 1)),
+                mac: "0a:58:0a:2a:01:00".into(),
+                mtu: 1450,
+            }
+        );
     }
 
     #[test]
