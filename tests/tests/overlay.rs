@@ -349,7 +349,7 @@ fn overlay_data_plane_end_to_end_in_namespaces() {
                 subnet: format!("10.42.{i}.0/24"),
                 overlay: Overlay::new(OverlayConfig {
                     bridge: "gantry0".into(),
-                    underlay: address,
+                    underlay: Some(address),
                 }),
             }
         })
@@ -583,7 +583,7 @@ fn overlay_data_plane_end_to_end_in_namespaces() {
     };
     nodes[0].overlay = Overlay::new(OverlayConfig {
         bridge: "gantry0".into(),
-        underlay: nodes[0].underlay,
+        underlay: Some(nodes[0].underlay),
     });
     let report = nodes[0].update(full_again);
     assert_eq!(report.peer_changes, 0, "{report:?}");

@@ -71,8 +71,10 @@ pub(crate) fn run_tool(
 pub struct OverlayConfig {
     /// The node's bridge (`gantry0`); it gets the node subnet's `.1`.
     pub bridge: String,
-    /// The node's underlay address (the VXLAN local address).
-    pub underlay: Ipv4Addr,
+    /// The node's underlay address (the VXLAN local address) when the
+    /// updates do not say: the update's own node entry (the one with this
+    /// node's subnet) wins.
+    pub underlay: Option<Ipv4Addr>,
 }
 
 /// What one update did, for logs and benchmarks.
@@ -94,8 +96,8 @@ pub struct ApplyReport {
 pub struct Overlay {
     config: OverlayConfig,
     state: Arc<RwLock<DesiredState>>,
-    /// The device as set up: (node subnet, MTU).
-    device: Option<(Subnet, u32)>,
+    /// The device as set up: (node subnet, underlay address, MTU).
+    device: Option<(Subnet, Ipv4Addr, u32)>,
     peers: Option<vxlan::Peers>,
     model: Option<rules::Model>,
 }
@@ -120,7 +122,7 @@ impl Overlay {
     /// The overlay MTU once the device is set up (the underlay's minus the
     /// VXLAN overhead): the bridge and every container veth use it.
     pub fn mtu(&self) -> Option<u32> {
-        self.device.map(|(_, mtu)| mtu)
+        self.device.map(|(_, _, mtu)| mtu)
     }
 
     /// Folds `update` in and programs the difference: the device (first
@@ -138,11 +140,17 @@ impl Overlay {
             // `ip` or `nft`. The copy is cheap next to them.
             state.clone()
         };
-        if let Some(subnet) = snapshot.node_subnet
-            && self.device.map(|(s, _)| s) != Some(subnet)
+        let underlay = snapshot
+            .nodes
+            .values()
+            .find(|n| Some(n.subnet) == snapshot.node_subnet)
+            .map(|n| n.underlay)
+            .or(self.config.underlay);
+        if let (Some(subnet), Some(underlay)) = (snapshot.node_subnet, underlay)
+            && self.device.map(|(s, u, _)| (s, u)) != Some((subnet, underlay))
         {
-            let mtu = vxlan::underlay_mtu(self.config.underlay)?.saturating_sub(vxlan::OVERHEAD);
-            vxlan::ensure_device(self.config.underlay, &subnet, mtu)?;
+            let mtu = vxlan::underlay_mtu(underlay)?.saturating_sub(vxlan::OVERHEAD);
+            vxlan::ensure_device(underlay, &subnet, mtu)?;
             link::ensure_bridge(&self.config.bridge, &subnet)?;
             run_tool(
                 "ip",
@@ -157,7 +165,7 @@ impl Overlay {
                 format!("/proc/sys/net/ipv4/conf/{}/route_localnet", vxlan::DEVICE),
                 "1\n",
             );
-            self.device = Some((subnet, mtu));
+            self.device = Some((subnet, underlay, mtu));
         }
         if self.device.is_some() {
             let old = match self.peers.take() {
