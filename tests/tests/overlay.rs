@@ -622,12 +622,19 @@ fn overlay_data_plane_end_to_end_in_namespaces() {
     // Everything removed: each node's links, routes and ruleset as before.
     stop.store(true, Ordering::Relaxed);
     dns_stop.store(true, Ordering::Relaxed);
-    // The servers close their sockets within their 200 ms poll.
-    std::thread::sleep(Duration::from_millis(400));
     drop((a1, b2, b3, c1, o2));
     for (n, before) in nodes.iter_mut().zip(&before) {
         let overlay = &mut n.overlay;
         in_ns(&n.ns.0, || overlay.teardown()).unwrap();
+        // A container's veth goes when its namespace is freed, which waits
+        // for the server threads in it to notice the stop (a 200 ms poll).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while &snapshot(&n.ns.0) != before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            let overlay = &mut n.overlay;
+            // The bridge goes once its last port has.
+            in_ns(&n.ns.0, || overlay.teardown()).unwrap();
+        }
         assert_eq!(&snapshot(&n.ns.0), before, "node {} after teardown", n.id);
     }
 }

@@ -130,23 +130,53 @@ impl Overlay {
     pub fn update(&mut self, update: Update) -> Result<ApplyReport, NetworkError> {
         let start = Instant::now();
         let mut report = ApplyReport::default();
-        let snapshot = {
+        let ctx = rules::Context {
+            bridge: self.config.bridge.clone(),
+            vxlan: vxlan::DEVICE.to_string(),
+        };
+        // Only services changed: the table is patched service by service
+        // and nothing else is recomputed (the common case: endpoints come
+        // and go). Anything else rebuilds the model and diffs it.
+        let services_only = !update.full
+            && update.nodes.is_empty()
+            && update.removed_nodes.is_empty()
+            && update.networks.is_empty()
+            && update.removed_networks.is_empty()
+            && update.cluster_cidr.is_none()
+            && update.service_cidr.is_none()
+            && update
+                .node_subnet
+                .is_none_or(|s| self.device.map(|d| d.0) == Some(s))
+            && self.model.is_some()
+            && self.peers.is_some();
+        let changed = if services_only {
+            update.services.clone()
+        } else {
+            Vec::new()
+        };
+        let removed = update.removed_services.clone();
+        let (node_subnet, underlay, peers, model) = {
             let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
             if !state.apply(update) {
                 report.stale = true;
                 return Ok(report);
             }
-            // The kernel work runs on a copy, so DNS answers never wait on
-            // `ip` or `nft`. The copy is cheap next to them.
-            state.clone()
+            let underlay = state
+                .nodes
+                .values()
+                .find(|n| Some(n.subnet) == state.node_subnet)
+                .map(|n| n.underlay)
+                .or(self.config.underlay);
+            // Computed here, under the lock; the kernel work below runs
+            // without it, so DNS answers never wait on `ip` or `nft`.
+            let (peers, model) = if services_only {
+                (None, None)
+            } else {
+                (Some(state.peers()), rules::model(&state, &ctx))
+            };
+            (state.node_subnet, underlay, peers, model)
         };
-        let underlay = snapshot
-            .nodes
-            .values()
-            .find(|n| Some(n.subnet) == snapshot.node_subnet)
-            .map(|n| n.underlay)
-            .or(self.config.underlay);
-        if let (Some(subnet), Some(underlay)) = (snapshot.node_subnet, underlay)
+        if let (Some(subnet), Some(underlay)) = (node_subnet, underlay)
             && self.device.map(|(s, u, _)| (s, u)) != Some((subnet, underlay))
         {
             let mtu = vxlan::underlay_mtu(underlay)?.saturating_sub(vxlan::OVERHEAD);
@@ -167,12 +197,11 @@ impl Overlay {
             );
             self.device = Some((subnet, underlay, mtu));
         }
-        if self.device.is_some() {
+        if let (Some(new), Some(_)) = (peers, self.device) {
             let old = match self.peers.take() {
                 Some(p) => p,
                 None => vxlan::kernel_peers()?,
             };
-            let new = snapshot.peers();
             let plan = vxlan::plan(&old, &new);
             report.peer_changes = plan.fdb.lines().count() + plan.fdb_del.lines().count();
             if let Err(e) = vxlan::apply_plan(&plan) {
@@ -182,24 +211,45 @@ impl Overlay {
             }
             self.peers = Some(new);
         }
-        let ctx = rules::Context {
-            bridge: self.config.bridge.clone(),
-            vxlan: vxlan::DEVICE.to_string(),
-        };
-        if let Some(new) = rules::model(&snapshot, &ctx) {
+        let commands = if services_only {
+            let patched = self.model.as_mut().and_then(|m| {
+                let refs: Vec<&state::ServiceRecord> = changed.iter().collect();
+                m.patch(&refs, &removed)
+            });
+            match patched {
+                Some(c) => Some(c),
+                None => {
+                    // A patch could not do it: the whole model, diffed.
+                    let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+                    let new = rules::model(&state, &ctx);
+                    drop(state);
+                    let old = self.model.take();
+                    self.model = new;
+                    match (&old, &self.model) {
+                        (Some(old), Some(new)) => rules::diff(old, new),
+                        (None, Some(new)) => Some(rules::full(new)),
+                        _ => None,
+                    }
+                }
+            }
+        } else if let Some(new) = model {
             let commands = match &self.model {
                 Some(old) => rules::diff(old, &new),
                 None => Some(rules::full(&new)),
             };
-            if let Some(commands) = commands {
-                report.full_reload = commands.starts_with("table ip");
-                report.nft_lines = commands.lines().count();
-                // Forgotten first: if the load fails the next update
-                // reloads the whole table.
-                self.model = None;
-                rules::apply(&commands)?;
-            }
             self.model = Some(new);
+            commands
+        } else {
+            None
+        };
+        if let Some(commands) = commands.filter(|c| !c.is_empty()) {
+            report.full_reload = commands.starts_with("table ip");
+            report.nft_lines = commands.lines().count();
+            if let Err(e) = rules::apply(&commands) {
+                // Unknown now: the next update reloads the whole table.
+                self.model = None;
+                return Err(e);
+            }
         }
         report.elapsed = start.elapsed();
         Ok(report)
