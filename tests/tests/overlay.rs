@@ -284,12 +284,9 @@ fn endpoint(task: &str, node: &Node, address: Ipv4Addr) -> Endpoint {
     }
 }
 
-#[test]
-fn overlay_data_plane_end_to_end_in_namespaces() {
-    if let Some(reason) = prerequisites() {
-        println!("SKIPPED: {reason}");
-        return;
-    }
+/// The underlay (a bridge inside its own namespace, with [`CLIENT_IP`] on
+/// it) and `count` nodes on it, `10.250.0.<i>` with subnet `10.42.<i>.0/24`.
+fn cluster(count: u8) -> (Ns, Vec<Node>) {
     // The underlay: a bridge inside its own namespace, the mesh client on it.
     let underlay = Ns::new("ul");
     ip(&["-n", &underlay.0, "link", "add", "ul", "type", "bridge"]);
@@ -303,7 +300,7 @@ fn overlay_data_plane_end_to_end_in_namespaces() {
         "ul",
     ]);
     ip(&["-n", &underlay.0, "link", "set", "ul", "up"]);
-    let mut nodes: Vec<Node> = (1..=3u8)
+    let nodes: Vec<Node> = (1..=count)
         .map(|i| {
             let ns = Ns::new(&format!("n{i}"));
             let address = Ipv4Addr::new(10, 250, 0, i);
@@ -354,6 +351,44 @@ fn overlay_data_plane_end_to_end_in_namespaces() {
             }
         })
         .collect();
+    (underlay, nodes)
+}
+
+/// Starts the DNS responder on `node`'s gateway (a thread in its namespace
+/// with a runtime of its own); it stops when the flag is set.
+fn spawn_dns(node: &Node) -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let file = std::fs::File::open(format!("/run/netns/{}", node.ns.0)).unwrap();
+    let state = node.overlay.state();
+    let gateway: Ipv4Addr = node.subnet.split('/').next().unwrap().parse().unwrap();
+    let gateway = Ipv4Addr::from(u32::from(gateway) + 1);
+    let flag = stop.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let server = dns::spawn((gateway, 53).into(), state, vec![]);
+            tx.send(server.is_ok()).unwrap();
+            while !flag.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+    });
+    assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), "dns bind");
+    stop
+}
+
+#[test]
+fn overlay_data_plane_end_to_end_in_namespaces() {
+    if let Some(reason) = prerequisites() {
+        println!("SKIPPED: {reason}");
+        return;
+    }
+    let (underlay, mut nodes) = cluster(3);
     let before: Vec<_> = nodes.iter().map(|n| snapshot(&n.ns.0)).collect();
 
     // The cluster: three nodes; `web` on all three behind a VIP and the
@@ -500,28 +535,7 @@ fn overlay_data_plane_end_to_end_in_namespaces() {
     }
 
     // DNS on node1's gateway, for node1's containers.
-    let dns_stop = Arc::new(AtomicBool::new(false));
-    {
-        let file = std::fs::File::open(format!("/run/netns/{}", nodes[0].ns.0)).unwrap();
-        let state = nodes[0].overlay.state();
-        let stop = dns_stop.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let server = dns::spawn((Ipv4Addr::new(10, 42, 1, 1), 53).into(), state, vec![]);
-                tx.send(server.is_ok()).unwrap();
-                while !stop.load(Ordering::Relaxed) {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            });
-        });
-        assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), "dns bind");
-    }
+    let dns_stop = spawn_dns(&nodes[0]);
     let gw = Ipv4Addr::new(10, 42, 1, 1);
     assert_eq!(lookup(&c1.ns.0, gw, "web."), Ok(vec![VIP]));
     assert_eq!(lookup(&c1.ns.0, gw, "web.shop."), Ok(vec![VIP]));
@@ -636,5 +650,201 @@ fn overlay_data_plane_end_to_end_in_namespaces() {
             in_ns(&n.ns.0, || overlay.teardown()).unwrap();
         }
         assert_eq!(&snapshot(&n.ns.0), before, "node {} after teardown", n.id);
+    }
+}
+
+/// `gantry container ARGS --data-dir DIR` inside `node`'s namespace.
+fn gantry_in(node: &Node, dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let bin = gantry_tests::gantry_bin();
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", node.ns.0))
+        .arg("--")
+        .arg(bin)
+        .args(["container", "--data-dir"])
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Real containers of the engine on the overlay, as the agent makes them
+/// for tasks: the controller's address, the overlay MTU, the node's DNS in
+/// `resolv.conf`; task to task across nodes, by address and by name.
+#[test]
+fn engine_tasks_get_the_overlay_address_mtu_and_dns() {
+    if let Some(reason) =
+        prerequisites().or(gantry_tests::engine_test_prerequisites().map(String::from))
+    {
+        println!("SKIPPED: {reason}");
+        return;
+    }
+    use gantry_agent::engine::container::{Engine, EngineConfig};
+    use gantry_agent::engine::spec::{ContainerConfig, NetworkMode};
+    use gantry_agent::network::NetworkConfig;
+    use gantry_agent::paths::DataDir;
+    let (_underlay, mut nodes) = cluster(2);
+    let images = tempfile::tempdir().unwrap();
+    run(
+        "bash",
+        &[
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../deploy/images/build-test-images.sh"
+            ),
+            images.path().to_str().unwrap(),
+        ],
+    );
+    let dirs: Vec<tempfile::TempDir> = (0..2)
+        .map(|_| {
+            tempfile::Builder::new()
+                .prefix("gantry-ov-")
+                .tempdir()
+                .unwrap()
+        })
+        .collect();
+    for dir in &dirs {
+        for archive in ["web.tar", "busybox.tar"] {
+            run(
+                gantry_tests::gantry_bin().to_str().unwrap(),
+                &[
+                    "image",
+                    "import",
+                    "--data-dir",
+                    dir.path().to_str().unwrap(),
+                    images.path().join(archive).to_str().unwrap(),
+                ],
+            );
+        }
+    }
+    let web_ip = Ipv4Addr::new(10, 42, 2, 10);
+    let client_ip = Ipv4Addr::new(10, 42, 1, 10);
+    let record =
+        |id: &str, name: &str, vip: Option<Ipv4Addr>, node: &Node, address| ServiceRecord {
+            id: id.into(),
+            name: name.into(),
+            stack: "shop".into(),
+            vip,
+            ports: vec![ServicePort {
+                protocol: PortProtocol::Tcp,
+                target: 80,
+                published: None,
+                ingress: true,
+            }],
+            networks: vec!["shop_default".into()],
+            endpoints: vec![endpoint(&format!("{name}.1"), node, address)],
+        };
+    let full = Update {
+        full: true,
+        revision: 1,
+        cluster_cidr: Some("10.42.0.0/16".parse().unwrap()),
+        service_cidr: Some("10.43.0.0/16".parse().unwrap()),
+        nodes: nodes
+            .iter()
+            .map(|n| OverlayNode {
+                id: n.id.clone(),
+                underlay: n.underlay,
+                subnet: n.subnet.parse().unwrap(),
+            })
+            .collect(),
+        networks: vec![ClusterNetwork {
+            name: "shop_default".into(),
+            stack: "shop".into(),
+        }],
+        services: vec![
+            record("svc-web", "web", Some(VIP), &nodes[1], web_ip),
+            record("svc-client", "client", None, &nodes[0], client_ip),
+        ],
+        ..Update::default()
+    };
+    for (n, dir) in nodes.iter_mut().zip(&dirs) {
+        n.update(full.clone());
+        // What the agent's overlay writes for the engine.
+        NetworkConfig {
+            bridge: "gantry0".into(),
+            subnet: n.subnet.parse().unwrap(),
+            cluster_cidr: Some("10.42.0.0/16".parse().unwrap()),
+            mtu: n.overlay.mtu(),
+        }
+        .save(&DataDir::new(dir.path()))
+        .unwrap();
+    }
+    let dns_stop = spawn_dns(&nodes[0]);
+    let start =
+        |node: &Node, dir: &std::path::Path, image: &str, cmd: Option<Vec<String>>, address| {
+            in_ns(&node.ns.0, || {
+                let engine = Engine::open(EngineConfig {
+                    data_dir: DataDir::new(dir),
+                    shim_binary: gantry_tests::gantry_bin(),
+                })
+                .unwrap();
+                let id = engine
+                    .create(&ContainerConfig {
+                        image: image.into(),
+                        command: cmd,
+                        network: NetworkMode::Bridge,
+                        address: Some(address),
+                        ..ContainerConfig::default()
+                    })
+                    .unwrap();
+                engine.start(&id).unwrap();
+                id.as_str().to_string()
+            })
+        };
+    let web = start(
+        &nodes[1],
+        dirs[1].path(),
+        "gantry.test/web:latest",
+        None,
+        web_ip,
+    );
+    let client = start(
+        &nodes[0],
+        dirs[0].path(),
+        "gantry.test/busybox:latest",
+        Some(vec!["sleep".into(), "300".into()]),
+        client_ip,
+    );
+    let exec = |args: &[&str]| {
+        let mut all = vec!["exec", client.as_str()];
+        all.extend_from_slice(args);
+        let out = gantry_in(&nodes[0], dirs[0].path(), &all);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (_, addr) = exec(&["ip", "-o", "-4", "addr", "show", "dev", "eth0"]);
+    assert!(addr.contains("10.42.1.10/24"), "{addr}");
+    let (_, mtu) = exec(&["cat", "/sys/class/net/eth0/mtu"]);
+    assert_eq!(mtu.trim(), "1450");
+    let (_, resolv) = exec(&["cat", "/etc/resolv.conf"]);
+    assert!(resolv.starts_with("nameserver 10.42.1.1\n"), "{resolv}");
+    // Task to task across nodes, by address, with the caller's own address
+    // (no masquerade inside the cluster CIDR).
+    let url = |host: &str| format!("http://{host}/cgi-bin/index.cgi");
+    let mut page = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !page.contains("ip=10.42.2.10") && Instant::now() < deadline {
+        page = exec(&["timeout", "3", "wget", "-q", "-O", "-", &url("10.42.2.10")]).1;
+    }
+    assert!(page.contains("ip=10.42.2.10"), "{page:?}");
+    // By name through the node's DNS and the VIP.
+    let (_, looked_up) = exec(&["nslookup", "web"]);
+    assert!(looked_up.contains(&VIP.to_string()), "{looked_up}");
+    let (_, by_name) = exec(&["timeout", "3", "wget", "-q", "-O", "-", &url("web")]);
+    assert!(by_name.contains("ip=10.42.2.10"), "{by_name:?}");
+
+    dns_stop.store(true, Ordering::Relaxed);
+    for (node, dir, id) in [(&nodes[0], &dirs[0], &client), (&nodes[1], &dirs[1], &web)] {
+        let out = gantry_in(node, dir.path(), &["rm", "-f", id]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for n in &mut nodes {
+        let overlay = &mut n.overlay;
+        in_ns(&n.ns.0, || overlay.teardown()).unwrap();
     }
 }
