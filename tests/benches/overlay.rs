@@ -20,6 +20,11 @@
 //! - `full_reload_same_size`: the whole table loaded again, for comparison
 //!   (what a non-incremental design would pay per change).
 //!
+//! Then, when `wrk` (Debian package) is installed, the data path: a client
+//! container on node 1 runs `wrk` against a keep-alive HTTP responder in a
+//! container on the same node and on node 2, straight to its address and
+//! through a VIP (rounds interleaved; requests/s, p50 and p99).
+//!
 //! Results: `bench-results/overlay.json` and `.md` at the workspace root,
 //! and the table on stdout. Knobs: `GANTRY_BENCH_SERVICES` (default 1000),
 //! `GANTRY_BENCH_ENDPOINTS` (default 10), `GANTRY_BENCH_ROUNDS` (changes
@@ -32,7 +37,9 @@ use gantry_agent::network::overlay::state::{
 use gantry_agent::network::overlay::{Overlay, OverlayConfig, rules};
 use gantry_tests::bench::{env_usize, git_commit, utc_now, workspace_root};
 use serde_json::json;
+use std::io::{Read, Write};
 use std::net::Ipv4Addr;
+use std::net::TcpListener;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -250,8 +257,15 @@ fn main() {
         row("remove_service", &remove),
         row("full_reload_same_size", &reload),
     ];
+    let wrk_rows = if Command::new("wrk").arg("--version").output().is_ok() {
+        wrk_bench()
+    } else {
+        println!("SKIPPED (data path): wrk is not installed (apt-get install wrk)");
+        Vec::new()
+    };
     let workspace = workspace_root();
     let report = json!({
+        "wrk": wrk_rows,
         "bench": "overlay",
         "when": utc_now(),
         "commit": git_commit(&workspace),
@@ -274,6 +288,20 @@ fn main() {
             r["max_ms"].as_f64().unwrap_or(0.0),
         ));
     }
+    if !wrk_rows.is_empty() {
+        md.push_str(
+            "\n| data path (wrk, keep-alive) | requests/s | p50 ms | p99 ms |\n|---|---|---|---|\n",
+        );
+        for r in &wrk_rows {
+            md.push_str(&format!(
+                "| {} | {:.0} | {:.2} | {:.2} |\n",
+                r["name"].as_str().unwrap_or(""),
+                r["requests_per_s"].as_f64().unwrap_or(0.0),
+                r["p50_ms"].as_f64().unwrap_or(0.0),
+                r["p99_ms"].as_f64().unwrap_or(0.0),
+            ));
+        }
+    }
     print!("{md}");
     let out_dir = workspace.join("bench-results");
     std::fs::create_dir_all(&out_dir).expect("create bench-results/");
@@ -283,4 +311,261 @@ fn main() {
     )
     .expect("write overlay.json");
     std::fs::write(out_dir.join("overlay.md"), &md).expect("write overlay.md");
+}
+
+/// A keep-alive HTTP responder on port 80 in namespace `ns` (threads that
+/// live until the process ends; the namespace goes with the bench).
+fn http_server(ns: &str) {
+    let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("open netns");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let listener = TcpListener::bind(("0.0.0.0", 80)).expect("bind :80");
+        tx.send(()).expect("ready");
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut pending = Vec::new();
+                loop {
+                    let n = match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    pending.extend_from_slice(&buf[..n]);
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        if conn
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("server ready");
+}
+
+/// One wrk run from namespace `ns`: (requests/s, p50 ms, p99 ms).
+fn wrk(ns: &str, url: &str, seconds: u32) -> (f64, f64, f64) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "wrk", "-t", "2", "-c", "16"])
+        .arg(format!("-d{seconds}s"))
+        .args(["--latency", url])
+        .output()
+        .expect("run wrk");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let number = |line: &str| -> f64 {
+        let v = line.split_whitespace().last().unwrap_or("0");
+        let (num, scale) = if let Some(n) = v.strip_suffix("us") {
+            (n, 0.001)
+        } else if let Some(n) = v.strip_suffix("ms") {
+            (n, 1.0)
+        } else if let Some(n) = v.strip_suffix('s') {
+            (n, 1000.0)
+        } else {
+            (v, 1.0)
+        };
+        num.parse::<f64>().unwrap_or(0.0) * scale
+    };
+    let find = |prefix: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .map(number)
+            .unwrap_or(0.0)
+    };
+    (find("Requests/sec:"), find("50%"), find("99%"))
+}
+
+/// The data path: two nodes, a client and a server on node 1, a server on
+/// node 2, a VIP for each server.
+fn wrk_bench() -> Vec<serde_json::Value> {
+    let pid = std::process::id();
+    let name = |role: &str| format!("gow-{pid}-{role}");
+    let ul = Ns(name("ul"));
+    ip(&["netns", "add", &ul.0]);
+    ip(&["-n", &ul.0, "link", "add", "ul", "type", "bridge"]);
+    ip(&["-n", &ul.0, "link", "set", "ul", "up"]);
+    let mut keep = Vec::new();
+    let mut overlays = Vec::new();
+    let nodes: Vec<OverlayNode> = (1..=2u8)
+        .map(|i| OverlayNode {
+            id: format!("node{i}"),
+            underlay: Ipv4Addr::new(10, 250, 0, i),
+            subnet: format!("10.42.{i}.0/24").parse().expect("subnet"),
+        })
+        .collect();
+    for n in &nodes {
+        let i = n.underlay.octets()[3];
+        let ns = Ns(name(&format!("n{i}")));
+        ip(&["netns", "add", &ns.0]);
+        let up = format!("up{i}");
+        ip(&[
+            "-n", &ul.0, "link", "add", &up, "type", "veth", "peer", "name", "eth0", "netns", &ns.0,
+        ]);
+        ip(&["-n", &ul.0, "link", "set", &up, "master", "ul", "up"]);
+        ip(&[
+            "-n",
+            &ns.0,
+            "addr",
+            "add",
+            &format!("{}/24", n.underlay),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &ns.0, "link", "set", "eth0", "up"]);
+        ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+        keep.push(ns);
+    }
+    let record = |id: &str, vip: [u8; 4], node: &str, addr: [u8; 4]| ServiceRecord {
+        id: id.into(),
+        name: id.into(),
+        stack: "b".into(),
+        vip: Some(vip.into()),
+        ports: vec![ServicePort {
+            protocol: PortProtocol::Tcp,
+            target: 80,
+            published: None,
+            ingress: true,
+        }],
+        networks: vec!["b_default".into()],
+        endpoints: vec![Endpoint {
+            task: format!("{id}.1"),
+            node: node.into(),
+            address: addr.into(),
+            ready: true,
+        }],
+    };
+    let update = Update {
+        full: true,
+        revision: 1,
+        cluster_cidr: Some("10.42.0.0/16".parse().expect("cidr")),
+        service_cidr: Some("10.43.0.0/16".parse().expect("cidr")),
+        nodes: nodes.clone(),
+        networks: vec![ClusterNetwork {
+            name: "b_default".into(),
+            stack: "b".into(),
+        }],
+        services: vec![
+            record("same", [10, 43, 0, 1], "node1", [10, 42, 1, 10]),
+            record("cross", [10, 43, 0, 2], "node2", [10, 42, 2, 10]),
+            record("client", [10, 43, 0, 3], "node1", [10, 42, 1, 20]),
+        ],
+        ..Update::default()
+    };
+    for (n, ns) in nodes.iter().zip(&keep) {
+        let mut u = update.clone();
+        u.node_subnet = Some(n.subnet);
+        let overlay = in_ns(&ns.0, || {
+            let mut o = Overlay::new(OverlayConfig {
+                bridge: "gantry0".into(),
+                underlay: Some(n.underlay),
+            });
+            o.update(u).expect("update");
+            o
+        });
+        overlays.push(overlay);
+    }
+    let mtu = overlays[0].mtu().unwrap_or(1450).to_string();
+    let mut containers = Vec::new();
+    for (node, addr, role) in [
+        (0usize, "10.42.1.10", "s1"),
+        (1, "10.42.2.10", "s2"),
+        (0, "10.42.1.20", "cl"),
+    ] {
+        let ns = Ns(name(role));
+        ip(&["netns", "add", &ns.0]);
+        let veth = format!("gv{role}");
+        let gw = if node == 0 { "10.42.1.1" } else { "10.42.2.1" };
+        ip(&[
+            "-n",
+            &keep[node].0,
+            "link",
+            "add",
+            &veth,
+            "mtu",
+            &mtu,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "mtu",
+            &mtu,
+            "netns",
+            &ns.0,
+        ]);
+        ip(&[
+            "-n",
+            &keep[node].0,
+            "link",
+            "set",
+            &veth,
+            "master",
+            "gantry0",
+            "up",
+        ]);
+        ip(&[
+            "-n",
+            &ns.0,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &ns.0, "link", "set", "eth0", "up"]);
+        ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+        ip(&["-n", &ns.0, "route", "add", "default", "via", gw]);
+        containers.push(ns);
+    }
+    http_server(&containers[0].0);
+    http_server(&containers[1].0);
+    let client = containers[2].0.clone();
+    let targets = [
+        ("same node, direct", "http://10.42.1.10/"),
+        ("same node, VIP", "http://10.43.0.1/"),
+        ("cross node, direct", "http://10.42.2.10/"),
+        ("cross node, VIP", "http://10.43.0.2/"),
+    ];
+    let rounds = env_usize("GANTRY_BENCH_WRK_ROUNDS", 3);
+    let seconds = env_usize("GANTRY_BENCH_WRK_SECONDS", 4) as u32;
+    let mut runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); targets.len()];
+    for r in 0..rounds {
+        for k in 0..targets.len() {
+            // The order rotates so that load from the shared machine falls
+            // on every target alike.
+            let t = (k + r) % targets.len();
+            runs[t].push(wrk(&client, targets[t].1, seconds));
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let rows = targets
+        .iter()
+        .zip(runs)
+        .map(|((label, url), v)| {
+            json!({
+                "name": label,
+                "url": url,
+                "rounds": v.len(),
+                "requests_per_s": median(v.iter().map(|x| x.0).collect()),
+                "p50_ms": median(v.iter().map(|x| x.1).collect()),
+                "p99_ms": median(v.iter().map(|x| x.2).collect()),
+            })
+        })
+        .collect();
+    for (o, ns) in overlays.iter_mut().zip(&keep) {
+        let _ = in_ns(&ns.0, || o.teardown());
+    }
+    drop(containers);
+    drop(keep);
+    drop(ul);
+    rows
 }
