@@ -637,12 +637,14 @@ async fn impossible_placement_stays_pending_with_reasons() {
         FakeAgent::join(&url, "n2", &[]).await,
     ];
     let mut c = control(&url).await;
+    // Before the deploy: the scheduler may mark the tasks pending before
+    // the deploy's reply arrives.
+    let before = unix_ms_now();
     deploy(
         &mut c,
         "services:\n  big:\n    image: busybox\n    deploy:\n      replicas: 1\n      resources:\n        reservations:\n          memory: 64g\n  eu:\n    image: busybox\n    deploy:\n      placement:\n        constraints: [node.labels.zone==eu]\n",
     )
     .await;
-    let before = unix_ms_now();
     let pending = until("both pending", Duration::from_secs(10), || {
         let mut c = c.clone();
         async move {
