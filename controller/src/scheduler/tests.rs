@@ -79,6 +79,7 @@ impl FixtureNode {
                 },
             },
             version: 1,
+            subnet: None,
         }
     }
 }
@@ -219,6 +220,7 @@ fn task(id: &str, service: &str, node: Option<&str>, state: TaskState, spec: Tas
         service_name: String::new(),
         attempt: 0,
         not_before_unix_ms: None,
+        address: None,
     }
 }
 
@@ -439,6 +441,7 @@ fn arb_node(i: usize) -> impl Strategy<Value = Node> {
                 },
             },
             version: 0,
+            subnet: None,
         })
 }
 

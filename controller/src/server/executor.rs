@@ -268,6 +268,8 @@ fn commands_for(actions: Vec<Action>, now: u64) -> Vec<Command> {
                     not_before_unix_ms: (!new.delay.is_zero()).then(|| {
                         now.saturating_add(u64::try_from(new.delay.as_millis()).unwrap_or(u64::MAX))
                     }),
+                    // Allocated by the state machine when it is assigned.
+                    address: None,
                 });
             }
             Action::Shutdown { task, reason } => {
