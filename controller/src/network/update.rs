@@ -290,7 +290,11 @@ pub fn underlay_ip(address: &str) -> Option<IpAddr> {
     address.parse::<IpAddr>().ok()
 }
 
-/// Whether a task receives new connections.
+/// Whether a task receives new connections: running, desired running, and
+/// healthy when it has a health check. A check from the file must have
+/// passed; without one, the reported health decides, since the image's own
+/// `HEALTHCHECK` may run (reported `starting` until it passes) or none
+/// (reported `none`).
 pub fn ready(task: &Task) -> bool {
     let checked = task
         .spec
@@ -299,10 +303,10 @@ pub fn ready(task: &Task) -> bool {
         .is_some_and(|h| h.probe != HealthProbe::None);
     task.status.state == TaskState::Running
         && task.desired_state == DesiredState::Running
-        && if checked {
-            task.status.health == Health::Healthy
-        } else {
-            task.status.health != Health::Unhealthy
+        && match task.status.health {
+            Health::Healthy => true,
+            Health::None => !checked,
+            Health::Starting | Health::Unhealthy => false,
         }
 }
 

@@ -399,6 +399,11 @@ fn readiness_needs_running_desired_running_and_health() {
     let task = |sm: &StateMachine, id: &str| sm.task(&task_id(id)).cloned().expect("task");
     assert!(!ready(&task(&sm, "w1")), "health check not passed yet");
     assert!(ready(&task(&sm, "d1")), "no health check: running is ready");
+    // No check in the file, but the image's HEALTHCHECK runs: it decides.
+    report(&mut sm, "d1", "n2", TaskState::Running, Health::Starting);
+    assert!(!ready(&task(&sm, "d1")), "the image's check has not passed");
+    report(&mut sm, "d1", "n2", TaskState::Running, Health::Healthy);
+    assert!(ready(&task(&sm, "d1")));
     report(&mut sm, "w1", "n1", TaskState::Running, Health::Healthy);
     assert!(ready(&task(&sm, "w1")));
     report(&mut sm, "w1", "n1", TaskState::Running, Health::Unhealthy);
