@@ -430,3 +430,105 @@ fn underlay_ips_come_from_agent_addresses() {
     assert_eq!(underlay_ip("[fd00::2]:7071"), "fd00::2".parse().ok());
     assert_eq!(underlay_ip("node1:7071"), None);
 }
+
+/// The scale: 1,000 services × 10 endpoints on 50 nodes. An
+/// endpoint change costs in proportion to its service, not the cluster.
+/// Prints the figures (debug build: several times the release cost).
+#[test]
+fn one_endpoint_change_at_a_thousand_services_costs_one_service() {
+    let mut sm = StateMachine::new();
+    apply(
+        &mut sm,
+        Command::SetAddressing {
+            addressing: Addressing::default(),
+        },
+    );
+    let nodes: Vec<String> = (0..50).map(|i| format!("n{i:02}")).collect();
+    for (i, n) in nodes.iter().enumerate() {
+        join(
+            &mut sm,
+            n,
+            &format!("192.168.{}.{}:7071", i / 200, i % 200 + 1),
+        );
+    }
+    let mut tasks = Vec::new();
+    let mut assignments = Vec::new();
+    for s in 0..1000 {
+        let name = format!("s{s:04}");
+        apply(
+            &mut sm,
+            Command::CreateService {
+                service: service_id(&name),
+                spec: spec(&name, EndpointMode::Vip, false, &["demo_default"]),
+            },
+        );
+        let template = sm
+            .service(&service_id(&name))
+            .expect("service")
+            .spec
+            .task
+            .clone();
+        for r in 0..10 {
+            let id = format!("{name}-{r}");
+            tasks.push(Task {
+                id: task_id(&id),
+                service: service_id(&name),
+                slot: Some(r + 1),
+                node: None,
+                spec_version: 1,
+                spec: template.clone(),
+                desired_state: DesiredState::Running,
+                status: TaskStatus::default(),
+                generation: 0,
+                version: 0,
+                service_name: format!("demo_{name}"),
+                attempt: 0,
+                not_before_unix_ms: None,
+                address: None,
+            });
+            assignments.push(Assignment {
+                task: task_id(&id),
+                node: node_id(&nodes[(s * 10 + r as usize) % nodes.len()]),
+            });
+        }
+    }
+    apply(&mut sm, Command::CreateTasks { tasks });
+    apply(
+        &mut sm,
+        Command::AssignTasks {
+            assignments,
+            at_unix_ms: None,
+        },
+    );
+    let me = node_id("n00");
+    let mut view = AgentView::default();
+    let started = std::time::Instant::now();
+    let update = full(&sm, &me, &mut view);
+    let full_time = started.elapsed();
+    assert_eq!(update.services.len(), 1000);
+    let endpoints: usize = update.services.iter().map(|s| s.endpoints.len()).sum();
+    assert_eq!(endpoints, 10_000);
+
+    let task = sm.task(&task_id("s0500-3")).expect("task").clone();
+    let node = task.node.clone().expect("assigned");
+    let mut changes = Changes::default();
+    changes.add(&report(
+        &mut sm,
+        "s0500-3",
+        node.as_str(),
+        TaskState::Running,
+        Health::None,
+    ));
+    let started = std::time::Instant::now();
+    let update = incremental(&sm, &me, &changes, &mut view).expect("an update");
+    let one_time = started.elapsed();
+    assert_eq!(update.services.len(), 1);
+    assert_eq!(update.services[0].endpoints.len(), 10);
+    println!(
+        "network update, 1,000 services x 10 endpoints: full {full_time:?}, one endpoint change {one_time:?}"
+    );
+    assert!(
+        one_time * 20 < full_time,
+        "an endpoint change costs its service, not the cluster: {one_time:?} vs full {full_time:?}"
+    );
+}
