@@ -409,13 +409,17 @@ async fn control(url: &str) -> ControlClient<Channel> {
 }
 
 fn stack_json(yaml: &str) -> Vec<u8> {
+    stack_json_named("demo", yaml)
+}
+
+fn stack_json_named(stack: &str, yaml: &str) -> Vec<u8> {
     let env = BTreeMap::new();
     let files = MemoryFiles::default();
     let loaded = compose::load(
         yaml.as_bytes(),
         &LoadOptions {
             project_dir: Path::new("/srv/demo"),
-            stack_name: Some("demo"),
+            stack_name: Some(stack),
             env: &env,
             files: &files,
         },
@@ -1847,6 +1851,50 @@ async fn agents_get_the_network_state_and_its_changes() {
         .1;
     assert!(!last.full, "an incremental update");
 
+    // Another stack may join demo's network by its full name; a network no
+    // service joins is refused by name, and nothing is created.
+    let refused = c
+        .deploy_stack(pb::DeployStackRequest {
+            stack_json: stack_json_named(
+                "other",
+                "services:\n  cli:\n    image: busybox\n    networks: [demo_front]\nnetworks:\n  demo_front:\n    external: true\n",
+            ),
+            dry_run: false,
+        })
+        .await
+        .expect_err("no such network");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused
+            .message()
+            .contains("networks.demo_front.external: network \"demo_front\" does not exist"),
+        "{}",
+        refused.message()
+    );
+    c.deploy_stack(pb::DeployStackRequest {
+        stack_json: stack_json_named(
+            "other",
+            "services:\n  cli:\n    image: busybox\n    networks: [demo_back]\nnetworks:\n  demo_back:\n    external: true\n",
+        ),
+        dry_run: false,
+    })
+    .await
+    .expect("an external network that exists");
+    let (_, cli) = until("other's record at n1", Duration::from_secs(5), || {
+        let r = n1.record("cli");
+        async move { r }
+    })
+    .await;
+    assert_eq!(
+        (cli.stack.as_str(), &cli.networks[..]),
+        ("other", &["demo_back".to_string()][..])
+    );
+    c.remove_stack(pb::RemoveStackRequest {
+        stack: "other".into(),
+    })
+    .await
+    .expect("stack rm other");
+
     // Removing the stack removes its services and networks.
     c.remove_stack(pb::RemoveStackRequest {
         stack: "demo".into(),
@@ -1863,7 +1911,7 @@ async fn agents_get_the_network_state_and_its_changes() {
             .iter()
             .map(|(_, u)| u.removed_services.len())
             .sum::<usize>();
-        let done = services == 2
+        let done = services == 3
             && removed == BTreeSet::from(["demo_back".to_string(), "demo_default".to_string()]);
         async move { done.then_some(()) }
     })
