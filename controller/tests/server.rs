@@ -1937,3 +1937,49 @@ async fn agents_get_the_network_state_and_its_changes() {
         "{refused}"
     );
 }
+
+/// A node that finds no free subnet in the cluster CIDR gets no session,
+/// and its agent hears why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_cluster_cidr_refuses_the_next_node_by_name() {
+    let (_tmp, dir) = data_dir();
+    let ctl = Controller::start_with(&dir, |c| {
+        c.addressing.cluster_cidr = "10.42.0.0/22".parse().expect("valid");
+    });
+    let url = ctl.url();
+    let mut agents = Vec::new();
+    for n in ["n1", "n2", "n3", "n4"] {
+        agents.push(FakeAgent::join(&url, n, &[]).await);
+    }
+    let mut client = DispatcherClient::connect(url.clone())
+        .await
+        .expect("connect");
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(hello("n5", gantry_proto::PROTOCOL_VERSION))
+        .await
+        .expect("queued");
+    let mut inbound = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .expect("session")
+        .into_inner();
+    let err = inbound.message().await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(
+        err.message()
+            .contains("cluster CIDR 10.42.0.0/22 has no free /24 subnet"),
+        "{}",
+        err.message()
+    );
+    let mut c = control(&url).await;
+    let nodes = c
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .expect("nodes")
+        .into_inner()
+        .nodes;
+    let subnets: BTreeSet<String> = nodes.into_iter().map(|n| n.subnet).collect();
+    assert_eq!(subnets.len(), 4, "{subnets:?}");
+    drop(agents);
+    ctl.shutdown();
+}

@@ -415,12 +415,32 @@ impl Dispatcher {
             node: reg.node.clone(),
             status: ready_status(reg),
         });
-        for (index, result) in self.inner.store.propose(commands).await? {
-            if let Err(e) = result {
-                tracing::warn!(node = %reg.node, index, error = %e, "registration command refused");
+        let names: Vec<&'static str> = commands.iter().map(Command::name).collect();
+        let mut first_refusal = None;
+        for ((index, result), command) in self
+            .inner
+            .store
+            .propose(commands)
+            .await?
+            .into_iter()
+            .zip(names)
+        {
+            if let Err(source) = result {
+                tracing::warn!(node = %reg.node, index, error = %source, "registration command refused");
+                first_refusal.get_or_insert(super::state::StateError::Refused {
+                    command,
+                    index,
+                    source,
+                });
             }
         }
-        Ok(())
+        // A node that could not be created (no free subnet in the cluster
+        // CIDR) must not get a session: the agent hears why and retries.
+        let exists = self.inner.store.read(|s| s.node(&reg.node).is_some());
+        match first_refusal {
+            Some(e) if !exists => Err(e),
+            _ => Ok(()),
+        }
     }
 
     async fn session_loop(
