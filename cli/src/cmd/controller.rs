@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use gantry_agent::paths::DataDir;
 use gantry_controller::compose::units;
+use gantry_controller::network::{self, Addressing};
 use gantry_controller::registry::{self, RegistryStore};
 use gantry_controller::server::{self, ControllerConfig};
 
@@ -33,6 +34,14 @@ pub struct Args {
     /// How long a silent node keeps its tasks before it is marked down.
     #[arg(long, value_name = "D", default_value = "3s", value_parser = parse_duration)]
     lease: Duration,
+    /// The overlay's address space, cut into one /24 per node (IPv4, /22 or
+    /// shorter). Fixed when the cluster is created.
+    #[arg(long, value_name = "CIDR", default_value = network::DEFAULT_CLUSTER_CIDR)]
+    cluster_cidr: String,
+    /// Where service virtual IPs come from (IPv4, must not overlap the
+    /// cluster CIDR). Fixed when the cluster is created.
+    #[arg(long, value_name = "CIDR", default_value = network::DEFAULT_SERVICE_CIDR)]
+    service_cidr: String,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -52,6 +61,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ))
         .into());
     }
+    let addressing = Addressing::from_flags(&args.cluster_cidr, &args.service_cidr)
+        .map_err(|e| UsageError(e.to_string()))?;
     let data_dir = args
         .data_dir
         .map(DataDir::new)
@@ -61,6 +72,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         listen: args.listen,
         heartbeat_period: args.heartbeat_period,
         lease: args.lease,
+        addressing,
         ..ControllerConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

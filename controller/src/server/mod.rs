@@ -36,7 +36,8 @@ use gantry_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::store::StoreConfig;
+use crate::network::Addressing;
+use crate::store::{Command, StoreConfig};
 pub use control::Control;
 pub use dispatcher::{Dispatcher, SessionConfig};
 pub use state::{StateError, StoreFront, StoreThread};
@@ -65,6 +66,17 @@ pub enum ServerError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StateError),
+    /// The address plan differs from the one the cluster was created with.
+    #[error("--cluster-cidr {cluster} / --service-cidr {service}: {source}")]
+    Addressing {
+        /// The cluster CIDR asked for.
+        cluster: String,
+        /// The service CIDR asked for.
+        service: String,
+        /// Why the store refused it.
+        #[source]
+        source: Box<StateError>,
+    },
     /// Serving failed.
     #[error("serving on {addr}: {source}")]
     Serve {
@@ -93,6 +105,9 @@ pub struct ControllerConfig {
     pub lease: Duration,
     /// Snapshot and watch history settings.
     pub store: StoreConfig,
+    /// The cluster and service CIDRs (`--cluster-cidr`, `--service-cidr`):
+    /// stored on the first start; a later start with others is refused.
+    pub addressing: Addressing,
 }
 
 impl ControllerConfig {
@@ -123,6 +138,7 @@ impl Default for ControllerConfig {
             heartbeat_period: Duration::from_secs(1),
             lease: Duration::from_secs(3),
             store: StoreConfig::default(),
+            addressing: Addressing::default(),
         }
     }
 }
@@ -155,6 +171,21 @@ pub async fn serve_on(
     let dir = config.controller_dir();
     let (store, thread) = StoreFront::open(&dir, config.store)?;
     tracing::info!(%addr, dir = %dir.display(), revision = store.revision(), "controller starting");
+    // The address plan goes through the log like every change, so every
+    // replica has it; the first start sets it, later ones must match it.
+    let plan = Command::SetAddressing {
+        addressing: config.addressing,
+    };
+    if let Err(e) = store.propose_one(plan).await {
+        drop(store);
+        // Close the log before returning, so the caller may reopen it.
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        return Err(ServerError::Addressing {
+            cluster: config.addressing.cluster_cidr.to_string(),
+            service: config.addressing.service_cidr.to_string(),
+            source: Box::new(e),
+        });
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move |mut rx: watch::Receiver<bool>| async move {
