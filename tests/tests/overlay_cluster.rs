@@ -19,6 +19,11 @@ services:
     image: gantry.test/web:latest
     ports:
       - "8080:80"
+    healthcheck:
+      test: ["HTTP", "80", "/health"]
+      interval: 1s
+      timeout: 1s
+      retries: 1
     deploy:
       replicas: 3
   client:
@@ -218,10 +223,18 @@ fn services_reach_each_other_by_name_through_vips_and_the_routing_mesh() {
         "nslookup web; nslookup web.shop; nslookup shop_web",
     );
     assert_eq!(looked.matches(&vip).count(), 3, "{looked}");
-    let (_, tasks) = env.exec("shop_client", "nslookup tasks.web");
-    for a in &addresses {
-        assert!(tasks.contains(a.as_str()), "{a} not in {tasks}");
-    }
+    // tasks.web: the ready replicas, so all three once their health
+    // checks passed.
+    let mut tasks = String::new();
+    let all_ready = wait_for(
+        "tasks.web to name 3 replicas",
+        Duration::from_secs(20),
+        || {
+            tasks = env.exec("shop_client", "nslookup tasks.web").1;
+            addresses.iter().all(|a| tasks.contains(a.as_str()))
+        },
+    );
+    assert!(all_ready.is_ok(), "{addresses:?} not all in {tasks}");
 
     // Task to task across nodes: every replica by its address.
     for a in &addresses {
@@ -245,6 +258,26 @@ fn services_reach_each_other_by_name_through_vips_and_the_routing_mesh() {
         let got = pages.matches(&format!("ip={a}\n")).count();
         assert!(got * 5 >= 150, "{a} answered {got} of 150: {pages}");
     }
+
+    // A replica made unhealthy stops receiving new connections within its
+    // health interval (1 s, one retry) + 1 s.
+    let sick = &web[0];
+    let sick_addr = sick["address"].as_str().unwrap().to_string();
+    let (ok, _) = {
+        let out = env.run(&["exec", sick["id"].as_str().unwrap(), "rm", "/www/health"]);
+        (out.status.success(), ())
+    };
+    assert!(ok, "rm /www/health in {sick}");
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, pages) = env.exec(
+        "shop_client",
+        "for i in $(seq 30); do timeout 3 wget -q -O - http://web/cgi-bin/index.cgi; done",
+    );
+    assert!(
+        !pages.contains(&format!("ip={sick_addr}\n")),
+        "the unhealthy replica {sick_addr} still answers: {pages}"
+    );
+    assert!(pages.matches("ip=").count() >= 28, "{pages}");
 
     // The published port answers on every node's address, from outside.
     for host in env.c.hosts_with(cluster::Role::Agent) {
