@@ -9,9 +9,9 @@
 //! established connections (see `network::overlay`).
 
 use crate::network::overlay::state::{
-    ClusterNetwork, Endpoint, OverlayNode, ServicePort, ServiceRecord, Update,
+    ClusterNetwork, DesiredState, Endpoint, OverlayNode, ServicePort, ServiceRecord, Update,
 };
-use crate::network::overlay::{Overlay, OverlayConfig, dns};
+use crate::network::overlay::{Overlay, OverlayConfig, dns, vxlan};
 use crate::network::{NetworkConfig, Subnet};
 use crate::paths::DataDir;
 use gantry_proto::v1 as pb;
@@ -254,7 +254,12 @@ fn run(data: DataDir, underlay: Option<Ipv4Addr>, rx: mpsc::Receiver<pb::Network
     let bridge = NetworkConfig::load(&data)
         .map(|c| c.bridge)
         .unwrap_or_else(|_| crate::network::DEFAULT_BRIDGE.to_string());
-    let mut overlay = Overlay::new(OverlayConfig { bridge, underlay });
+    // Dormant until the cluster has a service that needs the data plane (a
+    // VIP, or a task with an address): a cluster of host-network tasks
+    // gets no device, bridge, table or DNS socket on its nodes. The state
+    // is gathered meanwhile and handed over whole.
+    let mut dormant = DesiredState::default();
+    let mut overlay: Option<Overlay> = None;
     let mut dns: Option<DnsThread> = None;
     while let Ok(wire) = rx.recv() {
         let update = match convert(&wire) {
@@ -264,26 +269,71 @@ fn run(data: DataDir, underlay: Option<Ipv4Addr>, rx: mpsc::Receiver<pb::Network
                 continue;
             }
         };
-        match overlay.update(update) {
-            Ok(report) => {
-                tracing::debug!(revision = wire.revision, ?report, "network update applied")
+        let active = match overlay.as_mut() {
+            Some(o) => {
+                log_applied(wire.revision, o.update(update));
+                o
             }
-            Err(e) => tracing::warn!(revision = wire.revision, "network update: {e}"),
-        }
+            None => {
+                dormant.apply(update);
+                if let Some(subnet) = dormant.node_subnet {
+                    // The engine's config is a file: written even while
+                    // dormant, so that tasks created meanwhile get the node
+                    // subnet and MTU.
+                    let mtu = node_underlay(&dormant, underlay)
+                        .and_then(|u| vxlan::underlay_mtu(u).ok())
+                        .map(|m| m.saturating_sub(vxlan::OVERHEAD));
+                    save_config(&data, subnet, dormant.cluster_cidr, mtu);
+                }
+                if !dormant.has_overlay_services() {
+                    tracing::debug!(
+                        revision = wire.revision,
+                        "overlay dormant: no service needs it yet"
+                    );
+                    continue;
+                }
+                let mut o = Overlay::new(OverlayConfig {
+                    bridge: bridge.clone(),
+                    underlay,
+                });
+                log_applied(wire.revision, o.update(dormant.to_full_update()));
+                overlay.insert(o)
+            }
+        };
         let (node_subnet, cluster_cidr) = {
-            let state = overlay.state();
+            let state = active.state();
             let s = state.read().unwrap_or_else(|p| p.into_inner());
             (s.node_subnet, s.cluster_cidr)
         };
         if let Some(subnet) = node_subnet {
-            save_config(&data, subnet, cluster_cidr, overlay.mtu());
+            save_config(&data, subnet, cluster_cidr, active.mtu());
             if dns.as_ref().map(|d| d.gateway) != Some(subnet.gateway()) {
                 // The old responder (another gateway) stops first.
                 drop(dns.take());
-                dns = start_dns(subnet.gateway(), overlay.state());
+                dns = start_dns(subnet.gateway(), active.state());
             }
         }
     }
+}
+
+fn log_applied(
+    revision: u64,
+    result: Result<crate::network::overlay::ApplyReport, crate::network::NetworkError>,
+) {
+    match result {
+        Ok(report) => tracing::debug!(revision, ?report, "network update applied"),
+        Err(e) => tracing::warn!(revision, "network update: {e}"),
+    }
+}
+
+/// This node's underlay address: its own entry's, else the advertised one.
+fn node_underlay(state: &DesiredState, fallback: Option<Ipv4Addr>) -> Option<Ipv4Addr> {
+    state
+        .nodes
+        .values()
+        .find(|n| Some(n.subnet) == state.node_subnet)
+        .map(|n| n.underlay)
+        .or(fallback)
 }
 
 /// Writes the node's share of the cluster CIDR, the cluster CIDR and the

@@ -176,6 +176,29 @@ impl DesiredState {
         true
     }
 
+    /// Whether any service needs the data plane: one with a VIP or a task
+    /// with an address (host-network services have neither).
+    pub fn has_overlay_services(&self) -> bool {
+        self.services
+            .values()
+            .any(|s| s.vip.is_some() || !s.endpoints.is_empty())
+    }
+
+    /// The whole state as one full update.
+    pub fn to_full_update(&self) -> Update {
+        Update {
+            full: true,
+            revision: self.revision,
+            cluster_cidr: self.cluster_cidr,
+            service_cidr: self.service_cidr,
+            node_subnet: self.node_subnet,
+            nodes: self.nodes.values().cloned().collect(),
+            services: self.services.values().cloned().collect(),
+            networks: self.networks.values().cloned().collect(),
+            ..Update::default()
+        }
+    }
+
     /// The nodes other than this one (those with this node's subnet are
     /// this node): the VXLAN peers.
     pub fn peers(&self) -> BTreeMap<Subnet, Ipv4Addr> {
@@ -301,6 +324,16 @@ pub(crate) mod tests {
             ..Update::default()
         });
         assert!(s.nodes.is_empty() && s.node_subnet.is_none());
+        // A state handed over whole is the same state.
+        let mut full = DesiredState::default();
+        s.apply(Update {
+            revision: 8,
+            services: vec![service("web", None, &[])],
+            ..Update::default()
+        });
+        assert!(!s.has_overlay_services(), "no VIP, no task address");
+        full.apply(s.to_full_update());
+        assert_eq!(full, s);
     }
 
     #[test]
