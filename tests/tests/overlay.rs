@@ -548,6 +548,27 @@ fn overlay_data_plane_end_to_end_in_namespaces() {
         lookup(&c1.ns.0, gw, "outsider."),
         Err(ResponseCode::NXDomain)
     );
+    // The same over TCP (a 2-byte length, then the message).
+    let over_tcp = in_ns(&c1.ns.0, || {
+        let mut conn =
+            TcpStream::connect_timeout(&SocketAddr::from((gw, 53)), Duration::from_secs(2))
+                .unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut q = Message::query();
+        q.add_query(Query::query(
+            Name::from_ascii("web.").unwrap(),
+            RecordType::A,
+        ));
+        let bytes = q.to_vec().unwrap();
+        conn.write_all(&(bytes.len() as u16).to_be_bytes()).unwrap();
+        conn.write_all(&bytes).unwrap();
+        let mut len = [0u8; 2];
+        std::io::Read::read_exact(&mut conn, &mut len).unwrap();
+        let mut reply = vec![0u8; u16::from_be_bytes(len) as usize];
+        std::io::Read::read_exact(&mut conn, &mut reply).unwrap();
+        Message::from_vec(&reply).unwrap().answers.len()
+    });
+    assert_eq!(over_tcp, 1, "web over TCP");
 
     // An established connection through the VIP, kept across what follows.
     let mut kept = connect(&c1.ns.0, SocketAddrV4::new(VIP, PORT)).expect("kept connection");
