@@ -199,7 +199,7 @@ fn nodes_get_the_lowest_free_subnet_and_keep_it_while_their_tasks_hold_addresses
         apply(&mut sm, upsert("e")),
         Err(
             "upsert-node: node e field subnet: cluster CIDR 10.42.0.0/22 has no free /24 \
-             subnet (4 nodes hold or keep one)"
+             subnet (all 4 are held by nodes or by tasks of removed nodes)"
                 .into()
         )
     );

@@ -444,7 +444,7 @@ impl StateMachine {
                             "subnet",
                             format!(
                                 "cluster CIDR {} has no free /{NODE_SUBNET_PREFIX} subnet \
-                                 ({} nodes hold or keep one)",
+                                 (all {} are held by nodes or by tasks of removed nodes)",
                                 a.cluster_cidr,
                                 a.node_subnets()
                             ),
