@@ -270,6 +270,9 @@ pub struct TaskRow {
     pub node: Option<String>,
     /// The node's id.
     pub node_id: Option<String>,
+    /// The task's overlay address; absent on the host network or before
+    /// it is assigned.
+    pub address: Option<String>,
     /// The image.
     pub image: String,
     /// What the controller wants: `running` or `shutdown`.
@@ -341,6 +344,7 @@ impl TaskRow {
             slot: task.slot,
             node,
             node_id,
+            address: task.address.map(|a| a.to_string()),
             image: task.spec.image.clone(),
             desired_state: serde_name(&task.desired_state),
             state: task.status.state.as_str().to_string(),
@@ -362,6 +366,7 @@ pub fn task_table(rows: &[TaskRow]) -> String {
         "NAME",
         "IMAGE",
         "NODE",
+        "ADDRESS",
         "DESIRED STATE",
         "CURRENT STATE",
         "RESTARTS",
@@ -374,6 +379,7 @@ pub fn task_table(rows: &[TaskRow]) -> String {
             r.name.clone(),
             r.image.clone(),
             r.node.clone().unwrap_or_default(),
+            r.address.clone().unwrap_or_default(),
             capitalize(&r.desired_state),
             current_state(r.task_state, r.since),
             r.restarts.to_string(),
@@ -415,6 +421,11 @@ pub struct ServiceRow {
     pub image: String,
     /// Published ports, as the table shows them.
     pub ports: Vec<String>,
+    /// `vip` or `dnsrr` (Compose `deploy.endpoint_mode`).
+    pub endpoint_mode: String,
+    /// The virtual IP from the service CIDR (Docker's
+    /// `Endpoint.VirtualIPs`); absent for dnsrr and host-network services.
+    pub virtual_ip: Option<String>,
 }
 
 impl ServiceRow {
@@ -434,13 +445,15 @@ impl ServiceRow {
             desired,
             image: service.spec.task.image.clone(),
             ports: service.spec.task.ports.iter().map(port).collect(),
+            endpoint_mode: service.spec.endpoint_mode.as_str().to_string(),
+            virtual_ip: service.virtual_ip.map(|ip| ip.to_string()),
         }
     }
 }
 
 /// The table of `service ls`.
 pub fn service_table(rows: &[ServiceRow]) -> String {
-    let mut table = Table::new(&["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS"]);
+    let mut table = Table::new(&["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS", "VIP"]);
     for r in rows {
         table.row(vec![
             short_id(&r.id),
@@ -449,6 +462,7 @@ pub fn service_table(rows: &[ServiceRow]) -> String {
             format!("{}/{}", r.running, r.desired),
             r.image.clone(),
             r.ports.join(", "),
+            r.virtual_ip.clone().unwrap_or_default(),
         ]);
     }
     table.to_string()
@@ -480,6 +494,8 @@ pub struct NodeRow {
     pub role: String,
     /// The address its agent reports.
     pub address: String,
+    /// Its slice of the cluster CIDR (overlay subnet).
+    pub subnet: Option<String>,
     /// Operator and agent labels.
     pub labels: BTreeMap<String, String>,
     /// What it offers to tasks.
@@ -499,6 +515,7 @@ impl NodeRow {
             availability: serde_name(&node.spec.availability),
             role: node.spec.role.as_str().to_string(),
             address: node.status.address.clone(),
+            subnet: node.subnet.map(|s| s.to_string()),
             labels: node.spec.labels.clone(),
             resources: NodeResources {
                 cpus: r.nano_cpus as f64 / 1e9,

@@ -61,6 +61,7 @@ fn nodes(count: usize) -> Vec<Node> {
                 },
             },
             version: 1,
+            subnet: None,
         })
         .collect()
 }

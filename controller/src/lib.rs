@@ -5,6 +5,8 @@
 //!
 //! - [`compose`]: a Compose file → a normalized [`compose::Stack`], and stack diffs.
 //! - [`model`]: the typed cluster objects (nodes, services, tasks).
+//! - [`network`]: cluster addressing (CIDRs, node subnets, task addresses,
+//!   VIPs) and the network state streamed to agents.
 //! - [`scheduler`]: the pure filter → score pipeline that places tasks on nodes.
 //! - [`orchestrator`]: the pure reconcilers that turn services into task actions.
 //! - [`raft`]: Raft replication of the store (raft-rs): one loop per
@@ -23,6 +25,7 @@
 #![deny(missing_docs)]
 pub mod compose;
 pub mod model;
+pub mod network;
 pub mod orchestrator;
 pub mod raft;
 pub mod registry;

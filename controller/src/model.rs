@@ -12,10 +12,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::Ipv4Addr;
 use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::network::Ipv4Cidr;
 
 /// Errors from building or changing model objects.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -267,6 +270,10 @@ pub struct Node {
     /// The log index of the command that last changed this node.
     #[serde(default)]
     pub version: u64,
+    /// The node's slice of the cluster CIDR, allocated when it first joins
+    /// and kept until it is removed.
+    #[serde(default)]
+    pub subnet: Option<Ipv4Cidr>,
 }
 
 impl Node {
@@ -668,6 +675,10 @@ pub struct TaskTemplate {
     /// `stop_grace_period`); `None` leaves it to the node (10 s).
     #[serde(default, with = "opt_duration_ms")]
     pub stop_grace_period: Option<Duration>,
+    /// The cluster networks the task joins, by full name
+    /// (`<stack>_<network>`); empty with `host_network`.
+    #[serde(default)]
+    pub networks: Vec<String>,
 }
 
 /// What to do when an update fails (stored for the update orchestrator).
@@ -718,6 +729,27 @@ pub struct UpdateConfig {
     pub order: UpdateOrder,
 }
 
+/// How a service is reached by name (Compose `deploy.endpoint_mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointMode {
+    /// One virtual IP, load-balanced over the ready tasks by every node.
+    #[default]
+    Vip,
+    /// No virtual IP: the name resolves to the ready tasks' addresses.
+    Dnsrr,
+}
+
+impl EndpointMode {
+    /// The Compose spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointMode::Vip => "vip",
+            EndpointMode::Dnsrr => "dnsrr",
+        }
+    }
+}
+
 /// What the operator asked for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ServiceSpec {
@@ -733,9 +765,19 @@ pub struct ServiceSpec {
     /// Rolling update settings.
     #[serde(default)]
     pub update_config: Option<UpdateConfig>,
+    /// How clients reach the service by name (Compose
+    /// `deploy.endpoint_mode`).
+    #[serde(default)]
+    pub endpoint_mode: EndpointMode,
 }
 
 impl ServiceSpec {
+    /// Whether the service gets a virtual IP: endpoint mode vip and not on
+    /// the host's network.
+    pub fn wants_vip(&self) -> bool {
+        self.endpoint_mode == EndpointMode::Vip && !self.task.host_network
+    }
+
     /// The name Swarm prints and `ServiceRef` accepts: `STACK_NAME`, or
     /// `NAME` outside a stack.
     pub fn full_name(&self) -> String {
@@ -760,6 +802,10 @@ pub struct Service {
     /// The log index of the command that last changed this service.
     #[serde(default)]
     pub version: u64,
+    /// The virtual IP from the service CIDR (endpoint mode vip, not host
+    /// network); kept across updates, released when the service is removed.
+    #[serde(default)]
+    pub virtual_ip: Option<Ipv4Addr>,
 }
 
 // ---------------------------------------------------------------------------
@@ -974,6 +1020,11 @@ pub struct Task {
     /// clock.
     #[serde(default)]
     pub not_before_unix_ms: Option<u64>,
+    /// The task's address on its node's subnet, allocated when it is
+    /// assigned (none for host-network tasks, or before the cluster has an
+    /// address plan). Held until the task is deleted from the store.
+    #[serde(default)]
+    pub address: Option<Ipv4Addr>,
 }
 
 impl Task {
@@ -1064,6 +1115,7 @@ mod tests {
             spec: NodeSpec::default(),
             status: NodeStatus::default(),
             version: 0,
+            subnet: None,
         };
         let ne = Constraint::parse("node.labels.zone!=eu").expect("valid");
         let eq = Constraint::parse("node.labels.zone==eu").expect("valid");
@@ -1150,6 +1202,7 @@ mod tests {
                 service_name: "demo_web".into(),
                 attempt: 2,
                 not_before_unix_ms: Some(1_700_000_000_000),
+                address: None,
             };
             let json = serde_json::to_string(&task).expect("serializes");
             let back: Task = serde_json::from_str(&json).expect("deserializes");

@@ -31,6 +31,7 @@
 //!   its schema belongs to the compose-spec and the controller re-validates it.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use gantry_proto::v1 as pb;
@@ -38,6 +39,8 @@ use gantry_proto::v1 as pb;
 use crate::compose::{ObjectChanges, ServiceUpdate, Stack, StackChanges};
 use crate::model as m;
 use crate::model::{Constraint, ModelError};
+use crate::network::Ipv4Cidr;
+use crate::network::update::{NetworkUpdate, ServiceRecord};
 
 /// Errors from converting wire messages into domain values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -86,6 +89,16 @@ pub enum WireError {
         field: String,
         /// The label received.
         label: String,
+    },
+    /// An address or network field did not parse.
+    #[error("field {field}: {value:?} is not {expected}")]
+    BadAddress {
+        /// The field's path within the converted message.
+        field: String,
+        /// The text received.
+        value: String,
+        /// What was expected (`an IPv4 address`).
+        expected: &'static str,
     },
     /// A full assignment set contained a removal.
     #[error("field {field}: a full assignment set may only hold updates")]
@@ -141,6 +154,15 @@ impl WireError {
             WireError::RemoveInFullSet { field } => WireError::RemoveInFullSet {
                 field: prefix(field),
             },
+            WireError::BadAddress {
+                field,
+                value,
+                expected,
+            } => WireError::BadAddress {
+                field: prefix(field),
+                value,
+                expected,
+            },
             e @ (WireError::InvalidStack { .. } | WireError::EncodeStack { .. }) => e,
         }
     }
@@ -154,7 +176,8 @@ impl WireError {
             | WireError::PortOutOfRange { field, .. }
             | WireError::Invalid { field, .. }
             | WireError::StrayLabel { field, .. }
-            | WireError::RemoveInFullSet { field } => field,
+            | WireError::RemoveInFullSet { field }
+            | WireError::BadAddress { field, .. } => field,
             WireError::InvalidStack { .. } | WireError::EncodeStack { .. } => "stack_json",
         }
     }
@@ -162,6 +185,55 @@ impl WireError {
 
 // ---------------------------------------------------------------------------
 // Helpers
+
+/// An optional address: empty on the wire is none.
+fn opt_ip(value: &str, field: &str) -> Result<Option<Ipv4Addr>, WireError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value.parse().map(Some).map_err(|_| WireError::BadAddress {
+        field: field.into(),
+        value: value.into(),
+        expected: "an IPv4 address",
+    })
+}
+
+/// An optional network: empty on the wire is none.
+fn opt_cidr(value: &str, field: &str) -> Result<Option<Ipv4Cidr>, WireError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value.parse().map(Some).map_err(|_| WireError::BadAddress {
+        field: field.into(),
+        value: value.into(),
+        expected: "an IPv4 network (10.42.3.0/24)",
+    })
+}
+
+fn ip_text(ip: Option<Ipv4Addr>) -> String {
+    ip.map(|ip| ip.to_string()).unwrap_or_default()
+}
+
+/// `ENDPOINT_MODE_UNSPECIFIED` is VIP (the proto says so, as Compose does
+/// for an absent `endpoint_mode`).
+fn endpoint_mode_from_wire(value: i32) -> Result<m::EndpointMode, WireError> {
+    match pb::EndpointMode::try_from(value) {
+        Ok(pb::EndpointMode::Unspecified | pb::EndpointMode::Vip) => Ok(m::EndpointMode::Vip),
+        Ok(pb::EndpointMode::Dnsrr) => Ok(m::EndpointMode::Dnsrr),
+        Err(_) => Err(WireError::UnknownEnum {
+            field: "endpoint_mode".into(),
+            value,
+        }),
+    }
+}
+
+/// The wire number of an endpoint mode.
+pub fn endpoint_mode_to_wire(mode: m::EndpointMode) -> i32 {
+    match mode {
+        m::EndpointMode::Vip => pb::EndpointMode::Vip as i32,
+        m::EndpointMode::Dnsrr => pb::EndpointMode::Dnsrr as i32,
+    }
+}
 
 /// Unwraps a message-typed field the model requires, converting it and
 /// naming it in any error.
@@ -394,8 +466,7 @@ impl From<m::Node> for pb::Node {
             spec: Some(n.spec.into()),
             status: Some(n.status.into()),
             version: n.version,
-            // Issue 5 allocates node subnets.
-            subnet: String::new(),
+            subnet: n.subnet.map(|s| s.to_string()).unwrap_or_default(),
         }
     }
 }
@@ -408,6 +479,7 @@ impl TryFrom<pb::Node> for m::Node {
             spec: required(n.spec, "spec")?,
             status: required(n.status, "status")?,
             version: n.version,
+            subnet: opt_cidr(&n.subnet, "subnet")?,
         })
     }
 }
@@ -686,7 +758,7 @@ impl From<m::TaskTemplate> for pb::TaskTemplate {
             host_network: t.host_network,
             labels: t.labels,
             stop_grace_period_ms: t.stop_grace_period.map(millis),
-            networks: Vec::new(),
+            networks: t.networks,
         }
     }
 }
@@ -711,6 +783,7 @@ impl TryFrom<pb::TaskTemplate> for m::TaskTemplate {
             host_network: t.host_network,
             labels: t.labels,
             stop_grace_period: t.stop_grace_period_ms.map(Duration::from_millis),
+            networks: t.networks,
         })
     }
 }
@@ -779,7 +852,7 @@ impl From<m::ServiceSpec> for pb::ServiceSpec {
             mode: Some(s.mode.into()),
             task: Some(s.task.into()),
             update_config: s.update_config.map(Into::into),
-            endpoint_mode: pb::EndpointMode::Unspecified as i32,
+            endpoint_mode: endpoint_mode_to_wire(s.endpoint_mode),
         }
     }
 }
@@ -793,6 +866,7 @@ impl TryFrom<pb::ServiceSpec> for m::ServiceSpec {
             mode: required(s.mode, "mode")?,
             task: required(s.task, "task")?,
             update_config: optional(s.update_config, "update_config")?,
+            endpoint_mode: endpoint_mode_from_wire(s.endpoint_mode)?,
         })
     }
 }
@@ -804,7 +878,7 @@ impl From<m::Service> for pb::Service {
             spec: Some(s.spec.into()),
             spec_version: s.spec_version,
             version: s.version,
-            virtual_ip: String::new(),
+            virtual_ip: ip_text(s.virtual_ip),
         }
     }
 }
@@ -817,6 +891,7 @@ impl TryFrom<pb::Service> for m::Service {
             spec: required(s.spec, "spec")?,
             spec_version: s.spec_version,
             version: s.version,
+            virtual_ip: opt_ip(&s.virtual_ip, "virtual_ip")?,
         })
     }
 }
@@ -869,7 +944,7 @@ impl From<m::Task> for pb::Task {
             service_name: t.service_name,
             attempt: t.attempt,
             not_before_unix_ms: t.not_before_unix_ms,
-            address: None,
+            address: t.address.map(|a| a.to_string()),
         }
     }
 }
@@ -891,7 +966,77 @@ impl TryFrom<pb::Task> for m::Task {
             service_name: t.service_name,
             attempt: t.attempt,
             not_before_unix_ms: t.not_before_unix_ms,
+            address: t
+                .address
+                .as_deref()
+                .map(|a| opt_ip(a, "address"))
+                .transpose()?
+                .flatten(),
         })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Network state
+
+impl From<NetworkUpdate> for pb::NetworkUpdate {
+    fn from(u: NetworkUpdate) -> Self {
+        let (cluster_cidr, service_cidr) =
+            u.addressing.map_or((String::new(), String::new()), |a| {
+                (a.cluster_cidr.to_string(), a.service_cidr.to_string())
+            });
+        pb::NetworkUpdate {
+            full: u.full,
+            revision: u.revision,
+            cluster_cidr,
+            service_cidr,
+            node_subnet: u.node_subnet.map(|s| s.to_string()).unwrap_or_default(),
+            nodes: u
+                .nodes
+                .into_iter()
+                .map(|n| pb::OverlayNode {
+                    node_id: n.node.into(),
+                    underlay_ip: n.underlay_ip.to_string(),
+                    subnet: n.subnet.to_string(),
+                })
+                .collect(),
+            removed_nodes: u.removed_nodes.into_iter().map(Into::into).collect(),
+            services: u.services.into_iter().map(Into::into).collect(),
+            removed_services: u.removed_services.into_iter().map(Into::into).collect(),
+            networks: u
+                .networks
+                .into_iter()
+                .map(|n| pb::ClusterNetwork {
+                    name: n.name,
+                    stack: n.stack,
+                })
+                .collect(),
+            removed_networks: u.removed_networks,
+        }
+    }
+}
+
+impl From<ServiceRecord> for pb::ServiceRecord {
+    fn from(r: ServiceRecord) -> Self {
+        pb::ServiceRecord {
+            service_id: r.service.into(),
+            name: r.name,
+            stack: r.stack,
+            virtual_ip: ip_text(r.virtual_ip),
+            endpoint_mode: endpoint_mode_to_wire(r.endpoint_mode),
+            ports: r.ports.into_iter().map(Into::into).collect(),
+            networks: r.networks,
+            endpoints: r
+                .endpoints
+                .into_iter()
+                .map(|e| pb::ServiceEndpoint {
+                    task: e.task.into(),
+                    node: e.node.into(),
+                    address: e.address.to_string(),
+                    ready: e.ready,
+                })
+                .collect(),
+        }
     }
 }
 
@@ -1250,6 +1395,7 @@ mod tests {
             spec,
             status,
             version,
+            subnet: None,
         })
     }
 
@@ -1398,6 +1544,7 @@ mod tests {
                     host_network,
                     labels,
                     stop_grace_period,
+                    networks: Vec::new(),
                 },
             )
     }
@@ -1451,9 +1598,11 @@ mod tests {
                             mode,
                             task,
                             update_config,
+                            endpoint_mode: Default::default(),
                         },
                         spec_version,
                         version,
+                        virtual_ip: None,
                     }
                 },
             )
@@ -1545,6 +1694,7 @@ mod tests {
                     service_name,
                     attempt,
                     not_before_unix_ms,
+                    address: None,
                 },
             )
     }
@@ -1679,6 +1829,7 @@ mod tests {
             service_name: "demo_web".into(),
             attempt: 0,
             not_before_unix_ms: None,
+            address: None,
         })
     }
 

@@ -148,6 +148,8 @@ struct FakeAgent {
     heartbeat: Arc<AtomicBool>,
     /// Report new tasks rejected instead of running.
     reject: Arc<AtomicBool>,
+    /// Every network update received, with when it arrived.
+    network: Arc<Mutex<Vec<(Instant, pb::NetworkUpdate)>>>,
     reader: tokio::task::JoinHandle<()>,
     beater: tokio::task::JoinHandle<()>,
 }
@@ -202,15 +204,21 @@ impl FakeAgent {
         let full_sets: Arc<Mutex<Vec<BTreeSet<String>>>> = Arc::default();
         let heartbeat = Arc::new(AtomicBool::new(true));
         let reject = Arc::new(AtomicBool::new(false));
+        let network: Arc<Mutex<Vec<(Instant, pb::NetworkUpdate)>>> = Arc::default();
         let reader = {
             let (tasks, full_sets, tx) = (tasks.clone(), full_sets.clone(), tx.clone());
             let reject = reject.clone();
+            let network = network.clone();
             let node = node.to_string();
             tokio::spawn(async move {
                 let mut last_generation = 0;
                 while let Ok(Some(message)) = inbound.message().await {
                     let set = match message.message {
                         Some(pb::controller_message::Message::Assignments(set)) => set,
+                        Some(pb::controller_message::Message::Network(update)) => {
+                            network.lock().unwrap().push((Instant::now(), update));
+                            continue;
+                        }
                         Some(pb::controller_message::Message::Logs(req)) => {
                             let chunk = pb::LogChunk {
                                 request_id: req.request_id,
@@ -344,9 +352,25 @@ impl FakeAgent {
             full_sets,
             heartbeat,
             reject,
+            network,
             reader,
             beater,
         }
+    }
+
+    /// The service record named `name` as the agent has it now: the latest
+    /// one received (each carries the whole record), unless removed since.
+    fn record(&self, name: &str) -> Option<(Instant, pb::ServiceRecord)> {
+        let updates = self.network.lock().unwrap();
+        for (at, update) in updates.iter().rev() {
+            if let Some(r) = update.services.iter().find(|r| r.name == name) {
+                return Some((*at, r.clone()));
+            }
+            if update.full {
+                return None;
+            }
+        }
+        None
     }
 
     /// Sends a raw message up the session.
@@ -385,13 +409,17 @@ async fn control(url: &str) -> ControlClient<Channel> {
 }
 
 fn stack_json(yaml: &str) -> Vec<u8> {
+    stack_json_named("demo", yaml)
+}
+
+fn stack_json_named(stack: &str, yaml: &str) -> Vec<u8> {
     let env = BTreeMap::new();
     let files = MemoryFiles::default();
     let loaded = compose::load(
         yaml.as_bytes(),
         &LoadOptions {
             project_dir: Path::new("/srv/demo"),
-            stack_name: Some("demo"),
+            stack_name: Some(stack),
             env: &env,
             files: &files,
         },
@@ -1677,5 +1705,282 @@ async fn lost_node_with_default_settings() {
     // The lease, one liveness tick, and scheduling: well under the target.
     assert!(took < Duration::from_secs(5), "took {took:?}");
     drop(a1);
+    ctl.shutdown();
+}
+
+/// The network state reaches agents: a full update after the assignments,
+/// incremental ones as tasks get addresses and turn healthy, removals; VIPs
+/// and addresses show in the API; the address plan cannot change later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_get_the_network_state_and_its_changes() {
+    let (_tmp, dir) = data_dir();
+    let ctl = Controller::start(&dir);
+    let url = ctl.url();
+    let n1 = FakeAgent::join(&url, "n1", &[]).await;
+    let n2 = FakeAgent::join(&url, "n2", &[]).await;
+    let mut c = control(&url).await;
+    deploy(
+        &mut c,
+        "services:\n  web:\n    image: busybox\n    healthcheck:\n      test: [TCP, '80']\n      interval: 1s\n    ports: ['8080:80']\n    deploy:\n      replicas: 2\n  db:\n    image: busybox\n    networks: [back]\n    deploy:\n      endpoint_mode: dnsrr\nnetworks:\n  back:\n",
+    )
+    .await;
+    let web = until("web running", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let tasks = live_tasks(&mut c, "web").await;
+            (tasks.len() == 2 && running_on(&tasks)?.len() == 2).then_some(tasks)
+        }
+    })
+    .await;
+
+    // The first update of n2's session was full, with the plan and its subnet.
+    let first = n2.network.lock().unwrap()[0].1.clone();
+    assert!(first.full);
+    assert_eq!(first.cluster_cidr, "10.42.0.0/16");
+    assert_eq!(first.service_cidr, "10.43.0.0/16");
+    assert_eq!(first.node_subnet, "10.42.1.0/24");
+    let nodes: Vec<(&str, &str, &str)> = first
+        .nodes
+        .iter()
+        .map(|n| {
+            (
+                n.node_id.as_str(),
+                n.underlay_ip.as_str(),
+                n.subnet.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        nodes,
+        [
+            ("n1", "10.0.0.2", "10.42.0.0/24"),
+            ("n2", "10.0.0.2", "10.42.1.0/24")
+        ]
+    );
+
+    // The API shows the VIP and the addresses; n1 has the same records.
+    let services = c
+        .list_services(pb::ListServicesRequest::default())
+        .await
+        .expect("services")
+        .into_inner()
+        .services;
+    let vip = |name: &str| {
+        services
+            .iter()
+            .filter_map(|i| i.service.as_ref())
+            .find(|s| s.spec.as_ref().is_some_and(|sp| sp.name == name))
+            .map(|s| s.virtual_ip.clone())
+            .expect("service listed")
+    };
+    assert_eq!(vip("web"), "10.43.0.1");
+    assert_eq!(vip("db"), "", "dnsrr has no VIP");
+    // Each task has an address on its node's subnet (web and db share n1
+    // or n2 in either order, so .2 or .3).
+    for t in &web {
+        let address = t.address.clone().expect("an address");
+        let subnet = match t.node.as_deref() {
+            Some("n1") => "10.42.0.",
+            Some("n2") => "10.42.1.",
+            other => panic!("web task on {other:?}"),
+        };
+        assert!(
+            [format!("{subnet}2"), format!("{subnet}3")].contains(&address),
+            "{address} on {:?}",
+            t.node
+        );
+    }
+    let (_, record) = until("web's endpoints at n1", Duration::from_secs(5), || {
+        let r = n1.record("web").filter(|(_, r)| r.endpoints.len() == 2);
+        async move { r }
+    })
+    .await;
+    assert_eq!(record.virtual_ip, "10.43.0.1");
+    assert_eq!(record.networks, ["demo_default"]);
+    assert_eq!(record.ports.len(), 1);
+    assert!(
+        record.endpoints.iter().all(|e| !e.ready),
+        "running but not yet healthy: {:?}",
+        record.endpoints
+    );
+    let (_, db) = until("db ready at n1", Duration::from_secs(5), || {
+        let r = n1
+            .record("db")
+            .filter(|(_, r)| r.endpoints.iter().any(|e| e.ready));
+        async move { r }
+    })
+    .await;
+    assert_eq!(db.networks, ["demo_back"]);
+    assert_eq!(db.endpoint_mode, pb::EndpointMode::Dnsrr as i32);
+
+    // A task turns healthy: every agent hears of it well within a second.
+    let on_n2 = web
+        .iter()
+        .find(|t| t.node.as_deref() == Some("n2"))
+        .expect("a web task on n2");
+    let sent = Instant::now();
+    n2.send(pb::agent_message::Message::Status(pb::TaskStatusUpdates {
+        updates: vec![pb::TaskStatusUpdate {
+            task: on_n2.id.clone(),
+            generation: on_n2.generation,
+            status: Some(pb::TaskStatus {
+                state: pb::TaskState::Running as i32,
+                health: pb::Health::Healthy as i32,
+                ..pb::TaskStatus::default()
+            }),
+        }],
+    }))
+    .await;
+    let (at, record) = until("the healthy endpoint at n1", Duration::from_secs(5), || {
+        let r = n1
+            .record("web")
+            .filter(|(_, r)| r.endpoints.iter().any(|e| e.task == on_n2.id && e.ready));
+        async move { r }
+    })
+    .await;
+    let latency = at.duration_since(sent);
+    println!("health change to network update at another agent: {latency:?}");
+    assert!(latency < Duration::from_secs(1), "{latency:?}");
+    assert_eq!(record.endpoints.iter().filter(|e| e.ready).count(), 1);
+    let last = n1
+        .network
+        .lock()
+        .unwrap()
+        .last()
+        .cloned()
+        .expect("updates")
+        .1;
+    assert!(!last.full, "an incremental update");
+
+    // Another stack may join demo's network by its full name; a network no
+    // service joins is refused by name, and nothing is created.
+    let refused = c
+        .deploy_stack(pb::DeployStackRequest {
+            stack_json: stack_json_named(
+                "other",
+                "services:\n  cli:\n    image: busybox\n    networks: [demo_front]\nnetworks:\n  demo_front:\n    external: true\n",
+            ),
+            dry_run: false,
+        })
+        .await
+        .expect_err("no such network");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused
+            .message()
+            .contains("networks.demo_front.external: network \"demo_front\" does not exist"),
+        "{}",
+        refused.message()
+    );
+    c.deploy_stack(pb::DeployStackRequest {
+        stack_json: stack_json_named(
+            "other",
+            "services:\n  cli:\n    image: busybox\n    networks: [demo_back]\nnetworks:\n  demo_back:\n    external: true\n",
+        ),
+        dry_run: false,
+    })
+    .await
+    .expect("an external network that exists");
+    let (_, cli) = until("other's record at n1", Duration::from_secs(5), || {
+        let r = n1.record("cli");
+        async move { r }
+    })
+    .await;
+    assert_eq!(
+        (cli.stack.as_str(), &cli.networks[..]),
+        ("other", &["demo_back".to_string()][..])
+    );
+    c.remove_stack(pb::RemoveStackRequest {
+        stack: "other".into(),
+    })
+    .await
+    .expect("stack rm other");
+
+    // Removing the stack removes its services and networks.
+    c.remove_stack(pb::RemoveStackRequest {
+        stack: "demo".into(),
+    })
+    .await
+    .expect("stack rm");
+    until("removals at n1", Duration::from_secs(5), || {
+        let updates = n1.network.lock().unwrap();
+        let removed: BTreeSet<String> = updates
+            .iter()
+            .flat_map(|(_, u)| u.removed_networks.clone())
+            .collect();
+        let services = updates
+            .iter()
+            .map(|(_, u)| u.removed_services.len())
+            .sum::<usize>();
+        let done = services == 3
+            && removed == BTreeSet::from(["demo_back".to_string(), "demo_default".to_string()]);
+        async move { done.then_some(()) }
+    })
+    .await;
+    drop((n1, n2));
+    ctl.shutdown();
+
+    // The address plan is fixed once the cluster exists.
+    let refused = std::thread::spawn(move || {
+        Controller::try_start(
+            &dir,
+            |c| c.addressing.cluster_cidr = "10.88.0.0/16".parse().expect("valid"),
+            axum::Router::new(),
+        )
+        .err()
+    })
+    .join()
+    .expect("start thread")
+    .expect("a different cluster CIDR is refused");
+    assert!(
+        refused.contains("--cluster-cidr 10.88.0.0/16")
+            && refused.contains("created with 10.42.0.0/16"),
+        "{refused}"
+    );
+}
+
+/// A node that finds no free subnet in the cluster CIDR gets no session,
+/// and its agent hears why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_cluster_cidr_refuses_the_next_node_by_name() {
+    let (_tmp, dir) = data_dir();
+    let ctl = Controller::start_with(&dir, |c| {
+        c.addressing.cluster_cidr = "10.42.0.0/22".parse().expect("valid");
+    });
+    let url = ctl.url();
+    let mut agents = Vec::new();
+    for n in ["n1", "n2", "n3", "n4"] {
+        agents.push(FakeAgent::join(&url, n, &[]).await);
+    }
+    let mut client = DispatcherClient::connect(url.clone())
+        .await
+        .expect("connect");
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(hello("n5", gantry_proto::PROTOCOL_VERSION))
+        .await
+        .expect("queued");
+    let mut inbound = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .expect("session")
+        .into_inner();
+    let err = inbound.message().await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(
+        err.message()
+            .contains("cluster CIDR 10.42.0.0/22 has no free /24 subnet"),
+        "{}",
+        err.message()
+    );
+    let mut c = control(&url).await;
+    let nodes = c
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .expect("nodes")
+        .into_inner()
+        .nodes;
+    let subnets: BTreeSet<String> = nodes.into_iter().map(|n| n.subnet).collect();
+    assert_eq!(subnets.len(), 4, "{subnets:?}");
+    drop(agents);
     ctl.shutdown();
 }

@@ -10,6 +10,7 @@ use gantry_controller::model::{
     Availability, DesiredState, NodeId, NodeSpec, NodeState, NodeStatus, ServiceId, ServiceMode,
     ServiceSpec, Task, TaskId, TaskState, TaskStatus, TaskTemplate,
 };
+use gantry_controller::network::Addressing;
 use gantry_controller::scheduler::Assignment;
 use gantry_controller::store::{
     Command, DesiredStateChange, Entry, EventKind, HardState, Log, LogError, MemLog, Object,
@@ -43,6 +44,7 @@ fn spec(name: &str, replicas: u64) -> ServiceSpec {
             ..TaskTemplate::default()
         },
         update_config: None,
+        endpoint_mode: Default::default(),
     }
 }
 
@@ -61,6 +63,7 @@ fn new_task(id: &str, service: &str, slot: u64) -> Task {
         service_name: format!("demo_{service}"),
         attempt: 0,
         not_before_unix_ms: None,
+        address: None,
     }
 }
 
@@ -606,9 +609,26 @@ fn any_task_state() -> impl Strategy<Value = TaskState> {
 /// The random commands after a fixed setup (every node, service and task
 /// of the small universe exists), so that task commands mostly apply
 /// instead of mostly being refused.
+/// A plan with room for four node subnets and 14 VIPs, so that random logs
+/// run into exhaustion.
+fn small_addressing() -> Addressing {
+    Addressing {
+        cluster_cidr: "10.42.0.0/22".parse().expect("valid"),
+        service_cidr: "10.43.0.0/28".parse().expect("valid"),
+    }
+}
+
 fn any_log() -> impl Strategy<Value = Vec<Command>> {
-    prop::collection::vec(any_command(), 0..60).prop_map(|random| {
-        let mut log: Vec<Command> = NODES.iter().map(|n| upsert(n)).collect();
+    (prop::collection::vec(any_command(), 0..60), prop::bool::ANY).prop_map(|(random, plan)| {
+        // Half the logs set the address plan first, half on the way (the
+        // objects that exist then get their allocations).
+        let mut log: Vec<Command> = Vec::new();
+        if plan {
+            log.push(Command::SetAddressing {
+                addressing: small_addressing(),
+            });
+        }
+        log.extend(NODES.iter().map(|n| upsert(n)));
         log.extend(SERVICES.iter().map(|s| Command::CreateService {
             service: service_id(s),
             spec: spec(s, 2),
@@ -720,6 +740,9 @@ fn any_command() -> impl Strategy<Value = Command> {
             at_unix_ms: None,
         }),
         prop::collection::vec(task, 1..3).prop_map(|tasks| Command::RemoveTasks { tasks }),
+        Just(Command::SetAddressing {
+            addressing: small_addressing(),
+        }),
     ]
 }
 
@@ -736,6 +759,33 @@ fn replay(sm: &mut StateMachine, commands: &[Command]) {
 }
 
 fn check_invariants(sm: &StateMachine) -> Result<(), TestCaseError> {
+    // No address is held twice, and every task address is in the subnet of
+    // its node while the node exists.
+    let mut addresses = std::collections::BTreeSet::new();
+    for task in sm.tasks() {
+        if let Some(address) = task.address {
+            prop_assert!(addresses.insert(address), "address {address} held twice");
+            prop_assert_eq!(sm.task_at(address), Some(&task.id));
+            if let Some(node) = task.node.as_ref().and_then(|n| sm.node(n)) {
+                let subnet = node
+                    .subnet
+                    .expect("a node with addressed tasks has a subnet");
+                prop_assert!(subnet.contains(address), "{address} not in {subnet}");
+            }
+        }
+    }
+    let mut subnets = std::collections::BTreeSet::new();
+    for node in sm.nodes() {
+        if let Some(subnet) = node.subnet {
+            prop_assert!(subnets.insert(subnet), "subnet {subnet} held twice");
+        }
+    }
+    let mut vips = std::collections::BTreeSet::new();
+    for service in sm.services() {
+        if let Some(vip) = service.virtual_ip {
+            prop_assert!(vips.insert(vip), "vip {vip} held twice");
+        }
+    }
     for task in sm.tasks() {
         prop_assert!(task.version <= sm.applied_index());
         prop_assert!(sm.tasks_of_service(&task.service).any(|t| t.id == task.id));
@@ -808,7 +858,11 @@ proptest! {
                             prop_assert_eq!(version, index);
                         }
                     }
-                    if outcome.events.is_empty() {
+                    // The address plan is no watched object: setting it
+                    // changes state without an event (the controller sets
+                    // it before it serves anyone who could watch).
+                    let plan = matches!(c, Command::SetAddressing { .. });
+                    if outcome.events.is_empty() && !plan {
                         let mut expected = before.clone();
                         expected.apply_entry(index, b"").expect("no-op");
                         prop_assert_eq!(&sm, &expected);

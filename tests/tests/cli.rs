@@ -184,6 +184,10 @@ fn deploy_lists_services_with_nothing_running_and_tasks_pending_for_want_of_node
     assert_eq!(web["replicas"], 2);
     assert_eq!(web["running"], 0);
     assert_eq!(web["ports"][0], "*:8080->80/tcp");
+    // Each service gets a virtual IP from the default service CIDR.
+    assert_eq!(web["endpoint_mode"], "vip");
+    let vip = web["virtual_ip"].as_str().unwrap_or_default();
+    assert!(vip.starts_with("10.43.0."), "{web}");
 
     let tasks = c.wait_tasks(&["ps"], "three tasks pending with a reason", |tasks| {
         tasks.len() == 3
@@ -338,6 +342,36 @@ fn scale_and_remove() {
     c.wait_tasks(&["ps"], "no tasks meant to run", |t| t.is_empty());
     let out = c.gantry(&["stack", "rm", "demo"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn controller_cidr_flags_are_validated_by_name() {
+    let data = tempfile::tempdir().unwrap();
+    for (flags, expected) in [
+        (
+            ["--cluster-cidr", "10.42.0.0/23"],
+            "--cluster-cidr \"10.42.0.0/23\": the prefix must be /22 or shorter",
+        ),
+        (
+            ["--service-cidr", "10.42.8.0/24"],
+            "--cluster-cidr 10.42.0.0/16 overlaps --service-cidr 10.42.8.0/24",
+        ),
+        (
+            ["--service-cidr", "fd00::/108"],
+            "--service-cidr \"fd00::/108\"",
+        ),
+    ] {
+        let out = Command::new(gantry_tests::gantry_bin())
+            .args(["controller", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data.path())
+            .args(flags)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {err}");
+        assert!(err.contains(expected), "{flags:?}: {err}");
+    }
 }
 
 #[test]

@@ -51,9 +51,11 @@ fn service() -> pb::Service {
                 ..Default::default()
             },
             update_config: None,
+            endpoint_mode: Default::default(),
         },
         spec_version: 1,
         version: 4,
+        virtual_ip: None,
     }
     .into()
 }
@@ -80,6 +82,7 @@ fn task(slot: u64) -> pb::Task {
         service_name: "demo_web".into(),
         attempt: 0,
         not_before_unix_ms: None,
+        address: None,
     }
     .into()
 }
@@ -105,6 +108,7 @@ fn node(availability: m::Availability) -> pb::Node {
             },
         },
         version: 2,
+        subnet: None,
     }
     .into()
 }

@@ -360,6 +360,33 @@ fn deploy_scale_update_and_remove_on_three_agents() {
         assert_eq!(t["restarts"], 0, "{t}");
         assert!(t["error"].is_null(), "{t}");
     }
+    // Overlay addressing: each node has its own /24 of the cluster CIDR,
+    // each task an address in its node's, each service a VIP.
+    let subnets: BTreeMap<String, String> = env
+        .json(&["node", "ls"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let subnet = n["subnet"].as_str().unwrap_or_else(|| panic!("{n}"));
+            (n["id"].as_str().unwrap().to_string(), subnet.to_string())
+        })
+        .collect();
+    let distinct: BTreeSet<&String> = subnets.values().collect();
+    assert_eq!(distinct.len(), 3, "{subnets:?}");
+    for t in &web {
+        let subnet = &subnets[t["node_id"].as_str().unwrap()];
+        let prefix = subnet.trim_end_matches("0/24");
+        let address = t["address"].as_str().unwrap_or_else(|| panic!("{t}"));
+        assert!(
+            subnet.starts_with("10.42.") && address.starts_with(prefix),
+            "{address} is not in {subnet}"
+        );
+    }
+    let vip = services["app_web"]["virtual_ip"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(vip.starts_with("10.43."), "{:?}", services["app_web"]);
     let web_ids = ids_of(&web);
     let talk_ids = ids_of(&env.running("app_talk"));
 

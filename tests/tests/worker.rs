@@ -270,6 +270,7 @@ fn task(id: &str, script: &str, restart: RestartPolicy) -> TaskSpec {
         health: HealthSetting::FromImage,
         network: Default::default(),
         ports: Vec::new(),
+        address: None,
         stop_grace: Some(Duration::from_secs(1)),
         labels: Default::default(),
         generation: 1,

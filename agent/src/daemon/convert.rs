@@ -82,7 +82,31 @@ pub fn task_spec(task: &pb::Task) -> Result<TaskSpec, ConvertError> {
         None => HealthSetting::FromImage,
         Some(h) => health(h).map_err(|(f, r)| err(&format!("spec.healthcheck.{f}"), &r))?,
     };
-    let (network, ports) = network_for(t).map_err(|(f, r)| err(&format!("spec.{f}"), &r))?;
+    let (network, mut ports) = network_for(t).map_err(|(f, r)| err(&format!("spec.{f}"), &r))?;
+    let address = match &task.address {
+        Some(a) if network == NetworkMode::Bridge => Some(
+            a.parse::<std::net::Ipv4Addr>()
+                .map_err(|_| err("address", &format!("{a:?} is not an IPv4 address")))?,
+        ),
+        _ => None,
+    };
+    if address.is_some() {
+        // A task with a controller-allocated address is on the overlay:
+        // its ingress ports are the routing mesh's, programmed on every
+        // node from the service's record; only `mode: host` ports are
+        // published by its container.
+        let host_mode: Vec<bool> = t
+            .ports
+            .iter()
+            .map(|p| matches!(pb::PublishMode::try_from(p.mode), Ok(pb::PublishMode::Host)))
+            .collect();
+        let mut i = 0;
+        ports.retain(|_| {
+            let keep = host_mode.get(i).copied().unwrap_or(false);
+            i += 1;
+            keep
+        });
+    }
     Ok(TaskSpec {
         task_id: task.id.clone(),
         service: if task.service_name.is_empty() {
@@ -110,6 +134,7 @@ pub fn task_spec(task: &pb::Task) -> Result<TaskSpec, ConvertError> {
         health,
         network,
         ports,
+        address,
         stop_grace: t.stop_grace_period_ms.map(Duration::from_millis),
         labels: t.labels.clone().into_iter().collect(),
         generation: task.generation,
@@ -121,9 +146,11 @@ pub fn task_spec(task: &pb::Task) -> Result<TaskSpec, ConvertError> {
 /// `network_mode: host` shares the node's namespace (and publishes
 /// nothing: the ports are the host's already, as Docker ignores `ports`
 /// with host networking). Anything else is the node's bridge with outbound
-/// NAT, its ports published on the node. Swarm's default `ingress` mode is
-/// published like `host` mode, on the task's node only: the routing mesh
-/// comes with the overlay network. A port without a published number is
+/// NAT, its ports published on the node. Without the overlay (a task with
+/// no controller-allocated address), Swarm's default `ingress` mode is
+/// published like `host` mode, on the task's node only; with it, the caller
+/// keeps only the `host` ones (the mesh publishes the others). A port
+/// without a published number is
 /// refused: the node does not pick one yet.
 pub fn network_for(
     t: &pb::TaskTemplate,
@@ -693,6 +720,17 @@ mod tests {
                 },
             ]
         );
+        // On the overlay (an allocated address), ingress ports are the
+        // routing mesh's: the container publishes only `mode: host` ones.
+        t.ports[1].mode = pb::PublishMode::Host as i32;
+        let mut on_overlay = task(t.clone());
+        on_overlay.address = Some("10.42.1.5".into());
+        let spec = task_spec(&on_overlay).unwrap();
+        assert_eq!(spec.address, Some(std::net::Ipv4Addr::new(10, 42, 1, 5)));
+        assert_eq!(spec.ports.len(), 1);
+        assert_eq!(spec.ports[0].host_port, 5353);
+        on_overlay.address = Some("nope".into());
+        assert_eq!(task_spec(&on_overlay).unwrap_err().field(), "address");
         t.ports[0].target = 0;
         assert_eq!(field_of(t.clone()), "spec.ports[0].target");
         // Host networking publishes nothing.

@@ -8,6 +8,8 @@
 //!   remembered in `<data_dir>/agent/controllers.json`.
 //! - [`convert`]: the controller's tasks as the worker's specs, and the
 //!   worker's statuses as the wire's.
+//! - [`overlay`]: the controller's network updates applied to the node's
+//!   overlay data plane (on a thread of its own), and the DNS responder.
 //! - [`session`]: the dispatcher session: hello, heartbeats, assignments
 //!   down, statuses up, image pulls, logs and exec relays, reconnects.
 //!
@@ -30,6 +32,7 @@ pub mod assignments;
 pub mod controllers;
 pub mod convert;
 pub mod node;
+pub mod overlay;
 pub mod session;
 
 use crate::engine::container::{ContainerError, Engine, EngineConfig};
@@ -110,6 +113,11 @@ pub struct AgentConfig {
     pub heartbeat_period: Duration,
     /// Reconnect back-off: first and longest wait.
     pub reconnect_backoff: (Duration, Duration),
+    /// Program the overlay (VXLAN, VIPs, DNS) from the controller's network
+    /// updates (`--no-overlay` turns it off: for agents sharing the
+    /// machine's own network namespace in tests, or a node whose tasks all
+    /// use host networking).
+    pub overlay: bool,
 }
 
 impl AgentConfig {
@@ -129,6 +137,7 @@ impl AgentConfig {
             gantry_binary: PathBuf::from("/proc/self/exe"),
             heartbeat_period: DEFAULT_HEARTBEAT_PERIOD,
             reconnect_backoff: (Duration::from_millis(100), Duration::from_secs(2)),
+            overlay: true,
         }
     }
 }

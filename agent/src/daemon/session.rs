@@ -131,6 +131,8 @@ pub struct Agent {
     controllers: Controllers,
     /// The member list last saved to the data dir.
     remembered: Vec<String>,
+    /// The overlay thread, started at the first network update.
+    overlay: Option<super::overlay::OverlayHandle>,
 }
 
 impl Agent {
@@ -163,6 +165,7 @@ impl Agent {
             apply_seq: 0,
             log_requests: HashMap::new(),
             execs: HashMap::new(),
+            overlay: None,
         }
     }
 
@@ -463,11 +466,33 @@ impl Agent {
             }
             Some(M::Exec(request)) => self.exec(request, tx.clone()),
             Some(M::Accepted(_)) => tracing::warn!("a second accepted in one session, ignored"),
-            // The overlay data plane is not programmed yet.
-            Some(M::Network(update)) => {
-                tracing::debug!(revision = update.revision, "network update ignored")
-            }
+            Some(M::Network(update)) => self.network(update),
             None => tracing::warn!("an empty controller message, ignored"),
+        }
+    }
+
+    /// A network update: to the overlay thread, started on the first one
+    /// (unless the agent runs without the overlay).
+    fn network(&mut self, update: pb::NetworkUpdate) {
+        if !self.config.overlay {
+            tracing::debug!(
+                revision = update.revision,
+                "network update ignored (--no-overlay)"
+            );
+            return;
+        }
+        if self.overlay.is_none() {
+            let underlay = self.advertise_address().parse().ok();
+            match super::overlay::OverlayHandle::start(self.config.data_dir.clone(), underlay) {
+                Ok(handle) => self.overlay = Some(handle),
+                Err(e) => {
+                    tracing::error!("cannot start the overlay thread: {e}");
+                    return;
+                }
+            }
+        }
+        if let Some(overlay) = &self.overlay {
+            overlay.send(update);
         }
     }
 

@@ -360,7 +360,6 @@ pub struct Engine {
     volumes: VolumeStore,
     runtime: Runtime,
     shim_binary: PathBuf,
-    network: NetworkConfig,
 }
 
 impl Engine {
@@ -375,7 +374,6 @@ impl Engine {
             volumes: VolumeStore::new(data.volumes()),
             runtime: Runtime::new(data.runtime_root()),
             shim_binary: config.shim_binary,
-            network: NetworkConfig::load(&data)?,
             data,
         };
         engine.finish_removals();
@@ -595,13 +593,29 @@ impl Engine {
         let hostname = spec::hostname_for(id.as_str(), &config);
         // Last of the steps that can fail for reasons of the host, so that
         // a failure before it has no network to undo.
+        // Read at each create, not once at open: on a cluster node the
+        // agent's overlay writes the node's subnet and MTU there when the
+        // controller first says them.
+        let net = self.network_config()?;
         let attachment = if config.network == NetworkMode::Bridge {
             undo.network = true;
-            Some(network::attach(&self.data, &self.network, id.as_str())?)
+            Some(network::attach(
+                &self.data,
+                &net,
+                id.as_str(),
+                config.address,
+            )?)
         } else {
             None
         };
-        let etc = self.write_etc_files(&dir, &hostname, &config.network, attachment.as_ref())?;
+        // A cluster task asks the node's DNS responder (the bridge's
+        // gateway) for names; anything else keeps the host's resolvers.
+        let dns = match (&attachment, net.cluster_cidr, config.address) {
+            (Some(a), Some(_), Some(_)) => Some(a.gateway),
+            _ => None,
+        };
+        let etc =
+            self.write_etc_files(&dir, &hostname, &config.network, attachment.as_ref(), dns)?;
         // The runtime joins the namespace the engine made.
         let spec_config = match &attachment {
             Some(a) => ContainerConfig {
@@ -659,6 +673,7 @@ impl Engine {
         hostname: &str,
         network: &NetworkMode,
         attachment: Option<&Attachment>,
+        dns: Option<std::net::Ipv4Addr>,
     ) -> Result<EtcFiles, ContainerError> {
         let etc = EtcFiles {
             hosts: dir.join("hosts"),
@@ -678,9 +693,14 @@ impl Engine {
         };
         std::fs::write(&etc.hosts, hosts).map_err(io(&etc.hosts))?;
         std::fs::write(&etc.hostname, format!("{hostname}\n")).map_err(io(&etc.hostname))?;
-        // The host's resolver config for now; the network work replaces it
-        // with the node's DNS responder.
-        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        // A cluster task: the node's responder, which answers service names
+        // on the task's networks and forwards the rest to the host's
+        // resolvers (no search domain: bare service names are answered as
+        // they are, as Swarm does). Otherwise the host's resolver config.
+        let resolv = match dns {
+            Some(server) => format!("nameserver {server}\noptions ndots:0\n"),
+            None => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        };
         std::fs::write(&etc.resolv_conf, resolv).map_err(io(&etc.resolv_conf))?;
         Ok(etc)
     }
@@ -938,10 +958,15 @@ impl Engine {
             .collect();
         Ok(network::sync_rules(
             &self.data,
-            &self.network,
+            &self.network_config()?,
             &bindings,
             mode,
         )?)
+    }
+
+    /// The data dir's network config (a small file read).
+    fn network_config(&self) -> Result<NetworkConfig, ContainerError> {
+        Ok(NetworkConfig::load(&self.data)?)
     }
 
     /// A pidfd of the container's shim while it runs: readable when the

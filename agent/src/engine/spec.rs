@@ -397,6 +397,10 @@ pub struct ContainerConfig {
     pub network: NetworkMode,
     /// Ports published on the node (bridge networking only).
     pub ports: Vec<PublishedPort>,
+    /// The address on the bridge, when allocated elsewhere (a cluster
+    /// task's, by the controller); the local IPAM's otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::Ipv4Addr>,
     /// Mount the root filesystem read-only.
     pub read_only: bool,
     /// Set `no_new_privileges` (off by default, as in Docker).

@@ -63,6 +63,29 @@ impl Leases {
         Err(NetworkError::SubnetFull(self.subnet))
     }
 
+    /// Leases `ip` (allocated elsewhere: the controller's) to `id`, so
+    /// that local leases skip it. Refused when it is outside the subnet or
+    /// another container holds it.
+    pub fn lease_fixed(&mut self, id: &str, ip: Ipv4Addr) -> Result<Ipv4Addr, NetworkError> {
+        if !self.subnet.contains(ip) || !self.subnet.container_range().contains(&u32::from(ip)) {
+            return Err(NetworkError::AddressUnusable {
+                ip,
+                reason: format!("not a container address of subnet {}", self.subnet),
+            });
+        }
+        match self.leases.get(&ip) {
+            Some(owner) if owner != id => Err(NetworkError::AddressUnusable {
+                ip,
+                reason: format!("held by container {owner}"),
+            }),
+            _ => {
+                self.leases.retain(|_, owner| owner != id);
+                self.leases.insert(ip, id.to_string());
+                Ok(ip)
+            }
+        }
+    }
+
     /// Releases every lease of container `id`.
     pub fn release(&mut self, id: &str) {
         self.leases.retain(|_, owner| owner != id);
@@ -101,6 +124,23 @@ pub fn lease(data: &DataDir, subnet: &Subnet, id: &str) -> Result<Ipv4Addr, Netw
         .leases
         .retain(|_, owner| owner == id || containers.join(owner.as_str()).exists());
     let ip = leases.lease(id)?;
+    write_json_atomic(&path(data), &leases)?;
+    Ok(ip)
+}
+
+/// Leases the given address to container `id` (see [`Leases::lease_fixed`]).
+pub fn lease_fixed(
+    data: &DataDir,
+    subnet: &Subnet,
+    id: &str,
+    ip: Ipv4Addr,
+) -> Result<Ipv4Addr, NetworkError> {
+    let mut leases = load(data, subnet)?;
+    let containers = data.containers();
+    leases
+        .leases
+        .retain(|_, owner| owner == id || containers.join(owner.as_str()).exists());
+    let ip = leases.lease_fixed(id, ip)?;
     write_json_atomic(&path(data), &leases)?;
     Ok(ip)
 }
@@ -147,6 +187,24 @@ mod tests {
         // Wraps around to the released one.
         assert_eq!(l.lease("f").unwrap(), Ipv4Addr::new(10, 0, 0, 2));
         assert!(matches!(l.lease("g"), Err(NetworkError::SubnetFull(_))));
+    }
+
+    #[test]
+    fn fixed_leases_are_kept_and_skipped_by_local_ones() {
+        let mut l = Leases::new("10.0.0.0/29".parse().unwrap());
+        let ip = Ipv4Addr::new(10, 0, 0, 2);
+        assert_eq!(l.lease_fixed("task", ip).unwrap(), ip);
+        // Idempotent for its holder; refused to another; local leases skip it.
+        assert_eq!(l.lease_fixed("task", ip).unwrap(), ip);
+        let err = l.lease_fixed("other", ip).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "network: address 10.0.0.2 cannot be used: held by container task"
+        );
+        assert_eq!(l.lease("local").unwrap(), Ipv4Addr::new(10, 0, 0, 3));
+        for bad in [[10, 0, 0, 1], [10, 0, 0, 7], [10, 9, 0, 2]] {
+            assert!(l.lease_fixed("x", bad.into()).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -130,11 +130,17 @@ fn create_bridge(bridge: &str) -> Result<(), NetworkError> {
 pub fn create_veth(a: &Attachment) -> Result<(), NetworkError> {
     create_bridge(&a.bridge)?;
     let step = format!("create veth {}", a.host_veth);
+    // Both ends get the overlay's MTU, so that no packet is too big for the
+    // VXLAN device it may cross.
+    let mtu = match a.mtu {
+        Some(m) => format!(" mtu {m}"),
+        None => String::new(),
+    };
     ip_batch(
         &step,
         &format!(
             "{bridge_lines}\
-             link add {veth} type veth peer name eth0 netns {netns}\n\
+             link add {veth}{mtu} type veth peer name eth0{mtu} netns {netns}\n\
              link set {veth} master {bridge}\n\
              link set {veth} up\n",
             bridge_lines = bridge_lines(&a.bridge, &a.subnet),

@@ -14,6 +14,8 @@
 //! - [`netns`]: persistent network namespace files.
 //! - [`link`]: the bridge, veths, addresses and routes (via iproute2's `ip`).
 //! - [`nft`]: the `ip gantry` ruleset (generated purely, applied with `nft -f -`).
+//! - [`overlay`]: the cluster overlay (VXLAN, service VIPs and routing mesh,
+//!   network isolation, DNS), programmed from the controller's updates.
 //!
 //! Decisions are in `docs/network.md`. The short version: kernel objects are
 //! driven through `ip` and `nft` (no netlink crate is in the dependency graph
@@ -25,6 +27,7 @@ pub mod ipam;
 pub mod link;
 pub mod netns;
 pub mod nft;
+pub mod overlay;
 pub mod subnet;
 
 use crate::engine::spec::PublishedPort;
@@ -69,6 +72,14 @@ pub enum NetworkError {
     /// The configured subnet is invalid.
     #[error("network: invalid subnet {0:?}: {1}")]
     InvalidSubnet(String, String),
+    /// An address given for a container cannot be leased.
+    #[error("network: address {ip} cannot be used: {reason}")]
+    AddressUnusable {
+        /// The address.
+        ip: Ipv4Addr,
+        /// Why.
+        reason: String,
+    },
     /// Every address of the subnet is leased.
     #[error("network: no free address in subnet {0}")]
     SubnetFull(Subnet),
@@ -125,8 +136,16 @@ pub struct NetworkConfig {
     /// The bridge's name (at most 15 bytes).
     pub bridge: String,
     /// The containers' subnet; the bridge has its first host address (the
-    /// gateway), containers get the others.
+    /// gateway), containers get the others. On a cluster node, the node's
+    /// share of the cluster CIDR (written by the agent's overlay).
     pub subnet: Subnet,
+    /// The cluster CIDR on a cluster node: traffic to it is not
+    /// masqueraded (it crosses the overlay with its own source address),
+    /// and containers resolve names through the node's DNS responder.
+    pub cluster_cidr: Option<Subnet>,
+    /// The MTU of the bridge and the veths (the overlay's: the underlay's
+    /// minus VXLAN's 50 bytes); the kernel's default when absent.
+    pub mtu: Option<u32>,
 }
 
 impl Default for NetworkConfig {
@@ -135,6 +154,8 @@ impl Default for NetworkConfig {
             bridge: DEFAULT_BRIDGE.to_string(),
             // The constant is a valid subnet, checked by a unit test.
             subnet: DEFAULT_SUBNET.parse().unwrap_or(Subnet::DEFAULT),
+            cluster_cidr: None,
+            mtu: None,
         }
     }
 }
@@ -180,6 +201,10 @@ pub struct Attachment {
     pub host_veth: String,
     /// Its persistent network namespace file.
     pub netns: PathBuf,
+    /// The MTU of both ends of its veth (the overlay's), if not the
+    /// kernel's default. Absent in records written before the overlay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
 }
 
 /// A published port of a running container, as the ruleset needs it.
@@ -237,7 +262,8 @@ pub fn lock(data: &DataDir) -> Result<NetworkLock, NetworkError> {
 }
 
 /// Attaches container `id` to the bridge: lease an address (the same one it
-/// had, if any), create its netns, veth pair, address and routes. The bridge
+/// had, if any; `address` when the controller allocated one, as for a
+/// cluster task), create its netns, veth pair, address and routes. The bridge
 /// and the host's forwarding are set up on first use. On error, everything
 /// this call made is undone (the caller's own undo calls [`detach`] too,
 /// which is idempotent).
@@ -245,9 +271,10 @@ pub fn attach(
     data: &DataDir,
     config: &NetworkConfig,
     id: &str,
+    address: Option<Ipv4Addr>,
 ) -> Result<Attachment, NetworkError> {
     let _lock = lock(data)?;
-    let result = attach_locked(data, config, id);
+    let result = attach_locked(data, config, id, address);
     if result.is_err() {
         // Best effort; the error that made us undo is the one to return.
         if let Err(e) = detach_locked(data, id) {
@@ -261,8 +288,12 @@ fn attach_locked(
     data: &DataDir,
     config: &NetworkConfig,
     id: &str,
+    address: Option<Ipv4Addr>,
 ) -> Result<Attachment, NetworkError> {
-    let ip = ipam::lease(data, &config.subnet, id)?;
+    let ip = match address {
+        Some(ip) => ipam::lease_fixed(data, &config.subnet, id, ip)?,
+        None => ipam::lease(data, &config.subnet, id)?,
+    };
     let attachment = Attachment {
         ip,
         subnet: config.subnet,
@@ -270,6 +301,7 @@ fn attach_locked(
         bridge: config.bridge.clone(),
         host_veth: host_veth_name(id),
         netns: netns_path(data, id),
+        mtu: config.mtu,
     };
     netns::create(&attachment.netns)?;
     link::create_veth(&attachment)?;
@@ -475,6 +507,8 @@ mod tests {
         let c = NetworkConfig {
             bridge: "gbr1".into(),
             subnet: "10.90.3.0/24".parse().unwrap(),
+            cluster_cidr: Some("10.90.0.0/16".parse().unwrap()),
+            mtu: Some(1450),
         };
         c.save(&data).unwrap();
         assert_eq!(NetworkConfig::load(&data).unwrap(), c);

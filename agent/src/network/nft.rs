@@ -24,6 +24,14 @@ const NFT: &str = "nft";
 pub fn ruleset(config: &NetworkConfig, bindings: &[PortBinding]) -> String {
     let subnet = config.subnet;
     let bridge = &config.bridge;
+    // On a cluster node, traffic to other nodes' containers crosses the
+    // overlay with its own source address (networks are enforced by it,
+    // and a replica sees who called): only what leaves the cluster CIDR is
+    // masqueraded.
+    let outside = match config.cluster_cidr {
+        Some(cluster) => format!("ip daddr != {cluster} "),
+        None => String::new(),
+    };
     let mut dnat = String::new();
     for b in bindings {
         let proto = match b.port.protocol {
@@ -61,7 +69,7 @@ pub fn ruleset(config: &NetworkConfig, bindings: &[PortBinding]) -> String {
          \t}}\n\
          \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-         \t\tip saddr {subnet} oifname != \"{bridge}\" masquerade\n\
+         \t\tip saddr {subnet} {outside}oifname != \"{bridge}\" masquerade\n\
          \t\toifname \"{bridge}\" ip saddr {subnet} ct status dnat masquerade\n\
          \t\toifname \"{bridge}\" ip saddr 127.0.0.0/8 masquerade\n\
          \t}}\n\
@@ -167,6 +175,13 @@ mod tests {
             rules.contains("iifname != \"lo\" ip daddr 127.0.0.0/8 ct status & dnat == 0 drop")
         );
         assert_eq!(rules.matches("dnat to").count(), 2);
+        let cluster = NetworkConfig {
+            cluster_cidr: Some("10.42.0.0/16".parse().unwrap()),
+            ..NetworkConfig::default()
+        };
+        assert!(ruleset(&cluster, &[]).contains(
+            "ip saddr 10.89.0.0/24 ip daddr != 10.42.0.0/16 oifname != \"gantry0\" masquerade"
+        ));
         let empty = ruleset(&config, &[]);
         assert!(!empty.contains("dnat to"));
         assert!(empty.contains("masquerade"));

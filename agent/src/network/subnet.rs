@@ -11,7 +11,7 @@ use super::NetworkError;
 /// An IPv4 network: an address with its host bits zero, and a prefix length
 /// from 8 to 30 (a smaller network has no room for a gateway and containers;
 /// a larger one than /8 is surely a typo).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Subnet {
     network: Ipv4Addr,

@@ -120,6 +120,9 @@ pub struct TaskSpec {
     /// Ports published on the node (with [`NetworkMode::Bridge`]).
     #[serde(default)]
     pub ports: Vec<PublishedPort>,
+    /// Its address on the node's subnet, allocated by the controller.
+    #[serde(default)]
+    pub address: Option<std::net::Ipv4Addr>,
     /// Time between the stop signal and SIGKILL; the engine's 10 s when unset.
     pub stop_grace: Option<Duration>,
     /// User labels, added to the worker's own.
@@ -160,6 +163,7 @@ impl TaskSpec {
             resources: self.resources.clone(),
             network: self.network.clone(),
             ports: self.ports.clone(),
+            address: self.address,
             stop_grace_secs: self.stop_grace.map(|d| d.as_secs()),
             labels,
             ..ContainerConfig::default()

@@ -37,6 +37,11 @@ pub struct Args {
     /// The node's data directory.
     #[arg(long, env = "GANTRY_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Do not program the overlay (VXLAN, service VIPs, DNS) from the
+    /// controller's network updates: for a node whose tasks all use host
+    /// networking, or an agent sharing a test machine's own namespace.
+    #[arg(long)]
+    no_overlay: bool,
 }
 
 /// Runs `gantry agent`.
@@ -60,6 +65,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         config.hostname = hostname;
     }
     config.advertise_address = args.advertise;
+    config.overlay = !args.no_overlay;
     config.labels = parse_labels(&args.labels)?;
     let memory_bytes = args
         .memory

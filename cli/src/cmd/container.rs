@@ -408,6 +408,8 @@ fn config_from(run: &RunArgs) -> anyhow::Result<ContainerConfig> {
         },
         network,
         ports,
+        // The local IPAM picks it: the controller allocates only tasks'.
+        address: None,
         read_only: run.read_only,
         no_new_privileges: false,
         stop_signal: run.stop_signal.clone(),

@@ -19,6 +19,7 @@ use std::time::Duration;
 use anyhow::Context;
 use gantry_agent::paths::DataDir;
 use gantry_controller::compose::units;
+use gantry_controller::network::{self, Addressing};
 use gantry_controller::registry::{self, RegistryStore};
 use gantry_controller::server::{self, ControllerConfig, StartMode};
 
@@ -59,6 +60,14 @@ pub struct Args {
     /// snapshot.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     snapshot_every: u64,
+    /// The overlay's address space, cut into one /24 per node (IPv4, /22 or
+    /// shorter). Fixed when the cluster is created.
+    #[arg(long, value_name = "CIDR", default_value = network::DEFAULT_CLUSTER_CIDR)]
+    cluster_cidr: String,
+    /// Where service virtual IPs come from (IPv4, must not overlap the
+    /// cluster CIDR). Fixed when the cluster is created.
+    #[arg(long, value_name = "CIDR", default_value = network::DEFAULT_SERVICE_CIDR)]
+    service_cidr: String,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -100,6 +109,8 @@ fn start(args: Args, mode: StartMode) -> anyhow::Result<ExitCode> {
         ))
         .into());
     }
+    let addressing = Addressing::from_flags(&args.cluster_cidr, &args.service_cidr)
+        .map_err(|e| UsageError(e.to_string()))?;
     let data_dir = args
         .data_dir
         .map(DataDir::new)
@@ -115,6 +126,7 @@ fn start(args: Args, mode: StartMode) -> anyhow::Result<ExitCode> {
             snapshot_every: args.snapshot_every,
             ..Default::default()
         },
+        addressing,
     };
     if matches!(config.mode, StartMode::Init) && server::holds_cluster(&config) {
         return Err(UsageError(format!(

@@ -171,13 +171,14 @@ fn summary(info: &Inspect) -> String {
     let r = &info.row;
     let labels: Vec<String> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     format!(
-        "ID:            {}\nHostname:      {}\nStatus:        {}\nAvailability:  {}\nRole:          {}\nAddress:       {}\nPlatform:      {}/{}\nCPUs:          {}\nMemory:        {}\nTasks:         {}\nLabels:        {}\n",
+        "ID:            {}\nHostname:      {}\nStatus:        {}\nAvailability:  {}\nRole:          {}\nAddress:       {}\nSubnet:        {}\nPlatform:      {}/{}\nCPUs:          {}\nMemory:        {}\nTasks:         {}\nLabels:        {}\n",
         r.id,
         r.hostname,
         r.status,
         r.availability,
         r.role,
         r.address,
+        r.subnet.as_deref().unwrap_or(""),
         info.platform.os,
         info.platform.arch,
         output::cpus(r.resources.nano_cpus),

@@ -241,6 +241,19 @@ fn summary(info: &Inspect) -> String {
     if !r.ports.is_empty() {
         out.push_str(&format!("Ports:     {}\n", r.ports.join(", ")));
     }
+    // As `docker service inspect --pretty` prints `Endpoint Mode`, and the
+    // VIP that `Endpoint.VirtualIPs` holds.
+    out.push_str(&format!("Endpoint:  {}", r.endpoint_mode));
+    if let Some(vip) = &r.virtual_ip {
+        out.push_str(&format!(" {vip}"));
+    }
+    out.push('\n');
+    if !info.spec.task.networks.is_empty() {
+        out.push_str(&format!(
+            "Networks:  {}\n",
+            info.spec.task.networks.join(", ")
+        ));
+    }
     out
 }
 

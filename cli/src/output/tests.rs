@@ -58,7 +58,7 @@ fn service(mode: pb::service_mode::Mode) -> pb::Service {
         }),
         spec_version: 1,
         version: 3,
-        virtual_ip: String::new(),
+        virtual_ip: "10.43.0.5".into(),
     }
 }
 
@@ -118,11 +118,11 @@ fn a_pending_task_shows_the_schedulers_reason_as_its_error() {
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(
         lines[0],
-        "ID             NAME         IMAGE        NODE   DESIRED STATE   CURRENT STATE   RESTARTS   HEALTH   ERROR"
+        "ID             NAME         IMAGE        NODE   ADDRESS   DESIRED STATE   CURRENT STATE   RESTARTS   HEALTH   ERROR"
     );
     assert_eq!(
         lines[1],
-        "3f2a9c1d7e6b   demo_web.2   nginx:1.27          Running         Pending         0                   \"no node is ready (0 nodes)\""
+        "3f2a9c1d7e6b   demo_web.2   nginx:1.27                    Running         Pending         0                   \"no node is ready (0 nodes)\""
     );
 }
 
@@ -158,7 +158,10 @@ fn a_running_task_shows_its_node_by_hostname_and_no_error() {
     status.restarts = 2;
     status.exit_code = Some(137);
     status.health = pb::Health::Healthy as i32;
+    t.address = Some("10.42.3.7".into());
     let r = row(t);
+    assert_eq!(r.address.as_deref(), Some("10.42.3.7"));
+    assert!(task_table(std::slice::from_ref(&r)).contains("   10.42.3.7   "));
     assert_eq!(r.node.as_deref(), Some("agent-1"));
     assert_eq!(r.node_id.as_deref(), Some("node-aaaabbbbccccdddd"));
     assert_eq!(r.error, None);
@@ -213,8 +216,8 @@ fn services_list_running_over_desired_with_ports() {
     let table = service_table(std::slice::from_ref(&r));
     assert_eq!(
         table,
-        "ID     NAME       MODE         REPLICAS   IMAGE        PORTS\n\
-         svc1   demo_web   replicated   0/3        nginx:1.27   *:8080->80/tcp\n"
+        "ID     NAME       MODE         REPLICAS   IMAGE        PORTS            VIP\n\
+         svc1   demo_web   replicated   0/3        nginx:1.27   *:8080->80/tcp   10.43.0.5\n"
     );
     let v: serde_json::Value = serde_json::to_value(&r).unwrap();
     assert_eq!(v["name"], "web");
@@ -225,6 +228,9 @@ fn services_list_running_over_desired_with_ports() {
     assert_eq!(v["desired"], 3);
     assert_eq!(v["image"], "nginx:1.27");
     assert_eq!(v["ports"][0], "*:8080->80/tcp");
+    // Unspecified on the wire is vip, as in Compose.
+    assert_eq!(v["endpoint_mode"], "vip");
+    assert_eq!(v["virtual_ip"], "10.43.0.5");
 
     let g: m::Service = service(pb::service_mode::Mode::Global(pb::Empty {}))
         .try_into()

@@ -174,6 +174,7 @@ fn deploy_fields(old: &Deploy, new: &Deploy) -> Vec<String> {
         restart_policy,
         placement,
         update_config,
+        endpoint_mode,
     } = new;
     let mut fields = Vec::new();
     macro_rules! compare {
@@ -191,7 +192,8 @@ fn deploy_fields(old: &Deploy, new: &Deploy) -> Vec<String> {
         resources,
         restart_policy,
         placement,
-        update_config
+        update_config,
+        endpoint_mode
     );
     fields
 }

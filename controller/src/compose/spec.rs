@@ -237,6 +237,19 @@ pub struct Deploy {
     pub placement: Placement,
     /// How a changed service is rolled out (stored; rolling updates come later).
     pub update_config: UpdateConfig,
+    /// How the service is reached by name; `None` is vip, as in Compose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_mode: Option<EndpointMode>,
+}
+
+/// `deploy.endpoint_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointMode {
+    /// A virtual IP in front of the tasks.
+    Vip,
+    /// DNS round robin over the tasks' addresses.
+    Dnsrr,
 }
 
 /// How many tasks a service has.

@@ -92,9 +92,11 @@ fn service(
             mode,
             task,
             update_config: None,
+            endpoint_mode: Default::default(),
         },
         spec_version: 1,
         version: 1,
+        virtual_ip: None,
     }
 }
 
@@ -123,6 +125,7 @@ fn task(
         service_name: service.spec.full_name(),
         attempt: 0,
         not_before_unix_ms: None,
+        address: None,
     }
 }
 
@@ -146,6 +149,7 @@ fn apply(tasks: &mut Vec<Task>, actions: &[Action], next_id: &mut usize) {
                     service_name: new.service_name.clone(),
                     attempt: new.attempt,
                     not_before_unix_ms: None,
+                    address: None,
                 });
             }
             Action::Shutdown { task, .. } => {
@@ -327,6 +331,7 @@ fn arb_nodes() -> impl Strategy<Value = Vec<Node>> {
                     platform: Platform::default(),
                 },
                 version: 0,
+                subnet: None,
             })
             .collect()
     })

@@ -23,6 +23,9 @@ pub enum FilterKind {
     Availability,
     /// Every placement constraint holds.
     Constraint,
+    /// The node's subnet has an address left (counting this batch's
+    /// placements and finished tasks that still hold one).
+    Addresses,
     /// Enough unreserved CPU and memory, counting this batch's placements.
     Resources,
     /// The task's host-mode published ports are free on the node.
@@ -71,6 +74,13 @@ fn rejection(
     let spec = task.spec;
     if let Some(r) = static_rejection(spec, n.node) {
         return Some(r);
+    }
+    if !n.has_address_for(spec) {
+        let subnet = n.node.subnet.map(|s| s.to_string()).unwrap_or_default();
+        return Some((
+            FilterKind::Addresses,
+            format!("no free address in subnet {subnet} ({} held)", n.addresses),
+        ));
     }
     let need = spec.resources.reservations;
     let free = n.available();

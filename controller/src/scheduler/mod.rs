@@ -77,6 +77,9 @@ pub struct NodeInfo<'a> {
     pub per_service: HashMap<ServiceId, u64>,
     /// Host-mode published ports in use.
     pub host_ports: HashSet<(Protocol, u16)>,
+    /// Addresses of the node's subnet held by tasks (finished ones
+    /// included: an address is held until its task is deleted).
+    pub addresses: u64,
 }
 
 impl NodeInfo<'_> {
@@ -90,6 +93,14 @@ impl NodeInfo<'_> {
         self.tasks += 1;
         *self.per_service.entry(service.clone()).or_insert(0) += 1;
         self.host_ports.extend(host_ports(spec));
+        if needs_address(spec, self.node) {
+            self.addresses += 1;
+        }
+    }
+
+    /// Whether the node's subnet has an address left for `spec`.
+    fn has_address_for(&self, spec: &TaskTemplate) -> bool {
+        !needs_address(spec, self.node) || self.addresses < ADDRESSES_PER_NODE
     }
 }
 
@@ -104,7 +115,9 @@ impl<'a> ClusterView<'a> {
     /// Builds a view from the nodes and the tasks that exist. A task counts
     /// against its node while it [occupies](Task::occupies_node) it, whatever
     /// its desired state: a task told to stop still holds its memory until it
-    /// has stopped. Tasks on nodes not in `nodes` are ignored.
+    /// has stopped. A finished task that still holds an address counts
+    /// against the node's subnet only. Tasks on nodes not in `nodes` are
+    /// ignored.
     pub fn new(nodes: &'a [Node], tasks: &[Task]) -> Result<Self, SchedulerError> {
         let mut infos: Vec<NodeInfo<'a>> = nodes
             .iter()
@@ -114,6 +127,7 @@ impl<'a> ClusterView<'a> {
                 tasks: 0,
                 per_service: HashMap::new(),
                 host_ports: HashSet::new(),
+                addresses: 0,
             })
             .collect();
         infos.sort_by(|a, b| a.node.id.cmp(&b.node.id));
@@ -121,9 +135,14 @@ impl<'a> ClusterView<'a> {
             return Err(SchedulerError::DuplicateNode(w[0].node.id.clone()));
         }
         let mut view = ClusterView { nodes: infos };
-        for task in tasks.iter().filter(|t| t.occupies_node()) {
-            if let Some(i) = task.node.as_ref().and_then(|n| view.index_of(n)) {
+        for task in tasks {
+            let Some(i) = task.node.as_ref().and_then(|n| view.index_of(n)) else {
+                continue;
+            };
+            if task.occupies_node() {
                 view.nodes[i].add(&task.service, &task.spec);
+            } else if task.address.is_some() {
+                view.nodes[i].addresses += 1;
             }
         }
         Ok(view)
@@ -294,7 +313,8 @@ fn place_group(
         same_service[i] = view.nodes[i].per_service.get(service).copied().unwrap_or(0);
     }
     let fits = |n: &NodeInfo<'_>, same: u64| {
-        n.available().fits(&need)
+        n.has_address_for(spec)
+            && n.available().fits(&need)
             && !ports.iter().any(|p| n.host_ports.contains(p))
             && max_per_node.is_none_or(|m| same < m)
     };
@@ -359,6 +379,15 @@ fn score(strategy: Strategy, n: &NodeInfo<'_>, same_service: u64, need: &Resourc
             (cpu.min(mem), n.tasks)
         }
     }
+}
+
+/// Addresses a node subnet has for tasks (`.2` to `.254` of a `/24`).
+const ADDRESSES_PER_NODE: u64 = 253;
+
+/// Whether a task of `spec` takes an address on `node`: not on the host
+/// network, and the node has a subnet (the cluster has an address plan).
+fn needs_address(spec: &TaskTemplate, node: &Node) -> bool {
+    !spec.host_network && node.subnet.is_some()
 }
 
 /// A spec's host-mode published ports (ingress ports are cluster-wide and do

@@ -79,6 +79,7 @@ impl FixtureNode {
                 },
             },
             version: 1,
+            subnet: None,
         }
     }
 }
@@ -219,6 +220,7 @@ fn task(id: &str, service: &str, node: Option<&str>, state: TaskState, spec: Tas
         service_name: String::new(),
         attempt: 0,
         not_before_unix_ms: None,
+        address: None,
     }
 }
 
@@ -397,6 +399,90 @@ fn duplicate_node_ids_are_refused() {
     );
 }
 
+#[test]
+fn a_full_node_subnet_is_a_filter_that_explains_itself() {
+    let node = |id: &str, subnet: &str| {
+        let mut n = FixtureNode {
+            id: id.into(),
+            hostname: None,
+            state: NodeState::Ready,
+            availability: Availability::Active,
+            role: NodeRole::Worker,
+            labels: BTreeMap::new(),
+            cpus: 1000.0,
+            memory: "1TiB".into(),
+            arch: "amd64".into(),
+        }
+        .build();
+        n.subnet = Some(subnet.parse().expect("subnet"));
+        n
+    };
+    let nodes = vec![node("n1", "10.42.0.0/24"), node("n2", "10.42.1.0/24")];
+    // n1 holds 253 addresses: 250 running tasks and 3 finished ones that
+    // keep theirs until they are deleted. A host-network task is no issue.
+    let mut existing: Vec<Task> = (0..253)
+        .map(|i| {
+            let state = if i < 250 {
+                TaskState::Running
+            } else {
+                TaskState::Complete
+            };
+            let mut t = task(
+                &format!("e{i}"),
+                "old",
+                Some("n1"),
+                state,
+                TaskTemplate::default(),
+            );
+            t.address = Some(std::net::Ipv4Addr::new(10, 42, 0, 2 + i as u8));
+            t
+        })
+        .collect();
+    let view = ClusterView::new(&nodes, &existing).expect("view");
+    assert_eq!(view.nodes()[0].addresses, 253);
+    let batch: Vec<Task> = (0..3)
+        .map(|i| {
+            task(
+                &format!("t{i}"),
+                "web",
+                None,
+                TaskState::Pending,
+                TaskTemplate::default(),
+            )
+        })
+        .collect();
+    let refs: Vec<TaskRef<'_>> = batch.iter().map(TaskRef::from).collect();
+    let plan = schedule(&view, &refs);
+    assert!(plan.unplaced.is_empty(), "{:?}", plan.unplaced);
+    assert!(plan.assignments.iter().all(|a| a.node.as_str() == "n2"));
+    let host = TaskTemplate {
+        host_network: true,
+        ..TaskTemplate::default()
+    };
+    let h = task("h", "mon", Some("n1"), TaskState::Pending, host);
+    assert_eq!(schedule(&view, &[TaskRef::from(&h)]).assignments.len(), 1);
+
+    // Both full: unplaced, saying why.
+    existing.extend((0..253).map(|i| {
+        let mut t = task(
+            &format!("f{i}"),
+            "old",
+            Some("n2"),
+            TaskState::Running,
+            TaskTemplate::default(),
+        );
+        t.address = Some(std::net::Ipv4Addr::new(10, 42, 1, 2 + i as u8));
+        t
+    }));
+    let view = ClusterView::new(&nodes, &existing).expect("view");
+    let plan = schedule(&view, &refs[..1]);
+    assert_eq!(
+        plan.unplaced[0].reason(),
+        "no free address in subnet 10.42.0.0/24 (253 held) (1 node); \
+         no free address in subnet 10.42.1.0/24 (253 held) (1 node)"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Properties
 
@@ -439,6 +525,7 @@ fn arb_node(i: usize) -> impl Strategy<Value = Node> {
                 },
             },
             version: 0,
+            subnet: None,
         })
 }
 

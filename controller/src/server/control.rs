@@ -229,6 +229,25 @@ impl pb::control_server::Control for Control {
             .map_err(|e| Status::invalid_argument(format!("stack_json: {e}")))?;
         let specs = deploy::service_specs(&stack)
             .map_err(|e| Status::invalid_argument(format!("stack_json: {e}")))?;
+        // An external network must exist: some service of another stack
+        // joins it (networks live as long as a service uses them), as
+        // `docker stack deploy` refuses an external network it cannot find.
+        for (name, network) in &stack.networks {
+            if !network.external {
+                continue;
+            }
+            let exists = self.store.read(|s| {
+                s.services().any(|svc| {
+                    svc.spec.stack != stack.name && svc.spec.task.networks.contains(name)
+                })
+            });
+            if !exists {
+                return Err(Status::invalid_argument(format!(
+                    "stack_json: networks.{name}.external: network {name:?} does not exist \
+                     (no service of another stack joins it)"
+                )));
+            }
+        }
         let current: BTreeMap<String, Service> = self.store.read(|s| {
             s.services()
                 .filter(|svc| svc.spec.stack == stack.name)

@@ -9,8 +9,9 @@
 //!   server accepts exactly what `gantry deploy` would accept from a file.
 //! - A deploy's diff is computed between the model specs (what the store
 //!   holds), with Compose's field names, because the store keeps services,
-//!   not Compose documents. Top-level volumes and networks are not stored
-//!   yet, so they never show as changed.
+//!   not Compose documents. Top-level volumes and networks are not stored:
+//!   a service's `networks` (full names) and `deploy.endpoint_mode` are, and
+//!   show as changed under those names.
 //! - What the model cannot carry yet is refused by field rather than
 //!   dropped: published port ranges, `host_ip`, tmpfs sizes, and a
 //!   healthcheck that only overrides the image's timings.
@@ -38,6 +39,14 @@ pub enum DeployError {
         stack: String,
         /// The loader's error, which names the key path.
         message: String,
+    },
+    /// A top-level network the controller cannot carry.
+    #[error("{field}: {reason}")]
+    Network {
+        /// The field path (`networks.back.driver`).
+        field: String,
+        /// Why.
+        reason: String,
     },
     /// A field the controller cannot carry yet.
     #[error("services.{service}.{field}: {reason}")]
@@ -76,19 +85,87 @@ pub fn revalidate(stack: &Stack) -> Result<Stack, DeployError> {
 
 /// The model spec of every service of `stack`, by name.
 pub fn service_specs(stack: &Stack) -> Result<BTreeMap<String, ServiceSpec>, DeployError> {
+    check_networks(stack)?;
     stack
         .services
         .iter()
-        .map(|(name, service)| Ok((name.clone(), service_spec(&stack.name, name, service)?)))
+        .map(|(name, service)| {
+            Ok((
+                name.clone(),
+                service_spec(&stack.name, &stack.networks, name, service)?,
+            ))
+        })
         .collect()
 }
 
-fn service_spec(stack: &str, name: &str, s: &compose::Service) -> Result<ServiceSpec, DeployError> {
+/// The cluster network a stack's network `name` is: `<stack>_<name>`, or
+/// for an `external: true` network its own name, which must be another
+/// stack's full network name (`examples_back`), as Compose names an external
+/// network by its real name.
+pub fn network_full_name(stack: &str, name: &str, spec: Option<&compose::NetworkSpec>) -> String {
+    match spec {
+        Some(n) if n.external => name.to_string(),
+        _ => format!("{stack}_{name}"),
+    }
+}
+
+/// The stack's top-level networks that the model cannot carry yet, refused
+/// by field: drivers other than `overlay` (every network is a scope of the
+/// one overlay) and `internal` (no outbound access is not enforced yet).
+pub fn check_networks(stack: &Stack) -> Result<(), DeployError> {
+    for (name, n) in &stack.networks {
+        let refuse = |field: &str, reason: &str| DeployError::Network {
+            field: format!("networks.{name}.{field}"),
+            reason: reason.to_string(),
+        };
+        if let Some(driver) = n.driver.as_deref()
+            && driver != "overlay"
+        {
+            return Err(refuse(
+                "driver",
+                &format!("driver {driver:?} is not supported (every network is an overlay scope)"),
+            ));
+        }
+        if n.internal {
+            return Err(refuse(
+                "internal",
+                "internal networks are not supported yet",
+            ));
+        }
+        if n.external && !name.contains('_') {
+            return Err(refuse(
+                "external",
+                "an external network is named by its full name, <stack>_<network> \
+                 (e.g. examples_back)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn service_spec(
+    stack: &str,
+    declared: &BTreeMap<String, compose::NetworkSpec>,
+    name: &str,
+    s: &compose::Service,
+) -> Result<ServiceSpec, DeployError> {
     let unsupported = |field: String, reason: &str| DeployError::Unsupported {
         service: name.to_string(),
         field,
         reason: reason.to_string(),
     };
+    let mut networks = Vec::new();
+    for (network, attachment) in &s.networks {
+        if !attachment.aliases.is_empty() {
+            return Err(unsupported(
+                format!("networks.{network}.aliases"),
+                "network aliases are not supported yet (the service is resolved by its name)",
+            ));
+        }
+        networks.push(network_full_name(stack, network, declared.get(network)));
+    }
+    networks.sort();
+    networks.dedup();
     let mode = match s.deploy.mode {
         DeployMode::Global => ServiceMode::Global,
         DeployMode::Replicated => ServiceMode::Replicated {
@@ -205,6 +282,11 @@ fn service_spec(stack: &str, name: &str, s: &compose::Service) -> Result<Service
             host_network: s.network_mode == Some(compose::NetworkMode::Host),
             labels: s.labels.clone(),
             stop_grace_period: s.stop_grace_period.map(|d| d.0),
+            networks,
+        },
+        endpoint_mode: match s.deploy.endpoint_mode {
+            Some(compose::EndpointMode::Dnsrr) => m::EndpointMode::Dnsrr,
+            Some(compose::EndpointMode::Vip) | None => m::EndpointMode::Vip,
         },
         update_config: Some(UpdateConfig {
             parallelism: uc.parallelism,
@@ -303,6 +385,8 @@ fn changed_fields(a: &ServiceSpec, b: &ServiceSpec) -> Vec<String> {
         "stop_grace_period",
     );
     check(x.host_network != y.host_network, "network_mode");
+    check(x.networks != y.networks, "networks");
+    check(a.endpoint_mode != b.endpoint_mode, "deploy.endpoint_mode");
     match (&a.mode, &b.mode) {
         (ServiceMode::Replicated { .. }, ServiceMode::Replicated { .. }) => {
             check(a.mode != b.mode, "deploy.replicas");
@@ -338,6 +422,64 @@ mod tests {
         )
         .expect("fixture loads")
         .stack
+    }
+
+    #[test]
+    fn networks_and_endpoint_modes_become_model_specs() {
+        let stack = load(
+            "services:\n  web:\n    image: nginx\n    networks: [front, back]\n  api:\n    image: api\n    deploy: {endpoint_mode: dnsrr}\n    networks:\n      back:\n      shared:\n  plain:\n    image: busybox\n  host:\n    image: busybox\n    network_mode: host\nnetworks:\n  front:\n  back:\n    driver: overlay\n  other_shared:\n    external: true\n  shared:\n    external: true\n",
+        );
+        // `shared` is external without a full name: refused by field.
+        let err = service_specs(&revalidate(&stack).expect("valid")).expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            "networks.shared.external: an external network is named by its full name, \
+             <stack>_<network> (e.g. examples_back)"
+        );
+        let stack = load(
+            "services:\n  web:\n    image: nginx\n    networks: [front, back]\n  api:\n    image: api\n    deploy: {endpoint_mode: dnsrr}\n    networks:\n      back:\n      other_shared:\n  plain:\n    image: busybox\n  host:\n    image: busybox\n    network_mode: host\nnetworks:\n  front:\n  back:\n    driver: overlay\n  other_shared:\n    external: true\n",
+        );
+        let specs = service_specs(&revalidate(&stack).expect("valid")).expect("converts");
+        assert_eq!(specs["web"].task.networks, ["demo_back", "demo_front"]);
+        assert_eq!(specs["web"].endpoint_mode, m::EndpointMode::Vip);
+        assert_eq!(specs["api"].task.networks, ["demo_back", "other_shared"]);
+        assert_eq!(specs["api"].endpoint_mode, m::EndpointMode::Dnsrr);
+        // Compose's rule: a service that names no network joins the stack's
+        // default; a host-network service joins none and gets no VIP.
+        assert_eq!(specs["plain"].task.networks, ["demo_default"]);
+        assert!(specs["host"].task.networks.is_empty());
+        assert!(!specs["host"].wants_vip());
+
+        // A diff names the Compose fields.
+        let mut changed = specs.clone();
+        let api = changed.get_mut("api").expect("api");
+        api.endpoint_mode = m::EndpointMode::Vip;
+        api.task.networks.pop();
+        let changes = diff(&specs, &changed);
+        assert_eq!(
+            changes.update[0].fields,
+            ["networks", "deploy.endpoint_mode"]
+        );
+
+        // What the overlay cannot carry yet is refused by field.
+        let aliases = load(
+            "services:\n  web:\n    image: nginx\n    networks:\n      front:\n        aliases: [www]\nnetworks:\n  front:\n",
+        );
+        let err = service_specs(&aliases).expect_err("aliases refused");
+        assert_eq!(
+            err.to_string(),
+            "services.web.networks.front.aliases: network aliases are not supported yet \
+             (the service is resolved by its name)"
+        );
+        let bridge = load(
+            "services:\n  web:\n    image: nginx\nnetworks:\n  default:\n    driver: bridge\n",
+        );
+        let err = service_specs(&bridge).expect_err("bridge refused");
+        assert_eq!(
+            err.to_string(),
+            "networks.default.driver: driver \"bridge\" is not supported (every network is an \
+             overlay scope)"
+        );
     }
 
     #[test]

@@ -34,6 +34,11 @@
 //! - Agent labels are merged into the node's labels only for keys the
 //!   operator has not set (operator labels win, as Swarm's node labels over
 //!   engine labels).
+//! - The network state follows the assignments: a full `NetworkUpdate` right
+//!   after every full assignment set (read at the same revision), then
+//!   incremental ones computed by [`crate::network::update`] from the
+//!   objects the store events touched, at most one per [`NETWORK_BATCH`], so
+//!   a deploy of many tasks is a few updates, not one per report.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -52,6 +57,7 @@ use crate::model::{
     Availability, DesiredState, NodeId, NodeRole, NodeSpec, NodeState, NodeStatus, Task, TaskId,
     TaskState,
 };
+use crate::network::update::{self as netupdate, AgentView, Changes};
 use crate::store::{Command, EventKind, Object};
 use crate::wire::{AssignmentChange, Assignments, Registration, StatusReport};
 
@@ -76,6 +82,11 @@ pub struct SessionConfig {
 }
 
 type Outbound = mpsc::Sender<Result<pb::ControllerMessage, Status>>;
+
+/// How long store changes are gathered into one incremental network update:
+/// short against the 1 s the data plane has to follow a health change, long
+/// enough that a burst of reports makes one update.
+pub const NETWORK_BATCH: Duration = Duration::from_millis(20);
 
 struct Session {
     /// This session's number, so that a replaced session's cleanup leaves
@@ -436,12 +447,32 @@ impl Dispatcher {
             node: reg.node.clone(),
             status: ready_status(reg),
         });
-        for (index, result) in self.inner.store.propose(commands).await? {
-            if let Err(e) = result {
-                tracing::warn!(node = %reg.node, index, error = %e, "registration command refused");
+        let names: Vec<&'static str> = commands.iter().map(Command::name).collect();
+        let mut first_refusal = None;
+        for ((index, result), command) in self
+            .inner
+            .store
+            .propose(commands)
+            .await?
+            .into_iter()
+            .zip(names)
+        {
+            if let Err(source) = result {
+                tracing::warn!(node = %reg.node, index, error = %source, "registration command refused");
+                first_refusal.get_or_insert(super::state::StateError::Refused {
+                    command,
+                    index,
+                    source,
+                });
             }
         }
-        Ok(())
+        // A node that could not be created (no free subnet in the cluster
+        // CIDR) must not get a session: the agent hears why and retries.
+        let exists = self.inner.store.read(|s| s.node(&reg.node).is_some());
+        match first_refusal {
+            Some(e) if !exists => Err(e),
+            _ => Ok(()),
+        }
     }
 
     async fn session_loop(
@@ -455,18 +486,43 @@ impl Dispatcher {
         // The generation of every task as last sent, so that status echoes
         // (which do not bump it) are not sent back to the agent.
         let mut sent: HashMap<TaskId, u64> = HashMap::new();
-        let Some(mut events) = self.send_full_set(node, tx, &mut sent).await else {
+        // What the agent has of the network state, and what changed since.
+        let mut view = AgentView::default();
+        let mut changed = Changes::default();
+        let mut network_due: Option<tokio::time::Instant> = None;
+        let Some(mut events) = self.send_full_set(node, tx, &mut sent, &mut view).await else {
             return;
         };
         let mut leadership = self.inner.store.raft().leadership();
         let me = self.inner.store.id();
         loop {
+            let due = network_due;
             tokio::select! {
-                changed = leadership.changed() => {
-                    let leads = changed.is_ok() && leadership.borrow_and_update().leader == Some(me);
+                moved = leadership.changed() => {
+                    let leads = moved.is_ok() && leadership.borrow_and_update().leader == Some(me);
                     if !leads {
                         let _ = tx.send(Err(self.not_leader())).await;
                         return;
+                    }
+                }
+                () = async move {
+                    match due {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    network_due = None;
+                    let update = self.inner.store.read(|s| {
+                        netupdate::incremental(s, node, &changed, &mut view)
+                    });
+                    changed = Changes::default();
+                    if let Some(update) = update {
+                        let message = pb::ControllerMessage {
+                            message: Some(pb::controller_message::Message::Network(update.into())),
+                        };
+                        if tx.send(Ok(message)).await.is_err() {
+                            return;
+                        }
                     }
                 }
                 () = super::stop_signal(self.shutdown.clone()) => {
@@ -515,11 +571,17 @@ impl Dispatcher {
                     if resync {
                         // Compacted (or the watch ended): start over with a
                         // full set, which is always correct.
-                        match self.send_full_set(node, tx, &mut sent).await {
+                        changed = Changes::default();
+                        network_due = None;
+                        match self.send_full_set(node, tx, &mut sent, &mut view).await {
                             Some(rx) => events = rx,
                             None => return,
                         }
                         continue;
+                    }
+                    changed.add(&batch);
+                    if !changed.is_empty() && network_due.is_none() {
+                        network_due = Some(tokio::time::Instant::now() + NETWORK_BATCH);
                     }
                     if !self.send_changes(node, tx, &mut sent, batch).await {
                         return;
@@ -550,14 +612,16 @@ impl Dispatcher {
         }
     }
 
-    /// Sends the node's full set and returns a watch from just after it.
+    /// Sends the node's full assignment set and full network state, both
+    /// read at one revision, and returns a watch from just after it.
     async fn send_full_set(
         &self,
         node: &NodeId,
         tx: &Outbound,
         sent: &mut HashMap<TaskId, u64>,
+        view: &mut AgentView,
     ) -> Option<super::state::EventBatches> {
-        let (revision, wanted, unwanted) = self.inner.store.read(|s| {
+        let (revision, wanted, unwanted, network) = self.inner.store.read(|s| {
             let mut wanted: Vec<Task> = Vec::new();
             let mut unwanted: Vec<Task> = Vec::new();
             for t in s.tasks_on_node(node) {
@@ -567,7 +631,8 @@ impl Dispatcher {
                     unwanted.push(t.clone());
                 }
             }
-            (s.applied_index(), wanted, unwanted)
+            let network = netupdate::full(s, node, view);
+            (s.applied_index(), wanted, unwanted, network)
         });
         let events = match self.inner.store.watch(revision + 1) {
             Ok(rx) => rx,
@@ -590,6 +655,12 @@ impl Dispatcher {
         };
         let message = pb::ControllerMessage {
             message: Some(pb::controller_message::Message::Assignments(set.into())),
+        };
+        if tx.send(Ok(message)).await.is_err() {
+            return None;
+        }
+        let message = pb::ControllerMessage {
+            message: Some(pb::controller_message::Message::Network(network.into())),
         };
         if tx.send(Ok(message)).await.is_err() {
             return None;

@@ -268,6 +268,8 @@ fn commands_for(actions: Vec<Action>, now: u64) -> Vec<Command> {
                     not_before_unix_ms: (!new.delay.is_zero()).then(|| {
                         now.saturating_add(u64::try_from(new.delay.as_millis()).unwrap_or(u64::MAX))
                     }),
+                    // Allocated by the state machine when it is assigned.
+                    address: None,
                 });
             }
             Action::Shutdown { task, reason } => {
@@ -330,7 +332,13 @@ async fn schedule_pending(store: &StoreFront) -> Option<Instant> {
             (&a.service, &a.node, a.slot, &a.id).cmp(&(&b.service, &b.node, b.slot, &b.id))
         });
         let nodes: Vec<Node> = s.nodes().cloned().collect();
-        let tasks: Vec<Task> = s.tasks().filter(|t| t.occupies_node()).cloned().collect();
+        // Finished tasks that still hold an address count against their
+        // node's subnet.
+        let tasks: Vec<Task> = s
+            .tasks()
+            .filter(|t| t.occupies_node() || (t.address.is_some() && t.node.is_some()))
+            .cloned()
+            .collect();
         let view = match ClusterView::new(&nodes, &tasks) {
             Ok(view) => view,
             Err(e) => {

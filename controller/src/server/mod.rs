@@ -40,8 +40,9 @@ use gantry_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::network::Addressing;
 use crate::raft::{Bootstrap, RaftConfig, RaftNode};
-use crate::store::StoreConfig;
+use crate::store::{Command, StoreConfig};
 pub use control::Control;
 pub use dispatcher::{Dispatcher, SessionConfig};
 pub use replication::{ClusterService, Forwarder, GrpcTransport, RaftService};
@@ -85,6 +86,21 @@ pub enum ServerError {
         /// What failed.
         message: String,
     },
+    /// The address plan differs from the one the cluster was created with.
+    #[error(
+        "--cluster-cidr {cluster} / --service-cidr {service}: the cluster was created with \
+         {stored_cluster} / {stored_service}; the address plan cannot change"
+    )]
+    Addressing {
+        /// The cluster CIDR asked for.
+        cluster: String,
+        /// The service CIDR asked for.
+        service: String,
+        /// The cluster CIDR in the replicated state.
+        stored_cluster: String,
+        /// The service CIDR in the replicated state.
+        stored_service: String,
+    },
     /// Serving failed.
     #[error("serving on {addr}: {source}")]
     Serve {
@@ -113,6 +129,9 @@ pub struct ControllerConfig {
     pub lease: Duration,
     /// Snapshot and watch history settings.
     pub store: StoreConfig,
+    /// The cluster and service CIDRs (`--cluster-cidr`, `--service-cidr`):
+    /// stored on the first start; a later start with others is refused.
+    pub addressing: Addressing,
     /// The address other controllers, agents and clients reach this one at;
     /// `None`: `listen` when it names an address, else one found by
     /// [`advertise_address`].
@@ -170,6 +189,7 @@ impl Default for ControllerConfig {
             store: StoreConfig::default(),
             advertise: None,
             mode: StartMode::Auto,
+            addressing: Addressing::default(),
         }
     }
 }
@@ -344,6 +364,21 @@ pub async fn serve_on(
     transport.attach(raft.clone());
     let store = StoreFront::new(raft.clone(), std::sync::Arc::new(Forwarder::new()));
     tracing::info!(%addr, advertise = %identity.address, raft_id = identity.id, ?bootstrap, dir = %dir.display(), revision = store.revision(), "controller starting");
+    // The address plan is replicated state: the leader proposes it when it
+    // starts leading (see `lead`); a member whose flags disagree with what
+    // the cluster holds is refused here, by name.
+    if let Some(stored) = store.read(|s| s.addressing().copied())
+        && stored != config.addressing
+    {
+        drop((store, raft));
+        let _ = tokio::task::spawn_blocking(move || raft_thread.stop()).await;
+        return Err(ServerError::Addressing {
+            cluster: config.addressing.cluster_cidr.to_string(),
+            service: config.addressing.service_cidr.to_string(),
+            stored_cluster: stored.cluster_cidr.to_string(),
+            stored_service: stored.service_cidr.to_string(),
+        });
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move |mut rx: watch::Receiver<bool>| async move {
@@ -362,7 +397,12 @@ pub async fn serve_on(
     let control = Control::new(store.clone(), dispatcher.clone()).with_shutdown(stop_rx.clone());
 
     let mut loops = tokio::task::JoinSet::new();
-    loops.spawn(lead(store.clone(), dispatcher.clone(), stop_rx.clone()));
+    loops.spawn(lead(
+        store.clone(),
+        dispatcher.clone(),
+        config.addressing,
+        stop_rx.clone(),
+    ));
 
     let router = tonic::service::Routes::new(pb::control_server::ControlServer::new(control))
         .add_service(pb::dispatcher_server::DispatcherServer::new(dispatcher))
@@ -444,7 +484,12 @@ fn metrics_route(store: StoreFront) -> axum::Router {
 /// Runs the leader-only loops (orchestrator, scheduler, task history,
 /// liveness) while this controller leads: they start, each with its full
 /// pass, when it gains leadership and stop when it loses it, until `stop`.
-async fn lead(store: StoreFront, dispatcher: Dispatcher, stop: watch::Receiver<bool>) {
+async fn lead(
+    store: StoreFront,
+    dispatcher: Dispatcher,
+    addressing: Addressing,
+    stop: watch::Receiver<bool>,
+) {
     let me = store.id();
     let mut leadership = store.raft().leadership();
     loop {
@@ -477,6 +522,16 @@ async fn lead(store: StoreFront, dispatcher: Dispatcher, stop: watch::Receiver<b
             "leading: starting the orchestrator, scheduler, task history and liveness loops"
         );
         dispatcher.gained_leadership();
+        // The address plan goes through the log like every change, so every
+        // replica has it: the first leader of a new cluster sets it before
+        // the scheduler can assign a task (which takes an address from it).
+        if store.read(|s| s.addressing().is_none())
+            && let Err(e) = store
+                .propose_one(Command::SetAddressing { addressing })
+                .await
+        {
+            tracing::error!(error = %e, "storing the address plan failed; tasks get no addresses until a later leader stores it");
+        }
         let (term_tx, term_rx) = watch::channel(false);
         let until = {
             let stop = stop.clone();

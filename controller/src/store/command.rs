@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{
     DesiredState, NodeId, NodeSpec, NodeStatus, ServiceId, ServiceSpec, Task, TaskId, TaskStatus,
 };
+use crate::network::Addressing;
 use crate::scheduler::Assignment;
 
 /// The encoding version this build writes and the only one it reads.
@@ -154,9 +155,19 @@ pub enum Command {
     },
     /// Deletes tasks that no longer hold anything on a node and whose desired
     /// state is shutdown (task history garbage collection), all or none.
+    /// Their addresses are released.
     RemoveTasks {
         /// The tasks.
         tasks: Vec<TaskId>,
+    },
+    /// Sets the cluster's address plan (the controller proposes it on every
+    /// start). The first one is kept; a later one with other values is
+    /// refused, since addresses were allocated from the first. Nodes and
+    /// services that exist without a subnet or VIP get one (and an event
+    /// each); the plan itself is no watched object and makes no event.
+    SetAddressing {
+        /// The cluster and service CIDRs.
+        addressing: Addressing,
     },
 }
 
@@ -176,6 +187,7 @@ impl Command {
             Command::MarkTasksPending { .. } => "mark-tasks-pending",
             Command::AssignTasks { .. } => "assign-tasks",
             Command::RemoveTasks { .. } => "remove-tasks",
+            Command::SetAddressing { .. } => "set-addressing",
         }
     }
 }

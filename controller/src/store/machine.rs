@@ -11,6 +11,7 @@
 //! that last changed it, and the applied index is at least every version.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +21,7 @@ use crate::model::{
     DesiredState, ModelError, Node, NodeId, NodeSpec, NodeStatus, Service, ServiceId, ServiceSpec,
     Task, TaskId, TaskState, TaskStatus,
 };
+use crate::network::{self, Addressing, Ipv4Cidr, NODE_SUBNET_PREFIX};
 use crate::scheduler::Assignment;
 
 /// Why a command was not applied.
@@ -126,10 +128,17 @@ pub struct Snapshot {
     pub services: Vec<Service>,
     /// Every task, ordered by id.
     pub tasks: Vec<Task>,
+    /// The cluster's address plan, once set (absent in version 1).
+    #[serde(default)]
+    pub addressing: Option<Addressing>,
 }
 
-/// The snapshot encoding version.
-const SNAPSHOT_VERSION: u32 = 1;
+/// The snapshot encoding version: 2 added the address plan and the
+/// allocations in the objects (all optional, so version 1 still reads).
+const SNAPSHOT_VERSION: u32 = 2;
+
+/// The oldest snapshot version this build reads.
+const SNAPSHOT_VERSION_MIN: u32 = 1;
 
 #[derive(Serialize)]
 struct SnapshotOut<'a> {
@@ -174,7 +183,7 @@ impl Snapshot {
     /// Decodes bytes written by [`Snapshot::encode`].
     pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
         let s: SnapshotIn = serde_json::from_slice(bytes).map_err(SnapshotError::Malformed)?;
-        if s.v != SNAPSHOT_VERSION {
+        if !(SNAPSHOT_VERSION_MIN..=SNAPSHOT_VERSION).contains(&s.v) {
             return Err(SnapshotError::UnsupportedVersion {
                 found: s.v,
                 supported: SNAPSHOT_VERSION,
@@ -195,6 +204,14 @@ pub struct StateMachine {
     by_service: BTreeMap<ServiceId, BTreeSet<TaskId>>,
     /// Secondary index: tasks by node (kept in step with `tasks`).
     by_node: BTreeMap<NodeId, BTreeSet<TaskId>>,
+    /// The address plan, once set.
+    addressing: Option<Addressing>,
+    /// Index: node subnets held (kept in step with `nodes`).
+    subnets: BTreeMap<Ipv4Cidr, NodeId>,
+    /// Index: task addresses held (kept in step with `tasks`).
+    addresses: BTreeMap<Ipv4Addr, TaskId>,
+    /// Index: virtual IPs held (kept in step with `services`).
+    vips: BTreeMap<Ipv4Addr, ServiceId>,
 }
 
 impl StateMachine {
@@ -206,6 +223,16 @@ impl StateMachine {
     /// The index of the last entry applied (refused ones included).
     pub fn applied_index(&self) -> u64 {
         self.applied_index
+    }
+
+    /// The cluster's address plan, once set.
+    pub fn addressing(&self) -> Option<&Addressing> {
+        self.addressing.as_ref()
+    }
+
+    /// The task holding `address`, if any.
+    pub fn task_at(&self, address: Ipv4Addr) -> Option<&TaskId> {
+        self.addresses.get(&address)
     }
 
     /// A node by id.
@@ -263,6 +290,7 @@ impl StateMachine {
             nodes: self.nodes.values().cloned().collect(),
             services: self.services.values().cloned().collect(),
             tasks: self.tasks.values().cloned().collect(),
+            addressing: self.addressing,
         }
     }
 
@@ -270,18 +298,21 @@ impl StateMachine {
     pub fn restore(&mut self, snapshot: Snapshot) {
         let mut sm = StateMachine {
             applied_index: snapshot.applied_index,
-            nodes: snapshot
-                .nodes
-                .into_iter()
-                .map(|n| (n.id.clone(), n))
-                .collect(),
-            services: snapshot
-                .services
-                .into_iter()
-                .map(|s| (s.id.clone(), s))
-                .collect(),
+            addressing: snapshot.addressing,
             ..StateMachine::default()
         };
+        for node in snapshot.nodes {
+            if let Some(subnet) = node.subnet {
+                sm.subnets.insert(subnet, node.id.clone());
+            }
+            sm.nodes.insert(node.id.clone(), node);
+        }
+        for service in snapshot.services {
+            if let Some(vip) = service.virtual_ip {
+                sm.vips.insert(vip, service.id.clone());
+            }
+            sm.services.insert(service.id.clone(), service);
+        }
         for task in snapshot.tasks {
             sm.put_task(task);
         }
@@ -331,12 +362,17 @@ impl StateMachine {
     fn execute(&mut self, index: u64, command: &Command) -> Result<Vec<Event>, ApplyError> {
         let name = command.name();
         match command {
-            Command::UpsertNode { node, spec } => Ok(self.upsert_node(index, node, spec)),
+            Command::UpsertNode { node, spec } => self.upsert_node(index, name, node, spec),
             Command::RemoveNode { node } => {
                 let removed = self
                     .nodes
                     .remove(node)
                     .ok_or_else(|| not_found(name, node))?;
+                // The subnet is free for a new node once no task of this
+                // one holds an address in it (see `free_subnet`).
+                if let Some(subnet) = removed.subnet {
+                    self.subnets.remove(&subnet);
+                }
                 Ok(vec![event(
                     index,
                     EventKind::Deleted,
@@ -359,6 +395,9 @@ impl StateMachine {
                     .services
                     .remove(service)
                     .ok_or_else(|| not_found(name, service))?;
+                if let Some(vip) = removed.virtual_ip {
+                    self.vips.remove(&vip);
+                }
                 Ok(vec![event(
                     index,
                     EventKind::Deleted,
@@ -380,28 +419,208 @@ impl StateMachine {
                 at_unix_ms,
             } => self.assign(index, name, assignments, *at_unix_ms),
             Command::RemoveTasks { tasks } => self.remove_tasks(index, name, tasks),
+            Command::SetAddressing { addressing } => self.set_addressing(index, name, addressing),
         }
     }
 
-    fn upsert_node(&mut self, index: u64, id: &NodeId, spec: &NodeSpec) -> Vec<Event> {
+    fn upsert_node(
+        &mut self,
+        index: u64,
+        name: &'static str,
+        id: &NodeId,
+        spec: &NodeSpec,
+    ) -> Result<Vec<Event>, ApplyError> {
         match self.nodes.get_mut(id) {
-            Some(node) if node.spec == *spec => Vec::new(),
+            Some(node) if node.spec == *spec => Ok(Vec::new()),
             Some(node) => {
                 node.spec = spec.clone();
                 node.version = index;
-                vec![event(index, EventKind::Updated, Object::Node(node.clone()))]
+                Ok(vec![event(
+                    index,
+                    EventKind::Updated,
+                    Object::Node(node.clone()),
+                )])
             }
             None => {
+                let subnet = match &self.addressing {
+                    Some(a) => Some(self.subnet_for(id, a).ok_or_else(|| {
+                        invalid(
+                            name,
+                            "node",
+                            id,
+                            "subnet",
+                            format!(
+                                "cluster CIDR {} has no free /{NODE_SUBNET_PREFIX} subnet \
+                                 (all {} are held by nodes or by tasks of removed nodes)",
+                                a.cluster_cidr,
+                                a.node_subnets()
+                            ),
+                        )
+                    })?),
+                    None => None,
+                };
                 let node = Node {
                     id: id.clone(),
                     spec: spec.clone(),
                     status: NodeStatus::default(),
                     version: index,
+                    subnet,
                 };
+                if let Some(subnet) = subnet {
+                    self.subnets.insert(subnet, id.clone());
+                }
                 self.nodes.insert(id.clone(), node.clone());
-                vec![event(index, EventKind::Created, Object::Node(node))]
+                Ok(vec![event(index, EventKind::Created, Object::Node(node))])
             }
         }
+    }
+
+    /// The subnet for a node joining: the one its tasks still hold
+    /// addresses in, when it was removed and comes back under the same id
+    /// (its agent may still run them), else the lowest free one.
+    fn subnet_for(&self, id: &NodeId, addressing: &Addressing) -> Option<Ipv4Cidr> {
+        let previous = self
+            .tasks_on_node(id)
+            .find_map(|t| t.address)
+            .and_then(|address| {
+                (0..addressing.node_subnets())
+                    .filter_map(|i| addressing.cluster_cidr.subnet(NODE_SUBNET_PREFIX, i))
+                    .find(|s| s.contains(address))
+            })
+            .filter(|s| !self.subnets.contains_key(s));
+        previous.or_else(|| self.free_subnet(addressing))
+    }
+
+    /// The lowest node subnet that no node holds and in which no task (of a
+    /// removed node) still holds an address.
+    fn free_subnet(&self, addressing: &Addressing) -> Option<Ipv4Cidr> {
+        (0..addressing.node_subnets())
+            .filter_map(|i| addressing.cluster_cidr.subnet(NODE_SUBNET_PREFIX, i))
+            .find(|s| {
+                !self.subnets.contains_key(s)
+                    && self.addresses.range(s.first()..=s.last()).next().is_none()
+            })
+    }
+
+    /// The lowest free address for a task in `subnet`.
+    fn free_task_address(&self, subnet: &Ipv4Cidr) -> Option<Ipv4Addr> {
+        let (first, last) = network::task_address_range(subnet);
+        network::lowest_free(
+            first,
+            last,
+            self.addresses.range(first..=last).map(|(a, _)| *a),
+        )
+    }
+
+    /// The lowest free virtual IP.
+    fn free_vip(&self, addressing: &Addressing) -> Option<Ipv4Addr> {
+        let (first, last) = network::vip_range(&addressing.service_cidr);
+        network::lowest_free(first, last, self.vips.range(first..=last).map(|(a, _)| *a))
+    }
+
+    fn vip_exhausted(
+        &self,
+        name: &'static str,
+        id: &ServiceId,
+        addressing: &Addressing,
+    ) -> ApplyError {
+        invalid(
+            name,
+            "service",
+            id,
+            "virtual_ip",
+            format!(
+                "service CIDR {} has no free address ({} virtual IPs held)",
+                addressing.service_cidr,
+                self.vips.len()
+            ),
+        )
+    }
+
+    fn set_addressing(
+        &mut self,
+        index: u64,
+        name: &'static str,
+        addressing: &Addressing,
+    ) -> Result<Vec<Event>, ApplyError> {
+        let refuse = |field, reason: String| ApplyError::Invalid {
+            command: name,
+            kind: "cluster",
+            id: "addressing".into(),
+            field,
+            reason,
+        };
+        addressing
+            .check("cluster_cidr", "service_cidr")
+            .map_err(|e| refuse("addressing", e.to_string()))?;
+        if let Some(current) = &self.addressing {
+            if current == addressing {
+                return Ok(Vec::new());
+            }
+            let (field, was, asked) = if current.cluster_cidr != addressing.cluster_cidr {
+                (
+                    "cluster_cidr",
+                    current.cluster_cidr,
+                    addressing.cluster_cidr,
+                )
+            } else {
+                (
+                    "service_cidr",
+                    current.service_cidr,
+                    addressing.service_cidr,
+                )
+            };
+            return Err(refuse(
+                field,
+                format!(
+                    "the cluster was created with {was} and addresses were allocated from it; \
+                     {asked} cannot replace it"
+                ),
+            ));
+        }
+        self.addressing = Some(*addressing);
+        // Objects that exist from before the plan get their allocations now,
+        // in id order, so that every replica allocates the same.
+        let mut events = Vec::new();
+        let ids: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| n.subnet.is_none())
+            .map(|n| n.id.clone())
+            .collect();
+        for id in ids {
+            let Some(subnet) = self.free_subnet(addressing) else {
+                break;
+            };
+            self.subnets.insert(subnet, id.clone());
+            if let Some(node) = self.nodes.get_mut(&id) {
+                node.subnet = Some(subnet);
+                node.version = index;
+                events.push(event(index, EventKind::Updated, Object::Node(node.clone())));
+            }
+        }
+        let ids: Vec<ServiceId> = self
+            .services
+            .values()
+            .filter(|s| s.virtual_ip.is_none() && s.spec.wants_vip())
+            .map(|s| s.id.clone())
+            .collect();
+        for id in ids {
+            let Some(vip) = self.free_vip(addressing) else {
+                break;
+            };
+            self.vips.insert(vip, id.clone());
+            if let Some(service) = self.services.get_mut(&id) {
+                service.virtual_ip = Some(vip);
+                service.version = index;
+                events.push(event(
+                    index,
+                    EventKind::Updated,
+                    Object::Service(service.clone()),
+                ));
+            }
+        }
+        Ok(events)
     }
 
     fn update_node_status(
@@ -439,12 +658,23 @@ impl StateMachine {
             });
         }
         check_service_spec(name, id, spec)?;
+        let virtual_ip = match &self.addressing {
+            Some(a) if spec.wants_vip() => Some(
+                self.free_vip(a)
+                    .ok_or_else(|| self.vip_exhausted(name, id, a))?,
+            ),
+            _ => None,
+        };
         let service = Service {
             id: id.clone(),
             spec: spec.clone(),
             spec_version: 1,
             version: index,
+            virtual_ip,
         };
+        if let Some(vip) = virtual_ip {
+            self.vips.insert(vip, id.clone());
+        }
         self.services.insert(id.clone(), service.clone());
         Ok(vec![event(
             index,
@@ -483,6 +713,29 @@ impl StateMachine {
         if service.spec == *spec {
             return Ok(Vec::new());
         }
+        // Switching endpoint mode (or to or from the host network) allocates
+        // or releases the VIP; otherwise the VIP is kept across updates.
+        let mut vip = service.virtual_ip;
+        match (&self.addressing, vip, spec.wants_vip()) {
+            (Some(a), None, true) => {
+                let a = *a;
+                let allocated = self
+                    .free_vip(&a)
+                    .ok_or_else(|| self.vip_exhausted(name, id, &a))?;
+                self.vips.insert(allocated, id.clone());
+                vip = Some(allocated);
+            }
+            (_, Some(held), false) => {
+                self.vips.remove(&held);
+                vip = None;
+            }
+            _ => {}
+        }
+        let service = self
+            .services
+            .get_mut(id)
+            .ok_or_else(|| not_found(name, id))?;
+        service.virtual_ip = vip;
         service.spec = spec.clone();
         service.spec_version += 1;
         service.version = index;
@@ -757,16 +1010,53 @@ impl StateMachine {
         // dispatcher rejects what no longer fits and the task is replaced.
         let mut events = Vec::with_capacity(assignments.len());
         for a in assignments {
-            if let Some(mut task) = self.take_task(&a.task) {
-                task.node = Some(a.node.clone());
-                task.status.state = TaskState::Assigned;
-                task.status.message = String::new();
-                task.status.timestamp_unix_ms = at_unix_ms;
-                task.generation += 1;
-                task.version = index;
-                events.push(event(index, EventKind::Updated, Object::Task(task.clone())));
-                self.put_task(task);
-            }
+            let subnet = self.nodes.get(&a.node).and_then(|n| n.subnet);
+            let Some(mut task) = self.take_task(&a.task) else {
+                continue;
+            };
+            // A task that needs an address and finds none on its node's
+            // subnet stays pending, saying so; its siblings are still
+            // assigned (a full node must not block the rest of the plan).
+            // Unchanged (already pending for this reason) it makes no event,
+            // so the scheduler is not woken by its own refusal.
+            let address = match subnet {
+                Some(subnet) if !task.spec.host_network && task.address.is_none() => {
+                    match self.free_task_address(&subnet) {
+                        Some(address) => Some(address),
+                        None => {
+                            let message =
+                                format!("no free address in subnet {subnet} of node {}", a.node);
+                            if task.status.state != TaskState::Pending
+                                || task.status.message != message
+                            {
+                                if task.status.state != TaskState::Pending {
+                                    task.status.timestamp_unix_ms = at_unix_ms;
+                                }
+                                task.status.state = TaskState::Pending;
+                                task.status.message = message;
+                                task.version = index;
+                                events.push(event(
+                                    index,
+                                    EventKind::Updated,
+                                    Object::Task(task.clone()),
+                                ));
+                            }
+                            self.put_task(task);
+                            continue;
+                        }
+                    }
+                }
+                _ => task.address,
+            };
+            task.node = Some(a.node.clone());
+            task.address = address;
+            task.status.state = TaskState::Assigned;
+            task.status.message = String::new();
+            task.status.timestamp_unix_ms = at_unix_ms;
+            task.generation += 1;
+            task.version = index;
+            events.push(event(index, EventKind::Updated, Object::Task(task.clone())));
+            self.put_task(task);
         }
         Ok(events)
     }
@@ -824,6 +1114,9 @@ impl StateMachine {
 
     /// Inserts a task and indexes it.
     fn put_task(&mut self, task: Task) {
+        if let Some(address) = task.address {
+            self.addresses.insert(address, task.id.clone());
+        }
         self.by_service
             .entry(task.service.clone())
             .or_default()
@@ -840,6 +1133,11 @@ impl StateMachine {
     /// Removes a task and its index entries.
     fn take_task(&mut self, id: &TaskId) -> Option<Task> {
         let task = self.tasks.remove(id)?;
+        if let Some(address) = task.address
+            && self.addresses.get(&address) == Some(id)
+        {
+            self.addresses.remove(&address);
+        }
         if let Some(set) = self.by_service.get_mut(&task.service) {
             set.remove(id);
             if set.is_empty() {

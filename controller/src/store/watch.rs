@@ -343,6 +343,7 @@ mod tests {
                 spec: NodeSpec::default(),
                 status: NodeStatus::default(),
                 version: revision,
+                subnet: None,
             }),
         }
     }

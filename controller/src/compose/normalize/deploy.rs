@@ -65,8 +65,9 @@ impl Walker<'_> {
                 "restart_policy",
                 "placement",
                 "update_config",
+                "endpoint_mode",
             ],
-            &["rollback_config", "endpoint_mode", "labels"],
+            &["rollback_config", "labels"],
         )?;
         let mode = match self.opt_string(m, "mode", &deploy_path)?.as_deref() {
             None | Some("replicated") => DeployMode::Replicated,
@@ -127,6 +128,21 @@ impl Walker<'_> {
             get(m, "update_config"),
             &join(&deploy_path, "update_config"),
         )?;
+        let endpoint_mode = match self
+            .opt_string(m, "endpoint_mode", &deploy_path)?
+            .as_deref()
+        {
+            None => None,
+            Some("vip") => Some(EndpointMode::Vip),
+            Some("dnsrr") => Some(EndpointMode::Dnsrr),
+            Some(other) => {
+                return Err(self.invalid(
+                    &join(&deploy_path, "endpoint_mode"),
+                    other,
+                    "expected vip or dnsrr",
+                ));
+            }
+        };
         Ok(Deploy {
             mode,
             replicas,
@@ -134,6 +150,7 @@ impl Walker<'_> {
             restart_policy,
             placement,
             update_config,
+            endpoint_mode,
         })
     }
 

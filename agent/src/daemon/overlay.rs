@@ -1,0 +1,407 @@
+//! The agent's side of the overlay: the controller's `NetworkUpdate`s,
+//! converted at this boundary and applied in order on a thread of their own
+//! (`ip` and `nft` are processes: they never run on the async runtime, and a
+//! slow one never holds up heartbeats), the node's network config written
+//! for the engine, and the DNS responder started on the bridge's gateway.
+//!
+//! **Invariant:** an agent that stops leaves the data plane as it is; the
+//! next one rebuilds from the first full update without disturbing
+//! established connections (see `network::overlay`).
+
+use crate::network::overlay::state::{
+    ClusterNetwork, DesiredState, Endpoint, OverlayNode, ServicePort, ServiceRecord, Update,
+};
+use crate::network::overlay::{Overlay, OverlayConfig, dns, vxlan};
+use crate::network::{NetworkConfig, Subnet};
+use crate::paths::DataDir;
+use gantry_proto::v1 as pb;
+use std::net::Ipv4Addr;
+use std::sync::mpsc;
+
+/// A field of an update that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("network update: {field} {value:?}: {reason}")]
+pub struct UpdateError {
+    /// The field, e.g. `services[web].endpoints[2].address`.
+    pub field: String,
+    /// Its value.
+    pub value: String,
+    /// Why it cannot be used.
+    pub reason: String,
+}
+
+fn bad(field: impl Into<String>, value: &str, reason: impl ToString) -> UpdateError {
+    UpdateError {
+        field: field.into(),
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn subnet(field: &str, value: &str) -> Result<Option<Subnet>, UpdateError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value.parse().map(Some).map_err(|e| bad(field, value, e))
+}
+
+fn addr(field: impl Into<String>, value: &str) -> Result<Ipv4Addr, UpdateError> {
+    value
+        .parse()
+        .map_err(|_| bad(field, value, "not an IPv4 address"))
+}
+
+/// The wire's update as the overlay's.
+pub fn convert(u: &pb::NetworkUpdate) -> Result<Update, UpdateError> {
+    let nodes = u
+        .nodes
+        .iter()
+        .map(|n| {
+            let field = |f: &str| format!("nodes[{}].{f}", n.node_id);
+            Ok(OverlayNode {
+                id: n.node_id.clone(),
+                underlay: addr(field("underlay_ip"), &n.underlay_ip)?,
+                subnet: subnet(&field("subnet"), &n.subnet)?
+                    .ok_or_else(|| bad(field("subnet"), "", "missing"))?,
+            })
+        })
+        .collect::<Result<_, UpdateError>>()?;
+    let services = u
+        .services
+        .iter()
+        .map(|s| {
+            let field = |f: &str| format!("services[{}].{f}", s.service_id);
+            let vip = match s.virtual_ip.as_str() {
+                "" => None,
+                v => Some(addr(field("virtual_ip"), v)?),
+            };
+            let ports = s
+                .ports
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let port = |n: u32, f: &str| {
+                        u16::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
+                            bad(
+                                field(&format!("ports[{i}].{f}")),
+                                &n.to_string(),
+                                "not a port (1-65535)",
+                            )
+                        })
+                    };
+                    Ok(ServicePort {
+                        protocol: match pb::Protocol::try_from(p.protocol) {
+                            Ok(pb::Protocol::Udp) => crate::engine::spec::PortProtocol::Udp,
+                            _ => crate::engine::spec::PortProtocol::Tcp,
+                        },
+                        target: port(p.target, "target")?,
+                        published: p.published.map(|n| port(n, "published")).transpose()?,
+                        // Swarm's default is the routing mesh.
+                        ingress: !matches!(
+                            pb::PublishMode::try_from(p.mode),
+                            Ok(pb::PublishMode::Host)
+                        ),
+                    })
+                })
+                .collect::<Result<_, UpdateError>>()?;
+            let endpoints = s
+                .endpoints
+                .iter()
+                .map(|e| {
+                    Ok(Endpoint {
+                        task: e.task.clone(),
+                        node: e.node.clone(),
+                        address: addr(
+                            field(&format!("endpoints[{}].address", e.task)),
+                            &e.address,
+                        )?,
+                        ready: e.ready,
+                    })
+                })
+                .collect::<Result<_, UpdateError>>()?;
+            Ok(ServiceRecord {
+                id: s.service_id.clone(),
+                name: s.name.clone(),
+                stack: s.stack.clone(),
+                // dnsrr has no VIP whatever the field says.
+                vip: vip.filter(|_| {
+                    !matches!(
+                        pb::EndpointMode::try_from(s.endpoint_mode),
+                        Ok(pb::EndpointMode::Dnsrr)
+                    )
+                }),
+                ports,
+                networks: s.networks.clone(),
+                endpoints,
+            })
+        })
+        .collect::<Result<_, UpdateError>>()?;
+    Ok(Update {
+        full: u.full,
+        revision: u.revision,
+        cluster_cidr: subnet("cluster_cidr", &u.cluster_cidr)?,
+        service_cidr: subnet("service_cidr", &u.service_cidr)?,
+        node_subnet: subnet("node_subnet", &u.node_subnet)?,
+        nodes,
+        removed_nodes: u.removed_nodes.clone(),
+        services,
+        removed_services: u.removed_services.clone(),
+        networks: u
+            .networks
+            .iter()
+            .map(|n| ClusterNetwork {
+                name: n.name.clone(),
+                stack: n.stack.clone(),
+            })
+            .collect(),
+        removed_networks: u.removed_networks.clone(),
+    })
+}
+
+/// The overlay thread's mailbox.
+pub struct OverlayHandle {
+    tx: mpsc::Sender<pb::NetworkUpdate>,
+}
+
+impl OverlayHandle {
+    /// Starts the overlay thread for `data`'s node; `underlay` is the
+    /// node's advertised address when it is an IPv4 address (the update's
+    /// own node entry is preferred).
+    pub fn start(data: DataDir, underlay: Option<Ipv4Addr>) -> std::io::Result<OverlayHandle> {
+        let (tx, rx) = mpsc::channel::<pb::NetworkUpdate>();
+        std::thread::Builder::new()
+            .name("gantry-overlay".into())
+            .spawn(move || run(data, underlay, rx))?;
+        Ok(OverlayHandle { tx })
+    }
+
+    /// Queues an update; applied in order.
+    pub fn send(&self, update: pb::NetworkUpdate) {
+        if self.tx.send(update).is_err() {
+            tracing::error!("the overlay thread is gone; network update dropped");
+        }
+    }
+}
+
+/// A DNS responder on its own thread and runtime; stopped on drop.
+struct DnsThread {
+    gateway: Ipv4Addr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for DnsThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn start_dns(
+    gateway: Ipv4Addr,
+    state: std::sync::Arc<std::sync::RwLock<crate::network::overlay::state::DesiredState>>,
+) -> Option<DnsThread> {
+    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let upstreams = dns::upstreams(&resolv);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ok_tx, ok_rx) = mpsc::channel::<Result<(), String>>();
+    let spawned = std::thread::Builder::new()
+        .name("gantry-dns".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ok_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match dns::spawn((gateway, 53).into(), state, upstreams) {
+                    Ok(_server) => {
+                        let _ = ok_tx.send(Ok(()));
+                        let _ = stop_rx.await;
+                    }
+                    Err(e) => {
+                        let _ = ok_tx.send(Err(e.to_string()));
+                    }
+                }
+            });
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("dns: cannot start its thread: {e}");
+        return None;
+    }
+    match ok_rx.recv() {
+        Ok(Ok(())) => {
+            tracing::info!(%gateway, "dns responder listening on {gateway}:53");
+            Some(DnsThread {
+                gateway,
+                stop: Some(stop_tx),
+            })
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%gateway, "dns: cannot serve {gateway}:53: {e}; retried on the next update");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+fn run(data: DataDir, underlay: Option<Ipv4Addr>, rx: mpsc::Receiver<pb::NetworkUpdate>) {
+    let bridge = NetworkConfig::load(&data)
+        .map(|c| c.bridge)
+        .unwrap_or_else(|_| crate::network::DEFAULT_BRIDGE.to_string());
+    // Dormant until the cluster has a service that needs the data plane (a
+    // VIP, or a task with an address): a cluster of host-network tasks
+    // gets no device, bridge, table or DNS socket on its nodes. The state
+    // is gathered meanwhile and handed over whole.
+    let mut dormant = DesiredState::default();
+    let mut overlay: Option<Overlay> = None;
+    let mut dns: Option<DnsThread> = None;
+    while let Ok(wire) = rx.recv() {
+        let update = match convert(&wire) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(revision = wire.revision, "{e}; update ignored");
+                continue;
+            }
+        };
+        let active = match overlay.as_mut() {
+            Some(o) => {
+                log_applied(wire.revision, o.update(update));
+                o
+            }
+            None => {
+                dormant.apply(update);
+                if let Some(subnet) = dormant.node_subnet {
+                    // The engine's config is a file: written even while
+                    // dormant, so that tasks created meanwhile get the node
+                    // subnet and MTU.
+                    let mtu = node_underlay(&dormant, underlay)
+                        .and_then(|u| vxlan::underlay_mtu(u).ok())
+                        .map(|m| m.saturating_sub(vxlan::OVERHEAD));
+                    save_config(&data, subnet, dormant.cluster_cidr, mtu);
+                }
+                if !dormant.has_overlay_services() {
+                    tracing::debug!(
+                        revision = wire.revision,
+                        "overlay dormant: no service needs it yet"
+                    );
+                    continue;
+                }
+                let mut o = Overlay::new(OverlayConfig {
+                    bridge: bridge.clone(),
+                    underlay,
+                });
+                log_applied(wire.revision, o.update(dormant.to_full_update()));
+                overlay.insert(o)
+            }
+        };
+        let (node_subnet, cluster_cidr) = {
+            let state = active.state();
+            let s = state.read().unwrap_or_else(|p| p.into_inner());
+            (s.node_subnet, s.cluster_cidr)
+        };
+        if let Some(subnet) = node_subnet {
+            save_config(&data, subnet, cluster_cidr, active.mtu());
+            if dns.as_ref().map(|d| d.gateway) != Some(subnet.gateway()) {
+                // The old responder (another gateway) stops first.
+                drop(dns.take());
+                dns = start_dns(subnet.gateway(), active.state());
+            }
+        }
+    }
+}
+
+fn log_applied(
+    revision: u64,
+    result: Result<crate::network::overlay::ApplyReport, crate::network::NetworkError>,
+) {
+    match result {
+        Ok(report) => tracing::debug!(revision, ?report, "network update applied"),
+        Err(e) => tracing::warn!(revision, "network update: {e}"),
+    }
+}
+
+/// This node's underlay address: its own entry's, else the advertised one.
+fn node_underlay(state: &DesiredState, fallback: Option<Ipv4Addr>) -> Option<Ipv4Addr> {
+    state
+        .nodes
+        .values()
+        .find(|n| Some(n.subnet) == state.node_subnet)
+        .map(|n| n.underlay)
+        .or(fallback)
+}
+
+/// Writes the node's share of the cluster CIDR, the cluster CIDR and the
+/// overlay MTU as the engine's network config, when they changed.
+fn save_config(data: &DataDir, subnet: Subnet, cluster: Option<Subnet>, mtu: Option<u32>) {
+    let mut config = NetworkConfig::load(data).unwrap_or_default();
+    if config.subnet == subnet && config.cluster_cidr == cluster && config.mtu == mtu {
+        return;
+    }
+    config.subnet = subnet;
+    config.cluster_cidr = cluster;
+    config.mtu = mtu;
+    if let Err(e) = config.save(data) {
+        tracing::warn!("saving the node's network config: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn updates_convert_and_bad_fields_are_named() {
+        let mut u = pb::NetworkUpdate {
+            full: true,
+            revision: 3,
+            cluster_cidr: "10.42.0.0/16".into(),
+            service_cidr: "10.43.0.0/16".into(),
+            node_subnet: "10.42.1.0/24".into(),
+            nodes: vec![pb::OverlayNode {
+                node_id: "n1".into(),
+                underlay_ip: "192.0.2.1".into(),
+                subnet: "10.42.1.0/24".into(),
+            }],
+            services: vec![pb::ServiceRecord {
+                service_id: "s1".into(),
+                name: "web".into(),
+                stack: "shop".into(),
+                virtual_ip: "10.43.0.2".into(),
+                endpoint_mode: pb::EndpointMode::Vip as i32,
+                ports: vec![pb::PortConfig {
+                    published: Some(8080),
+                    target: 80,
+                    protocol: pb::Protocol::Tcp as i32,
+                    mode: pb::PublishMode::Host as i32,
+                }],
+                networks: vec!["shop_default".into()],
+                endpoints: vec![pb::ServiceEndpoint {
+                    task: "t1".into(),
+                    node: "n1".into(),
+                    address: "10.42.1.5".into(),
+                    ready: true,
+                }],
+            }],
+            ..Default::default()
+        };
+        let c = convert(&u).unwrap();
+        assert_eq!(c.services[0].vip, Some(Ipv4Addr::new(10, 43, 0, 2)));
+        assert!(!c.services[0].ports[0].ingress);
+        assert_eq!(c.nodes[0].subnet.to_string(), "10.42.1.0/24");
+        u.services[0].endpoints[0].address = "nope".into();
+        let err = convert(&u).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "network update: services[s1].endpoints[t1].address \"nope\": not an IPv4 address"
+        );
+        u.services[0].endpoints[0].address = "10.42.1.5".into();
+        u.services[0].endpoint_mode = pb::EndpointMode::Dnsrr as i32;
+        assert_eq!(convert(&u).unwrap().services[0].vip, None);
+    }
+}

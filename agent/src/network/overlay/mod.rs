@@ -1,0 +1,288 @@
+//! The overlay data plane on one node (issue 5): VXLAN to the other nodes,
+//! service VIPs and the routing mesh in nftables, network isolation, and
+//! the node's DNS responder, all programmed from the controller's
+//! `NetworkUpdate`s.
+//!
+//! - [`state`]: the desired state, folded from updates (pure).
+//! - [`vxlan`]: the `gantry.vx` device and one route, neighbour and FDB
+//!   entry per remote node (flannel's `vxlan` backend).
+//! - [`rules`]: the `ip gantry_overlay` nftables table (kube-proxy's
+//!   nftables mode), rendered and diffed purely, loaded in one transaction.
+//! - [`dns`]: names → VIPs and task addresses, scoped by network.
+//!
+//! [`Overlay`] is the thin shell: it keeps what it applied and, for each
+//! update, applies only the difference. It starts with nothing applied, so
+//! an agent restart reads the device's peers back from the kernel and
+//! reloads the table once (NAT bindings live in conntrack, so established
+//! connections are not disturbed); afterwards each change is incremental.
+//! An agent that stops leaves the data plane as it is: containers keep
+//! running and keep talking, as with Docker's `live-restore`.
+
+pub mod dns;
+pub mod rules;
+pub mod state;
+pub mod vxlan;
+
+use super::{NetworkError, Subnet, link};
+use state::{DesiredState, Update};
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+/// Runs `program args` with `input` on stdin; its stdout on success, its
+/// stderr in the error otherwise. `step` names what was being done.
+pub(crate) fn run_tool(
+    program: &str,
+    args: &[&str],
+    step: &str,
+    input: &str,
+) -> Result<String, NetworkError> {
+    let err = |message: String| NetworkError::Command {
+        step: step.to_string(),
+        message,
+    };
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| err(format!("cannot run {program}: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A write error shows up as the tool's own failure below.
+        let _ = stdin.write_all(input.as_bytes());
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|e| err(format!("waiting for {program}: {e}")))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(err(String::from_utf8_lossy(&output.stderr)
+            .trim()
+            .to_string()))
+    }
+}
+
+/// What the overlay needs to know about its node beyond the updates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayConfig {
+    /// The node's bridge (`gantry0`); it gets the node subnet's `.1`.
+    pub bridge: String,
+    /// The node's underlay address (the VXLAN local address) when the
+    /// updates do not say: the update's own node entry (the one with this
+    /// node's subnet) wins.
+    pub underlay: Option<Ipv4Addr>,
+}
+
+/// What one update did, for logs and benchmarks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// The update was older than the state and ignored.
+    pub stale: bool,
+    /// Peers added, changed or removed.
+    pub peer_changes: usize,
+    /// Lines of the nft transaction (0: none was run).
+    pub nft_lines: usize,
+    /// The table was reloaded whole.
+    pub full_reload: bool,
+    /// Time spent, update to kernel.
+    pub elapsed: Duration,
+}
+
+/// The node's overlay: desired state plus what was applied.
+pub struct Overlay {
+    config: OverlayConfig,
+    state: Arc<RwLock<DesiredState>>,
+    /// The device as set up: (node subnet, underlay address, MTU).
+    device: Option<(Subnet, Ipv4Addr, u32)>,
+    peers: Option<vxlan::Peers>,
+    model: Option<rules::Model>,
+}
+
+impl Overlay {
+    /// An overlay with nothing applied yet.
+    pub fn new(config: OverlayConfig) -> Overlay {
+        Overlay {
+            config,
+            state: Arc::default(),
+            device: None,
+            peers: None,
+            model: None,
+        }
+    }
+
+    /// The desired state, shared with the DNS responder.
+    pub fn state(&self) -> Arc<RwLock<DesiredState>> {
+        self.state.clone()
+    }
+
+    /// The overlay MTU once the device is set up (the underlay's minus the
+    /// VXLAN overhead): the bridge and every container veth use it.
+    pub fn mtu(&self) -> Option<u32> {
+        self.device.map(|(_, _, mtu)| mtu)
+    }
+
+    /// Folds `update` in and programs the difference: the device (first
+    /// time, or when the node subnet changed), the peers, the table.
+    pub fn update(&mut self, update: Update) -> Result<ApplyReport, NetworkError> {
+        let start = Instant::now();
+        let mut report = ApplyReport::default();
+        let ctx = rules::Context {
+            bridge: self.config.bridge.clone(),
+            vxlan: vxlan::DEVICE.to_string(),
+        };
+        // Only services changed: the table is patched service by service
+        // and nothing else is recomputed (the common case: endpoints come
+        // and go). Anything else rebuilds the model and diffs it.
+        let services_only = !update.full
+            && update.nodes.is_empty()
+            && update.removed_nodes.is_empty()
+            && update.networks.is_empty()
+            && update.removed_networks.is_empty()
+            && update.cluster_cidr.is_none()
+            && update.service_cidr.is_none()
+            && update
+                .node_subnet
+                .is_none_or(|s| self.device.map(|d| d.0) == Some(s))
+            && self.model.is_some()
+            && self.peers.is_some();
+        let changed = if services_only {
+            update.services.clone()
+        } else {
+            Vec::new()
+        };
+        let removed = update.removed_services.clone();
+        let (node_subnet, underlay, peers, model) = {
+            let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+            if !state.apply(update) {
+                report.stale = true;
+                return Ok(report);
+            }
+            let underlay = state
+                .nodes
+                .values()
+                .find(|n| Some(n.subnet) == state.node_subnet)
+                .map(|n| n.underlay)
+                .or(self.config.underlay);
+            // Computed here, under the lock; the kernel work below runs
+            // without it, so DNS answers never wait on `ip` or `nft`.
+            let (peers, model) = if services_only {
+                (None, None)
+            } else {
+                (Some(state.peers()), rules::model(&state, &ctx))
+            };
+            (state.node_subnet, underlay, peers, model)
+        };
+        if let (Some(subnet), Some(underlay)) = (node_subnet, underlay)
+            && self.device.map(|(s, u, _)| (s, u)) != Some((subnet, underlay))
+        {
+            let mtu = vxlan::underlay_mtu(underlay)?.saturating_sub(vxlan::OVERHEAD);
+            vxlan::ensure_device(underlay, &subnet, mtu)?;
+            link::ensure_bridge(&self.config.bridge, &subnet)?;
+            run_tool(
+                "ip",
+                &["-batch", "-"],
+                "set bridge mtu",
+                &format!("link set {} mtu {mtu}\n", self.config.bridge),
+            )?;
+            link::enable_forwarding(&self.config.bridge)?;
+            // 127.0.0.1:PORT of the routing mesh may be DNATed to a replica
+            // on another node: as on the bridge, the kernel must route it.
+            let _ = std::fs::write(
+                format!("/proc/sys/net/ipv4/conf/{}/route_localnet", vxlan::DEVICE),
+                "1\n",
+            );
+            self.device = Some((subnet, underlay, mtu));
+        }
+        if let (Some(new), Some(_)) = (peers, self.device) {
+            let old = match self.peers.take() {
+                Some(p) => p,
+                None => vxlan::kernel_peers()?,
+            };
+            let plan = vxlan::plan(&old, &new);
+            report.peer_changes = plan.fdb.lines().count() + plan.fdb_del.lines().count();
+            if let Err(e) = vxlan::apply_plan(&plan) {
+                // Unknown: read back from the kernel next time.
+                self.peers = None;
+                return Err(e);
+            }
+            self.peers = Some(new);
+        }
+        let commands = if services_only {
+            let patched = self.model.as_mut().and_then(|m| {
+                let refs: Vec<&state::ServiceRecord> = changed.iter().collect();
+                m.patch(&refs, &removed)
+            });
+            match patched {
+                Some(c) => Some(c),
+                None => {
+                    // A patch could not do it: the whole model, diffed.
+                    let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+                    let new = rules::model(&state, &ctx);
+                    drop(state);
+                    let old = self.model.take();
+                    self.model = new;
+                    match (&old, &self.model) {
+                        (Some(old), Some(new)) => rules::diff(old, new),
+                        (None, Some(new)) => Some(rules::full(new)),
+                        _ => None,
+                    }
+                }
+            }
+        } else if let Some(new) = model {
+            let commands = match &self.model {
+                Some(old) => rules::diff(old, &new),
+                None => Some(rules::full(&new)),
+            };
+            self.model = Some(new);
+            commands
+        } else {
+            None
+        };
+        if let Some(commands) = commands.filter(|c| !c.is_empty()) {
+            report.full_reload = commands.starts_with("table ip");
+            report.nft_lines = commands.lines().count();
+            if let Err(e) = rules::apply(&commands) {
+                // Unknown now: the next update reloads the whole table.
+                self.model = None;
+                return Err(e);
+            }
+        }
+        report.elapsed = start.elapsed();
+        Ok(report)
+    }
+
+    /// Removes everything the overlay made on this node: the table, the
+    /// VXLAN device with its entries, and the bridge if no container is on
+    /// it any more (one that is keeps it: it is the engine's too). For a
+    /// node leaving the cluster and for tests; an agent that merely stops
+    /// leaves the data plane running.
+    pub fn teardown(&mut self) -> Result<(), NetworkError> {
+        self.model = None;
+        self.peers = None;
+        self.device = None;
+        let table = rules::delete_table();
+        let device = vxlan::delete_device();
+        let bridge = match link::exists(&self.config.bridge) {
+            Ok(true) => {
+                let ports = run_tool(
+                    "ip",
+                    &["-o", "link", "show", "master", &self.config.bridge],
+                    "list bridge ports",
+                    "",
+                )?;
+                if ports.trim().is_empty() {
+                    link::delete_link(&self.config.bridge)
+                } else {
+                    Ok(())
+                }
+            }
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        };
+        table.and(device).and(bridge)
+    }
+}
