@@ -8,6 +8,7 @@ pub mod bench;
 pub mod bundle;
 pub mod cluster;
 pub mod image_fixtures;
+pub mod linearizability;
 pub mod peers;
 
 use std::path::PathBuf;
