@@ -159,6 +159,8 @@ fn lazy_channel(endpoint: &str) -> Result<Channel, LoadError> {
 
 impl Client {
     /// A client of `target`'s endpoint number `index` (modulo their count).
+    /// Must be called within a tokio runtime (the channel connects lazily,
+    /// on that runtime's reactor).
     pub fn new(target: &Target, index: usize) -> Result<Client, LoadError> {
         if target.endpoints.is_empty() {
             return Err(LoadError::NoEndpoints {
