@@ -228,61 +228,19 @@ fn gantry_endpoints(c: &Cluster) -> Vec<String> {
         .collect()
 }
 
-/// The Gantry leader's host: from `Cluster.ListControllers` where the
-/// controllers serve it, else (a single controller) `c1`.
+/// The Gantry leader's host (`Cluster.ListControllers`; a single controller
+/// is its own), waiting up to 20 s for one.
 fn gantry_leader(rt: &tokio::runtime::Runtime, c: &Cluster) -> Result<String, String> {
-    use gantry_proto::v1 as pb;
     let hosts = c.hosts_with(Role::Controller);
-    if hosts.len() == 1 {
-        return Ok(hosts[0].clone());
-    }
+    let endpoints = gantry_endpoints(c);
     let deadline = Instant::now() + Duration::from_secs(20);
-    let mut last = String::new();
     while Instant::now() < deadline {
-        for h in &hosts {
-            let endpoint = format!(
-                "http://{}:{}",
-                c.host_addr(h).map_err(|e| e.to_string())?,
-                cluster::CONTROLLER_PORT
-            );
-            let asked = rt.block_on(async {
-                tokio::time::timeout(Duration::from_millis(500), async {
-                    let mut client = pb::cluster_client::ClusterClient::connect(endpoint.clone())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    client
-                        .list_controllers(pb::Empty {})
-                        .await
-                        .map(|r| r.into_inner())
-                        .map_err(|s| s.message().to_string())
-                })
-                .await
-            });
-            match asked {
-                Ok(Ok(list)) if list.leader_id != 0 => {
-                    let leader = list
-                        .controllers
-                        .iter()
-                        .find(|m| m.raft_id == list.leader_id);
-                    if let Some(m) = leader {
-                        let ip = m.address.split(':').next().unwrap_or_default();
-                        if let Some(host) = hosts
-                            .iter()
-                            .find(|h| c.host_addr(h).is_ok_and(|a| a.to_string() == ip))
-                        {
-                            return Ok(host.clone());
-                        }
-                    }
-                    last = format!("leader {} not among the hosts", list.leader_id);
-                }
-                Ok(Ok(_)) => last = "no leader known".into(),
-                Ok(Err(e)) => last = e,
-                Err(_) => last = "timed out".into(),
-            }
+        if let Some(i) = rt.block_on(load::gantry_leader(&endpoints)) {
+            return Ok(hosts[i].clone());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Err(format!("no gantry leader within 20 s: {last}"))
+    Err("no gantry leader within 20 s".into())
 }
 
 /// What [`failover_rounds`] asks of a system.

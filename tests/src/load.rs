@@ -574,6 +574,45 @@ pub async fn first_acknowledged_write(
     })
 }
 
+/// Which of Gantry's `endpoints` is the leader, as the first controller to
+/// answer `Cluster.ListControllers` says (each asked for at most 500 ms):
+/// its index in `endpoints`. A controller that does not serve the Cluster
+/// service (a single, unreplicated one) is its own leader when it is the
+/// only endpoint; otherwise `None` until one names a leader.
+pub async fn gantry_leader(endpoints: &[String]) -> Option<usize> {
+    for endpoint in endpoints {
+        let Ok(channel) = lazy_channel(endpoint) else {
+            continue;
+        };
+        let mut client = pb::cluster_client::ClusterClient::new(channel);
+        let asked = tokio::time::timeout(
+            Duration::from_millis(500),
+            client.list_controllers(pb::Empty {}),
+        )
+        .await;
+        match asked {
+            Ok(Ok(list)) => {
+                let list = list.into_inner();
+                let leader = list
+                    .controllers
+                    .iter()
+                    .find(|m| m.raft_id == list.leader_id && list.leader_id != 0);
+                if let Some(i) = leader.and_then(|m| endpoints.iter().position(|e| *e == m.address))
+                {
+                    return Some(i);
+                }
+            }
+            Ok(Err(status))
+                if status.code() == tonic::Code::Unimplemented && endpoints.len() == 1 =>
+            {
+                return Some(0);
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
