@@ -4,7 +4,13 @@
 //! flag, the `GANTRY_CONTROLLER` environment variable, the context file
 //! `/run/gantry/context.json` (written by `gantry up` and `gantry dev cluster
 //! up`, removed when they go down), and finally `127.0.0.1:7070`, where
-//! `gantry up` listens. Every message about an unreachable controller names
+//! `gantry up` listens. The flag and the variable may be comma lists and the
+//! context file lists every controller (`controllers`; the older single
+//! `controller` key is still read): the client asks the first controller
+//! that answers where the leader is and talks to the leader (logs and exec
+//! go through its agent sessions), else to a controller that knows one, so
+//! a dead or partitioned controller is skipped (a connect times out after
+//! 1 s when there are others). Every message about an unreachable controller names
 //! the address and where it came from, so that a stale context file or a
 //! forgotten variable is obvious.
 //!
@@ -23,6 +29,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use gantry_proto::tonic::transport::{Channel, Endpoint};
 use gantry_proto::tonic::{Code, Status};
+use gantry_proto::v1::cluster_client::ClusterClient;
 use gantry_proto::v1::control_client::ControlClient;
 use serde::Deserialize;
 
@@ -54,6 +61,11 @@ pub const DEFAULT_CONTROLLER: &str = "127.0.0.1:7070";
 /// microseconds; a few seconds covers a busy machine without making a wrong
 /// address hang.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The same when other controllers could answer instead: a controller cut
+/// off by a partition is skipped after this long (a controller on the dev
+/// cluster's bridge answers in well under a millisecond).
+const FAILOVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What the user asks a client command to talk to: the global
 /// `--controller` flag, if given.
@@ -99,14 +111,50 @@ pub struct Target {
     pub address: String,
     /// Where it came from.
     pub source: Source,
+    /// The other controllers of the same cluster, tried in order when
+    /// `address` cannot be reached or has no leader (a context file lists
+    /// every controller; the flag and the variable take a comma list).
+    pub fallbacks: Vec<String>,
 }
 
-/// The context file's contents.
+impl Target {
+    /// Every address, `address` first.
+    pub fn addresses(&self) -> Vec<String> {
+        std::iter::once(self.address.clone())
+            .chain(self.fallbacks.iter().cloned())
+            .collect()
+    }
+
+    fn from_list(list: Vec<String>, source: Source) -> Option<Target> {
+        let mut list = list.into_iter();
+        let address = list.next()?;
+        Some(Target {
+            address,
+            source,
+            fallbacks: list.collect(),
+        })
+    }
+}
+
+/// The context file's contents: `controllers` (every controller, written
+/// by `gantry dev cluster up`) or the older single `controller`.
 #[derive(Debug, Deserialize)]
 struct ContextFile {
+    #[serde(default)]
     controller: String,
     #[serde(default)]
+    controllers: Vec<String>,
+    #[serde(default)]
     source: Option<String>,
+}
+
+/// `a,b , c` as `[a, b, c]`, blanks dropped.
+fn split_list(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Picks the controller address: flag, then environment, then context file,
@@ -118,22 +166,11 @@ pub fn resolve(
     env: Option<&str>,
     context_file: &Path,
 ) -> anyhow::Result<Target> {
-    let nonempty = |s: Option<&str>| {
-        s.map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-    };
-    if let Some(address) = nonempty(flag) {
-        return Ok(Target {
-            address,
-            source: Source::Flag,
-        });
+    if let Some(target) = Target::from_list(split_list(flag.unwrap_or("")), Source::Flag) {
+        return Ok(target);
     }
-    if let Some(address) = nonempty(env) {
-        return Ok(Target {
-            address,
-            source: Source::Env,
-        });
+    if let Some(target) = Target::from_list(split_list(env.unwrap_or("")), Source::Env) {
+        return Ok(target);
     }
     match std::fs::read(context_file) {
         Ok(bytes) => {
@@ -143,27 +180,45 @@ pub fn resolve(
                     context_file.display()
                 )
             })?;
-            if context.controller.trim().is_empty() {
-                anyhow::bail!(
-                    "invalid context file {}: `controller` is empty",
-                    context_file.display()
-                );
+            let mut list: Vec<String> = context
+                .controllers
+                .iter()
+                .map(|a| a.trim().to_string())
+                .filter(|a| !a.is_empty())
+                .collect();
+            let single = context.controller.trim();
+            if !single.is_empty() && !list.iter().any(|a| a == single) {
+                list.insert(0, single.to_string());
             }
-            Ok(Target {
-                address: context.controller.trim().to_string(),
-                source: Source::Context {
-                    path: context_file.to_path_buf(),
-                    writer: context.source,
-                },
+            let source = Source::Context {
+                path: context_file.to_path_buf(),
+                writer: context.source,
+            };
+            Target::from_list(list, source).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "invalid context file {}: `controllers` and `controller` are empty",
+                    context_file.display()
+                )
             })
         }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(Target {
             address: DEFAULT_CONTROLLER.to_string(),
             source: Source::Default,
+            fallbacks: Vec::new(),
         }),
         Err(err) => Err(err)
             .with_context(|| format!("cannot read the context file {}", context_file.display())),
     }
+}
+
+/// Where a controller says the leader is.
+enum Leader {
+    /// It does not know (or did not answer in time).
+    Unknown,
+    /// It leads (or is not replicated).
+    Here,
+    /// Elsewhere.
+    At(String),
 }
 
 /// A connected client of the controller's `Control` service.
@@ -172,6 +227,7 @@ pub struct Client {
     pub control: ControlClient<Channel>,
     /// Where it is connected to.
     pub target: Target,
+    channel: Channel,
 }
 
 impl Client {
@@ -182,8 +238,99 @@ impl Client {
         Self::connect_to(target).await
     }
 
-    /// Connects to a resolved address.
+    /// Connects to a resolved target: its first address that answers and
+    /// knows a leader (a controller cut off from the majority answers, but
+    /// could not take a write). With one address, just connects to it.
     pub async fn connect_to(target: Target) -> anyhow::Result<Client> {
+        if target.fallbacks.is_empty() {
+            return Self::connect_one(target, CONNECT_TIMEOUT).await;
+        }
+        let mut first_error = None;
+        let mut leaderless = None;
+        for address in target.addresses() {
+            let one = Target {
+                address,
+                source: target.source.clone(),
+                fallbacks: Vec::new(),
+            };
+            match Self::connect_one(one, FAILOVER_CONNECT_TIMEOUT).await {
+                Ok(client) => match client.leader().await {
+                    Leader::Unknown => {
+                        leaderless.get_or_insert(client);
+                    }
+                    Leader::Here => return Ok(client.with_fallbacks(&target)),
+                    Leader::At(leader) => {
+                        // Logs and exec go through the leader's agent
+                        // sessions: talk to it when it answers.
+                        let at = Target {
+                            address: leader,
+                            source: target.source.clone(),
+                            fallbacks: Vec::new(),
+                        };
+                        return Ok(
+                            match Self::connect_one(at, FAILOVER_CONNECT_TIMEOUT).await {
+                                Ok(leader) => leader.with_fallbacks(&target),
+                                Err(_) => client.with_fallbacks(&target),
+                            },
+                        );
+                    }
+                },
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        // None knows a leader: the one that answered says why (no quorum).
+        match (leaderless, first_error) {
+            (Some(client), _) => Ok(client.with_fallbacks(&target)),
+            (None, Some(e)) => Err(e),
+            (None, None) => Err(anyhow::anyhow!("no controller address to connect to")),
+        }
+    }
+
+    fn with_fallbacks(mut self, target: &Target) -> Client {
+        self.target.fallbacks = target
+            .addresses()
+            .into_iter()
+            .filter(|a| *a != self.target.address)
+            .collect();
+        self
+    }
+
+    /// Where the controller says the leader is (`ListControllers`, within
+    /// the failover timeout). A controller without the service (an older
+    /// one) counts as its own leader.
+    async fn leader(&self) -> Leader {
+        let mut cluster = ClusterClient::new(self.channel.clone());
+        let mut request = gantry_proto::tonic::Request::new(gantry_proto::v1::Empty {});
+        request.set_timeout(FAILOVER_CONNECT_TIMEOUT);
+        match cluster.list_controllers(request).await {
+            Ok(r) => {
+                let list = r.into_inner();
+                match list
+                    .controllers
+                    .iter()
+                    .find(|c| c.raft_id == list.leader_id)
+                {
+                    _ if list.leader_id == 0 => Leader::Unknown,
+                    Some(c) if c.is_self || c.address.is_empty() => Leader::Here,
+                    Some(c) if c.address == self.target.address => Leader::Here,
+                    Some(c) => Leader::At(c.address.clone()),
+                    None => Leader::Here,
+                }
+            }
+            Err(status) if status.code() == Code::Unimplemented => Leader::Here,
+            Err(_) => Leader::Unknown,
+        }
+    }
+
+    /// A client of the controller's `Cluster` service on the same
+    /// connection.
+    pub fn cluster(&self) -> ClusterClient<Channel> {
+        ClusterClient::new(self.channel.clone())
+    }
+
+    async fn connect_one(target: Target, timeout: Duration) -> anyhow::Result<Client> {
         let endpoint = Endpoint::from_shared(format!("http://{}", target.address))
             .map_err(|err| {
                 UsageError(format!(
@@ -191,14 +338,15 @@ impl Client {
                     target.address, target.source
                 ))
             })?
-            .connect_timeout(CONNECT_TIMEOUT)
+            .connect_timeout(timeout)
             .tcp_nodelay(true);
         let channel = endpoint
             .connect()
             .await
             .map_err(|err| unreachable(&target, &error_chain(&err)))?;
         Ok(Client {
-            control: ControlClient::new(channel),
+            control: ControlClient::new(channel.clone()),
+            channel,
             target,
         })
     }
@@ -362,6 +510,24 @@ mod tests {
     }
 
     #[test]
+    fn a_context_file_lists_every_controller_and_the_old_key_still_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = write(
+            dir.path(),
+            r#"{"controllers": ["10.0.0.1:7070", "10.0.0.2:7070"], "controller": "10.0.0.1:7070"}"#,
+        );
+        let t = resolve(None, None, &ctx).unwrap();
+        assert_eq!(t.addresses(), ["10.0.0.1:7070", "10.0.0.2:7070"]);
+        let ctx = write(dir.path(), r#"{"controller": "10.0.0.3:7070"}"#);
+        let t = resolve(None, None, &ctx).unwrap();
+        assert_eq!(t.addresses(), ["10.0.0.3:7070"]);
+        let t = resolve(Some("a:1, b:2"), None, &ctx).unwrap();
+        assert_eq!(t.addresses(), ["a:1", "b:2"]);
+        let ctx = write(dir.path(), r#"{"controllers": []}"#);
+        assert!(resolve(None, None, &ctx).is_err());
+    }
+
+    #[test]
     fn no_configuration_means_the_local_default() {
         let dir = tempfile::tempdir().unwrap();
         let t = resolve(None, None, &dir.path().join("absent.json")).unwrap();
@@ -385,6 +551,7 @@ mod tests {
         let target = Target {
             address: "127.0.0.1:1".into(),
             source: Source::Default,
+            fallbacks: Vec::new(),
         };
         for code in [
             Code::InvalidArgument,
@@ -446,6 +613,7 @@ mod tests {
         let target = Target {
             address: "127.0.0.1:1".into(),
             source: Source::Env,
+            fallbacks: Vec::new(),
         };
         let err = block_on(Client::connect_to(target)).unwrap().err().unwrap();
         let text = err.to_string();

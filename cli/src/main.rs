@@ -42,6 +42,8 @@ enum Command {
     Agent(cmd::agent::Args),
     /// Run the control plane (store, scheduler, dispatcher, API) on this host.
     Controller(cmd::controller::Args),
+    /// The replicated controllers: init, controllers, remove-controller.
+    Cluster(cmd::cluster::Args),
     /// Deploy a Compose file as a stack (create or update its services).
     Deploy(cmd::deploy::Args),
     /// Manage stacks: ls, ps, rm.
@@ -123,6 +125,7 @@ fn main() -> ExitCode {
         Command::Up(args) => cmd::up::run(args),
         Command::Agent(args) => cmd::agent::run(args),
         Command::Controller(args) => cmd::controller::run(args),
+        Command::Cluster(args) => cmd::cluster::run(args, &controller),
         Command::Dev(args) => cmd::dev::run(args),
         Command::Shim(args) => cmd::shim::run(args),
     };

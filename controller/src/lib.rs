@@ -7,6 +7,8 @@
 //! - [`model`]: the typed cluster objects (nodes, services, tasks).
 //! - [`scheduler`]: the pure filter → score pipeline that places tasks on nodes.
 //! - [`orchestrator`]: the pure reconcilers that turn services into task actions.
+//! - [`raft`]: Raft replication of the store (raft-rs): one loop per
+//!   controller, its storage over the command log, membership, snapshots.
 //! - [`registry`]: the OCI distribution registry (`/v2/`) holding images loaded
 //!   with `gantry image load`, from which agents pull what they lack.
 //! - [`server`]: the controller process: store front, dispatcher, executor
@@ -22,6 +24,7 @@
 pub mod compose;
 pub mod model;
 pub mod orchestrator;
+pub mod raft;
 pub mod registry;
 pub mod scheduler;
 pub mod server;

@@ -898,6 +898,7 @@ fn entry(index: u64, term: u64) -> Entry {
         index,
         term,
         data: format!("e{index}t{term}").into_bytes(),
+        ..Entry::default()
     }
 }
 
@@ -941,6 +942,7 @@ fn log_contract(log: &mut impl Log) {
         index: 3,
         term: 2,
         data: b"state".to_vec(),
+        membership: Default::default(),
     })
     .expect("snapshot");
     log.compact(3).expect("compact");
@@ -959,6 +961,7 @@ fn log_contract(log: &mut impl Log) {
         index: 4,
         term: 9,
         data: b"leader".to_vec(),
+        membership: Default::default(),
     })
     .expect("install");
     assert_eq!(indexes(log), (5, 4, vec![]));

@@ -4,6 +4,8 @@
 //! - [`node`]: the node's id (made once, kept in `<data_dir>/agent/node-id`),
 //!   hostname, resources and platform.
 //! - [`assignments`]: the wanted set as assignment sets edit it (pure).
+//! - [`controllers`]: the known controller addresses, failover order,
+//!   remembered in `<data_dir>/agent/controllers.json`.
 //! - [`convert`]: the controller's tasks as the worker's specs, and the
 //!   worker's statuses as the wire's.
 //! - [`session`]: the dispatcher session: hello, heartbeats, assignments
@@ -25,6 +27,7 @@
 //! re-attaches the same way).
 
 pub mod assignments;
+pub mod controllers;
 pub mod convert;
 pub mod node;
 pub mod session;
@@ -86,8 +89,12 @@ pub enum AgentError {
 pub struct AgentConfig {
     /// The node's data directory.
     pub data_dir: DataDir,
-    /// The controller, `host:port`.
+    /// The controller tried first, `host:port` (the first of `--join`).
     pub controller: String,
+    /// Every controller address the agent was given (`--join a,b,c`),
+    /// `controller` first; the session fails over through them and through
+    /// the list each controller sends in `SessionAccepted.controllers`.
+    pub controllers: Vec<String>,
     /// The node's name (`--hostname`; the host's by default).
     pub hostname: String,
     /// The address the node is reachable at (`--advertise`); when unset, the
@@ -110,9 +117,11 @@ impl AgentConfig {
     /// `/proc/self/exe` as the `gantry` binary, 1 s heartbeats, reconnects
     /// backing off from 100 ms to 2 s.
     pub fn new(data_dir: DataDir, controller: impl Into<String>) -> AgentConfig {
+        let controller = controller.into();
         AgentConfig {
             data_dir,
-            controller: controller.into(),
+            controllers: vec![controller.clone()],
+            controller,
             hostname: node::hostname(),
             advertise_address: None,
             labels: BTreeMap::new(),
@@ -152,6 +161,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     validate_controller(&config.controller)?;
+    for address in &config.controllers {
+        validate_controller(address)?;
+    }
     let node = session::NodeInfo::describe(&config)?;
     let engine = Engine::open(EngineConfig {
         data_dir: config.data_dir.clone(),

@@ -5,7 +5,9 @@
 //! platform, protocol version, last generation), wait for `accepted`,
 //! re-send every task's current status, then heartbeat every
 //! `heartbeat_period_ms` while assignments come down and statuses go up.
-//! A broken stream is reconnected with a capped back-off (100 ms → 2 s);
+//! A broken stream is reconnected to the controller a refusal named as
+//! leader (`gantry-leader`), else to the next known controller, at once;
+//! only after a whole round of failures with a capped back-off (100 ms → 2 s);
 //! the worker and its containers are not touched meanwhile, and statuses
 //! that change while disconnected are sent on the next stream.
 //!
@@ -16,6 +18,7 @@
 //! thread of the blocking pool brings it; other tasks go on meanwhile.
 
 use super::assignments::{Assigned, Wanted};
+use super::controllers::{Controllers, controllers_path};
 use super::convert;
 use super::node::{self, NodeResources};
 use super::{AgentConfig, AgentError};
@@ -72,8 +75,26 @@ enum Ended {
     WorkerGone,
     /// The stream broke (or never came up); `accepted` says whether the
     /// controller had taken the session, which resets the back-off.
-    Broken { reason: String, accepted: bool },
+    Broken {
+        reason: String,
+        accepted: bool,
+        /// The leader the refusing controller named (`gantry-leader`).
+        leader: Option<String>,
+    },
 }
+
+/// The leader a controller names in a refusal's `gantry-leader` metadata.
+fn leader_hint(status: &tonic::Status) -> Option<String> {
+    status
+        .metadata()
+        .get(LEADER_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .filter(|v| !v.is_empty())
+}
+
+/// The metadata key a follower's refusal names the leader in.
+pub const LEADER_METADATA: &str = "gantry-leader";
 
 /// Input for an exec relay.
 enum ExecInput {
@@ -106,6 +127,10 @@ pub struct Agent {
     log_requests: HashMap<u64, Arc<AtomicBool>>,
     /// Running exec relays, by id.
     execs: HashMap<u64, mpsc::UnboundedSender<ExecInput>>,
+    /// The controllers known and the one in use.
+    controllers: Controllers,
+    /// The member list last saved to the data dir.
+    remembered: Vec<String>,
 }
 
 impl Agent {
@@ -118,7 +143,11 @@ impl Agent {
         events: mpsc::UnboundedReceiver<TaskStatus>,
     ) -> Agent {
         let (pulls_tx, pulls_rx) = mpsc::unbounded_channel();
+        let remembered = Controllers::load(&controllers_path(&config.data_dir));
+        let controllers = Controllers::new(&config.controllers, &remembered);
         Agent {
+            controllers,
+            remembered,
             config,
             node,
             engine,
@@ -146,11 +175,24 @@ impl Agent {
             match self.session(&mut shutdown).await {
                 Ended::Shutdown => return,
                 Ended::WorkerGone => return worker_gone(),
-                Ended::Broken { reason, accepted } => {
+                Ended::Broken {
+                    reason,
+                    accepted,
+                    leader,
+                } => {
                     if accepted {
                         backoff = first;
                     }
-                    tracing::warn!(controller = %self.config.controller, "session: {reason}; reconnecting in {backoff:?}");
+                    let failed_at = self.controllers.current().to_string();
+                    // Another controller is worth a try at once; only a
+                    // whole round of failures waits (and backs off).
+                    let round = self.controllers.failed(leader.as_deref());
+                    let wait = if round { backoff } else { Duration::ZERO };
+                    tracing::warn!(controller = %failed_at, next = %self.controllers.current(), "session: {reason}; reconnecting in {wait:?}");
+                    if !round {
+                        self.end_relays();
+                        continue;
+                    }
                 }
             }
             self.end_relays();
@@ -175,15 +217,19 @@ impl Agent {
         let broken = |reason: String| Ended::Broken {
             reason,
             accepted: false,
+            leader: None,
         };
-        let endpoint = match Endpoint::from_shared(format!("http://{}", self.config.controller)) {
+        let controller = self.controllers.current().to_string();
+        let endpoint = match Endpoint::from_shared(format!("http://{controller}")) {
             Ok(e) => e
                 .connect_timeout(CONNECT_TIMEOUT)
                 .tcp_nodelay(true)
                 // A controller that vanishes without closing the connection
-                // (a cut link, a frozen host) is noticed by HTTP/2 pings.
+                // (a cut link, a frozen host) is noticed by HTTP/2 pings
+                // within ~3 s: before a new leader's grace (one 3 s lease
+                // from its election, itself ~1 s after the cut) runs out.
                 .http2_keep_alive_interval(Duration::from_secs(1))
-                .keep_alive_timeout(Duration::from_secs(3))
+                .keep_alive_timeout(Duration::from_secs(2))
                 .keep_alive_while_idle(true),
             Err(e) => return broken(format!("address: {e}")),
         };
@@ -226,7 +272,11 @@ impl Agent {
             _ = &mut *shutdown => return Ended::Shutdown,
             r = opened => match r {
                 Ok(Ok(response)) => response.into_inner(),
-                Ok(Err(status)) => return broken(format!("refused: {}", status.message())),
+                Ok(Err(status)) => return Ended::Broken {
+                    reason: format!("refused: {}", status.message()),
+                    accepted: false,
+                    leader: leader_hint(&status),
+                },
                 Err(_) => return broken("no answer to the session request".into()),
             },
         };
@@ -242,7 +292,13 @@ impl Agent {
                 return broken(format!("expected accepted, got {other:?}"));
             }
             Ok(Ok(None)) => return broken("closed before accepting the session".into()),
-            Ok(Err(status)) => return broken(format!("refused: {}", status.message())),
+            Ok(Err(status)) => {
+                return Ended::Broken {
+                    reason: format!("refused: {}", status.message()),
+                    accepted: false,
+                    leader: leader_hint(&status),
+                };
+            }
             Err(_) => return broken("no accepted within the timeout".into()),
         };
         if accepted.protocol_version != gantry_proto::PROTOCOL_VERSION {
@@ -252,7 +308,15 @@ impl Agent {
                 gantry_proto::PROTOCOL_VERSION
             ));
         }
-        tracing::info!(session = %accepted.session_id, node = %self.node.node_id, "session accepted");
+        tracing::info!(session = %accepted.session_id, node = %self.node.node_id, %controller, "session accepted");
+        if !accepted.controllers.is_empty() && accepted.controllers != self.remembered {
+            Controllers::save(
+                &controllers_path(&self.config.data_dir),
+                &accepted.controllers,
+            );
+            self.remembered = accepted.controllers.clone();
+        }
+        self.controllers.accepted(&accepted.controllers);
         self.wanted.session_opened();
         let period = match accepted.heartbeat_period_ms {
             0 => self.config.heartbeat_period,
@@ -261,6 +325,7 @@ impl Agent {
         let broken_after_accept = |reason: String| Ended::Broken {
             reason,
             accepted: true,
+            leader: None,
         };
         // Every task's current status, so that a controller that missed
         // changes (or restarted) sees where everything is.
@@ -294,7 +359,11 @@ impl Agent {
                 m = inbound.message() => match m {
                     Ok(Some(message)) => self.handle(message, &tx),
                     Ok(None) => return broken_after_accept("the controller ended the stream".into()),
-                    Err(status) => return broken_after_accept(format!("stream: {}", status.message())),
+                    Err(status) => return Ended::Broken {
+                        reason: format!("stream: {}", status.message()),
+                        accepted: true,
+                        leader: leader_hint(&status),
+                    },
                 },
                 status = self.events.recv() => {
                     let Some(status) = status else {
@@ -323,7 +392,7 @@ impl Agent {
         }
         let local = std::net::UdpSocket::bind("0.0.0.0:0")
             .and_then(|s| {
-                s.connect(self.config.controller.as_str())?;
+                s.connect(self.controllers.current())?;
                 s.local_addr()
             })
             .map(|a| a.ip().to_string());
@@ -469,7 +538,7 @@ impl Agent {
             }
             let images = self.engine.images().clone();
             let options = PullOptions {
-                mirror: Some(format!("http://{}", self.config.controller)),
+                mirror: Some(format!("http://{}", self.controllers.current())),
                 fallback_to_origin: true,
                 ..PullOptions::default()
             };

@@ -1,4 +1,4 @@
-//! `gantry agent --join HOST:PORT`: runs this node's agent until SIGTERM or
+//! `gantry agent --join HOST:PORT[,HOST:PORT...]`: runs this node's agent until SIGTERM or
 //! SIGINT, which leave the node's containers running.
 
 use super::UsageError;
@@ -13,9 +13,11 @@ use std::process::ExitCode;
 /// Arguments of `gantry agent`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The controller to join, HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT")]
-    join: String,
+    /// The controllers to join, HOST:PORT (a comma list, or repeated): the
+    /// first is tried first, the others on failure; the agent also learns
+    /// every member from the controller it reaches.
+    #[arg(long, value_name = "HOST:PORT", value_delimiter = ',', required = true)]
+    join: Vec<String>,
     /// The node's name (default: the host's).
     #[arg(long)]
     hostname: Option<String>,
@@ -43,7 +45,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .data_dir
         .map(DataDir::new)
         .unwrap_or_else(DataDir::from_env);
-    let mut config = AgentConfig::new(data_dir, args.join);
+    let join: Vec<String> = args
+        .join
+        .iter()
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    let Some(first) = join.first().cloned() else {
+        return Err(UsageError("--join: give at least one controller HOST:PORT".into()).into());
+    };
+    let mut config = AgentConfig::new(data_dir, first);
+    config.controllers = join;
     if let Some(hostname) = args.hostname {
         config.hostname = hostname;
     }

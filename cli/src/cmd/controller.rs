@@ -1,6 +1,13 @@
 //! `gantry controller`: runs the control plane (store, scheduler,
 //! orchestrators, dispatcher, API) until SIGTERM or SIGINT.
 //!
+//! How it starts depends on its data directory, as etcd's and Nomad's
+//! servers do: an empty one makes a new one-member cluster (or, with
+//! `--join ADDR`, asks that member to add this one); one that holds a
+//! cluster restarts that member (`--join` is then ignored: a restarted
+//! member never joins again); `--force-new-cluster` restarts it as the only
+//! member, keeping its data (disaster recovery after losing the majority).
+//!
 //! The tokio runtime is built here, inside the subcommand, so that `main`
 //! stays synchronous (ARCHITECTURE.md's invariant).
 
@@ -13,7 +20,7 @@ use anyhow::Context;
 use gantry_agent::paths::DataDir;
 use gantry_controller::compose::units;
 use gantry_controller::registry::{self, RegistryStore};
-use gantry_controller::server::{self, ControllerConfig};
+use gantry_controller::server::{self, ControllerConfig, StartMode};
 
 use super::UsageError;
 
@@ -33,6 +40,20 @@ pub struct Args {
     /// How long a silent node keeps its tasks before it is marked down.
     #[arg(long, value_name = "D", default_value = "3s", value_parser = parse_duration)]
     lease: Duration,
+    /// The address other controllers, agents and clients reach this one at
+    /// (default: --listen, or when that is 0.0.0.0 the local address that
+    /// reaches --join, else 127.0.0.1 with the listen port).
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<String>,
+    /// Join the cluster of the controller at HOST:PORT (any member: a
+    /// follower forwards to the leader). Ignored when the data directory
+    /// already holds a cluster.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "force_new_cluster")]
+    join: Option<String>,
+    /// Disaster recovery: restart from this member's data as a cluster of
+    /// one (etcd's --force-new-cluster); add the others back with --join.
+    #[arg(long)]
+    force_new_cluster: bool,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -45,6 +66,28 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Runs `gantry controller`.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let mode = match (&args.join, args.force_new_cluster) {
+        (Some(join), _) => StartMode::Join(join.clone()),
+        (None, true) => StartMode::ForceNewCluster,
+        (None, false) => StartMode::Auto,
+    };
+    start(args, mode)
+}
+
+/// Runs `gantry cluster init`: a controller that must start a new cluster.
+pub fn run_init(args: Args) -> anyhow::Result<ExitCode> {
+    if args.join.is_some() || args.force_new_cluster {
+        return Err(UsageError(
+            "cluster init starts a new cluster: --join and --force-new-cluster do not apply \
+             (use `gantry controller --join ADDR` to add this host to a cluster)"
+                .into(),
+        )
+        .into());
+    }
+    start(args, StartMode::Init)
+}
+
+fn start(args: Args, mode: StartMode) -> anyhow::Result<ExitCode> {
     if args.lease <= args.heartbeat_period {
         return Err(UsageError(format!(
             "--lease {:?} must be longer than --heartbeat-period {:?}",
@@ -61,8 +104,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         listen: args.listen,
         heartbeat_period: args.heartbeat_period,
         lease: args.lease,
+        advertise: args.advertise,
+        mode,
         ..ControllerConfig::default()
     };
+    if matches!(config.mode, StartMode::Init) && server::holds_cluster(&config) {
+        return Err(UsageError(format!(
+            "{} already holds a cluster: start it with `gantry controller`, or remove the \
+             directory to make a new one",
+            config.controller_dir().display()
+        ))
+        .into());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("gantry-controller")

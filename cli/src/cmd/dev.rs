@@ -58,13 +58,21 @@ enum ClusterCommand {
     Down,
 }
 
+fn parse_controllers(text: &str) -> Result<u32, String> {
+    match text.parse::<u32>() {
+        Ok(n @ (1 | 3 | 5 | 7)) => Ok(n),
+        _ => Err(format!("`{text}`: 1, 3, 5 or 7 controllers")),
+    }
+}
+
 #[derive(Debug, clap::Args)]
 struct UpArgs {
     /// Agent hosts (n1..nN).
     #[arg(long, default_value_t = 3)]
     agents: u32,
-    /// Controller hosts (c1..); one until the replicated controller lands.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1))]
+    /// Controller hosts (c1..cN): 1, 3, 5 or 7 (an odd count, as Raft
+    /// wants: an even one tolerates no more failures than one fewer).
+    #[arg(long, default_value_t = 1, value_parser = parse_controllers)]
     controllers: u32,
     /// The hosts' subnet (default 10.251.0.0/24, or a free /24 in 10.251.0.0/16).
     #[arg(long)]

@@ -1,6 +1,7 @@
 //! One module per subcommand group; each exposes `Args` and `run(Args)`.
 
 pub mod agent;
+pub mod cluster;
 pub mod container;
 pub mod controller;
 pub mod deploy;

@@ -140,6 +140,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 fn write_context(path: &Path, controller: &str) -> anyhow::Result<()> {
     let context = CliContext {
         controller: controller.to_string(),
+        controllers: Vec::new(),
         source: CONTEXT_SOURCE.to_string(),
     };
     context_state::write_json(path, &context)

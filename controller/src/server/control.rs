@@ -31,7 +31,7 @@ use crate::model::{
     DesiredState, Node, NodeId, Service, ServiceId, ServiceMode, Task, TaskId, TaskState,
 };
 use crate::orchestrator::MAX_REPLICAS;
-use crate::store::{ApplyError, Command, EventKind, Object, StateMachine, WatchError};
+use crate::store::{Command, EventKind, Object, StateMachine, WatchError};
 use crate::wire;
 
 /// The Control service.
@@ -65,13 +65,33 @@ const EXEC_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 fn state_status(e: StateError) -> Status {
-    match e {
-        StateError::Refused { source, .. } => match source {
-            ApplyError::NotFound { .. } => Status::not_found(source.to_string()),
-            other => Status::aborted(other.to_string()),
-        },
-        StateError::Stopped => Status::unavailable(e.to_string()),
-        other => Status::internal(other.to_string()),
+    super::replication::status_of(e, None)
+}
+
+impl Control {
+    /// Makes this controller's state current (Raft ReadIndex) before a
+    /// read that must not be stale, so a list right after a write through
+    /// any controller shows it; without a quorum the read is refused like
+    /// a write, naming the leader when known.
+    async fn current(&self) -> Result<(), Status> {
+        self.store
+            .linearizable()
+            .await
+            .map_err(|e| super::replication::status_of(e, self.store.leader_address()))
+    }
+
+    /// Logs and exec go through the agent's session, which lives on the
+    /// leader: anywhere else they are refused with the leader named.
+    fn leader_only(&self, what: &str) -> Result<(), Status> {
+        if self.store.is_leader() {
+            return Ok(());
+        }
+        let leader = self.store.leader_address();
+        let message = match &leader {
+            Some(a) => format!("{what} goes through the leader; the leader is {a}"),
+            None => format!("{what} goes through the leader, and no leader is known"),
+        };
+        Err(super::replication::unavailable(message, leader))
     }
 }
 
@@ -201,6 +221,7 @@ impl pb::control_server::Control for Control {
         &self,
         request: Request<pb::DeployStackRequest>,
     ) -> Result<Response<pb::DeployStackResponse>, Status> {
+        self.current().await?;
         let req = request.into_inner();
         let stack = wire::stack_from_json(&req.stack_json)
             .map_err(|e| Status::invalid_argument(format!("stack_json: {e}")))?;
@@ -274,6 +295,7 @@ impl pb::control_server::Control for Control {
         &self,
         _request: Request<pb::ListStacksRequest>,
     ) -> Result<Response<pb::ListStacksResponse>, Status> {
+        self.current().await?;
         Ok(Response::new(self.store.read(|s| {
             let mut stacks: BTreeMap<String, u64> = BTreeMap::new();
             for svc in s.services() {
@@ -293,6 +315,7 @@ impl pb::control_server::Control for Control {
         &self,
         request: Request<pb::StackTasksRequest>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        self.current().await?;
         let req = request.into_inner();
         self.list_tasks(Request::new(pb::TaskFilter {
             stack: req.stack,
@@ -306,6 +329,7 @@ impl pb::control_server::Control for Control {
         &self,
         request: Request<pb::RemoveStackRequest>,
     ) -> Result<Response<pb::RemoveStackResponse>, Status> {
+        self.current().await?;
         let stack = request.into_inner().stack;
         let services: Vec<(String, ServiceId)> = self.store.read(|s| {
             s.services()
@@ -339,6 +363,7 @@ impl pb::control_server::Control for Control {
         &self,
         request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        self.current().await?;
         let stack = request.into_inner().stack;
         Ok(Response::new(self.store.read(|s| {
             let mut services: Vec<&Service> = s
@@ -361,6 +386,7 @@ impl pb::control_server::Control for Control {
         &self,
         request: Request<pb::ServiceRef>,
     ) -> Result<Response<pb::ServiceInfo>, Status> {
+        self.current().await?;
         let reference = request.into_inner().service;
         self.store
             .read(|s| resolve_service(s, &reference).map(|svc| service_info(s, svc)))
@@ -371,6 +397,7 @@ impl pb::control_server::Control for Control {
         &self,
         request: Request<pb::ScaleServiceRequest>,
     ) -> Result<Response<pb::ServiceInfo>, Status> {
+        self.current().await?;
         let req = request.into_inner();
         if req.replicas > MAX_REPLICAS {
             return Err(Status::invalid_argument(format!(
@@ -412,6 +439,7 @@ impl pb::control_server::Control for Control {
         &self,
         request: Request<pb::ServiceRef>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
+        self.current().await?;
         let reference = request.into_inner().service;
         let id = self
             .store
@@ -430,6 +458,7 @@ impl pb::control_server::Control for Control {
         &self,
         request: Request<pb::ServiceLogsRequest>,
     ) -> Result<Response<Self::ServiceLogsStream>, Status> {
+        self.leader_only("service logs")?;
         let req = request.into_inner();
         let tasks: Vec<(TaskId, NodeId)> = self.store.read(|s| {
             let svc = resolve_service(s, &req.service)?;
@@ -505,6 +534,7 @@ impl pb::control_server::Control for Control {
         &self,
         request: Request<pb::TaskFilter>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        self.current().await?;
         let filter = request.into_inner();
         let mut states = Vec::new();
         for (i, &state) in filter.states.iter().enumerate() {
@@ -550,6 +580,7 @@ impl pb::control_server::Control for Control {
         &self,
         _request: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.current().await?;
         Ok(Response::new(self.store.read(|s| {
             let mut nodes: Vec<&Node> = s.nodes().collect();
             nodes.sort_by(|a, b| (&a.status.hostname, &a.id).cmp(&(&b.status.hostname, &b.id)));
@@ -564,6 +595,7 @@ impl pb::control_server::Control for Control {
         &self,
         request: Request<pb::NodeRef>,
     ) -> Result<Response<pb::Node>, Status> {
+        self.current().await?;
         let reference = request.into_inner().node;
         self.store
             .read(|s| resolve_node(s, &reference).map(|n| n.clone().into()))
@@ -574,6 +606,7 @@ impl pb::control_server::Control for Control {
         &self,
         request: Request<pb::UpdateNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
+        self.current().await?;
         let req = request.into_inner();
         let node = self.store.read(|s| resolve_node(s, &req.node).cloned())?;
         let availability = req
@@ -670,6 +703,7 @@ impl pb::control_server::Control for Control {
         &self,
         request: Request<Streaming<pb::ExecClientMessage>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
+        self.leader_only("exec")?;
         let mut inbound = request.into_inner();
         // The client sends `start` at once; one that does not is not held
         // on to for ever.

@@ -23,6 +23,14 @@
 //!   silent. A disconnect alone does not mark it down, so an agent that
 //!   reconnects within the lease keeps its tasks. After a controller restart
 //!   every node gets one lease from the start to reconnect.
+//! - The dispatcher runs on the Raft leader only: a follower refuses a
+//!   session with UNAVAILABLE, "not the leader; the leader is ADDR" and the
+//!   `gantry-leader: ADDR` metadata, and the leader that loses leadership
+//!   ends its sessions the same way, so agents move with the leader.
+//! - A new leader gives every node a whole lease from the moment it became
+//!   leader before the liveness loop may mark it down (the grace Swarm's
+//!   dispatcher gives after a leader change), so a failover never marks a
+//!   healthy node down or moves its tasks.
 //! - Agent labels are merged into the node's labels only for keys the
 //!   operator has not set (operator labels win, as Swarm's node labels over
 //!   engine labels).
@@ -84,11 +92,13 @@ struct Relay {
     tx: mpsc::Sender<pb::AgentMessage>,
 }
 
-#[derive(Default)]
 struct Tables {
     sessions: HashMap<NodeId, Session>,
     last_seen: HashMap<NodeId, Instant>,
     relays: HashMap<u64, Relay>,
+    /// When this controller last became leader (or started): no node is
+    /// marked down for silence before a whole lease after it.
+    lease_start: Instant,
 }
 
 struct Inner {
@@ -96,7 +106,6 @@ struct Inner {
     config: SessionConfig,
     tables: Mutex<Tables>,
     serial: AtomicU64,
-    started: Instant,
 }
 
 /// The dispatcher; cheap to clone. Serves `gantry.v1.Dispatcher` and relays
@@ -129,9 +138,13 @@ impl Dispatcher {
             inner: Arc::new(Inner {
                 store,
                 config,
-                tables: Mutex::new(Tables::default()),
+                tables: Mutex::new(Tables {
+                    sessions: HashMap::new(),
+                    last_seen: HashMap::new(),
+                    relays: HashMap::new(),
+                    lease_start: Instant::now(),
+                }),
                 serial: AtomicU64::new(1),
-                started: Instant::now(),
             }),
             shutdown: None,
         }
@@ -217,6 +230,25 @@ impl Dispatcher {
         }
     }
 
+    /// This controller just became leader: every node gets a whole lease
+    /// from now before it may be marked down (its agent is reconnecting
+    /// from the old leader).
+    pub fn gained_leadership(&self) {
+        let mut tables = self.tables();
+        tables.lease_start = Instant::now();
+        tables.last_seen.clear();
+    }
+
+    /// The refusal a follower answers a session with.
+    fn not_leader(&self) -> Status {
+        let leader = self.inner.store.leader_address();
+        let message = match &leader {
+            Some(a) => format!("not the leader; the leader is {a}"),
+            None => "not the leader; no leader is known yet (an election may be under way)".into(),
+        };
+        super::replication::unavailable(message, leader)
+    }
+
     /// Whether `node` has a live session.
     pub fn has_session(&self, node: &NodeId) -> bool {
         self.tables().sessions.contains_key(node)
@@ -254,7 +286,8 @@ impl Dispatcher {
                     .last_seen
                     .get(&node)
                     .copied()
-                    .unwrap_or(self.inner.started);
+                    .unwrap_or(tables.lease_start)
+                    .max(tables.lease_start);
                 if now.duration_since(seen) <= self.inner.config.lease {
                     continue;
                 }
@@ -353,8 +386,7 @@ impl Dispatcher {
                     heartbeat_period_ms: duration_ms(self.inner.config.heartbeat_period),
                     lease_ms: duration_ms(self.inner.config.lease),
                     protocol_version: gantry_proto::PROTOCOL_VERSION,
-                    // One controller until Raft membership lands.
-                    controllers: Vec::new(),
+                    controllers: self.inner.store.controller_addresses(),
                 },
             )),
         };
@@ -426,8 +458,17 @@ impl Dispatcher {
         let Some(mut events) = self.send_full_set(node, tx, &mut sent).await else {
             return;
         };
+        let mut leadership = self.inner.store.raft().leadership();
+        let me = self.inner.store.id();
         loop {
             tokio::select! {
+                changed = leadership.changed() => {
+                    let leads = changed.is_ok() && leadership.borrow_and_update().leader == Some(me);
+                    if !leads {
+                        let _ = tx.send(Err(self.not_leader())).await;
+                        return;
+                    }
+                }
                 () = super::stop_signal(self.shutdown.clone()) => {
                     let _ = tx.send(Err(Status::unavailable("the controller is shutting down"))).await;
                     return;
@@ -751,6 +792,9 @@ impl pb::dispatcher_server::Dispatcher for Dispatcher {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
+        if !self.inner.store.is_leader() {
+            return Err(self.not_leader());
+        }
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(128);
         let this = self.clone();

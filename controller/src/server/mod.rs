@@ -1,10 +1,13 @@
 //! The controller process: the store behind its async front, the executor
 //! loops, and the gRPC services, all on one listener.
 //!
-//! [`serve`] opens the store in `<data_dir>/controller/`, starts the
-//! orchestrator, scheduler, task history and node liveness loops, and serves
-//! on one TCP port both gRPC over h2c (`gantry.v1.Control`,
-//! `gantry.v1.Dispatcher`) and whatever `http_routes` carries (the image
+//! [`serve`] starts this member's Raft node on `<data_dir>/controller/`
+//! (a new one-member cluster, a `--join`, a restart or a forced new cluster:
+//! [`StartMode`]; the raft id is kept in `raft.json` beside the log), runs
+//! the orchestrator, scheduler, task history and node liveness loops while
+//! this member leads ([`lead`]), and serves on one TCP port both gRPC over
+//! h2c (`gantry.v1.Control`, `gantry.v1.Dispatcher`, `gantry.v1.Raft`,
+//! `gantry.v1.Cluster`) and whatever `http_routes` carries (the image
 //! registry under `/v2/`, HTTP/1.1): tonic's routes become an axum router
 //! merged with the caller's, and `axum::serve` picks HTTP/1.1 or HTTP/2
 //! (prior knowledge) per connection.
@@ -12,7 +15,7 @@
 //! Shutdown is the mini-redis way: when `shutdown` resolves, the stop is
 //! broadcast; the listener stops accepting, agent sessions and watch streams
 //! end, the loops return, in-flight requests get [`DRAIN_TIMEOUT`] to
-//! finish, and the store's writer thread is joined so the log is closed.
+//! finish, and the Raft thread is joined so the log is closed.
 //!
 //! No TLS and no join tokens in this issue: any agent that reaches the port
 //! joins (DESIGN's mTLS comes with the security work).
@@ -25,6 +28,7 @@ pub mod control;
 pub mod deploy;
 pub mod dispatcher;
 pub mod executor;
+pub mod replication;
 pub mod state;
 
 use std::future::Future;
@@ -36,10 +40,12 @@ use gantry_proto::v1 as pb;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::raft::{Bootstrap, RaftConfig, RaftNode};
 use crate::store::StoreConfig;
 pub use control::Control;
 pub use dispatcher::{Dispatcher, SessionConfig};
-pub use state::{StateError, StoreFront, StoreThread};
+pub use replication::{ClusterService, Forwarder, GrpcTransport, RaftService};
+pub use state::{StateError, StoreFront};
 
 /// How long in-flight requests may run after shutdown was asked for.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -65,6 +71,20 @@ pub enum ServerError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StateError),
+    /// This member's identity file could not be read or written.
+    #[error("controller identity {path}: {message}")]
+    Identity {
+        /// The file.
+        path: String,
+        /// What failed.
+        message: String,
+    },
+    /// `--join` failed.
+    #[error("{message}")]
+    Join {
+        /// What failed.
+        message: String,
+    },
     /// Serving failed.
     #[error("serving on {addr}: {source}")]
     Serve {
@@ -93,6 +113,31 @@ pub struct ControllerConfig {
     pub lease: Duration,
     /// Snapshot and watch history settings.
     pub store: StoreConfig,
+    /// The address other controllers, agents and clients reach this one at;
+    /// `None`: `listen` when it names an address, else one found by
+    /// [`advertise_address`].
+    pub advertise: Option<String>,
+    /// How to start when the data directory holds no cluster yet.
+    pub mode: StartMode,
+}
+
+/// How a controller starts (`gantry controller` flags). Whatever the mode,
+/// a data directory that already holds a cluster restarts that member,
+/// except with [`StartMode::ForceNewCluster`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StartMode {
+    /// A new one-member cluster if the data directory is empty, else a
+    /// restart.
+    #[default]
+    Auto,
+    /// `gantry cluster init`: like `Auto`, but the caller refuses a data
+    /// directory that holds a cluster (see [`holds_cluster`]).
+    Init,
+    /// `--join ADDR`: ask the member at ADDR to add this controller, then
+    /// start empty and wait for the leader's log or snapshot.
+    Join(String),
+    /// `--force-new-cluster`: this member's data as a one-member cluster.
+    ForceNewCluster,
 }
 
 impl ControllerConfig {
@@ -123,7 +168,38 @@ impl Default for ControllerConfig {
             heartbeat_period: Duration::from_secs(1),
             lease: Duration::from_secs(3),
             store: StoreConfig::default(),
+            advertise: None,
+            mode: StartMode::Auto,
         }
+    }
+}
+
+/// Whether the controller's directory already holds a cluster's data
+/// (this member's identity, written before its Raft state).
+pub fn holds_cluster(config: &ControllerConfig) -> bool {
+    config.controller_dir().join(IDENTITY_FILE).exists()
+}
+
+/// The address to advertise: `config.advertise`, else `listen` when it is
+/// not the unspecified address, else the local address of a route towards
+/// `toward` (a UDP connect, which sends nothing) with the listen port, else
+/// loopback.
+pub fn advertise_address(config: &ControllerConfig, toward: Option<&str>) -> String {
+    if let Some(a) = &config.advertise {
+        return a.clone();
+    }
+    let port = config.listen.port();
+    if !config.listen.ip().is_unspecified() {
+        return config.listen.to_string();
+    }
+    let local = toward.and_then(|t| {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+        socket.connect(t).ok()?;
+        socket.local_addr().ok()
+    });
+    match local {
+        Some(a) => SocketAddr::new(a.ip(), port).to_string(),
+        None => SocketAddr::from(([127, 0, 0, 1], port)).to_string(),
     }
 }
 
@@ -142,6 +218,54 @@ pub async fn serve(
     serve_on(config, listener, http_routes, shutdown).await
 }
 
+/// This member's identity, kept beside the log (`raft.json`): a restart
+/// must come back with the raft id the cluster gave it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Identity {
+    id: u64,
+    address: String,
+}
+
+const IDENTITY_FILE: &str = "raft.json";
+
+fn load_identity(dir: &std::path::Path) -> Result<Option<Identity>, ServerError> {
+    let path = dir.join(IDENTITY_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| ServerError::Identity {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ServerError::Identity {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+fn save_identity(dir: &std::path::Path, identity: &Identity) -> Result<(), ServerError> {
+    let path = dir.join(IDENTITY_FILE);
+    let fail = |e: std::io::Error| ServerError::Identity {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let tmp = dir.join("raft.json.tmp");
+    let bytes = serde_json::to_vec(identity).unwrap_or_default();
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&tmp).map_err(fail)?;
+        f.write_all(&bytes).map_err(fail)?;
+        f.sync_all().map_err(fail)?;
+    }
+    std::fs::rename(&tmp, &path).map_err(fail)
+}
+
+/// How long `--join` keeps asking before giving up.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Runs the controller on an already bound listener (tests bind port 0).
 pub async fn serve_on(
     config: ControllerConfig,
@@ -149,12 +273,74 @@ pub async fn serve_on(
     http_routes: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let addr = listener
-        .local_addr()
-        .map_or_else(|_| config.listen.to_string(), |a| a.to_string());
+    let bound = listener.local_addr().ok();
+    let addr = bound.map_or_else(|| config.listen.to_string(), |a| a.to_string());
     let dir = config.controller_dir();
-    let (store, thread) = StoreFront::open(&dir, config.store)?;
-    tracing::info!(%addr, dir = %dir.display(), revision = store.revision(), "controller starting");
+    let join_target = match &config.mode {
+        StartMode::Join(a) => Some(a.clone()),
+        _ => None,
+    };
+    let mut advertise_config = config.clone();
+    if let Some(bound) = bound {
+        advertise_config.listen = bound;
+    }
+    let advertise = advertise_address(&advertise_config, join_target.as_deref());
+
+    // Restart when this member has an identity; else what the flags say.
+    let identity = load_identity(&dir)?;
+    let transport = GrpcTransport::new(tokio::runtime::Handle::current());
+    let (identity, bootstrap) = match (identity, &config.mode) {
+        (Some(id), StartMode::ForceNewCluster) => (id, Bootstrap::ForceNewCluster),
+        (Some(id), mode) => {
+            if matches!(mode, StartMode::Join(_)) {
+                tracing::info!(
+                    raft_id = id.id,
+                    "the data directory holds a cluster: restarting as that member, not joining"
+                );
+            }
+            (id, Bootstrap::Restart)
+        }
+        (None, StartMode::ForceNewCluster) => {
+            return Err(ServerError::Identity {
+                path: dir.join(IDENTITY_FILE).display().to_string(),
+                message: "--force-new-cluster needs this member's data, and there is none".into(),
+            });
+        }
+        (None, StartMode::Join(target)) => {
+            let (id, members) = replication::join(target, &advertise, JOIN_TIMEOUT)
+                .await
+                .map_err(|message| ServerError::Join { message })?;
+            transport.learn(members);
+            let identity = Identity {
+                id,
+                address: advertise.clone(),
+            };
+            save_identity(&dir, &identity)?;
+            (identity, Bootstrap::Join)
+        }
+        (None, StartMode::Auto | StartMode::Init) => {
+            let identity = Identity {
+                id: 1,
+                address: advertise.clone(),
+            };
+            save_identity(&dir, &identity)?;
+            (identity, Bootstrap::NewCluster)
+        }
+    };
+
+    let mut raft_config = RaftConfig::new(identity.id, identity.address.clone(), &dir);
+    raft_config.snapshot_every = config.store.snapshot_every;
+    raft_config.watch_history = config.store.watch_history;
+    let (raft, raft_thread) =
+        RaftNode::start(raft_config, bootstrap, transport.clone()).map_err(|source| {
+            StateError::Open {
+                path: dir.display().to_string(),
+                source: Box::new(source),
+            }
+        })?;
+    transport.attach(raft.clone());
+    let store = StoreFront::new(raft.clone(), std::sync::Arc::new(Forwarder::new()));
+    tracing::info!(%addr, advertise = %identity.address, raft_id = identity.id, ?bootstrap, dir = %dir.display(), revision = store.revision(), "controller starting");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move |mut rx: watch::Receiver<bool>| async move {
@@ -173,29 +359,20 @@ pub async fn serve_on(
     let control = Control::new(store.clone(), dispatcher.clone()).with_shutdown(stop_rx.clone());
 
     let mut loops = tokio::task::JoinSet::new();
-    loops.spawn(executor::run_orchestrator(
-        store.clone(),
-        stopped(stop_rx.clone()),
-    ));
-    loops.spawn(executor::run_scheduler(
-        store.clone(),
-        stopped(stop_rx.clone()),
-    ));
-    loops.spawn(executor::run_task_history(
-        store.clone(),
-        stopped(stop_rx.clone()),
-    ));
-    {
-        let dispatcher = dispatcher.clone();
-        let stop = stopped(stop_rx.clone());
-        loops.spawn(async move { dispatcher.run_liveness(stop).await });
-    }
-    drop(store);
+    loops.spawn(lead(store.clone(), dispatcher.clone(), stop_rx.clone()));
 
     let router = tonic::service::Routes::new(pb::control_server::ControlServer::new(control))
         .add_service(pb::dispatcher_server::DispatcherServer::new(dispatcher))
+        .add_service(pb::raft_server::RaftServer::new(RaftService::new(
+            store.clone(),
+        )))
+        .add_service(pb::cluster_server::ClusterServer::new(ClusterService::new(
+            store.clone(),
+        )))
         .into_axum_router()
-        .merge(http_routes);
+        .merge(http_routes)
+        .merge(metrics_route(store.clone()));
+    drop(store);
 
     let server_stop = stopped(stop_rx.clone());
     let mut server = tokio::spawn(async move {
@@ -222,9 +399,10 @@ pub async fn serve_on(
     };
     while loops.join_next().await.is_some() {}
     tracing::info!("controller stopped; closing the store");
-    // The writer thread ends once the last front is dropped: give stragglers
-    // (a request handler finishing) the drain timeout, then stop waiting.
-    let joined = tokio::task::spawn_blocking(move || thread.join());
+    // Stop the Raft loop (it finishes its turn, so what it acknowledged is
+    // on disk); stragglers holding handles get errors from then on.
+    drop(raft);
+    let joined = tokio::task::spawn_blocking(move || raft_thread.stop());
     if tokio::time::timeout(DRAIN_TIMEOUT, joined).await.is_err() {
         tracing::warn!("the store is still in use after shutdown; not waiting for it");
     }
@@ -235,6 +413,105 @@ pub async fn serve_on(
             addr,
             source: std::io::Error::other(e.to_string()),
         }),
+    }
+}
+
+/// `GET /metrics`: the Raft counters in Prometheus' text format.
+fn metrics_route(store: StoreFront) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = replication::metrics_text(&store);
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    text,
+                )
+            }
+        }),
+    )
+}
+
+/// Runs the leader-only loops (orchestrator, scheduler, task history,
+/// liveness) while this controller leads: they start, each with its full
+/// pass, when it gains leadership and stop when it loses it, until `stop`.
+async fn lead(store: StoreFront, dispatcher: Dispatcher, stop: watch::Receiver<bool>) {
+    let me = store.id();
+    let mut leadership = store.raft().leadership();
+    loop {
+        // Wait to lead.
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            // A closed channel means the Raft loop stopped: nothing to lead.
+            if leadership.has_changed().is_err() {
+                tracing::error!(
+                    raft_id = me,
+                    "the raft loop stopped; the leader-only loops stay off"
+                );
+                return;
+            }
+            if leadership.borrow_and_update().leader == Some(me) {
+                break;
+            }
+            let mut stop = stop.clone();
+            tokio::select! {
+                r = leadership.changed() => if r.is_err() { return; },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+        let term = leadership.borrow().term;
+        tracing::info!(
+            raft_id = me,
+            term,
+            "leading: starting the orchestrator, scheduler, task history and liveness loops"
+        );
+        dispatcher.gained_leadership();
+        let (term_tx, term_rx) = watch::channel(false);
+        let until = {
+            let stop = stop.clone();
+            move || {
+                let mut stop = stop.clone();
+                let mut term = term_rx.clone();
+                async move {
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => {}
+                        _ = term.wait_for(|s| *s) => {}
+                    }
+                }
+            }
+        };
+        let mut loops = tokio::task::JoinSet::new();
+        loops.spawn(executor::run_orchestrator(store.clone(), until()));
+        loops.spawn(executor::run_scheduler(store.clone(), until()));
+        loops.spawn(executor::run_task_history(store.clone(), until()));
+        {
+            let dispatcher = dispatcher.clone();
+            let until = until();
+            loops.spawn(async move { dispatcher.run_liveness(until).await });
+        }
+        // Lead until leadership moves (or the controller stops).
+        loop {
+            let mut stop_rx = stop.clone();
+            tokio::select! {
+                r = leadership.changed() => {
+                    if r.is_err() || leadership.borrow_and_update().leader != Some(me) {
+                        break;
+                    }
+                }
+                _ = stop_rx.wait_for(|s| *s) => break,
+            }
+        }
+        let _ = term_tx.send(true);
+        while loops.join_next().await.is_some() {}
+        tracing::info!(
+            raft_id = me,
+            "no longer leading: the leader-only loops stopped"
+        );
     }
 }
 

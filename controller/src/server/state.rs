@@ -1,48 +1,51 @@
-//! The store's async front: one thread owns every write, reads come from a
-//! consistent view, watches arrive on tokio channels.
+//! The store's async front over the Raft node: writes go through Raft
+//! (proposed here on the leader, forwarded to the leader elsewhere), reads
+//! come from the local applied state, watches from the local hub.
 //!
-//! The [`Store`] is synchronous and fsyncs once per proposal, so it must not
-//! run on the async workers. A dedicated thread takes proposals from a
-//! channel; whatever queued up while it was fsyncing goes into the next
-//! [`Store::propose_batch`] together (group commit, as etcd's raft loop does
-//! with its ready batches), so many agents reporting at once cost one fsync,
-//! not one each. Each proposer gets back exactly its own commands' results.
+//! - **Writes**: on the leader, [`StoreFront::propose`] hands the commands
+//!   to [`RaftNode::propose`], which batches whatever queued during the
+//!   previous fsync into one Ready (group commit). On a follower each
+//!   command goes to the leader with `Raft.Forward`; the leader answers with
+//!   the index and the encoded result once applied, and the follower waits
+//!   until it has applied that index too before answering, so a client
+//!   reads its own write from any controller.
+//! - **Reads** take the state machine's lock for one closure, so a reader
+//!   sees one revision and never half a batch. [`StoreFront::read`] reads
+//!   whatever this member has applied (the loops and the dispatcher run on
+//!   the leader, where that is current enough); [`StoreFront::linearizable`]
+//!   first does a Raft ReadIndex and waits for it to be applied, for the
+//!   Control RPCs that must not show a stale list.
+//! - **Watches** come from this member's applied state on any member.
 //!
-//! Reads take a read lock on the store for the length of a closure, so a
-//! reader sees the state at one revision and never half of a batch; a read
-//! waits at most for the fsync in progress.
+//! Errors keep their meaning for callers: no quorum and no leader are
+//! [`StateError::NoQuorum`] / [`StateError::NotLeader`], which the gRPC
+//! services answer with UNAVAILABLE.
 
-use std::path::Path;
-use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, RwLock, RwLockReadGuard};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use crate::store::{
-    Applied, ApplyError, ApplyOutcome, Command, Event, StateMachine, Store, StoreConfig,
-    StoreError, WatchError, WatchHub,
-};
+use super::replication::Forwarder;
+use crate::raft::{RaftError, RaftNode};
+use crate::store::{Applied, ApplyError, ApplyOutcome, Command, Event, StateMachine, WatchError};
 
 /// Errors from the store front.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    /// The store could not be opened in its directory.
-    #[error("opening the store in {path}: {source}")]
+    /// The Raft node could not be started in its directory.
+    #[error("starting the replicated store in {path}: {source}")]
     Open {
         /// The store's directory.
         path: String,
         /// What failed.
         #[source]
-        source: Box<StoreError>,
+        source: Box<RaftError>,
     },
-    /// Logging or applying a batch failed; none of its commands may have
-    /// been acknowledged.
+    /// Logging or applying failed; the commands' outcome is unknown.
     #[error("store write failed: {message}")]
     Write {
-        /// The store's error, as text (it is shared by every proposer in the
-        /// batch).
+        /// The error, as text.
         message: String,
     },
     /// The command was logged at `index` and refused by the state machine.
@@ -56,31 +59,77 @@ pub enum StateError {
         #[source]
         source: ApplyError,
     },
-    /// The store's thread has stopped (the controller is shutting down).
+    /// No majority of the controllers can be reached: writes (and current
+    /// reads) are refused until one is back. A write that failed this way
+    /// may still be applied later: its outcome is unknown.
+    #[error(
+        "no quorum: {reachable} of {members} controllers reachable; writes are refused until a majority is back"
+    )]
+    NoQuorum {
+        /// Members reachable from this one, itself included.
+        reachable: usize,
+        /// Voters.
+        members: usize,
+    },
+    /// This controller is not the leader and could not hand the request to
+    /// one (none known, or unreachable).
+    #[error("not the leader{}", match .leader { Some(a) => format!("; the leader is {a}"), None => "; no leader is known (an election may be under way)".to_string() })]
+    NotLeader {
+        /// The leader's address, when known.
+        leader: Option<String>,
+    },
+    /// The leader could not take a forwarded write (its own refusal, or it
+    /// could not be reached); the message says which.
+    #[error("{message}")]
+    Unavailable {
+        /// What the leader (or the attempt to reach it) said.
+        message: String,
+    },
+    /// The store has stopped (the controller is shutting down).
     #[error("the store is shut down")]
     Stopped,
-    /// The store's thread could not be started.
-    #[error("starting the store thread: {0}")]
-    Thread(#[source] std::io::Error),
 }
 
-/// Most commands in one group commit; bounds one fsync's transaction.
-const MAX_BATCH: usize = 1024;
+impl StateError {
+    /// Whether the error means "try again, maybe elsewhere" (gRPC
+    /// UNAVAILABLE) rather than a failure of the request itself.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StateError::NoQuorum { .. }
+                | StateError::NotLeader { .. }
+                | StateError::Unavailable { .. }
+                | StateError::Stopped
+        )
+    }
+}
+
+impl From<RaftError> for StateError {
+    fn from(e: RaftError) -> StateError {
+        match e {
+            RaftError::NoQuorum { reachable, members } => {
+                StateError::NoQuorum { reachable, members }
+            }
+            RaftError::NotLeader { leader } => StateError::NotLeader {
+                leader: leader.map(|(_, address)| address),
+            },
+            RaftError::Stopped => StateError::Stopped,
+            other => StateError::Write {
+                message: other.to_string(),
+            },
+        }
+    }
+}
 
 /// How often a watch forwarder checks whether its receiver is gone.
 const WATCH_POLL: Duration = Duration::from_millis(200);
 
-struct Proposal {
-    commands: Vec<Command>,
-    reply: oneshot::Sender<Result<Vec<(u64, Applied)>, StateError>>,
-}
-
 /// The store's async front; cheap to clone.
 #[derive(Clone)]
 pub struct StoreFront {
-    store: Arc<RwLock<Store>>,
-    hub: WatchHub,
-    proposals: std_mpsc::Sender<Proposal>,
+    raft: RaftNode,
+    id: u64,
+    forwarder: Arc<Forwarder>,
 }
 
 impl std::fmt::Debug for StoreFront {
@@ -89,57 +138,80 @@ impl std::fmt::Debug for StoreFront {
     }
 }
 
-/// The thread that owns writes; join it after every [`StoreFront`] is gone
-/// so that the log file is closed before the process (or a test) reopens it.
-#[derive(Debug)]
-pub struct StoreThread(JoinHandle<()>);
-
-impl StoreThread {
-    /// Waits for the thread to finish (it does once every front is dropped).
-    pub fn join(self) {
-        // A panic in the writer thread has already been reported by the
-        // panic hook; there is nothing to add here.
-        let _ = self.0.join();
-    }
-}
-
 impl StoreFront {
-    /// Opens (or creates) the store in `dir`, recovering its state, and
-    /// starts the writer thread.
-    pub fn open(dir: &Path, config: StoreConfig) -> Result<(StoreFront, StoreThread), StateError> {
-        let store = Store::open(dir, config).map_err(|source| StateError::Open {
-            path: dir.display().to_string(),
-            source: Box::new(source),
-        })?;
-        let hub = store.hub().clone();
-        let store = Arc::new(RwLock::new(store));
-        let (tx, rx) = std_mpsc::channel::<Proposal>();
-        let writer = Arc::clone(&store);
-        let handle = std::thread::Builder::new()
-            .name("gantry-store".into())
-            .spawn(move || write_loop(&writer, &rx))
-            .map_err(StateError::Thread)?;
-        Ok((
-            StoreFront {
-                store,
-                hub,
-                proposals: tx,
-            },
-            StoreThread(handle),
-        ))
+    /// A front over a started Raft node; `forwarder` carries a follower's
+    /// writes to the leader.
+    pub fn new(raft: RaftNode, forwarder: Arc<Forwarder>) -> StoreFront {
+        let id = raft.id();
+        StoreFront {
+            raft,
+            id,
+            forwarder,
+        }
     }
 
-    /// Logs `commands` durably and applies them; returns each one's index
-    /// and outcome (or refusal), in order.
+    /// The Raft node behind the front.
+    pub fn raft(&self) -> &RaftNode {
+        &self.raft
+    }
+
+    /// This controller's raft id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Whether this controller leads now.
+    pub fn is_leader(&self) -> bool {
+        self.raft.leadership().borrow().leader == Some(self.id)
+    }
+
+    /// The leader's address, when one is known.
+    pub fn leader_address(&self) -> Option<String> {
+        self.raft
+            .status()
+            .leader_address()
+            .map(|(_, address)| address)
+            .filter(|a| !a.is_empty())
+    }
+
+    /// Every controller's address, the leader's first (what agents get in
+    /// `SessionAccepted.controllers`).
+    pub fn controller_addresses(&self) -> Vec<String> {
+        let status = self.raft.status();
+        let mut members = status.members;
+        members.sort_by_key(|m| (Some(m.id) != status.leader, m.id));
+        members
+            .into_iter()
+            .map(|m| m.address)
+            .filter(|a| !a.is_empty())
+            .collect()
+    }
+
+    /// Logs `commands` durably on a majority and applies them; returns each
+    /// one's index and outcome (or refusal), in order. On a follower the
+    /// commands are forwarded to the leader one by one, in order.
     pub async fn propose(&self, commands: Vec<Command>) -> Result<Vec<(u64, Applied)>, StateError> {
         if commands.is_empty() {
             return Ok(Vec::new());
         }
-        let (reply, rx) = oneshot::channel();
-        self.proposals
-            .send(Proposal { commands, reply })
-            .map_err(|_| StateError::Stopped)?;
-        rx.await.map_err(|_| StateError::Stopped)?
+        // The leader proposes; anyone else forwards (no clone of the
+        // commands on the leader's hot path).
+        let leader = self.raft.leadership().borrow().leader;
+        if leader == Some(self.id) || leader.is_none() {
+            // Without a leader, the node answers "no quorum" itself.
+            return Ok(self.raft.propose(commands).await?);
+        }
+        let Some(address) = self.leader_address() else {
+            return Err(StateError::NotLeader { leader: None });
+        };
+        let mut out = Vec::with_capacity(commands.len());
+        for command in &commands {
+            let (index, applied) = self.forwarder.forward(&address, command).await?;
+            // Read-your-writes on this member too.
+            self.raft.wait_applied(index).await?;
+            out.push((index, applied));
+        }
+        Ok(out)
     }
 
     /// Proposes one command; a refusal is an error.
@@ -157,20 +229,23 @@ impl StoreFront {
         }
     }
 
-    /// Runs `f` on the state at one revision.
+    /// Waits until this member's state is at least as new as everything
+    /// committed when the call began (Raft ReadIndex), so that a read after
+    /// it is linearizable. Fails with no quorum like a write.
+    pub async fn linearizable(&self) -> Result<(), StateError> {
+        let index = self.raft.read_index().await?;
+        self.raft.wait_applied(index).await?;
+        Ok(())
+    }
+
+    /// Runs `f` on this member's applied state at one revision.
     pub fn read<R>(&self, f: impl FnOnce(&StateMachine) -> R) -> R {
-        f(self.lock().state())
+        self.raft.read(f)
     }
 
-    /// The current revision (the applied index).
+    /// This member's revision (its applied index).
     pub fn revision(&self) -> u64 {
-        self.lock().revision()
-    }
-
-    fn lock(&self) -> RwLockReadGuard<'_, Store> {
-        // A poisoned lock means the writer panicked mid-apply; the state
-        // machine validates before it mutates, so what is there is readable.
-        self.store.read().unwrap_or_else(|e| e.into_inner())
+        self.raft.read(|s| s.applied_index())
     }
 
     /// Every event from revision `from` (inclusive; 0 for "from now on"),
@@ -180,7 +255,7 @@ impl StoreFront {
     /// channel ends after an error (compaction, shutdown); dropping the
     /// receiver stops the forwarder within [`WATCH_POLL`].
     pub fn watch(&self, from: u64) -> Result<EventBatches, WatchError> {
-        let mut stream = self.hub.watch(from)?;
+        let mut stream = self.raft.watch_hub().watch(from)?;
         let (tx, rx) = mpsc::channel(256);
         // A plain thread, not the runtime's blocking pool: the stream blocks
         // on a condvar, and a watch lives as long as its session.
@@ -229,48 +304,6 @@ impl StoreFront {
 
 /// Batches of events, each made of whole revisions, from [`StoreFront::watch`].
 pub type EventBatches = mpsc::Receiver<Result<Vec<Event>, WatchError>>;
-
-fn write_loop(store: &RwLock<Store>, rx: &std_mpsc::Receiver<Proposal>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        let mut count = batch[0].commands.len();
-        while count < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(p) => {
-                    count += p.commands.len();
-                    batch.push(p);
-                }
-                Err(_) => break,
-            }
-        }
-        let commands: Vec<Command> = batch
-            .iter()
-            .flat_map(|p| p.commands.iter().cloned())
-            .collect();
-        let result = store
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .propose_batch(&commands);
-        match result {
-            Ok(results) => {
-                let mut results = results.into_iter();
-                for p in batch {
-                    let mine: Vec<_> = results.by_ref().take(p.commands.len()).collect();
-                    let _ = p.reply.send(Ok(mine));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, commands = commands.len(), "store write failed");
-                let message = e.to_string();
-                for p in batch {
-                    let _ = p.reply.send(Err(StateError::Write {
-                        message: message.clone(),
-                    }));
-                }
-            }
-        }
-    }
-}
 
 /// A new random object id: 20 lowercase hex digits from the kernel's
 /// random source (ids need only be unique, not secret; Swarm's are 25

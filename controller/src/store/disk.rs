@@ -8,14 +8,24 @@
 //!
 //! Layout: table `entries` maps index → term (8 bytes, little-endian) then
 //! the entry's bytes; table `meta` holds `hard_state` (JSON),
-//! `snapshot_meta` (JSON index and term) and `snapshot_data` (bytes).
+//! `snapshot_meta` (JSON index, term and membership) and `snapshot_data`
+//! (bytes). A Raft entry that is not a plain command or has a context
+//! (proposal id, member address) sets the term's top bit (terms never get
+//! near 2^63) and puts its kind (1 byte) and context (4-byte little-endian
+//! length, bytes) between the term and the data, so entries the single-node
+//! store wrote read back unchanged.
+//!
+//! [`Log::write_batch`] commits a whole Raft `Ready` (snapshot, entries,
+//! hard state, compaction) in one transaction: one fsync, all or nothing.
 
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::log::{Entry, HardState, Log, LogError, SnapshotRecord, check_append};
+use super::log::{
+    Entry, EntryKind, HardState, Log, LogBatch, LogError, Membership, SnapshotRecord, check_append,
+};
 
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -23,11 +33,16 @@ const HARD_STATE: &str = "hard_state";
 const SNAPSHOT_META: &str = "snapshot_meta";
 const SNAPSHOT_DATA: &str = "snapshot_data";
 
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct SnapshotMeta {
     index: u64,
     term: u64,
+    #[serde(default)]
+    membership: Membership,
 }
+
+/// The term's top bit: the entry carries a kind and a context.
+const EXTENDED: u64 = 1 << 63;
 
 /// A [`Log`] in a redb file.
 #[derive(Debug)]
@@ -116,41 +131,62 @@ fn storage(path: &Path, e: impl Into<redb::Error>) -> LogError {
 }
 
 fn encode_entry(e: &Entry) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8 + e.data.len());
-    v.extend_from_slice(&e.term.to_le_bytes());
+    let mut v = Vec::with_capacity(8 + 5 + e.context.len() + e.data.len());
+    if e.kind == EntryKind::Normal && e.context.is_empty() {
+        v.extend_from_slice(&e.term.to_le_bytes());
+    } else {
+        v.extend_from_slice(&(e.term | EXTENDED).to_le_bytes());
+        v.push(match e.kind {
+            EntryKind::Normal => 0,
+            EntryKind::ConfChange => 1,
+            EntryKind::ConfChangeV2 => 2,
+        });
+        v.extend_from_slice(&(e.context.len() as u32).to_le_bytes());
+        v.extend_from_slice(&e.context);
+    }
     v.extend_from_slice(&e.data);
     v
 }
 
 fn decode_entry(index: u64, raw: &[u8]) -> Option<Entry> {
-    let (term, data) = raw.split_first_chunk::<8>()?;
+    let (term, rest) = raw.split_first_chunk::<8>()?;
+    let term = u64::from_le_bytes(*term);
+    if term & EXTENDED == 0 {
+        return Some(Entry {
+            index,
+            term,
+            data: rest.to_vec(),
+            ..Entry::default()
+        });
+    }
+    let (&kind, rest) = rest.split_first()?;
+    let kind = match kind {
+        0 => EntryKind::Normal,
+        1 => EntryKind::ConfChange,
+        2 => EntryKind::ConfChangeV2,
+        _ => return None,
+    };
+    let (len, rest) = rest.split_first_chunk::<4>()?;
+    let len = u32::from_le_bytes(*len) as usize;
+    if rest.len() < len {
+        return None;
+    }
+    let (context, data) = rest.split_at(len);
     Some(Entry {
         index,
-        term: u64::from_le_bytes(*term),
+        term: term & !EXTENDED,
         data: data.to_vec(),
+        kind,
+        context: context.to_vec(),
     })
 }
 
 impl Log for RedbLog {
     fn append(&mut self, entries: &[Entry]) -> Result<(), LogError> {
-        let last = self.last_index()?;
-        check_append(entries, self.snapshot.index, last)?;
-        let Some(first) = entries.first() else {
-            return Ok(());
-        };
-        let from = first.index;
-        self.write(|txn| {
-            let mut table = txn.open_table(ENTRIES)?;
-            if from <= last {
-                table.retain_in(from.., |_, _| false)?;
-            }
-            for e in entries {
-                table.insert(e.index, encode_entry(e).as_slice())?;
-            }
-            Ok(())
-        })?;
-        self.last_entry = entries.last().map_or(self.last_entry, |e| e.index);
-        Ok(())
+        self.write_batch(LogBatch {
+            entries: entries.to_vec(),
+            ..LogBatch::default()
+        })
     }
 
     fn entries(&self, lo: u64, hi: u64) -> Result<Vec<Entry>, LogError> {
@@ -174,8 +210,9 @@ impl Log for RedbLog {
         for row in table.range(lo..hi).map_err(|e| self.storage(e))? {
             let (k, v) = row.map_err(|e| self.storage(e))?;
             let index = k.value();
-            let entry = decode_entry(index, v.value())
-                .ok_or_else(|| self.corrupt(&format!("entry {index}"), "shorter than its term"))?;
+            let entry = decode_entry(index, v.value()).ok_or_else(|| {
+                self.corrupt(&format!("entry {index}"), "truncated or unknown kind")
+            })?;
             out.push(entry);
         }
         Ok(out)
@@ -211,39 +248,10 @@ impl Log for RedbLog {
     }
 
     fn save_snapshot(&mut self, snapshot: SnapshotRecord) -> Result<(), LogError> {
-        if snapshot.index < self.snapshot.index {
-            return Err(LogError::StaleSnapshot {
-                index: snapshot.index,
-                stored: self.snapshot.index,
-            });
-        }
-        // Keep the entries after the snapshot only if the log agrees with it
-        // at its index; otherwise (a follower installing a leader's
-        // snapshot) the whole log is stale.
-        let follows = self.last_entry >= snapshot.index
-            && snapshot.index >= self.first_index()?
-            && self.term(snapshot.index)? == snapshot.term;
-        let meta = SnapshotMeta {
-            index: snapshot.index,
-            term: snapshot.term,
-        };
-        let meta_json =
-            serde_json::to_vec(&meta).map_err(|e| self.corrupt("snapshot metadata", e))?;
-        self.write(|txn| {
-            let mut table = txn.open_table(META)?;
-            table.insert(SNAPSHOT_META, meta_json.as_slice())?;
-            table.insert(SNAPSHOT_DATA, snapshot.data.as_slice())?;
-            if !follows {
-                let mut entries = txn.open_table(ENTRIES)?;
-                entries.retain(|_, _| false)?;
-            }
-            Ok(())
-        })?;
-        self.snapshot = meta;
-        if !follows {
-            self.last_entry = 0;
-        }
-        Ok(())
+        self.write_batch(LogBatch {
+            snapshot: Some(snapshot),
+            ..LogBatch::default()
+        })
     }
 
     fn snapshot(&self) -> Result<Option<SnapshotRecord>, LogError> {
@@ -260,23 +268,15 @@ impl Log for RedbLog {
             index: self.snapshot.index,
             term: self.snapshot.term,
             data: data.value().to_vec(),
+            membership: self.snapshot.membership.clone(),
         }))
     }
 
     fn compact(&mut self, upto: u64) -> Result<(), LogError> {
-        if upto > self.snapshot.index {
-            return Err(LogError::CompactPastSnapshot {
-                index: upto,
-                snapshot: self.snapshot.index,
-            });
-        }
-        self.write(|txn| {
-            let mut table = txn.open_table(ENTRIES)?;
-            table.retain_in(..=upto, |_, _| false)?;
-            Ok(())
-        })?;
-        self.last_entry = self.read_last_entry()?;
-        Ok(())
+        self.write_batch(LogBatch {
+            compact_to: Some(upto),
+            ..LogBatch::default()
+        })
     }
 
     fn hard_state(&self) -> Result<HardState, LogError> {
@@ -291,11 +291,109 @@ impl Log for RedbLog {
     }
 
     fn set_hard_state(&mut self, state: HardState) -> Result<(), LogError> {
-        let json = serde_json::to_vec(&state).map_err(|e| self.corrupt("hard state", e))?;
-        self.write(|txn| {
-            let mut table = txn.open_table(META)?;
-            table.insert(HARD_STATE, json.as_slice())?;
-            Ok(())
+        self.write_batch(LogBatch {
+            hard_state: Some(state),
+            ..LogBatch::default()
         })
+    }
+
+    fn write_batch(&mut self, batch: LogBatch) -> Result<(), LogError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // Plan against the cached indexes, then write everything in one
+        // transaction, then update the caches: a failed commit changes
+        // neither the file nor the caches.
+        let mut snapshot = self.snapshot.clone();
+        let mut last_entry = self.last_entry;
+        let mut clear_entries = false;
+        let mut snapshot_write = None;
+        if let Some(record) = &batch.snapshot {
+            if record.index < snapshot.index {
+                return Err(LogError::StaleSnapshot {
+                    index: record.index,
+                    stored: snapshot.index,
+                });
+            }
+            // Keep the entries after the snapshot only if the log agrees
+            // with it at its index; otherwise (a follower installing a
+            // leader's snapshot) the whole log is stale.
+            let follows = if record.index == snapshot.index {
+                record.term == snapshot.term
+            } else {
+                last_entry >= record.index
+                    && record.index > snapshot.index
+                    && self.term(record.index)? == record.term
+            };
+            if !follows {
+                clear_entries = true;
+                last_entry = 0;
+            }
+            snapshot = SnapshotMeta {
+                index: record.index,
+                term: record.term,
+                membership: record.membership.clone(),
+            };
+            let meta_json =
+                serde_json::to_vec(&snapshot).map_err(|e| self.corrupt("snapshot metadata", e))?;
+            snapshot_write = Some((meta_json, record.data.as_slice()));
+        }
+        check_append(
+            &batch.entries,
+            snapshot.index,
+            last_entry.max(snapshot.index),
+        )?;
+        let truncate_from = batch
+            .entries
+            .first()
+            .map(|e| e.index)
+            .filter(|&from| from <= last_entry);
+        if let Some(e) = batch.entries.last() {
+            last_entry = e.index;
+        }
+        if let Some(upto) = batch.compact_to {
+            if upto > snapshot.index {
+                return Err(LogError::CompactPastSnapshot {
+                    index: upto,
+                    snapshot: snapshot.index,
+                });
+            }
+            if last_entry <= upto {
+                last_entry = 0;
+            }
+        }
+        let hard_state = match &batch.hard_state {
+            Some(state) => {
+                Some(serde_json::to_vec(state).map_err(|e| self.corrupt("hard state", e))?)
+            }
+            None => None,
+        };
+        self.write(|txn| {
+            let mut meta = txn.open_table(META)?;
+            let mut entries = txn.open_table(ENTRIES)?;
+            if let Some((meta_json, data)) = &snapshot_write {
+                meta.insert(SNAPSHOT_META, meta_json.as_slice())?;
+                meta.insert(SNAPSHOT_DATA, *data)?;
+            }
+            if clear_entries {
+                entries.retain(|_, _| false)?;
+            }
+            if let Some(from) = truncate_from {
+                entries.retain_in(from.., |_, _| false)?;
+            }
+            for e in &batch.entries {
+                entries.insert(e.index, encode_entry(e).as_slice())?;
+            }
+            if let Some(json) = &hard_state {
+                meta.insert(HARD_STATE, json.as_slice())?;
+            }
+            if let Some(upto) = batch.compact_to {
+                entries.retain_in(..=upto, |_, _| false)?;
+            }
+            Ok(())
+        })?;
+        self.snapshot = snapshot;
+        self.last_entry = last_entry;
+        Ok(())
     }
 }

@@ -86,8 +86,68 @@ pub struct Entry {
     pub index: u64,
     /// The Raft term it was proposed in (1 for a single-node store).
     pub term: u64,
-    /// The encoded command; empty for a no-op entry.
+    /// The encoded command; empty for a no-op entry. For a membership
+    /// change, the encoded Raft conf change.
     pub data: Vec<u8>,
+    /// What `data` holds: a command, or a Raft membership change.
+    #[serde(default)]
+    pub kind: EntryKind,
+    /// Raft's entry context (the proposal id that routes the result back to
+    /// its proposer; a joining member's address); empty for the
+    /// single-node store.
+    #[serde(default)]
+    pub context: Vec<u8>,
+}
+
+/// What a log entry's bytes hold (raft-rs's `EntryType`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// An encoded [`Command`](super::Command), or empty for a no-op.
+    #[default]
+    Normal,
+    /// A Raft `ConfChange` (one member added or removed).
+    ConfChange,
+    /// A Raft `ConfChangeV2`.
+    ConfChangeV2,
+}
+
+/// The replicated controller membership: Raft's voters with the address
+/// each one serves on (the conf state and the address book, kept together
+/// so that every member, and every member that joins from a snapshot,
+/// knows every address), and the next Raft id to hand out.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    /// Voter id → address.
+    pub voters: std::collections::BTreeMap<u64, String>,
+    /// The next id to allocate: one more than the highest ever used, so a
+    /// removed member's id is never reused (etcd does the same).
+    pub next_id: u64,
+}
+
+/// Writes that must become durable together, in one fsynced transaction
+/// (everything one Raft `Ready` asks to persist), applied in this order:
+/// snapshot, entries, hard state, compaction.
+#[derive(Clone, Debug, Default)]
+pub struct LogBatch {
+    /// A snapshot to install (see [`Log::save_snapshot`]).
+    pub snapshot: Option<SnapshotRecord>,
+    /// Entries to append (see [`Log::append`]).
+    pub entries: Vec<Entry>,
+    /// A new hard state.
+    pub hard_state: Option<HardState>,
+    /// Drop entries up to this index, which the (possibly new) snapshot must
+    /// cover.
+    pub compact_to: Option<u64>,
+}
+
+impl LogBatch {
+    /// Whether the batch writes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.snapshot.is_none()
+            && self.entries.is_empty()
+            && self.hard_state.is_none()
+            && self.compact_to.is_none()
+    }
 }
 
 /// Raft's persistent per-replica state (raft-rs `HardState`).
@@ -110,6 +170,8 @@ pub struct SnapshotRecord {
     pub term: u64,
     /// The encoded [`Snapshot`](super::Snapshot).
     pub data: Vec<u8>,
+    /// The membership at `index` (empty for the single-node store).
+    pub membership: Membership,
 }
 
 /// A command log. Every mutating method is durable when it returns (for the
@@ -152,6 +214,23 @@ pub trait Log {
 
     /// Stores the hard state.
     fn set_hard_state(&mut self, state: HardState) -> Result<(), LogError>;
+
+    /// Writes `batch`. The durable implementation does it in one fsynced
+    /// transaction, so a crash leaves all of it or none; this default runs
+    /// the single steps in the same order.
+    fn write_batch(&mut self, batch: LogBatch) -> Result<(), LogError> {
+        if let Some(snapshot) = batch.snapshot {
+            self.save_snapshot(snapshot)?;
+        }
+        self.append(&batch.entries)?;
+        if let Some(state) = batch.hard_state {
+            self.set_hard_state(state)?;
+        }
+        if let Some(upto) = batch.compact_to {
+            self.compact(upto)?;
+        }
+        Ok(())
+    }
 }
 
 /// Checks that `entries` can be appended to a log whose snapshot ends at

@@ -30,7 +30,9 @@ use std::path::Path;
 
 pub use command::{Command, CommandError, DesiredStateChange, PendingTask};
 pub use disk::RedbLog;
-pub use log::{Entry, HardState, Log, LogError, MemLog, SnapshotRecord};
+pub use log::{
+    Entry, EntryKind, HardState, Log, LogBatch, LogError, MemLog, Membership, SnapshotRecord,
+};
 pub use machine::{ApplyError, ApplyOutcome, Snapshot, SnapshotError, StateMachine};
 pub use watch::{Event, EventKind, Object, WatchError, WatchHub, WatchStream};
 
@@ -251,6 +253,7 @@ impl<L: Log> Store<L> {
                 index,
                 term: SINGLE_NODE_TERM,
                 data,
+                ..Entry::default()
             });
         }
         self.log.append(&entries)?;
@@ -305,8 +308,12 @@ impl<L: Log> Store<L> {
             .encode()
             .map_err(|source| StoreError::Snapshot { index, source })?;
         let term = self.log.term(index)?;
-        self.log
-            .save_snapshot(SnapshotRecord { index, term, data })?;
+        self.log.save_snapshot(SnapshotRecord {
+            index,
+            term,
+            data,
+            membership: Default::default(),
+        })?;
         // Saved first, compacted second: a crash in between leaves entries
         // the snapshot already covers, which recovery skips.
         self.log.compact(index)?;

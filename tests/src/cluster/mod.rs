@@ -174,7 +174,8 @@ pub struct RoleCommands {
 pub struct ClusterConfig {
     /// The cluster's name (default `gantry`); see [`MAX_NAME_LEN`].
     pub name: String,
-    /// Controller hosts (`c1`, …). One until Raft lands; agents join `c1`.
+    /// Controller hosts (`c1`, …): `c1` starts a new cluster, the others
+    /// `--join` it one at a time; agents get every controller's address.
     pub controllers: u32,
     /// Agent hosts (`n1`, …), default 3.
     pub agents: u32,
@@ -381,11 +382,19 @@ impl Cluster {
         }
 
         let controllers: Vec<String> = cluster.hosts_with(Role::Controller);
-        for host in &controllers {
+        for (i, host) in controllers.iter().enumerate() {
             cluster.spawn_host(host)?;
-        }
-        if config.readiness != Readiness::Started {
-            cluster.wait_controller_port(config.ready_timeout)?;
+            if config.readiness == Readiness::Started {
+                continue;
+            }
+            if i == 0 {
+                cluster.wait_controller_port(config.ready_timeout)?;
+            }
+            // One at a time, each a member before the next asks: Raft
+            // changes its membership one member at a time.
+            if controllers.len() > 1 && config.commands.is_none() {
+                cluster.wait_members(i + 1, config.ready_timeout)?;
+            }
         }
         for host in cluster.hosts_with(Role::Agent) {
             cluster.spawn_host(&host)?;
@@ -399,6 +408,7 @@ impl Cluster {
                 path,
                 &Context {
                     controller: endpoint,
+                    controllers: cluster.controller_endpoints(),
                     source: state::context_source(&config.name),
                 },
             )?;
@@ -512,6 +522,115 @@ impl Cluster {
             .unwrap_or_else(|| format!("0.0.0.0:{CONTROLLER_PORT}"))
     }
 
+    /// Every controller's API address, `c1` first.
+    pub fn controller_endpoints(&self) -> Vec<String> {
+        self.record
+            .hosts
+            .iter()
+            .filter(|h| h.role == Role::Controller)
+            .map(|h| format!("{}:{CONTROLLER_PORT}", h.address))
+            .collect()
+    }
+
+    /// What the CLI is pointed at: every controller, as a comma list (the
+    /// CLI takes the first that answers and knows a leader).
+    fn cli_controllers(&self) -> String {
+        let all = self.controller_endpoints();
+        if all.is_empty() {
+            self.controller_endpoint()
+        } else {
+            all.join(",")
+        }
+    }
+
+    /// The controllers as `gantry cluster controllers -o json` lists them
+    /// (raft id, address, role, term, applied, leader), asked of `via` (a
+    /// controller host) or, with `None`, of whichever answers first.
+    pub fn controllers(&self, via: Option<&str>) -> Result<serde_json::Value> {
+        let target = match via {
+            Some(host) => format!("{}:{CONTROLLER_PORT}", self.host_addr(host)?),
+            None => self.cli_controllers(),
+        };
+        let mut cmd = Command::new(&self.record.gantry_binary);
+        cmd.args([
+            "--controller",
+            &target,
+            "cluster",
+            "controllers",
+            "-o",
+            "json",
+        ]);
+        let out = output_within(cmd, Duration::from_secs(5))?;
+        if !out.status.success() {
+            return Err(ClusterError::Command {
+                program: format!(
+                    "{} cluster controllers",
+                    self.record.gantry_binary.display()
+                ),
+                source: std::io::Error::other(
+                    String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                ),
+            });
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| ClusterError::Command {
+            program: format!(
+                "{} cluster controllers",
+                self.record.gantry_binary.display()
+            ),
+            source: std::io::Error::other(format!("unreadable output: {e}")),
+        })
+    }
+
+    /// The leader's host name (`c2`), as controller `via` (or any) sees it.
+    pub fn leader(&self, via: Option<&str>) -> Result<Option<String>> {
+        let list = self.controllers(via)?;
+        let leader_address = list["controllers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["leader"].as_bool() == Some(true))
+            .and_then(|c| c["address"].as_str().map(str::to_string));
+        Ok(leader_address.and_then(|a| {
+            self.record
+                .hosts
+                .iter()
+                .find(|h| format!("{}:{CONTROLLER_PORT}", h.address) == a)
+                .map(|h| h.name.clone())
+        }))
+    }
+
+    /// Waits until the controllers have `count` members and a leader.
+    pub fn wait_members(&self, count: usize, timeout: Duration) -> Result<()> {
+        let mut last = String::new();
+        wait_for(
+            &format!("{count} controllers to be members with a leader"),
+            timeout,
+            || match self.controllers(Some("c1")) {
+                Ok(list) => {
+                    let members = list["controllers"].as_array().map_or(0, Vec::len);
+                    last = format!("{members} members, leader {}", list["leader_id"]);
+                    members == count && list["leader_id"].as_u64().unwrap_or(0) != 0
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    false
+                }
+            },
+        )
+        .map_err(|e| match e {
+            ClusterError::Timeout {
+                what,
+                waited,
+                detail,
+            } => self.with_logs(ClusterError::Timeout {
+                what,
+                waited,
+                detail: format!("{detail} (last: {last})"),
+            }),
+            e => e,
+        })
+    }
+
     /// A host's address.
     pub fn host_addr(&self, host: &str) -> Result<Ipv4Addr> {
         Ok(self.host(host)?.address)
@@ -569,7 +688,7 @@ impl Cluster {
     pub fn gantry(&self, args: &[&str]) -> Result<Output> {
         Command::new(&self.record.gantry_binary)
             .arg("--controller")
-            .arg(self.controller_endpoint())
+            .arg(self.cli_controllers())
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -584,7 +703,7 @@ impl Cluster {
     pub fn gantry_within(&self, args: &[&str], limit: Duration) -> Result<Output> {
         let mut cmd = Command::new(&self.record.gantry_binary);
         cmd.arg("--controller")
-            .arg(self.controller_endpoint())
+            .arg(self.cli_controllers())
             .args(args);
         output_within(cmd, limit)
     }
@@ -1229,6 +1348,12 @@ fn assign_addresses(
         })
         .collect::<Result<_>>()?;
     let controller = format!("{}:{CONTROLLER_PORT}", addresses[0]);
+    let every_controller: Vec<String> = hosts
+        .iter()
+        .zip(&addresses)
+        .filter(|((_, role), _)| *role == Role::Controller)
+        .map(|(_, a)| format!("{a}:{CONTROLLER_PORT}"))
+        .collect();
     let gantry = config.gantry_binary.display().to_string();
     let log_level = std::env::var("GANTRY_LOG").unwrap_or_else(|_| "info".to_string());
     hosts
@@ -1240,20 +1365,29 @@ fn assign_addresses(
             let argv = match (&config.commands, role) {
                 (Some(c), Role::Controller) => c.controller.clone(),
                 (Some(c), Role::Agent) => c.agent.clone(),
-                (None, Role::Controller) => vec![
-                    gantry.clone(),
-                    "controller".into(),
-                    "--listen".into(),
-                    format!("{address}:{CONTROLLER_PORT}"),
-                    "--data-dir".into(),
-                    data.clone(),
-                ],
+                (None, Role::Controller) => {
+                    let mut argv = vec![
+                        gantry.clone(),
+                        "controller".into(),
+                        "--listen".into(),
+                        format!("{address}:{CONTROLLER_PORT}"),
+                        "--data-dir".into(),
+                        data.clone(),
+                    ];
+                    // c2..cN join c1. A restart keeps the flag: a controller
+                    // whose data dir holds a cluster restarts as that member
+                    // and ignores --join.
+                    if name != "c1" {
+                        argv.extend(["--join".into(), controller.clone()]);
+                    }
+                    argv
+                }
                 (None, Role::Agent) => {
                     let mut argv = vec![
                         gantry.clone(),
                         "agent".into(),
                         "--join".into(),
-                        controller.clone(),
+                        every_controller.join(","),
                         "--hostname".into(),
                         name.clone(),
                         "--advertise".into(),

@@ -158,8 +158,12 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), Sta
 /// The CLI context file's content.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Context {
-    /// `host:port` of the controller.
+    /// `host:port` of the first controller (what CLIs before replicated
+    /// controllers read).
     pub controller: String,
+    /// Every controller's `host:port`, tried in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controllers: Vec<String>,
     /// Who wrote it, e.g. `dev cluster gantry`.
     pub source: String,
 }
@@ -226,6 +230,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("context.json");
         let ctx = Context {
+            controllers: Vec::new(),
             controller: "10.251.0.2:7070".into(),
             source: context_source("a"),
         };

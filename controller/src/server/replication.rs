@@ -1,0 +1,729 @@
+//! The controllers' side of replication on the gRPC port: the `Raft`
+//! service (Step, Forward), the `Cluster` service (ListControllers,
+//! JoinController, RemoveController), the gRPC [`Transport`] that carries
+//! Raft messages to peers, and the [`Forwarder`] that hands a follower's
+//! writes to the leader.
+//!
+//! Decisions:
+//! - **One queue per peer, bounded** ([`PEER_QUEUE`] messages), drained by
+//!   one task per peer over one HTTP/2 channel. `send` never blocks the Raft
+//!   loop: a full queue drops the message and reports the peer unreachable
+//!   (raft-rs then probes it instead of streaming appends into the void),
+//!   as etcd's rafthttp does with its 4096-message pipeline buffer. A failed
+//!   send reports the peer unreachable and drops what queued behind it
+//!   (stale heartbeats and appends are worthless; raft resends).
+//! - **Forwarded writes carry the command log's own bytes**
+//!   ([`crate::store::command::encode`]), so the log format has one owner,
+//!   and the leader's answer is the index plus the result as JSON (the
+//!   events, or the refusal's message and kind).
+//! - A follower asked to change membership passes the request to the leader
+//!   over the same `Cluster` service, so `gantry controller --join` may name
+//!   any member, as with `docker swarm join`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use gantry_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use super::state::{StateError, StoreFront};
+use crate::raft::{Message, RaftError, RaftNode, Role, Transport, encode_message};
+use crate::store::command::{decode as decode_command, encode as encode_command};
+use crate::store::{Applied, ApplyError, ApplyOutcome, Command, Event};
+
+/// Messages queued per peer before new ones are dropped.
+pub const PEER_QUEUE: usize = 4096;
+
+/// How long one `Raft.Step` may take (a snapshot longer).
+const STEP_TIMEOUT: Duration = Duration::from_secs(1);
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long connecting to a peer may take: a partitioned peer must not hold
+/// its queue for long.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a forwarded write may take: the leader's own bound (2 s to
+/// commit or fail with no quorum) plus the round trips.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// The metadata key naming the leader in a follower's refusal.
+pub const LEADER_METADATA: &str = "gantry-leader";
+
+/// A gRPC status for a store error: UNAVAILABLE (with the leader named in
+/// `gantry-leader` when known) for no quorum, no leader and shutdown, so
+/// clients retry elsewhere; NOT_FOUND and ABORTED for refusals; INTERNAL
+/// for the rest.
+pub fn status_of(e: StateError, leader: Option<String>) -> Status {
+    match e {
+        StateError::Refused { source, .. } => match source {
+            ApplyError::NotFound { .. } => Status::not_found(source.to_string()),
+            other => Status::aborted(other.to_string()),
+        },
+        e if e.is_unavailable() => unavailable(e.to_string(), leader),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+/// UNAVAILABLE with `message`, naming `leader` in the metadata when known.
+pub fn unavailable(message: String, leader: Option<String>) -> Status {
+    let mut status = Status::unavailable(message);
+    if let Some(leader) = leader.filter(|l| !l.is_empty())
+        && let Ok(value) = leader.parse()
+    {
+        status.metadata_mut().insert(LEADER_METADATA, value);
+    }
+    status
+}
+
+/// A lazily connected channel to `address`.
+fn channel(address: &str, connect_timeout: Duration) -> Result<Channel, String> {
+    Endpoint::from_shared(format!("http://{address}"))
+        .map(|e| {
+            e.connect_timeout(connect_timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(1))
+                .keep_alive_timeout(Duration::from_secs(2))
+                .connect_lazy()
+        })
+        .map_err(|e| format!("invalid controller address {address}: {e}"))
+}
+
+// ---------------------------------------------------------------------------
+// Transport
+
+/// Raft messages to peers over `Raft.Step`; see the module documentation.
+pub struct GrpcTransport {
+    runtime: tokio::runtime::Handle,
+    node: OnceLock<RaftNode>,
+    peers: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
+    /// Addresses learnt outside the replicated address book: a joining
+    /// member has no configuration until the leader's snapshot arrives, yet
+    /// must answer the leader before that (from the join's answer).
+    known: Mutex<HashMap<u64, String>>,
+}
+
+impl std::fmt::Debug for GrpcTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcTransport").finish_non_exhaustive()
+    }
+}
+
+impl GrpcTransport {
+    /// A transport whose peer tasks run on `runtime`.
+    pub fn new(runtime: tokio::runtime::Handle) -> Arc<GrpcTransport> {
+        Arc::new(GrpcTransport {
+            runtime,
+            node: OnceLock::new(),
+            peers: Mutex::new(HashMap::new()),
+            known: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Remembers peers' addresses from outside the configuration (the
+    /// members a join's answer lists).
+    pub fn learn(&self, members: impl IntoIterator<Item = (u64, String)>) {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        known.extend(members.into_iter().filter(|(_, a)| !a.is_empty()));
+    }
+
+    /// Gives the transport its node (for peer addresses and reports); until
+    /// then messages are dropped (raft resends).
+    pub fn attach(&self, node: RaftNode) {
+        let _ = self.node.set(node);
+    }
+
+    fn queue(&self, to: u64) -> Option<mpsc::Sender<Message>> {
+        let node = self.node.get()?;
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = peers.get(&to)
+            && !tx.is_closed()
+        {
+            return Some(tx.clone());
+        }
+        let address = node
+            .status()
+            .members
+            .into_iter()
+            .find(|m| m.id == to)
+            .map(|m| m.address)
+            .filter(|a| !a.is_empty())
+            .or_else(|| {
+                let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+                known.get(&to).cloned()
+            });
+        let Some(address) = address else {
+            tracing::debug!(peer = to, "no address for the peer yet; message dropped");
+            return None;
+        };
+        // Called on the Raft thread: a lazy channel spawns its connection
+        // task, which needs the runtime's context.
+        let _runtime = self.runtime.enter();
+        let channel = match channel(&address, PEER_CONNECT_TIMEOUT) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(peer = to, "{e}");
+                return None;
+            }
+        };
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        self.runtime
+            .spawn(peer_loop(node.clone(), to, address, channel, rx));
+        peers.insert(to, tx.clone());
+        Some(tx)
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn send(&self, msgs: Vec<Message>) {
+        for m in msgs {
+            let to = m.to;
+            let Some(tx) = self.queue(to) else {
+                continue;
+            };
+            if tx.try_send(m).is_err()
+                && let Some(node) = self.node.get()
+            {
+                node.report_unreachable(to);
+            }
+        }
+    }
+}
+
+async fn peer_loop(
+    node: RaftNode,
+    to: u64,
+    address: String,
+    channel: Channel,
+    mut rx: mpsc::Receiver<Message>,
+) {
+    let mut client = pb::raft_client::RaftClient::new(channel);
+    let mut failing = false;
+    while let Some(m) = rx.recv().await {
+        let snapshot = m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot;
+        let mut request = Request::new(pb::RaftMessage {
+            message: encode_message(&m),
+        });
+        request.set_timeout(if snapshot {
+            SNAPSHOT_TIMEOUT
+        } else {
+            STEP_TIMEOUT
+        });
+        let result = tokio::time::timeout(
+            if snapshot {
+                SNAPSHOT_TIMEOUT
+            } else {
+                STEP_TIMEOUT
+            },
+            client.step(request),
+        )
+        .await;
+        let ok = matches!(result, Ok(Ok(_)));
+        if snapshot {
+            node.report_snapshot(to, !ok);
+        }
+        if ok {
+            if failing {
+                tracing::info!(peer = to, %address, "controller reachable again");
+                failing = false;
+            }
+            continue;
+        }
+        if !failing {
+            let why = match result {
+                Ok(Err(status)) => status.message().to_string(),
+                _ => "timed out".to_string(),
+            };
+            tracing::warn!(peer = to, %address, "raft message not delivered: {why}");
+            failing = true;
+        }
+        node.report_unreachable(to);
+        // What queued behind a failed message is stale by the time the
+        // peer is back; raft resends what matters.
+        while rx.try_recv().is_ok() {}
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Forwarding
+
+/// A forwarded command's result, as the leader encodes it.
+#[derive(Debug, Serialize, Deserialize)]
+enum Forwarded {
+    /// Applied, with the events it made.
+    Applied { events: Vec<Event> },
+    /// Refused by the state machine: `not_found` holds the kind and id of a
+    /// missing object (so the caller still answers NOT_FOUND).
+    Refused {
+        message: String,
+        not_found: Option<(String, String)>,
+    },
+}
+
+fn encode_result(applied: &Applied) -> Vec<u8> {
+    let forwarded = match applied {
+        Ok(outcome) => Forwarded::Applied {
+            events: outcome.events.clone(),
+        },
+        Err(e) => Forwarded::Refused {
+            message: e.to_string(),
+            not_found: match e {
+                ApplyError::NotFound { kind, id, .. } => Some((kind.to_string(), id.clone())),
+                _ => None,
+            },
+        },
+    };
+    serde_json::to_vec(&forwarded).unwrap_or_default()
+}
+
+fn decode_result(command: &'static str, index: u64, bytes: &[u8]) -> Result<Applied, StateError> {
+    let forwarded: Forwarded = serde_json::from_slice(bytes).map_err(|e| StateError::Write {
+        message: format!("the leader's answer for {command} at index {index} is unreadable: {e}"),
+    })?;
+    Ok(match forwarded {
+        Forwarded::Applied { events } => Ok(ApplyOutcome { index, events }),
+        Forwarded::Refused { message, not_found } => Err(match not_found {
+            Some((kind, id)) => ApplyError::NotFound {
+                command,
+                kind: match kind.as_str() {
+                    "node" => "node",
+                    "service" => "service",
+                    _ => "task",
+                },
+                id,
+            },
+            None => ApplyError::Forwarded { message },
+        }),
+    })
+}
+
+/// Hands a follower's writes to the leader (`Raft.Forward`), keeping one
+/// channel per leader address.
+#[derive(Debug, Default)]
+pub struct Forwarder {
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Forwarder {
+    /// A forwarder with no channels yet.
+    pub fn new() -> Forwarder {
+        Forwarder::default()
+    }
+
+    fn channel(&self, address: &str) -> Result<Channel, StateError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = channels.get(address) {
+            return Ok(c.clone());
+        }
+        let c = channel(address, PEER_CONNECT_TIMEOUT)
+            .map_err(|message| StateError::Write { message })?;
+        channels.insert(address.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Proposes `command` on the leader at `address`; its index and result.
+    pub async fn forward(
+        &self,
+        address: &str,
+        command: &Command,
+    ) -> Result<(u64, Applied), StateError> {
+        let name = command.name();
+        let bytes = encode_command(command).map_err(|e| StateError::Write {
+            message: format!("command {name} could not be encoded: {e}"),
+        })?;
+        let mut client = pb::raft_client::RaftClient::new(self.channel(address)?);
+        let mut request = Request::new(pb::ForwardRequest { command: bytes });
+        request.set_timeout(FORWARD_TIMEOUT);
+        let response = match tokio::time::timeout(FORWARD_TIMEOUT, client.forward(request)).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                // The leader's own "no quorum" or "not the leader" keeps its
+                // words; a connection failure names the leader it tried.
+                return Err(StateError::Unavailable {
+                    message: if std::error::Error::source(&status).is_some() {
+                        format!(
+                            "the leader at {address} cannot be reached: {}",
+                            status.message()
+                        )
+                    } else {
+                        status.message().to_string()
+                    },
+                });
+            }
+            Ok(Err(status)) => {
+                return Err(StateError::Write {
+                    message: format!(
+                        "forwarding {name} to the leader at {address}: {}",
+                        status.message()
+                    ),
+                });
+            }
+            Err(_) => {
+                return Err(StateError::Unavailable {
+                    message: format!(
+                        "the leader at {address} did not answer within {FORWARD_TIMEOUT:?}; \
+                         the write's outcome is unknown"
+                    ),
+                });
+            }
+        };
+        let applied = decode_result(name, response.index, &response.result)?;
+        Ok((response.index, applied))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The Raft service
+
+/// `gantry.v1.Raft`: messages from peers, writes from followers.
+#[derive(Debug, Clone)]
+pub struct RaftService {
+    store: StoreFront,
+}
+
+impl RaftService {
+    /// The service over `store`.
+    pub fn new(store: StoreFront) -> RaftService {
+        RaftService { store }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for RaftService {
+    async fn step(&self, request: Request<pb::RaftMessage>) -> Result<Response<pb::Empty>, Status> {
+        let bytes = request.into_inner().message;
+        match self.store.raft().step(&bytes) {
+            Ok(()) => Ok(Response::new(pb::Empty {})),
+            Err(RaftError::Stopped) => Err(Status::unavailable("the controller is shutting down")),
+            Err(e) => Err(Status::invalid_argument(e.to_string())),
+        }
+    }
+
+    async fn forward(
+        &self,
+        request: Request<pb::ForwardRequest>,
+    ) -> Result<Response<pb::ForwardResponse>, Status> {
+        let command = decode_command(&request.into_inner().command)
+            .map_err(|e| Status::invalid_argument(format!("command: {e}")))?;
+        // Proposed here only: a forward is never forwarded again (two
+        // members each believing the other leads would bounce it forever).
+        match self.store.raft().propose(vec![command]).await {
+            Ok(mut results) => {
+                let (index, applied) = results
+                    .pop()
+                    .ok_or_else(|| Status::internal("the proposal returned no result"))?;
+                Ok(Response::new(pb::ForwardResponse {
+                    index,
+                    result: encode_result(&applied),
+                }))
+            }
+            Err(e) => Err(status_of(e.into(), self.store.leader_address())),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The Cluster service
+
+/// `gantry.v1.Cluster`: the controllers and their membership.
+#[derive(Debug, Clone)]
+pub struct ClusterService {
+    store: StoreFront,
+}
+
+impl ClusterService {
+    /// The service over `store`.
+    pub fn new(store: StoreFront) -> ClusterService {
+        ClusterService { store }
+    }
+
+    fn list(&self) -> pb::ListControllersResponse {
+        let raft = self.store.raft();
+        let status = raft.status();
+        let metrics = raft.metrics();
+        let leading = status.role == Role::Leader;
+        let controllers = status
+            .members
+            .iter()
+            .map(|m| {
+                let me = m.id == status.id;
+                let role = if status.leader == Some(m.id) {
+                    pb::ControllerRole::Leader
+                } else if me {
+                    match status.role {
+                        Role::Leader => pb::ControllerRole::Leader,
+                        Role::Follower => pb::ControllerRole::Follower,
+                        Role::Candidate | Role::PreCandidate => pb::ControllerRole::Candidate,
+                    }
+                } else if leading && !m.recent_active {
+                    pb::ControllerRole::Unreachable
+                } else {
+                    pb::ControllerRole::Follower
+                };
+                pb::ControllerInfo {
+                    raft_id: m.id,
+                    address: m.address.clone(),
+                    role: role as i32,
+                    term: status.term,
+                    applied_index: if me { status.applied } else { m.match_index },
+                    is_self: me,
+                }
+            })
+            .collect();
+        pb::ListControllersResponse {
+            controllers,
+            leader_id: status.leader.unwrap_or(0),
+            commit_index: status.commit,
+            metrics: Some(pb::ControllerMetrics {
+                term: metrics.term,
+                leader_changes: metrics.leader_changes,
+                commit_index: metrics.commit,
+                applied_index: metrics.applied,
+                proposals: metrics.proposals_committed,
+                proposal_p50_ms: finite(metrics.proposal_latency.quantile_ms(0.5)),
+                proposal_p99_ms: finite(metrics.proposal_latency.quantile_ms(0.99)),
+            }),
+        }
+    }
+
+    /// A client of the leader's `Cluster` service, for a follower passing a
+    /// membership change on.
+    fn leader_client(
+        &self,
+        e: RaftError,
+    ) -> Result<pb::cluster_client::ClusterClient<Channel>, Status> {
+        match e {
+            RaftError::NotLeader {
+                leader: Some((_, address)),
+            } if !address.is_empty() => {
+                let c = channel(&address, PEER_CONNECT_TIMEOUT).map_err(Status::internal)?;
+                Ok(pb::cluster_client::ClusterClient::new(c))
+            }
+            e => Err(membership_status(e, self.store.leader_address())),
+        }
+    }
+}
+
+/// Bucket bounds are infinite past the last one; JSON has no infinity.
+fn finite(ms: f64) -> f64 {
+    if ms.is_finite() { ms } else { f64::MAX }
+}
+
+fn membership_status(e: RaftError, leader: Option<String>) -> Status {
+    match e {
+        RaftError::ChangePending { .. } => Status::failed_precondition(e.to_string()),
+        RaftError::BadChange(_) => Status::invalid_argument(e.to_string()),
+        e => status_of(e.into(), leader),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for ClusterService {
+    async fn list_controllers(
+        &self,
+        _request: Request<pb::Empty>,
+    ) -> Result<Response<pb::ListControllersResponse>, Status> {
+        Ok(Response::new(self.list()))
+    }
+
+    async fn join_controller(
+        &self,
+        request: Request<pb::JoinControllerRequest>,
+    ) -> Result<Response<pb::JoinControllerResponse>, Status> {
+        let address = request.into_inner().address.trim().to_string();
+        if address.is_empty() {
+            return Err(Status::invalid_argument("address: must not be empty"));
+        }
+        match self.store.raft().add_member(address.clone()).await {
+            Ok(raft_id) => {
+                tracing::info!(raft_id, %address, "controller added");
+                Ok(Response::new(pb::JoinControllerResponse {
+                    raft_id,
+                    controllers: self.list().controllers,
+                }))
+            }
+            Err(e) => {
+                let mut leader = self.leader_client(e)?;
+                leader
+                    .join_controller(pb::JoinControllerRequest { address })
+                    .await
+            }
+        }
+    }
+
+    async fn remove_controller(
+        &self,
+        request: Request<pb::RemoveControllerRequest>,
+    ) -> Result<Response<pb::ListControllersResponse>, Status> {
+        let request = request.into_inner();
+        let members = self.store.raft().status().members;
+        let id = match &request.controller {
+            Some(pb::remove_controller_request::Controller::RaftId(id)) => members
+                .iter()
+                .find(|m| m.id == *id)
+                .map(|m| m.id)
+                .ok_or_else(|| Status::not_found(format!("controller {id} is not a member")))?,
+            Some(pb::remove_controller_request::Controller::Address(a)) => members
+                .iter()
+                .find(|m| m.address == *a)
+                .map(|m| m.id)
+                .ok_or_else(|| Status::not_found(format!("no controller at {a} is a member")))?,
+            None => {
+                return Err(Status::invalid_argument(
+                    "controller: give a raft id or an address",
+                ));
+            }
+        };
+        match self.store.raft().remove_member(id).await {
+            Ok(()) => {
+                tracing::info!(raft_id = id, "controller removed");
+                Ok(Response::new(self.list()))
+            }
+            Err(e) => {
+                let mut leader = self.leader_client(e)?;
+                leader
+                    .remove_controller(pb::RemoveControllerRequest {
+                        controller: Some(pb::remove_controller_request::Controller::RaftId(id)),
+                    })
+                    .await
+            }
+        }
+    }
+}
+
+/// Asks the controller at `address` (any member) to add this one at
+/// `advertise`; retries for up to `timeout` while the cluster elects or
+/// the member starts. Returns the raft id given and the members (id,
+/// address) the answer lists.
+pub async fn join(
+    address: &str,
+    advertise: &str,
+    timeout: Duration,
+) -> Result<(u64, Vec<(u64, String)>), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut wait = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            let c = channel(address, Duration::from_secs(2))?;
+            let mut client = pb::cluster_client::ClusterClient::new(c);
+            client
+                .join_controller(pb::JoinControllerRequest {
+                    address: advertise.to_string(),
+                })
+                .await
+                .map(|r| {
+                    let r = r.into_inner();
+                    let members = r
+                        .controllers
+                        .into_iter()
+                        .map(|c| (c.raft_id, c.address))
+                        .collect::<Vec<_>>();
+                    (r.raft_id, members)
+                })
+                .map_err(|s| format!("{}: {}", code_name(s.code()), s.message()))
+        };
+        match attempt.await {
+            Ok(joined) => return Ok(joined),
+            Err(e) if tokio::time::Instant::now() + wait < deadline => {
+                tracing::warn!(%address, "joining: {e}; retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(format!("joining the cluster through {address}: {e}")),
+        }
+    }
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::InvalidArgument => "invalid argument",
+        tonic::Code::FailedPrecondition => "failed precondition",
+        tonic::Code::Unimplemented => "unimplemented (not a replicated controller)",
+        _ => "error",
+    }
+}
+
+/// The Prometheus text exposition of this controller's Raft counters
+/// (`GET /metrics` on the controller's port).
+pub fn metrics_text(store: &StoreFront) -> String {
+    use std::fmt::Write as _;
+    let raft = store.raft();
+    let m = raft.metrics();
+    let status = raft.status();
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, kind: &str, value: f64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    gauge(
+        "gantry_raft_term",
+        "The current Raft term.",
+        "gauge",
+        m.term as f64,
+    );
+    gauge(
+        "gantry_raft_is_leader",
+        "1 while this controller leads.",
+        "gauge",
+        f64::from(u8::from(status.role == Role::Leader)),
+    );
+    gauge(
+        "gantry_raft_leader_changes_total",
+        "Leader changes seen by this controller.",
+        "counter",
+        m.leader_changes as f64,
+    );
+    gauge(
+        "gantry_raft_commit_index",
+        "The commit index.",
+        "gauge",
+        m.commit as f64,
+    );
+    gauge(
+        "gantry_raft_applied_index",
+        "The applied index.",
+        "gauge",
+        m.applied as f64,
+    );
+    gauge(
+        "gantry_raft_members",
+        "Voters in the configuration.",
+        "gauge",
+        status.members.len() as f64,
+    );
+    gauge(
+        "gantry_raft_proposals_committed_total",
+        "Commands proposed here and committed.",
+        "counter",
+        m.proposals_committed as f64,
+    );
+    gauge(
+        "gantry_raft_proposals_failed_total",
+        "Commands proposed here that failed (outcome unknown).",
+        "counter",
+        m.proposals_failed as f64,
+    );
+    let h = &m.proposal_latency;
+    let name = "gantry_raft_proposal_latency_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Proposal latency, proposed to applied.\n# TYPE {name} histogram"
+    );
+    let mut cumulative = 0;
+    for (i, bound) in crate::raft::LATENCY_BUCKETS_MS.iter().enumerate() {
+        cumulative += h.counts.get(i).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"{}\"}} {cumulative}",
+            bound / 1000.0
+        );
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum {}", h.sum_seconds);
+    let _ = writeln!(out, "{name}_count {}", h.count);
+    out
+}

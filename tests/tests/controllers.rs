@@ -1,0 +1,476 @@
+//! Replicated controllers end to end (issue 4): a real dev cluster of three
+//! `gantry controller`s (c1 a new cluster, c2 and c3 `--join`ed) and two
+//! agents, each host its own network namespace, checked through the CLI as
+//! a user would.
+//!
+//! One cluster, several checks, in order: the membership table; a deploy
+//! through a follower; kill -9 of the leader (a new leader is measured and
+//! must come within 1.5 s, the CLI fails over, the deployed tasks are not
+//! restarted and no node is marked down; the killed controller restarts
+//! and catches up); then a partition of the (new) leader (it refuses writes
+//! with the quorum message, the majority elects and takes writes, and after
+//! the heal the old leader follows). Figures are printed as `FIGURE ...`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use gantry_tests::cluster::{self, CONTROLLER_PORT, Cluster, ClusterConfig, wait_for};
+use serde_json::Value;
+
+/// Why these tests cannot run here, if they cannot.
+fn prerequisites() -> Option<&'static str> {
+    if let Some(reason) = gantry_tests::engine_test_prerequisites() {
+        return Some(reason);
+    }
+    cluster::missing_network_tools()
+}
+
+/// The test images (`deploy/images/build-test-images.sh`), built once into
+/// cargo's scratch directory under a name made of the inputs' digest, so
+/// the deploy tests' build is reused (same scheme as tests/tests/deploy.rs).
+fn test_images() -> &'static Path {
+    static IMAGES: OnceLock<PathBuf> = OnceLock::new();
+    IMAGES.get_or_init(|| {
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/images/build-test-images.sh");
+        let mut inputs = std::fs::read(&script).expect("read build-test-images.sh");
+        inputs.extend(std::fs::read(gantry_tests::bundle::HOST_BUSYBOX).expect("read busybox"));
+        let digest = gantry_tests::image_fixtures::digest(&inputs);
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let dir = root.join(format!("deploy-test-images-{}", &digest[7..19]));
+        if dir.join("web.tar").is_file() {
+            return dir;
+        }
+        let scratch = tempfile::Builder::new()
+            .prefix("deploy-test-images.build-")
+            .tempdir_in(root)
+            .expect("scratch dir for the test images");
+        let out = Command::new("bash")
+            .arg(script)
+            .arg(scratch.path())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run build-test-images.sh");
+        assert!(
+            out.status.success(),
+            "build-test-images.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if std::fs::rename(scratch.path(), &dir).is_err() && !dir.join("web.tar").is_file() {
+            panic!("could not move the test images to {}", dir.display());
+        }
+        dir
+    })
+}
+
+const APP: &str = "
+services:
+  web:
+    image: gantry.test/web:latest
+    deploy:
+      replicas: 2
+";
+
+struct Env {
+    c: Cluster,
+    files: tempfile::TempDir,
+}
+
+impl Env {
+    fn address(&self, host: &str) -> String {
+        format!("{}:{CONTROLLER_PORT}", self.c.host_addr(host).unwrap())
+    }
+
+    /// The CLI against every controller (failover), bounded.
+    fn run(&self, args: &[&str]) -> Output {
+        self.c
+            .gantry_within(args, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("gantry {args:?}: {e}"))
+    }
+
+    /// The CLI against one controller only, run inside `from`'s namespace
+    /// (so a partitioned host can still be asked over its own address).
+    fn run_at(&self, from: &str, controller: &str, args: &[&str]) -> Output {
+        let mut cmd = self
+            .c
+            .command_in(from, gantry_tests::gantry_bin().to_str().unwrap())
+            .unwrap();
+        cmd.args(["--controller", controller]).args(args);
+        cluster::output_within(cmd, Duration::from_secs(30)).unwrap()
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for h in ["c1", "c2", "c3"] {
+            out.push_str(&format!("\n--- {h}:\n{}", self.c.log_tail(h, 15)));
+        }
+        out
+    }
+
+    fn ok(&self, out: Output, what: &str) -> String {
+        assert!(
+            out.status.success(),
+            "{what} exited {:?}: {}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut full = args.to_vec();
+        full.extend(["-o", "json"]);
+        let text = self.ok(self.run(&full), &format!("gantry {full:?}"));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("gantry {full:?}: {e}: {text}"))
+    }
+
+    /// `cluster controllers -o json` asked of `host` (from its namespace).
+    fn controllers_at(&self, host: &str) -> Option<Value> {
+        let out = self.run_at(
+            host,
+            &self.address(host),
+            &["cluster", "controllers", "-o", "json"],
+        );
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// The leader's host name as `host` sees it.
+    fn leader_at(&self, host: &str) -> Option<String> {
+        let list = self.controllers_at(host)?;
+        let address = list["controllers"]
+            .as_array()?
+            .iter()
+            .find(|c| c["leader"] == true)?["address"]
+            .as_str()?
+            .to_string();
+        ["c1", "c2", "c3"]
+            .into_iter()
+            .find(|h| self.address(h) == address)
+            .map(str::to_string)
+    }
+
+    /// The running tasks of `web`: task id → node id.
+    fn web_tasks(&self) -> BTreeMap<String, String> {
+        self.json(&["service", "ps", "app_web"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["desired_state"] == "running" && t["state"] == "running")
+            .map(|t| {
+                (
+                    t["id"].as_str().unwrap().to_string(),
+                    t["node"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// The web containers on the agents, with their PIDs: a restarted
+    /// container has a new PID (or a new id).
+    fn web_containers(&self) -> BTreeMap<String, i64> {
+        let mut out = BTreeMap::new();
+        for host in ["n1", "n2"] {
+            let data = self.c.host_data_dir(host).unwrap();
+            let ps = self
+                .c
+                .command_in(host, gantry_tests::gantry_bin().to_str().unwrap())
+                .unwrap()
+                .args(["container", "ps", "-o", "json"])
+                .env("GANTRY_DATA_DIR", &data)
+                .stdin(Stdio::null())
+                .output()
+                .expect("container ps");
+            for line in String::from_utf8_lossy(&ps.stdout).lines() {
+                let Ok(c) = serde_json::from_str::<Value>(line) else {
+                    continue;
+                };
+                if c["name"].as_str().unwrap_or("").starts_with("app_web.") {
+                    out.insert(
+                        c["id"].as_str().unwrap_or("").to_string(),
+                        c["pid"].as_i64().unwrap_or(0),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// A small write through the CLI (a node label), at `controller` from
+    /// `from`'s namespace.
+    fn write_at(&self, from: &str, controller: &str, value: &str) -> Output {
+        self.run_at(
+            from,
+            controller,
+            &[
+                "node",
+                "update",
+                "n1",
+                "--label-add",
+                &format!("probe={value}"),
+            ],
+        )
+    }
+}
+
+/// A plain HTTP/1.1 GET on the cluster's bridge (the test's own network).
+fn http_get(address: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&address.parse().unwrap(), Duration::from_secs(2))
+            .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    body
+}
+
+#[test]
+fn three_controllers_fail_over_without_restarting_tasks() {
+    if let Some(reason) = prerequisites() {
+        println!("SKIPPED: {reason}");
+        return;
+    }
+    let images = test_images();
+    let mut config = ClusterConfig::new(gantry_tests::gantry_bin());
+    config.name = cluster::unique_name("rc");
+    config.controllers = 3;
+    config.agents = 2;
+    config.ready_timeout = Duration::from_secs(60);
+    let c = Cluster::up(config).expect("3 controllers + 2 agents up");
+    let env = Env {
+        c,
+        files: tempfile::Builder::new()
+            .prefix("gantry-controllers-")
+            .tempdir()
+            .unwrap(),
+    };
+
+    // The table: one leader, two followers, everyone agrees.
+    let list = env.json(&["cluster", "controllers"]);
+    let roles: Vec<&str> = list["controllers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles.len(), 3, "{list}");
+    assert_eq!(
+        roles.iter().filter(|r| **r == "leader").count(),
+        1,
+        "{list}"
+    );
+    assert_eq!(
+        roles.iter().filter(|r| **r == "follower").count(),
+        2,
+        "{list}"
+    );
+    let table = env.ok(env.run(&["cluster", "controllers"]), "cluster controllers");
+    assert!(table.starts_with("ID"), "{table}");
+    assert!(table.contains(" *"), "the leader is marked: {table}");
+    let leader = env.leader_at("c1").expect("c1 knows the leader");
+    let follower = ["c1", "c2", "c3"]
+        .into_iter()
+        .find(|h| *h != leader)
+        .unwrap();
+    // Metrics for graphs: in the JSON listing and on /metrics.
+    assert!(list["metrics"]["term"].as_u64().unwrap_or(0) >= 1, "{list}");
+    let metrics = http_get(&env.address(&leader), "/metrics");
+    assert!(metrics.contains("gantry_raft_is_leader 1"), "{metrics}");
+    assert!(
+        metrics.contains("gantry_raft_proposal_latency_seconds_bucket"),
+        "{metrics}"
+    );
+
+    // A deploy through a follower.
+    let web = images.join("web.tar");
+    env.ok(
+        env.run(&["image", "load", web.to_str().unwrap()]),
+        "image load",
+    );
+    let app = env.files.path().join("app.yaml");
+    std::fs::write(&app, APP).unwrap();
+    let through = env.address(follower);
+    let out = env.run_at(
+        follower,
+        &through,
+        &["deploy", "-p", "app", "-f", app.to_str().unwrap()],
+    );
+    env.ok(out, "deploy through a follower");
+    // Read-your-writes on the follower.
+    let ls = env.run_at(follower, &through, &["service", "ls", "-o", "json"]);
+    assert!(
+        env.ok(ls, "service ls on the follower").contains("\"web\""),
+        "the follower lists the service it forwarded"
+    );
+    let mut tasks = BTreeMap::new();
+    wait_for("web to run 2 tasks", Duration::from_secs(40), || {
+        tasks = env.web_tasks();
+        tasks.len() == 2
+    })
+    .unwrap_or_else(|e| panic!("{e}{}", env.logs()));
+    let containers = env.web_containers();
+    assert_eq!(containers.len(), 2, "{containers:?}");
+
+    // kill -9 the leader: a new leader within 1.5 s, writes accepted again.
+    let mut c = env;
+    let killed = leader.clone();
+    let survivors: Vec<&str> = ["c1", "c2", "c3"]
+        .into_iter()
+        .filter(|h| *h != killed)
+        .collect();
+    let start = Instant::now();
+    c.c.kill(&killed).unwrap();
+    let mut new_leader = None;
+    wait_for("a new leader", Duration::from_secs(10), || {
+        new_leader = survivors
+            .iter()
+            .find_map(|h| c.leader_at(h).filter(|l| *l != killed));
+        new_leader.is_some()
+    })
+    .unwrap_or_else(|e| panic!("{e}{}", c.logs()));
+    let elected = start.elapsed();
+    let new_leader = new_leader.unwrap();
+    let mut n = 0;
+    wait_for(
+        "a write after the failover",
+        Duration::from_secs(10),
+        || {
+            n += 1;
+            c.write_at(survivors[0], &c.address(survivors[0]), &format!("k{n}"))
+                .status
+                .success()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}{}", c.logs()));
+    let writable = start.elapsed();
+    println!(
+        "FIGURE leader kill -9 -> new leader {new_leader} seen after {} ms, writes accepted after {} ms",
+        elected.as_millis(),
+        writable.as_millis()
+    );
+    assert!(
+        elected <= Duration::from_millis(1500),
+        "a new leader took {elected:?} (target 1.5 s)"
+    );
+
+    // The CLI fails over (its list starts with c1, which may be the dead one).
+    let services = c.json(&["service", "ls"]);
+    assert_eq!(services.as_array().unwrap().len(), 1, "{services}");
+
+    // No task restarted and no node marked down, past a whole lease.
+    std::thread::sleep(Duration::from_secs(4));
+    let nodes = c.c.node_statuses().unwrap();
+    assert!(
+        nodes.values().all(|s| s == "ready"),
+        "every node stays ready across the failover: {nodes:?}"
+    );
+    assert_eq!(
+        c.web_tasks(),
+        tasks,
+        "the same tasks run after the failover"
+    );
+    assert_eq!(
+        c.web_containers(),
+        containers,
+        "the same containers (ids and PIDs) run after the failover"
+    );
+
+    // The killed controller restarts (same data: a restart, not a join) and
+    // catches up with the leader.
+    c.c.start(&killed).unwrap();
+    wait_for(
+        "the restarted controller to follow and catch up",
+        Duration::from_secs(15),
+        || {
+            let Some(list) = c.controllers_at(&killed) else {
+                return false;
+            };
+            let me = list["controllers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|m| m["answered"] == true)
+                .cloned()
+                .unwrap_or(Value::Null);
+            me["role"] == "follower"
+                && list["controllers"].as_array().map_or(0, Vec::len) == 3
+                && me["applied"].as_u64().unwrap_or(0)
+                    >= list["commit_index"].as_u64().unwrap_or(u64::MAX)
+                && c.leader_at(&killed).as_deref() == Some(new_leader.as_str())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}{}", c.logs()));
+
+    // Partition the leader: it refuses writes with the quorum message, the
+    // majority elects and takes writes, the heal makes it a follower.
+    let isolated = new_leader.clone();
+    let majority: Vec<&str> = ["c1", "c2", "c3"]
+        .into_iter()
+        .filter(|h| *h != isolated)
+        .collect();
+    c.c.partition(&isolated).unwrap();
+    let own = c.address(&isolated);
+    let mut refusal = String::new();
+    wait_for(
+        "the partitioned leader to refuse writes",
+        Duration::from_secs(10),
+        || {
+            let out = c.write_at(&isolated, &own, "cut");
+            refusal = String::from_utf8_lossy(&out.stderr).into_owned();
+            !out.status.success() && refusal.contains("no quorum")
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: last answer {refusal}{}", c.logs()));
+    assert!(
+        refusal.contains("1 of 3 controllers reachable"),
+        "the refusal counts the reachable controllers: {refusal}"
+    );
+    let start = Instant::now();
+    let out = c.write_at(&isolated, &own, "cut2");
+    assert!(!out.status.success());
+    assert!(
+        start.elapsed() <= Duration::from_millis(2500),
+        "a refused write fails fast, took {:?}",
+        start.elapsed()
+    );
+    let mut majority_leader = None;
+    wait_for("the majority to elect", Duration::from_secs(10), || {
+        majority_leader = c
+            .leader_at(majority[0])
+            .filter(|l| *l != isolated && majority.contains(&l.as_str()));
+        majority_leader.is_some()
+    })
+    .unwrap_or_else(|e| panic!("{e}{}", c.logs()));
+    let out = c.write_at(majority[0], &c.address(majority[0]), "majority");
+    c.ok(out, "a write on the majority side");
+    c.c.heal(&isolated).unwrap();
+    let majority_leader = majority_leader.unwrap();
+    wait_for(
+        "the healed controller to follow the new leader",
+        Duration::from_secs(15),
+        || c.leader_at(&isolated).as_deref() == Some(majority_leader.as_str()),
+    )
+    .unwrap_or_else(|e| panic!("{e}{}", c.logs()));
+    // It has the majority's write (no divergence): its list shows the label.
+    let out = c.run_at(&isolated, &own, &["node", "inspect", "n1", "-o", "json"]);
+    let node = c.ok(out, "node inspect on the healed controller");
+    assert!(node.contains("majority"), "{node}");
+    assert!(
+        !node.contains("cut"),
+        "a refused write is not applied: {node}"
+    );
+}
