@@ -23,8 +23,7 @@
 //!
 //! Both systems run their members on dev-cluster hosts (network namespaces
 //! on a bridge, `gantry_tests::cluster`): Gantry with
-//! `GANTRY_BENCH_CONTROLLERS` controllers (default 1 until the Raft
-//! controllers land; then 3) and one agent; etcd with 3 members, default
+//! `GANTRY_BENCH_CONTROLLERS` controllers (default 3) and one agent; etcd with 3 members, default
 //! timings plus `--pre-vote`. Results: `bench-results/controllers.json` and
 //! `.md` at the workspace root, and the table on stdout. Knobs:
 //! `GANTRY_BENCH_OPS_1`, `GANTRY_BENCH_OPS_16`, `GANTRY_BENCH_OPS_256` (writes
@@ -72,7 +71,7 @@ fn main() {
         .build()
         .expect("tokio runtime");
 
-    let controllers = env_usize("GANTRY_BENCH_CONTROLLERS", 1) as u32;
+    let controllers = env_usize("GANTRY_BENCH_CONTROLLERS", 3) as u32;
     let mut config = ClusterConfig::new(&gantry);
     config.name = cluster::unique_name("bctl");
     config.controllers = controllers;

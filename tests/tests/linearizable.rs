@@ -26,10 +26,9 @@ use gantry_tests::load::{Client, Target, WriteLoad};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Controllers in the cluster: the whole point is 3, and one is run until
-/// the replicated controllers land (then the leader's kill is a failover;
-/// with one it is a restart).
-const CONTROLLERS: u32 = 1;
+/// Controllers in the cluster. With 3 the leader's kill is a failover; the
+/// test also runs with 1 (then the kill is a restart of the only one).
+const CONTROLLERS: u32 = 3;
 /// Concurrent clients.
 const CLIENTS: usize = 8;
 /// How long the clients run.
@@ -39,7 +38,7 @@ const KILL_AT: Duration = Duration::from_millis(1500);
 /// Writes a stopped follower misses. Fewer than the Raft core's default
 /// `snapshot_every` (10,000): the catch-up goes by snapshot only once the
 /// dev cluster can lower that setting (not there yet).
-const SIGSTOP_WRITES: usize = 3000;
+const SIGSTOP_WRITES: usize = 500;
 /// Each operation's timeout.
 const OP_TIMEOUT: Duration = Duration::from_secs(1);
 /// How soon after the kill writes must be accepted again: a new leader
@@ -291,7 +290,7 @@ fn acknowledged_writes_survive_a_leader_kill_and_history_is_linearizable() {
         ),
         None => panic!("no write acknowledged after the leader's kill"),
     }
-    assert!(acked >= 100, "only {acked} writes acknowledged in {RUN:?}");
+    assert!(acked >= 30, "only {acked} writes acknowledged in {RUN:?}");
     if CONTROLLERS >= 3 {
         follower_catches_up_after_sigstop(&mut c, &rt, &controllers, &endpoints);
     }
