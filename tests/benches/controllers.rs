@@ -128,6 +128,7 @@ fn main() {
             .start(h)
             .map_err(|e| e.to_string())
             .map(|()| String::new()),
+        Step::LogTail(h) => Ok(g.log_tail(h, 8)),
     });
     let etcd_failover = match (&mut e, &etcd_target) {
         (Some(e), Some(t)) => failover_rounds(&rt, rounds, t, &mut |step| match step {
@@ -144,6 +145,7 @@ fn main() {
                 .start(h)
                 .map(|()| String::new())
                 .map_err(|e| e.to_string()),
+            Step::LogTail(h) => Ok(e.cluster.log_tail(h, 8)),
         }),
         _ => Value::Null,
     };
@@ -250,6 +252,8 @@ enum Step<'a> {
     Kill(&'a str),
     /// Start this host again.
     Restart(&'a str),
+    /// The last lines of this host's log (for failure reports).
+    LogTail(&'a str),
 }
 
 /// `rounds` times: find the leader, kill it, time the first acknowledged
@@ -293,7 +297,10 @@ fn failover_rounds(
             Duration::from_secs(30),
         )) {
             Ok((_, acked)) => times.push((acked - killed).as_secs_f64() * 1000.0),
-            Err(e) => failures.push(format!("round {round}: after killing {leader}: {e}")),
+            Err(e) => failures.push(format!(
+                "round {round}: after killing {leader}: {e}; its log: {}",
+                act(Step::LogTail(&leader)).unwrap_or_default()
+            )),
         }
         if let Err(e) = act(Step::Restart(&leader)) {
             failures.push(format!("round {round}: restart {leader}: {e}"));
