@@ -7,7 +7,10 @@
 pub mod bench;
 pub mod bundle;
 pub mod cluster;
+pub mod etcd;
 pub mod image_fixtures;
+pub mod linearizability;
+pub mod load;
 pub mod peers;
 
 use std::path::PathBuf;

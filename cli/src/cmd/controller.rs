@@ -115,7 +115,7 @@ fn start(args: Args, mode: StartMode) -> anyhow::Result<ExitCode> {
         .data_dir
         .map(DataDir::new)
         .unwrap_or_else(DataDir::from_env);
-    let config = ControllerConfig {
+    let mut config = ControllerConfig {
         data_dir: data_dir.root().to_path_buf(),
         listen: args.listen,
         heartbeat_period: args.heartbeat_period,
@@ -128,6 +128,14 @@ fn start(args: Args, mode: StartMode) -> anyhow::Result<ExitCode> {
         },
         addressing,
     };
+    // A test hook, not a flag: the failover test lowers the log compaction
+    // interval so that a lagging follower must catch up by snapshot.
+    if let Some(every) = std::env::var("GANTRY_SNAPSHOT_EVERY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.store.snapshot_every = every;
+    }
     if matches!(config.mode, StartMode::Init) && server::holds_cluster(&config) {
         return Err(UsageError(format!(
             "{} already holds a cluster: start it with `gantry controller`, or remove the \

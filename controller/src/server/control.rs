@@ -628,26 +628,25 @@ impl pb::control_server::Control for Control {
         self.current().await?;
         let req = request.into_inner();
         let node = self.store.read(|s| resolve_node(s, &req.node).cloned())?;
-        let mut spec = node.spec.clone();
-        if let Some(a) = req.availability {
-            spec.availability = wire::availability_from_wire(a, "availability")
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let availability = req
+            .availability
+            .map(|a| wire::availability_from_wire(a, "availability"))
+            .transpose()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if req.label_add.keys().any(String::is_empty) {
+            return Err(Status::invalid_argument(
+                "label_add: a label key must not be empty",
+            ));
         }
-        for (k, v) in req.label_add {
-            if k.is_empty() {
-                return Err(Status::invalid_argument(
-                    "label_add: a label key must not be empty",
-                ));
-            }
-            spec.labels.insert(k, v);
-        }
-        for k in &req.label_rm {
-            spec.labels.remove(k);
-        }
+        // The edit itself, not a spec built from this read: the state
+        // machine applies it to the node as the log has it, so concurrent
+        // updates of different labels do not undo each other.
         self.store
-            .propose_one(Command::UpsertNode {
+            .propose_one(Command::EditNodeSpec {
                 node: node.id.clone(),
-                spec,
+                availability,
+                label_add: req.label_add,
+                label_rm: req.label_rm,
             })
             .await
             .map_err(state_status)?;

@@ -11,10 +11,13 @@
 //! replica that meets a version it does not know stops rather than guess
 //! (etcd does the same with unknown entry types).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    DesiredState, NodeId, NodeSpec, NodeStatus, ServiceId, ServiceSpec, Task, TaskId, TaskStatus,
+    Availability, DesiredState, NodeId, NodeSpec, NodeStatus, ServiceId, ServiceSpec, Task, TaskId,
+    TaskStatus,
 };
 use crate::network::Addressing;
 use crate::scheduler::Assignment;
@@ -75,6 +78,21 @@ pub enum Command {
         node: NodeId,
         /// What the operator sets.
         spec: NodeSpec,
+    },
+    /// Edits an existing node's operator-set fields in place: what
+    /// `UpdateNode` asks for, applied against the node as the log has it,
+    /// so concurrent edits of different labels all survive (an
+    /// [`Command::UpsertNode`] built from a read of the spec would put back
+    /// labels another edit had just changed).
+    EditNodeSpec {
+        /// The node.
+        node: NodeId,
+        /// The new availability, if it changes.
+        availability: Option<Availability>,
+        /// Labels to add or overwrite.
+        label_add: BTreeMap<String, String>,
+        /// Label keys to remove (after `label_add`).
+        label_rm: Vec<String>,
     },
     /// Removes a node. Its tasks stay; the orchestrators replace them.
     RemoveNode {
@@ -176,6 +194,7 @@ impl Command {
     pub fn name(&self) -> &'static str {
         match self {
             Command::UpsertNode { .. } => "upsert-node",
+            Command::EditNodeSpec { .. } => "edit-node-spec",
             Command::RemoveNode { .. } => "remove-node",
             Command::UpdateNodeStatus { .. } => "update-node-status",
             Command::CreateService { .. } => "create-service",

@@ -363,6 +363,24 @@ impl StateMachine {
         let name = command.name();
         match command {
             Command::UpsertNode { node, spec } => self.upsert_node(index, name, node, spec),
+            Command::EditNodeSpec {
+                node,
+                availability,
+                label_add,
+                label_rm,
+            } => {
+                let current = self.nodes.get(node).ok_or_else(|| not_found(name, node))?;
+                let mut spec = current.spec.clone();
+                if let Some(a) = availability {
+                    spec.availability = *a;
+                }
+                spec.labels
+                    .extend(label_add.iter().map(|(k, v)| (k.clone(), v.clone())));
+                for k in label_rm {
+                    spec.labels.remove(k);
+                }
+                self.upsert_node(index, name, node, &spec)
+            }
             Command::RemoveNode { node } => {
                 let removed = self
                     .nodes

@@ -203,6 +203,10 @@ pub struct ClusterConfig {
     pub ready_timeout: Duration,
     /// Stand-in commands (tests of the harness itself); `None` runs Gantry.
     pub commands: Option<RoleCommands>,
+    /// Log compaction interval of the controllers (`GANTRY_SNAPSHOT_EVERY`
+    /// in their environment); `None` keeps the default (10,000 entries). A
+    /// test hook: a low value makes a lagging follower catch up by snapshot.
+    pub snapshot_every: Option<u64>,
 }
 
 impl ClusterConfig {
@@ -222,6 +226,7 @@ impl ClusterConfig {
             readiness: Readiness::NodesReady,
             ready_timeout: Duration::from_secs(30),
             commands: None,
+            snapshot_every: None,
         }
     }
 }
@@ -1424,12 +1429,20 @@ fn assign_addresses(
                 netns: format!("gantry-{}-{name}", config.name),
                 veth,
                 log: data_dir.join("gantry.log"),
-                env: vec![
+                env: [
                     ("GANTRY_DATA_DIR".into(), data.clone()),
                     ("GANTRY_LOG".into(), log_level.clone()),
                     // The log is a file: no terminal colour codes in it.
                     ("NO_COLOR".into(), "1".into()),
-                ],
+                ]
+                .into_iter()
+                .chain(
+                    config
+                        .snapshot_every
+                        .filter(|_| role == Role::Controller)
+                        .map(|n| ("GANTRY_SNAPSHOT_EVERY".into(), n.to_string())),
+                )
+                .collect(),
                 data_dir,
                 name,
                 role,
