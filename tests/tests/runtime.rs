@@ -465,6 +465,15 @@ fn exec_joins_the_container() {
     assert!(c.create().status.success());
     assert!(c.rt(&["start", &c.id]).status.success());
     let pid = c.pid();
+    // `start` returns once the init was told to go (as runc's does), not
+    // once it has exec'd the process: on a busy machine the exec can still
+    // be ahead, and /proc/1/cmdline below would name the runtime.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"sleep"))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 
     let (code, out) = c.exec(&[], &["sh", "-c", "hostname; cat /proc/1/cmdline; echo; for n in mnt pid net uts ipc; do readlink /proc/self/ns/$n; done"]);
     assert_eq!(code, 0, "{out}");
