@@ -4,7 +4,7 @@
 //! the hosts: names and `tasks.<service>`, task to task across nodes, a VIP
 //! spreading 300 requests over three replicas on three nodes, an unhealthy
 //! replica's last connection measured, a published port answering on every
-//! node, networks isolating, a node leaving (`node rm`) taken out of every
+//! node, a `mode: host` port only on its task's node, networks isolating, a node leaving (`node rm`) taken out of every
 //! other node's VXLAN entries, and removal leaving each host's `nft list
 //! ruleset`, `ip link` and `ip route` as before the deploy.
 //! One cluster, several checks (the cluster is the expensive part).
@@ -32,6 +32,12 @@ services:
   client:
     image: gantry.test/busybox:latest
     command: ["sleep", "3600"]
+  direct:
+    image: gantry.test/web:latest
+    ports:
+      - target: 80
+        published: 8081
+        mode: host
 "#;
 
 const OTHER: &str = r#"
@@ -226,6 +232,7 @@ fn services_reach_each_other_by_name_through_vips_and_the_routing_mesh() {
     env.deploy("other", OTHER);
     let web = env.wait_running("shop_web", 3);
     env.wait_running("shop_client", 1);
+    let direct = env.wait_running("shop_direct", 1);
     env.wait_running("other_outsider", 1);
     let services: BTreeMap<String, Value> = env
         .json(&["service", "ls"])
@@ -379,6 +386,39 @@ fn services_reach_each_other_by_name_through_vips_and_the_routing_mesh() {
             .unwrap();
         let page = String::from_utf8_lossy(&out.stdout);
         assert!(page.contains("ip=10.42."), "{host} ({addr}): {page:?}");
+    }
+
+    // `mode: host` publishes only where a task runs (Swarm's host mode):
+    // the node running `direct` answers on 8081, the others refuse.
+    let direct_node = direct[0]["node"].as_str().unwrap().to_string();
+    for host in env.c.hosts_with(cluster::Role::Agent) {
+        let addr = env.c.host_addr(&host).unwrap();
+        let out = env
+            .c
+            .exec_in(
+                "c1",
+                &[
+                    host_busybox(),
+                    "timeout",
+                    "5",
+                    host_busybox(),
+                    "wget",
+                    "-q",
+                    "-O",
+                    "-",
+                    &format!("http://{addr}:8081/cgi-bin/index.cgi"),
+                ],
+            )
+            .unwrap();
+        let page = String::from_utf8_lossy(&out.stdout);
+        if host == direct_node {
+            assert!(page.contains("ip=10.42."), "{host} ({addr}): {page:?}");
+        } else {
+            assert!(
+                !out.status.success() && page.is_empty(),
+                "{host} ({addr}) answers 8081 without a task: {page:?}"
+            );
+        }
     }
 
     // Networks isolate: another stack's container neither resolves nor
