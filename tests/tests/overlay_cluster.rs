@@ -4,9 +4,11 @@
 //! the hosts: names and `tasks.<service>`, task to task across nodes, a VIP
 //! spreading 300 requests over three replicas on three nodes, an unhealthy
 //! replica's last connection measured, a published port answering on every
-//! node, a `mode: host` port only on its task's node, networks isolating, a node leaving (`node rm`) taken out of every
-//! other node's VXLAN entries, and removal leaving each host's `nft list
-//! ruleset`, `ip link` and `ip route` as before the deploy.
+//! node, a `mode: host` port only on its task's node, networks isolating,
+//! a node leaving (`node rm`, then `agent --leave` on it) taken out of every
+//! other node's VXLAN entries and cleaned up itself, and removal leaving
+//! each host's `nft list ruleset`, `ip link` and `ip route` as before the
+//! deploy.
 //! One cluster, several checks (the cluster is the expensive part).
 
 use gantry_tests::cluster::{self, Cluster, ClusterConfig, wait_for};
@@ -507,10 +509,41 @@ fn services_reach_each_other_by_name_through_vips_and_the_routing_mesh() {
         left_at.elapsed().as_secs_f64()
     );
 
+    // The left node itself: `gantry agent --leave` (its agent stopped, as
+    // after `docker swarm leave`) removes its task containers and its
+    // overlay, and its host is as before the deploy.
+    let data = env.c.host_data_dir(victim).unwrap();
+    let bin = gantry_tests::gantry_bin();
+    let out = env
+        .c
+        .exec_in(
+            victim,
+            &[
+                bin.to_str().unwrap(),
+                "agent",
+                "--leave",
+                "--data-dir",
+                data.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "gantry agent --leave: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let now = env.network_snapshot(victim);
+    assert_eq!(
+        now,
+        before[victim.as_str()],
+        "{victim} after leaving: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
     // Removal: the stacks go, and with the last service every remaining
     // node's overlay (table, VXLAN device, bridge, routes, the bridge's own
     // table): `nft list ruleset`, `ip link` and `ip route` are as before
-    // the first deploy. (The killed node's host is left as it died.)
+    // the first deploy.
     for stack in ["shop", "other"] {
         env.ok(&["stack", "rm", stack]);
     }

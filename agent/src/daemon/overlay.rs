@@ -360,6 +360,22 @@ fn run(data: DataDir, underlay: Option<Ipv4Addr>, rx: mpsc::Receiver<pb::Network
     }
 }
 
+/// Removes this node's overlay whatever the cluster says: the table, the
+/// VXLAN device with its entries, and, once no container is on it, the
+/// bridge and the engine's table (`gantry agent --leave`, after its task
+/// containers are gone). `Ok(false)` when a container keeps the bridge.
+pub fn leave(data: &DataDir) -> Result<bool, crate::network::NetworkError> {
+    let bridge = NetworkConfig::load(data)
+        .map(|c| c.bridge)
+        .unwrap_or_else(|_| crate::network::DEFAULT_BRIDGE.to_string());
+    Overlay::new(OverlayConfig {
+        bridge: bridge.clone(),
+        underlay: None,
+    })
+    .teardown()?;
+    crate::network::remove_idle_bridge(data, &bridge)
+}
+
 /// How many seconds a dormant agent keeps checking for its bridge to empty.
 const IDLE_BRIDGE_RETRIES: u32 = 120;
 
