@@ -13,6 +13,9 @@
 //! - [`session`]: the dispatcher session: hello, heartbeats, assignments
 //!   down, statuses up, image pulls, logs and exec relays, reconnects.
 //!
+//! [`leave`] is `gantry agent --leave`: a leaving node's task containers and
+//! overlay removed, with the agent stopped.
+//!
 //! [`run`] builds its own tokio runtime (the `gantry` binary's `main` is
 //! synchronous and starts no threads before dispatch); [`serve`] is the same
 //! on the caller's runtime, for `gantry up`. The worker runs on a

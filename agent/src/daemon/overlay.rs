@@ -6,7 +6,9 @@
 //!
 //! **Invariant:** an agent that stops leaves the data plane as it is; the
 //! next one rebuilds from the first full update without disturbing
-//! established connections (see `network::overlay`).
+//! established connections (see `network::overlay`). When the last service
+//! that needs the data plane goes, the agent removes it (back to dormant),
+//! and [`leave`] removes it for a node leaving the cluster.
 
 use crate::network::overlay::state::{
     ClusterNetwork, DesiredState, Endpoint, OverlayNode, ServicePort, ServiceRecord, Update,
