@@ -533,6 +533,54 @@ async fn node_registers_and_is_ready() {
         .expect_err("unknown node");
     assert_eq!(missing.code(), tonic::Code::NotFound);
     assert!(missing.message().contains("nope"), "{}", missing.message());
+    // An operator's label survives the agent registering again with its
+    // own value; the agent's new labels fill what the node lacks.
+    c.update_node(pb::UpdateNodeRequest {
+        node: "n1".into(),
+        availability: None,
+        label_add: [("zone".to_string(), "us".to_string())].into(),
+        label_rm: Vec::new(),
+    })
+    .await
+    .expect("label edit");
+    drop(agent);
+    let agent = FakeAgent::join(&ctl.url(), "n1", &[("zone", "eu"), ("rack", "r1")]).await;
+    let labels = c
+        .inspect_node(pb::NodeRef { node: "n1".into() })
+        .await
+        .expect("inspect")
+        .into_inner()
+        .spec
+        .expect("spec")
+        .labels;
+    assert_eq!(labels["zone"], "us", "{labels:?}");
+    assert_eq!(labels["rack"], "r1", "{labels:?}");
+    // `node rm` of a ready node is refused by name, as `docker node rm`;
+    // `--force` removes it.
+    let refused = c
+        .remove_node(pb::RemoveNodeRequest {
+            node: "host-n1".into(),
+            force: false,
+        })
+        .await
+        .expect_err("a ready node is not removed");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("n1 is ready"),
+        "{}",
+        refused.message()
+    );
+    c.remove_node(pb::RemoveNodeRequest {
+        node: "n1".into(),
+        force: true,
+    })
+    .await
+    .expect("forced removal");
+    let gone = c
+        .inspect_node(pb::NodeRef { node: "n1".into() })
+        .await
+        .expect_err("removed");
+    assert_eq!(gone.code(), tonic::Code::NotFound);
     drop(agent);
     ctl.shutdown();
 }

@@ -130,6 +130,7 @@ fn node_spec_edits_of_different_labels_both_survive() {
         availability: None,
         label_add: [(k.to_string(), v.to_string())].into(),
         label_rm: Vec::new(),
+        label_default: BTreeMap::new(),
     };
     for r in run(&mut sm, &[edit("a", "1"), edit("b", "2"), edit("a", "3")]) {
         r.expect("edit applies");
@@ -142,6 +143,7 @@ fn node_spec_edits_of_different_labels_both_survive() {
         availability: Some(Availability::Drain),
         label_add: BTreeMap::new(),
         label_rm: vec!["b".into()],
+        label_default: BTreeMap::new(),
     };
     run(&mut sm, &[drop_b])[0].clone().expect("edit applies");
     let n1 = sm.node(&node_id("n1")).unwrap();
@@ -152,9 +154,25 @@ fn node_spec_edits_of_different_labels_both_survive() {
         availability: None,
         label_add: BTreeMap::new(),
         label_rm: Vec::new(),
+        label_default: BTreeMap::new(),
     };
     let err = run(&mut sm, &[missing])[0].clone().unwrap_err();
     assert!(err.contains("n9"), "{err}");
+    // An agent's labels at registration fill only what the node lacks: an
+    // operator's edit applied just before keeps its value.
+    let register = Command::EditNodeSpec {
+        node: node_id("n1"),
+        availability: None,
+        label_add: BTreeMap::new(),
+        label_rm: Vec::new(),
+        label_default: [("a", "agent"), ("zone", "z1")]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .into(),
+    };
+    run(&mut sm, &[register])[0].clone().expect("edit applies");
+    let labels = &sm.node(&node_id("n1")).unwrap().spec.labels;
+    assert_eq!(labels.get("a").map(String::as_str), Some("3"));
+    assert_eq!(labels.get("zone").map(String::as_str), Some("z1"));
 }
 
 // ---------------------------------------------------------------------------

@@ -322,6 +322,13 @@ impl Control for Fake {
         Ok(Response::new(node(m::Availability::Drain)))
     }
 
+    async fn remove_node(
+        &self,
+        _request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        Err(Status::unimplemented("remove_node"))
+    }
+
     type EventsStream = BoxStream<pb::Event>;
 
     async fn events(

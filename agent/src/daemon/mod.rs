@@ -13,6 +13,9 @@
 //! - [`session`]: the dispatcher session: hello, heartbeats, assignments
 //!   down, statuses up, image pulls, logs and exec relays, reconnects.
 //!
+//! [`leave`] is `gantry agent --leave`: a leaving node's task containers and
+//! overlay removed, with the agent stopped.
+//!
 //! [`run`] builds its own tokio runtime (the `gantry` binary's `main` is
 //! synchronous and starts no threads before dispatch); [`serve`] is the same
 //! on the caller's runtime, for `gantry up`. The worker runs on a
@@ -85,6 +88,70 @@ pub enum AgentError {
     /// The worker thread panicked.
     #[error("the worker thread panicked")]
     WorkerPanicked,
+    /// Leaving: a task container could not be removed.
+    #[error("leave: removing task container {id}: {source}")]
+    LeaveContainer {
+        /// The container.
+        id: String,
+        /// The cause.
+        #[source]
+        source: ContainerError,
+    },
+    /// Leaving: the overlay could not be removed.
+    #[error("leave: removing the overlay: {0}")]
+    LeaveOverlay(#[source] crate::network::NetworkError),
+}
+
+/// What [`leave`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaveReport {
+    /// Task containers removed.
+    pub tasks_removed: usize,
+    /// Whether the bridge went too (a standalone container keeps it).
+    pub bridge_removed: bool,
+}
+
+/// `gantry agent --leave`, for a node leaving the cluster (Swarm's `docker
+/// swarm leave` on a worker): removes this data dir's task containers (the
+/// ones the worker made, labelled `gantry.task.id`; standalone containers
+/// stay) and then the node's overlay (`Overlay::teardown`, the idle bridge
+/// and the engine's table). Run with the agent stopped (a running one would
+/// start its tasks again); the controller side is `gantry node rm`.
+pub fn leave(data_dir: &DataDir, gantry_binary: PathBuf) -> Result<LeaveReport, AgentError> {
+    let engine = Engine::open(EngineConfig {
+        data_dir: data_dir.clone(),
+        shim_binary: gantry_binary,
+    })
+    .map_err(|source| AgentError::Engine {
+        data_dir: data_dir.root().to_path_buf(),
+        source,
+    })?;
+    let containers = engine.list().map_err(|source| AgentError::Engine {
+        data_dir: data_dir.root().to_path_buf(),
+        source,
+    })?;
+    let mut tasks_removed = 0;
+    for info in containers {
+        if !info
+            .config
+            .labels
+            .contains_key(crate::worker::LABEL_TASK_ID)
+        {
+            continue;
+        }
+        engine
+            .remove(&info.id, true)
+            .map_err(|source| AgentError::LeaveContainer {
+                id: info.id.to_string(),
+                source,
+            })?;
+        tasks_removed += 1;
+    }
+    let bridge_removed = overlay::leave(data_dir).map_err(AgentError::LeaveOverlay)?;
+    Ok(LeaveReport {
+        tasks_removed,
+        bridge_removed,
+    })
 }
 
 /// How an agent is set up (`gantry agent` flags).

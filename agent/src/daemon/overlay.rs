@@ -6,7 +6,9 @@
 //!
 //! **Invariant:** an agent that stops leaves the data plane as it is; the
 //! next one rebuilds from the first full update without disturbing
-//! established connections (see `network::overlay`).
+//! established connections (see `network::overlay`). When the last service
+//! that needs the data plane goes, the agent removes it (back to dormant),
+//! and [`leave`] removes it for a node leaving the cluster.
 
 use crate::network::overlay::state::{
     ClusterNetwork, DesiredState, Endpoint, OverlayNode, ServicePort, ServiceRecord, Update,
@@ -261,7 +263,26 @@ fn run(data: DataDir, underlay: Option<Ipv4Addr>, rx: mpsc::Receiver<pb::Network
     let mut dormant = DesiredState::default();
     let mut overlay: Option<Overlay> = None;
     let mut dns: Option<DnsThread> = None;
-    while let Ok(wire) = rx.recv() {
+    // Set when the overlay went back to dormant with a container still on
+    // the bridge (a removed stack's tasks stop after their service record
+    // is gone): the bridge and the engine's table go once it is empty,
+    // checked every second for at most `IDLE_BRIDGE_RETRIES` seconds.
+    let mut idle_bridge: Option<u32> = None;
+    loop {
+        let wire = match idle_bridge {
+            None => match rx.recv() {
+                Ok(w) => w,
+                Err(_) => return,
+            },
+            Some(tries) => match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+                Ok(w) => w,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    idle_bridge = remove_idle_bridge(&data, &bridge, tries);
+                    continue;
+                }
+            },
+        };
         let update = match convert(&wire) {
             Ok(u) => u,
             Err(e) => {
@@ -312,6 +333,71 @@ fn run(data: DataDir, underlay: Option<Ipv4Addr>, rx: mpsc::Receiver<pb::Network
                 drop(dns.take());
                 dns = start_dns(subnet.gateway(), active.state());
             }
+        }
+        let state = active.state();
+        let idle = {
+            let s = state.read().unwrap_or_else(|p| p.into_inner());
+            (!s.has_overlay_services()).then(|| s.clone())
+        };
+        if let Some(state) = idle {
+            // The last service that needed the data plane is gone: back to
+            // dormant, leaving the node as before the first one (Swarm
+            // removes a network's sandbox, VXLAN device and rules from a
+            // node when its last task there goes). The state is kept for
+            // the next activation.
+            tracing::info!(
+                revision = wire.revision,
+                "no service needs the overlay any more: tearing it down"
+            );
+            drop(dns.take());
+            if let Err(e) = active.teardown() {
+                tracing::warn!(revision = wire.revision, "overlay teardown: {e}");
+            }
+            overlay = None;
+            dormant = state;
+            idle_bridge = remove_idle_bridge(&data, &bridge, 0);
+        } else {
+            idle_bridge = None;
+        }
+    }
+}
+
+/// Removes this node's overlay whatever the cluster says: the table, the
+/// VXLAN device with its entries, and, once no container is on it, the
+/// bridge and the engine's table (`gantry agent --leave`, after its task
+/// containers are gone). `Ok(false)` when a container keeps the bridge.
+pub fn leave(data: &DataDir) -> Result<bool, crate::network::NetworkError> {
+    let bridge = NetworkConfig::load(data)
+        .map(|c| c.bridge)
+        .unwrap_or_else(|_| crate::network::DEFAULT_BRIDGE.to_string());
+    Overlay::new(OverlayConfig {
+        bridge: bridge.clone(),
+        underlay: None,
+    })
+    .teardown()?;
+    crate::network::remove_idle_bridge(data, &bridge)
+}
+
+/// How many seconds a dormant agent keeps checking for its bridge to empty.
+const IDLE_BRIDGE_RETRIES: u32 = 120;
+
+/// Removes the bridge and the engine's table if no container is on the
+/// bridge; `Some(tries + 1)` to check again later, `None` when done (or
+/// given up on: a standalone container may hold the bridge for good).
+fn remove_idle_bridge(data: &DataDir, bridge: &str, tries: u32) -> Option<u32> {
+    match crate::network::remove_idle_bridge(data, bridge) {
+        Ok(true) => {
+            tracing::info!(bridge, "idle bridge and its rules removed");
+            None
+        }
+        Ok(false) if tries < IDLE_BRIDGE_RETRIES => Some(tries + 1),
+        Ok(false) => {
+            tracing::info!(bridge, "a container stays on the bridge; it is kept");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(bridge, "removing the idle bridge: {e}");
+            None
         }
     }
 }

@@ -444,6 +444,40 @@ pub enum Sync {
     Always,
 }
 
+/// Removes the node's bridge and the `ip gantry` table when no container is
+/// attached to the bridge (no port on it): what the overlay made and the
+/// engine's share of it, so that a node whose last networked task went is
+/// as it was before the first one (`ip link`, `ip route`, `nft list
+/// ruleset`), as Swarm deletes a network's sandbox on a node when its last
+/// task on that network goes. `Ok(false)` when a container is still on it
+/// (a stopped container keeps its veth): nothing is touched. Under
+/// [`lock`], so no attach runs between the check and the deletion; the next
+/// attach recreates the bridge, and forgetting `applied.nft` makes the next
+/// sync load the table again.
+pub fn remove_idle_bridge(data: &DataDir, bridge: &str) -> Result<bool, NetworkError> {
+    let _lock = lock(data)?;
+    if link::exists(bridge)? {
+        let ports = overlay::run_tool(
+            "ip",
+            &["-o", "link", "show", "master", bridge],
+            "list bridge ports",
+            "",
+        )?;
+        if !ports.trim().is_empty() {
+            return Ok(false);
+        }
+    }
+    let applied_path = network_dir(data).join("applied.nft");
+    match std::fs::remove_file(&applied_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&applied_path)(e)),
+    }
+    nft::delete_table()?;
+    link::delete_link(bridge)?;
+    Ok(true)
+}
+
 /// Removes the `ip gantry` table (for tests and node decommissioning).
 pub fn remove_rules() -> Result<(), NetworkError> {
     nft::delete_table()

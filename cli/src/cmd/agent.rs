@@ -1,5 +1,6 @@
 //! `gantry agent --join HOST:PORT[,HOST:PORT...]`: runs this node's agent until SIGTERM or
-//! SIGINT, which leave the node's containers running.
+//! SIGINT, which leave the node's containers running. `gantry agent --leave`
+//! removes the node's task containers and overlay instead, and exits.
 
 use super::UsageError;
 use anyhow::Context;
@@ -16,8 +17,20 @@ pub struct Args {
     /// The controllers to join, HOST:PORT (a comma list, or repeated): the
     /// first is tried first, the others on failure; the agent also learns
     /// every member from the controller it reaches.
-    #[arg(long, value_name = "HOST:PORT", value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        value_delimiter = ',',
+        required_unless_present = "leave"
+    )]
     join: Vec<String>,
+    /// Leave the cluster instead of running: remove this node's task
+    /// containers and its overlay (devices, routes, rules, and the bridge
+    /// when no other container is on it), then exit. Run it with the agent
+    /// stopped; `gantry node rm` removes the node on the controller side
+    /// (Swarm's `docker swarm leave` then `docker node rm`).
+    #[arg(long, conflicts_with = "join")]
+    leave: bool,
     /// The node's name (default: the host's).
     #[arg(long)]
     hostname: Option<String>,
@@ -50,6 +63,20 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .data_dir
         .map(DataDir::new)
         .unwrap_or_else(DataDir::from_env);
+    if args.leave {
+        let binary = std::env::current_exe().context("locating the gantry binary")?;
+        let report = daemon::leave(&data_dir, binary)?;
+        println!(
+            "left: {} task container(s) removed, overlay removed{}",
+            report.tasks_removed,
+            if report.bridge_removed {
+                ", bridge removed"
+            } else {
+                "; the bridge stays (a container is on it)"
+            }
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let join: Vec<String> = args
         .join
         .iter()

@@ -1,4 +1,4 @@
-//! `gantry node ls|inspect|update`: the cluster's nodes, as `docker node`
+//! `gantry node ls|inspect|update|rm`: the cluster's nodes, as `docker node`
 //! shows them. A node is named by its id or hostname.
 
 use std::collections::BTreeMap;
@@ -35,6 +35,16 @@ enum Command {
         /// Output format; `table` prints a short summary.
         #[arg(short, long, value_enum, default_value_t = Format::Json)]
         output: Format,
+    },
+    /// Remove a node that is down from the cluster (`docker node rm`): its
+    /// tasks move elsewhere and the other nodes drop its overlay entries.
+    #[command(visible_alias = "remove")]
+    Rm {
+        /// The node (id or hostname).
+        node: String,
+        /// Remove it even while its agent is connected.
+        #[arg(long)]
+        force: bool,
     },
     /// Change a node's availability or labels.
     Update {
@@ -123,6 +133,17 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
                     version: node.version,
                 };
                 output::emit(output, &info, || summary(&info))?;
+            }
+            Command::Rm { node, force } => {
+                client
+                    .control
+                    .remove_node(pb::RemoveNodeRequest {
+                        node: node.clone(),
+                        force,
+                    })
+                    .await
+                    .map_err(|s| client.error(s))?;
+                println!("{node}");
             }
             Command::Update {
                 node,

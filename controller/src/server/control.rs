@@ -28,7 +28,7 @@ use super::deploy;
 use super::dispatcher::Dispatcher;
 use super::state::{StateError, StoreFront, random_id};
 use crate::model::{
-    DesiredState, Node, NodeId, Service, ServiceId, ServiceMode, Task, TaskId, TaskState,
+    DesiredState, Node, NodeId, NodeState, Service, ServiceId, ServiceMode, Task, TaskId, TaskState,
 };
 use crate::orchestrator::MAX_REPLICAS;
 use crate::store::{Command, EventKind, Object, StateMachine, WatchError};
@@ -647,6 +647,7 @@ impl pb::control_server::Control for Control {
                 availability,
                 label_add: req.label_add,
                 label_rm: req.label_rm,
+                label_default: BTreeMap::new(),
             })
             .await
             .map_err(state_status)?;
@@ -657,6 +658,31 @@ impl pb::control_server::Control for Control {
                     .ok_or_else(|| Status::not_found(format!("node {} not found", node.id)))
             })
             .map(Response::new)
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        self.current().await?;
+        let req = request.into_inner();
+        let (id, state) = self
+            .store
+            .read(|s| resolve_node(s, &req.node).map(|n| (n.id.clone(), n.status.state)))?;
+        // `docker node rm` refuses a node that is not down: removing a live
+        // node by mistake would pull its tasks' endpoints from every
+        // other node while they still run.
+        if state == NodeState::Ready && !req.force {
+            return Err(Status::failed_precondition(format!(
+                "node {id} is ready (its agent is connected); stop it first or use --force"
+            )));
+        }
+        let (revision, _) = self
+            .store
+            .propose_one(Command::RemoveNode { node: id })
+            .await
+            .map_err(state_status)?;
+        Ok(Response::new(pb::WriteResponse { revision }))
     }
 
     type EventsStream = BoxStream<pb::Event>;

@@ -33,14 +33,15 @@
 //!   healthy node down or moves its tasks.
 //! - Agent labels are merged into the node's labels only for keys the
 //!   operator has not set (operator labels win, as Swarm's node labels over
-//!   engine labels).
+//!   engine labels), by the state machine (`EditNodeSpec.label_default`)
+//!   against the node as the log has it, not from a read here.
 //! - The network state follows the assignments: a full `NetworkUpdate` right
 //!   after every full assignment set (read at the same revision), then
 //!   incremental ones computed by [`crate::network::update`] from the
 //!   objects the store events touched, at most one per [`NETWORK_BATCH`], so
 //!   a deploy of many tasks is a few updates, not one per report.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -423,25 +424,29 @@ impl Dispatcher {
     async fn register(&self, reg: &Registration) -> Result<(), super::state::StateError> {
         let existing = self.inner.store.read(|s| s.node(&reg.node).cloned());
         let mut commands = Vec::new();
-        let spec = match existing {
-            None => Some(NodeSpec {
-                availability: Availability::Active,
-                role: NodeRole::Worker,
-                labels: reg.labels.clone(),
-            }),
-            Some(node) => {
-                let mut spec = node.spec.clone();
-                for (k, v) in &reg.labels {
-                    spec.labels.entry(k.clone()).or_insert_with(|| v.clone());
-                }
-                (spec != node.spec).then_some(spec)
-            }
-        };
-        if let Some(spec) = spec {
-            commands.push(Command::UpsertNode {
+        match existing {
+            None => commands.push(Command::UpsertNode {
                 node: reg.node.clone(),
-                spec,
-            });
+                spec: NodeSpec {
+                    availability: Availability::Active,
+                    role: NodeRole::Worker,
+                    labels: reg.labels.clone(),
+                },
+            }),
+            // The agent's labels fill only keys the node lacks, decided by
+            // the state machine against the node as the log has it: a spec
+            // built from this read would put back labels an operator's
+            // `node update` had just changed (a lost update). The read only
+            // saves a proposal when there is nothing to add.
+            Some(node) if reg.labels.keys().any(|k| !node.spec.labels.contains_key(k)) => commands
+                .push(Command::EditNodeSpec {
+                    node: reg.node.clone(),
+                    availability: None,
+                    label_add: BTreeMap::new(),
+                    label_rm: Vec::new(),
+                    label_default: reg.labels.clone(),
+                }),
+            Some(_) => {}
         }
         commands.push(Command::UpdateNodeStatus {
             node: reg.node.clone(),

@@ -93,6 +93,12 @@ pub enum Command {
         label_add: BTreeMap<String, String>,
         /// Label keys to remove (after `label_add`).
         label_rm: Vec<String>,
+        /// Labels to add only where the node has no label of that key, first
+        /// (an agent's `--label`s at registration: what the operator set
+        /// since wins, as it did when the dispatcher merged them itself).
+        /// Absent from older log entries.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        label_default: BTreeMap<String, String>,
     },
     /// Removes a node. Its tasks stay; the orchestrators replace them.
     RemoveNode {

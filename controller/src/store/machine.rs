@@ -368,9 +368,13 @@ impl StateMachine {
                 availability,
                 label_add,
                 label_rm,
+                label_default,
             } => {
                 let current = self.nodes.get(node).ok_or_else(|| not_found(name, node))?;
                 let mut spec = current.spec.clone();
+                for (k, v) in label_default {
+                    spec.labels.entry(k.clone()).or_insert_with(|| v.clone());
+                }
                 if let Some(a) = availability {
                     spec.availability = *a;
                 }
