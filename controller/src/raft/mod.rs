@@ -134,6 +134,22 @@ pub enum RaftError {
         /// Voters in the configuration.
         members: usize,
     },
+    /// A majority is reachable but the request did not commit (or the read
+    /// was not confirmed) within the request timeout: the cluster is
+    /// overloaded or a peer is slow. A proposal that fails this way may
+    /// still commit later: its outcome is unknown.
+    #[error(
+        "timed out after {after:?} waiting for the request to commit ({reachable} of {members} controllers reachable); its outcome is unknown"
+    )]
+    TimedOut {
+        /// The request timeout.
+        after: std::time::Duration,
+        /// Members (this one included) heard from within an election
+        /// timeout.
+        reachable: usize,
+        /// Voters in the configuration.
+        members: usize,
+    },
     /// The node's loop has stopped (shut down, or a fatal storage error).
     #[error("raft node stopped")]
     Stopped,

@@ -889,6 +889,24 @@ impl Loop {
         n.max(1)
     }
 
+    /// Why a request ran past its deadline: no quorum when a majority is
+    /// not reachable, otherwise a plain timeout (an overloaded cluster
+    /// still has its quorum, and saying otherwise sends operators hunting
+    /// for a partition that is not there).
+    fn expired(&self) -> RaftError {
+        let reachable = self.reachable();
+        let members = self.membership.voters.len().max(1);
+        if reachable > members / 2 {
+            RaftError::TimedOut {
+                after: self.request_timeout,
+                reachable,
+                members,
+            }
+        } else {
+            RaftError::NoQuorum { reachable, members }
+        }
+    }
+
     fn no_quorum(&self) -> RaftError {
         RaftError::NoQuorum {
             reachable: self.reachable(),
@@ -1093,7 +1111,7 @@ impl Loop {
             .map(|(k, _)| *k)
             .collect();
         for key in expired {
-            let err = self.no_quorum();
+            let err = self.expired();
             self.fail_proposal(key, err);
         }
         let expired: Vec<u64> = self
@@ -1104,11 +1122,11 @@ impl Loop {
             .collect();
         for key in expired {
             if let Some(read) = self.reads.remove(&key) {
-                let _ = read.reply.send(Err(self.no_quorum()));
+                let _ = read.reply.send(Err(self.expired()));
             }
         }
         if self.change.as_ref().is_some_and(|c| c.deadline <= now) {
-            let err = self.no_quorum();
+            let err = self.expired();
             if let Some(change) = self.change.take() {
                 change.finish(Err(err));
             }

@@ -625,9 +625,22 @@ impl pb::control_server::Control for Control {
         &self,
         request: Request<pb::UpdateNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        self.current().await?;
         let req = request.into_inner();
-        let node = self.store.read(|s| resolve_node(s, &req.node).cloned())?;
+        // No ReadIndex round for a node id this member knows: ids never
+        // change nor return, and the edit is applied by the state machine
+        // to the node as the log has it (NOT_FOUND if it is gone), so a
+        // stale read cannot misdirect it. A hostname (which can move) or an
+        // id not applied here yet gets the linearizable read first.
+        let known = NodeId::new(&req.node)
+            .ok()
+            .and_then(|id| self.store.read(|s| s.node(&id).cloned()));
+        let node = match known {
+            Some(node) => node,
+            None => {
+                self.current().await?;
+                self.store.read(|s| resolve_node(s, &req.node).cloned())?
+            }
+        };
         let availability = req
             .availability
             .map(|a| wire::availability_from_wire(a, "availability"))

@@ -6,7 +6,10 @@
 //!
 //! Decisions:
 //! - **One queue per peer, bounded** ([`PEER_QUEUE`] messages), drained by
-//!   one task per peer over one HTTP/2 channel. `send` never blocks the Raft
+//!   one task per peer over one HTTP/2 channel: each drain (everything
+//!   queued) is one `RaftBatch` on a long-lived client stream
+//!   (`Raft.Stream`), so order is kept and no send waits for the answer to
+//!   the previous one. `send` never blocks the Raft
 //!   loop: a full queue drops the message and reports the peer unreachable
 //!   (raft-rs then probes it instead of streaming appends into the void),
 //!   as etcd's rafthttp does with its 4096-message pipeline buffer. A failed
@@ -28,7 +31,7 @@ use gantry_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::state::{StateError, StoreFront};
 use crate::raft::{Message, RaftError, RaftNode, Role, Transport, encode_message};
@@ -93,7 +96,8 @@ fn channel(address: &str, connect_timeout: Duration) -> Result<Channel, String> 
 // ---------------------------------------------------------------------------
 // Transport
 
-/// Raft messages to peers over `Raft.Step`; see the module documentation.
+/// Raft messages to peers over `Raft.Stream` (snapshots over `Raft.Step`);
+/// see the module documentation.
 pub struct GrpcTransport {
     runtime: tokio::runtime::Handle,
     node: OnceLock<RaftNode>,
@@ -191,6 +195,133 @@ impl Transport for GrpcTransport {
     }
 }
 
+/// Most bytes of raft messages put in one [`pb::RaftBatch`] (far below the
+/// server's decoding limit; a larger drain goes out as several batches).
+const MAX_BATCH_BYTES: usize = 4 << 20;
+/// Batches handed to a peer's stream before its sender waits: with the
+/// HTTP/2 window this is the pipeline depth.
+const STREAM_BATCHES: usize = 64;
+
+/// An open `Raft.Stream` call: where its batches go, and the call itself.
+type StreamCall = (
+    mpsc::Sender<pb::RaftBatch>,
+    tokio::task::JoinHandle<Result<(), Status>>,
+);
+
+/// One peer's outgoing side: the open `Raft.Stream` call, if any.
+struct Peer {
+    node: RaftNode,
+    to: u64,
+    address: String,
+    client: pb::raft_client::RaftClient<Channel>,
+    stream: Option<StreamCall>,
+    failing: bool,
+}
+
+impl Peer {
+    /// Sends `messages` (encoded, in order) on the stream, opening it when
+    /// none is open. False when the peer cannot take them.
+    async fn send_batch(&mut self, messages: Vec<Vec<u8>>) -> bool {
+        if let Some((tx, call)) = &self.stream
+            && (tx.is_closed() || call.is_finished())
+        {
+            let (_, call) = self.stream.take().expect("checked above");
+            let why = match call.await {
+                Ok(Ok(())) => "the stream was closed by the peer".to_string(),
+                Ok(Err(status)) => status.message().to_string(),
+                Err(e) => format!("the stream's task failed: {e}"),
+            };
+            self.failed(why);
+            return false;
+        }
+        // "Reachable again" only once a stream outlived a batch: a new one
+        // takes batches before it has connected.
+        let established = self.stream.is_some();
+        let tx = match &self.stream {
+            Some((tx, _)) => tx.clone(),
+            None => {
+                let (tx, rx) = mpsc::channel(STREAM_BATCHES);
+                let mut client = self.client.clone();
+                let call = tokio::spawn(async move {
+                    client
+                        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                        .await
+                        .map(|_| ())
+                });
+                self.stream = Some((tx.clone(), call));
+                tx
+            }
+        };
+        // A peer that stops reading fills the HTTP/2 window, then this
+        // channel: give up after STEP_TIMEOUT, as a unary Step would.
+        match tokio::time::timeout(STEP_TIMEOUT, tx.send(pb::RaftBatch { messages })).await {
+            Ok(Ok(())) => {
+                if established {
+                    self.reachable();
+                }
+                true
+            }
+            Ok(Err(_)) => {
+                // The call ended; its error is read on the next batch.
+                self.node.report_unreachable(self.to);
+                false
+            }
+            Err(_) => {
+                if let Some((_, call)) = self.stream.take() {
+                    call.abort();
+                }
+                self.failed("timed out".to_string());
+                false
+            }
+        }
+    }
+
+    /// Sends a snapshot on the unary `Raft.Step` (it is large and rare, and
+    /// raft-rs wants to hear how it ended).
+    async fn send_snapshot(&mut self, m: Message) -> bool {
+        let mut request = Request::new(pb::RaftMessage {
+            message: encode_message(&m),
+        });
+        request.set_timeout(SNAPSHOT_TIMEOUT);
+        let result = tokio::time::timeout(SNAPSHOT_TIMEOUT, self.client.step(request)).await;
+        let ok = matches!(result, Ok(Ok(_)));
+        tracing::info!(
+            peer = self.to,
+            address = %self.address,
+            index = m.get_snapshot().get_metadata().get_index(),
+            delivered = ok,
+            "snapshot sent"
+        );
+        self.node.report_snapshot(self.to, !ok);
+        match result {
+            Ok(Ok(_)) => self.reachable(),
+            Ok(Err(status)) => self.failed(status.message().to_string()),
+            Err(_) => self.failed("timed out".to_string()),
+        }
+        ok
+    }
+
+    fn reachable(&mut self) {
+        if self.failing {
+            tracing::info!(peer = self.to, address = %self.address, "controller reachable again");
+            self.failing = false;
+        }
+    }
+
+    fn failed(&mut self, why: String) {
+        if !self.failing {
+            tracing::warn!(peer = self.to, address = %self.address, "raft messages not delivered: {why}");
+            self.failing = true;
+        }
+        self.node.report_unreachable(self.to);
+    }
+}
+
+/// Drains one peer's queue: everything queued since the last batch goes
+/// out as one [`pb::RaftBatch`] on one long-lived `Raft.Stream` call, so
+/// the order is kept and no batch waits for the previous one's answer
+/// (etcd's rafthttp streams the same way). Snapshots go on `Raft.Step`,
+/// after what queued before them.
 async fn peer_loop(
     node: RaftNode,
     to: u64,
@@ -198,59 +329,56 @@ async fn peer_loop(
     channel: Channel,
     mut rx: mpsc::Receiver<Message>,
 ) {
-    let mut client = pb::raft_client::RaftClient::new(channel)
+    let client = pb::raft_client::RaftClient::new(channel)
         .max_encoding_message_size(usize::MAX)
         .max_decoding_message_size(usize::MAX);
-    let mut failing = false;
-    while let Some(m) = rx.recv().await {
-        let snapshot = m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot;
-        let mut request = Request::new(pb::RaftMessage {
-            message: encode_message(&m),
-        });
-        request.set_timeout(if snapshot {
-            SNAPSHOT_TIMEOUT
-        } else {
-            STEP_TIMEOUT
-        });
-        let result = tokio::time::timeout(
-            if snapshot {
-                SNAPSHOT_TIMEOUT
-            } else {
-                STEP_TIMEOUT
+    let mut peer = Peer {
+        node,
+        to,
+        address,
+        client,
+        stream: None,
+        failing: false,
+    };
+    let mut next = None;
+    loop {
+        let first = match next.take() {
+            Some(m) => m,
+            None => match rx.recv().await {
+                Some(m) => m,
+                None => break,
             },
-            client.step(request),
-        )
-        .await;
-        let ok = matches!(result, Ok(Ok(_)));
-        if snapshot {
-            tracing::info!(
-                peer = to,
-                %address,
-                index = m.get_snapshot().get_metadata().get_index(),
-                delivered = ok,
-                "snapshot sent"
-            );
-            node.report_snapshot(to, !ok);
-        }
-        if ok {
-            if failing {
-                tracing::info!(peer = to, %address, "controller reachable again");
-                failing = false;
+        };
+        let ok = if first.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+            peer.send_snapshot(first).await
+        } else {
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            let mut pending = Some(first);
+            while let Some(m) = pending.take() {
+                if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                    next = Some(m);
+                    break;
+                }
+                let encoded = encode_message(&m);
+                bytes += encoded.len();
+                batch.push(encoded);
+                if bytes >= MAX_BATCH_BYTES {
+                    break;
+                }
+                pending = rx.try_recv().ok();
             }
-            continue;
+            peer.send_batch(batch).await
+        };
+        if !ok {
+            // What queued behind a failed send is stale by the time the
+            // peer is back; raft resends what matters.
+            next = None;
+            while rx.try_recv().is_ok() {}
         }
-        if !failing {
-            let why = match result {
-                Ok(Err(status)) => status.message().to_string(),
-                _ => "timed out".to_string(),
-            };
-            tracing::warn!(peer = to, %address, "raft message not delivered: {why}");
-            failing = true;
-        }
-        node.report_unreachable(to);
-        // What queued behind a failed message is stale by the time the
-        // peer is back; raft resends what matters.
-        while rx.try_recv().is_ok() {}
+    }
+    if let Some((_, call)) = peer.stream.take() {
+        call.abort();
     }
 }
 
@@ -412,6 +540,25 @@ impl pb::raft_server::Raft for RaftService {
             Err(RaftError::Stopped) => Err(Status::unavailable("the controller is shutting down")),
             Err(e) => Err(Status::invalid_argument(e.to_string())),
         }
+    }
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<pb::RaftBatch>>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let mut batches = request.into_inner();
+        while let Some(batch) = batches.message().await? {
+            for bytes in &batch.messages {
+                match self.store.raft().step(bytes) {
+                    Ok(()) => {}
+                    Err(RaftError::Stopped) => {
+                        return Err(Status::unavailable("the controller is shutting down"));
+                    }
+                    Err(e) => return Err(Status::invalid_argument(e.to_string())),
+                }
+            }
+        }
+        Ok(Response::new(pb::Empty {}))
     }
 
     async fn forward(

@@ -71,6 +71,13 @@ pub enum StateError {
         /// Voters.
         members: usize,
     },
+    /// A majority is reachable but the write did not commit within the
+    /// request timeout (an overloaded cluster): its outcome is unknown.
+    #[error("{message}")]
+    TimedOut {
+        /// The Raft node's words, with the timeout and the reachable count.
+        message: String,
+    },
     /// This controller is not the leader and could not hand the request to
     /// one (none known, or unreachable).
     #[error("not the leader{}", match .leader { Some(a) => format!("; the leader is {a}"), None => "; no leader is known (an election may be under way)".to_string() })]
@@ -97,6 +104,7 @@ impl StateError {
         matches!(
             self,
             StateError::NoQuorum { .. }
+                | StateError::TimedOut { .. }
                 | StateError::NotLeader { .. }
                 | StateError::Unavailable { .. }
                 | StateError::Stopped
@@ -112,6 +120,9 @@ impl From<RaftError> for StateError {
             }
             RaftError::NotLeader { leader } => StateError::NotLeader {
                 leader: leader.map(|(_, address)| address),
+            },
+            e @ RaftError::TimedOut { .. } => StateError::TimedOut {
+                message: e.to_string(),
             },
             RaftError::Stopped => StateError::Stopped,
             other => StateError::Write {
