@@ -656,3 +656,46 @@ fn percent_decode(value: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// The test images (`deploy/images/build-test-images.sh`: `web.tar`,
+/// `busybox.tar`), built once under `root` (an integration test passes
+/// `env!("CARGO_TARGET_TMPDIR")`) and reused.
+///
+/// The build is byte-for-byte reproducible, so its output is kept in a
+/// directory named after the script's and busybox's digests: a later run (or
+/// a concurrent one) reuses it, and a changed script gets a fresh one. It is
+/// built beside that directory and renamed into place, so a half-built
+/// directory is never used, and a process never removes one another may be
+/// reading.
+pub fn test_images_in(root: &Path) -> PathBuf {
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/images/build-test-images.sh");
+    let mut inputs = std::fs::read(&script).expect("read build-test-images.sh");
+    inputs.extend(std::fs::read(crate::bundle::HOST_BUSYBOX).expect("read busybox"));
+    let digest = digest(&inputs);
+    let dir = root.join(format!("deploy-test-images-{}", &digest[7..19]));
+    if dir.join("web.tar").is_file() {
+        return dir;
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix("deploy-test-images.build-")
+        .tempdir_in(root)
+        .expect("scratch dir for the test images");
+    let out = Command::new("bash")
+        .arg(script)
+        .arg(scratch.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run build-test-images.sh");
+    assert!(
+        out.status.success(),
+        "build-test-images.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Losing the race to a concurrent build is fine: its output is the
+    // same, and the scratch directory is removed on drop.
+    if std::fs::rename(scratch.path(), &dir).is_err() && !dir.join("web.tar").is_file() {
+        panic!("could not move the test images to {}", dir.display());
+    }
+    dir
+}

@@ -34,35 +34,7 @@ fn prerequisites() -> Option<&'static str> {
 fn test_images() -> &'static Path {
     static IMAGES: OnceLock<PathBuf> = OnceLock::new();
     IMAGES.get_or_init(|| {
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/images/build-test-images.sh");
-        let mut inputs = std::fs::read(&script).expect("read build-test-images.sh");
-        inputs.extend(std::fs::read(gantry_tests::bundle::HOST_BUSYBOX).expect("read busybox"));
-        let digest = gantry_tests::image_fixtures::digest(&inputs);
-        let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        let dir = root.join(format!("deploy-test-images-{}", &digest[7..19]));
-        if dir.join("web.tar").is_file() {
-            return dir;
-        }
-        let scratch = tempfile::Builder::new()
-            .prefix("deploy-test-images.build-")
-            .tempdir_in(root)
-            .expect("scratch dir for the test images");
-        let out = Command::new("bash")
-            .arg(script)
-            .arg(scratch.path())
-            .stdin(Stdio::null())
-            .output()
-            .expect("run build-test-images.sh");
-        assert!(
-            out.status.success(),
-            "build-test-images.sh: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if std::fs::rename(scratch.path(), &dir).is_err() && !dir.join("web.tar").is_file() {
-            panic!("could not move the test images to {}", dir.display());
-        }
-        dir
+        gantry_tests::image_fixtures::test_images_in(Path::new(env!("CARGO_TARGET_TMPDIR")))
     })
 }
 

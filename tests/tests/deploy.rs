@@ -23,7 +23,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -47,49 +47,12 @@ macro_rules! require {
     };
 }
 
-/// The test images, built once with `deploy/images/build-test-images.sh`
-/// into cargo's scratch directory for integration tests.
-///
-/// The build is byte-for-byte reproducible, so its output is kept in a
-/// directory named after the script's and busybox's digests: a later run (or
-/// a concurrent one) reuses it, and a changed script gets a fresh one. It is
-/// built beside that directory and renamed into place, so a half-built
-/// directory is never used, and a process never removes one another may be
-/// reading.
+/// The test images, built once into cargo's scratch directory for
+/// integration tests (see [`gantry_tests::image_fixtures::test_images_in`]).
 fn test_images() -> &'static Path {
     static IMAGES: OnceLock<PathBuf> = OnceLock::new();
     IMAGES.get_or_init(|| {
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/images/build-test-images.sh");
-        let mut inputs = std::fs::read(&script).expect("read build-test-images.sh");
-        inputs.extend(std::fs::read(gantry_tests::bundle::HOST_BUSYBOX).expect("read busybox"));
-        let digest = gantry_tests::image_fixtures::digest(&inputs);
-        let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        let dir = root.join(format!("deploy-test-images-{}", &digest[7..19]));
-        if dir.join("web.tar").is_file() {
-            return dir;
-        }
-        let scratch = tempfile::Builder::new()
-            .prefix("deploy-test-images.build-")
-            .tempdir_in(root)
-            .expect("scratch dir for the test images");
-        let out = Command::new("bash")
-            .arg(script)
-            .arg(scratch.path())
-            .stdin(Stdio::null())
-            .output()
-            .expect("run build-test-images.sh");
-        assert!(
-            out.status.success(),
-            "build-test-images.sh: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // Losing the race to a concurrent build is fine: its output is the
-        // same, and the scratch directory is removed on drop.
-        if std::fs::rename(scratch.path(), &dir).is_err() && !dir.join("web.tar").is_file() {
-            panic!("could not move the test images to {}", dir.display());
-        }
-        dir
+        gantry_tests::image_fixtures::test_images_in(Path::new(env!("CARGO_TARGET_TMPDIR")))
     })
 }
 

@@ -15,7 +15,7 @@ use gantry_tests::cluster::{self, Cluster, ClusterConfig, wait_for};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 const SHOP: &str = r#"
@@ -196,18 +196,8 @@ fn services_reach_each_other_by_name_through_vips_and_the_routing_mesh() {
         println!("SKIPPED: {reason}");
         return;
     }
-    let images = tempfile::tempdir().unwrap();
-    let out = Command::new("bash")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/images/build-test-images.sh"))
-        .arg(images.path())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let images =
+        gantry_tests::image_fixtures::test_images_in(Path::new(env!("CARGO_TARGET_TMPDIR")));
     let mut config = ClusterConfig::new(gantry_tests::gantry_bin());
     config.name = cluster::unique_name("ov");
     config.agents = 3;
@@ -217,7 +207,7 @@ fn services_reach_each_other_by_name_through_vips_and_the_routing_mesh() {
         files: tempfile::tempdir().unwrap(),
     };
     for image in ["web.tar", "busybox.tar"] {
-        env.ok(&["image", "load", images.path().join(image).to_str().unwrap()]);
+        env.ok(&["image", "load", images.join(image).to_str().unwrap()]);
     }
     // What each host's network looks like before anything is deployed: the
     // same once everything is removed (the issue's cleanup test).
