@@ -180,16 +180,7 @@ fn main() {
         }
     }
     let table = markdown(&report);
-    let out_dir = workspace.join("bench-results");
-    std::fs::create_dir_all(&out_dir).expect("create bench-results/");
-    let text = serde_json::to_string_pretty(&report).expect("serialise report");
-    std::fs::write(out_dir.join("cluster.json"), text + "\n").expect("write cluster.json");
-    std::fs::write(out_dir.join("cluster.md"), &table).expect("write cluster.md");
-    println!("{table}");
-    println!(
-        "written: {} and cluster.md",
-        out_dir.join("cluster.json").display()
-    );
+    gantry_tests::bench::write_figures(&workspace, "cluster", &report, &table);
 }
 
 /// Why the benchmark cannot run here, if it cannot.

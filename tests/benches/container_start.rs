@@ -149,17 +149,7 @@ fn main() {
         "shim_memory": shim,
     });
     let table = markdown(&report);
-    let out_dir = workspace.join("bench-results");
-    std::fs::create_dir_all(&out_dir).expect("create bench-results/");
-    let json_text = serde_json::to_string_pretty(&report).expect("serialise report");
-    std::fs::write(out_dir.join("container-start.json"), json_text + "\n")
-        .expect("write container-start.json");
-    std::fs::write(out_dir.join("container-start.md"), &table).expect("write container-start.md");
-    println!("{table}");
-    println!(
-        "written: {} and container-start.md",
-        out_dir.join("container-start.json").display()
-    );
+    gantry_tests::bench::write_figures(&workspace, "container-start", &report, &table);
 }
 
 /// Why the benchmark cannot run here, if it cannot.

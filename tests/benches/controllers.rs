@@ -186,16 +186,7 @@ fn main() {
         },
     });
     let table = markdown(&report);
-    let out_dir = workspace.join("bench-results");
-    std::fs::create_dir_all(&out_dir).expect("create bench-results/");
-    let text = serde_json::to_string_pretty(&report).expect("serialise report");
-    std::fs::write(out_dir.join("controllers.json"), text + "\n").expect("write controllers.json");
-    std::fs::write(out_dir.join("controllers.md"), &table).expect("write controllers.md");
-    println!("{table}");
-    println!(
-        "written: {} and controllers.md",
-        out_dir.join("controllers.json").display()
-    );
+    gantry_tests::bench::write_figures(&workspace, "controllers", &report, &table);
 }
 
 /// Why the benchmark cannot run here, if it cannot.

@@ -302,15 +302,7 @@ fn main() {
             ));
         }
     }
-    print!("{md}");
-    let out_dir = workspace.join("bench-results");
-    std::fs::create_dir_all(&out_dir).expect("create bench-results/");
-    std::fs::write(
-        out_dir.join("overlay.json"),
-        serde_json::to_string_pretty(&report).expect("json"),
-    )
-    .expect("write overlay.json");
-    std::fs::write(out_dir.join("overlay.md"), &md).expect("write overlay.md");
+    gantry_tests::bench::write_figures(&workspace, "overlay", &report, &md);
 }
 
 /// A keep-alive HTTP responder on port 80 in namespace `ns` (threads that

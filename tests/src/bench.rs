@@ -81,3 +81,18 @@ pub fn utc_now() -> String {
         rem % 60
     )
 }
+
+/// Writes a benchmark's figures: `bench-results/<name>.json` (the report)
+/// and `<name>.md` (its table) at the workspace root, and prints the table
+/// and where they went.
+pub fn write_figures(workspace: &Path, name: &str, report: &serde_json::Value, table: &str) {
+    let out_dir = workspace.join("bench-results");
+    std::fs::create_dir_all(&out_dir).expect("create bench-results/");
+    let json = out_dir.join(format!("{name}.json"));
+    let text = serde_json::to_string_pretty(report).expect("serialise report");
+    std::fs::write(&json, text + "\n").unwrap_or_else(|e| panic!("write {}: {e}", json.display()));
+    let md = out_dir.join(format!("{name}.md"));
+    std::fs::write(&md, table).unwrap_or_else(|e| panic!("write {}: {e}", md.display()));
+    println!("{table}");
+    println!("written: {} and {name}.md", json.display());
+}

@@ -190,6 +190,27 @@ fn host_busybox() -> &'static str {
     gantry_tests::bundle::HOST_BUSYBOX
 }
 
+/// A GET of `url` from the controller host c1 (outside every agent node),
+/// with busybox's wget bounded by `timeout` (its own `-T` segfaults here).
+fn fetch_from_c1(env: &Env, url: &str) -> Output {
+    env.c
+        .exec_in(
+            "c1",
+            &[
+                host_busybox(),
+                "timeout",
+                "5",
+                host_busybox(),
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                url,
+            ],
+        )
+        .unwrap()
+}
+
 #[test]
 fn services_reach_each_other_by_name_through_vips_and_the_routing_mesh() {
     if let Some(reason) = prerequisites() {
@@ -359,23 +380,7 @@ fn services_reach_each_other_by_name_through_vips_and_the_routing_mesh() {
     // The published port answers on every node's address, from outside.
     for host in env.c.hosts_with(cluster::Role::Agent) {
         let addr = env.c.host_addr(&host).unwrap();
-        let out = env
-            .c
-            .exec_in(
-                "c1",
-                &[
-                    host_busybox(),
-                    "timeout",
-                    "5",
-                    host_busybox(),
-                    "wget",
-                    "-q",
-                    "-O",
-                    "-",
-                    &format!("http://{addr}:8080/cgi-bin/index.cgi"),
-                ],
-            )
-            .unwrap();
+        let out = fetch_from_c1(&env, &format!("http://{addr}:8080/cgi-bin/index.cgi"));
         let page = String::from_utf8_lossy(&out.stdout);
         assert!(page.contains("ip=10.42."), "{host} ({addr}): {page:?}");
     }
@@ -385,23 +390,7 @@ fn services_reach_each_other_by_name_through_vips_and_the_routing_mesh() {
     let direct_node = direct[0]["node"].as_str().unwrap().to_string();
     for host in env.c.hosts_with(cluster::Role::Agent) {
         let addr = env.c.host_addr(&host).unwrap();
-        let out = env
-            .c
-            .exec_in(
-                "c1",
-                &[
-                    host_busybox(),
-                    "timeout",
-                    "5",
-                    host_busybox(),
-                    "wget",
-                    "-q",
-                    "-O",
-                    "-",
-                    &format!("http://{addr}:8081/cgi-bin/index.cgi"),
-                ],
-            )
-            .unwrap();
+        let out = fetch_from_c1(&env, &format!("http://{addr}:8081/cgi-bin/index.cgi"));
         let page = String::from_utf8_lossy(&out.stdout);
         if host == direct_node {
             assert!(page.contains("ip=10.42."), "{host} ({addr}): {page:?}");
