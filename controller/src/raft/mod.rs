@@ -114,7 +114,8 @@ pub enum Bootstrap {
 /// Errors from the Raft node.
 #[derive(Debug, thiserror::Error)]
 pub enum RaftError {
-    /// Only the leader takes proposals and membership changes.
+    /// Only the leader takes membership changes (and a proposal made as
+    /// leader fails this way when it loses leadership before applying).
     #[error("not the leader{}", match .leader {
         Some((id, address)) => format!(": the leader is controller {id} at {address}"),
         None => String::new(),
@@ -149,6 +150,17 @@ pub enum RaftError {
         reachable: usize,
         /// Voters in the configuration.
         members: usize,
+    },
+    /// A follower handed the proposal to a leader that lost its leadership
+    /// (or stopped being heard of) before the entry was applied here: the
+    /// entry may still commit under the next leader, so its outcome is
+    /// unknown.
+    #[error(
+        "the leader (controller {leader}) changed while the request was in flight; its outcome is unknown"
+    )]
+    LeaderChanged {
+        /// The leader the proposal was handed to.
+        leader: u64,
     },
     /// The node's loop has stopped (shut down, or a fatal storage error).
     #[error("raft node stopped")]

@@ -249,11 +249,14 @@ impl RaftNode {
         self.shared.tx.send(request).map_err(|_| RaftError::Stopped)
     }
 
-    /// Proposes `commands` (leader only): each becomes one log entry, all in
-    /// the same Ready when they queue together. Returns, per command, its
-    /// index and its outcome or refusal, once applied here. On
-    /// [`RaftError::NoQuorum`] or [`RaftError::NotLeader`] after proposing,
-    /// the commands may still commit: treat their outcome as unknown.
+    /// Proposes `commands` on any member (a follower's go to the leader as
+    /// a raft-rs `MsgProp`): each becomes one log entry, all in the same
+    /// Ready when they queue together. Returns, per command, its index and
+    /// its outcome or refusal, once applied here. On
+    /// [`RaftError::NoQuorum`], [`RaftError::NotLeader`],
+    /// [`RaftError::TimedOut`] or [`RaftError::LeaderChanged`] after
+    /// proposing, the commands may still commit: treat their outcome as
+    /// unknown.
     pub async fn propose(&self, commands: Vec<Command>) -> Result<Vec<(u64, Applied)>, RaftError> {
         if commands.is_empty() {
             return Ok(Vec::new());
@@ -690,6 +693,9 @@ struct Proposal {
     deadline: Instant,
     results: Vec<Option<(u64, Applied)>>,
     remaining: usize,
+    /// The leader a follower's proposal was handed to; None when proposed
+    /// as leader.
+    handed_to: Option<u64>,
     reply: ProposeReply,
 }
 
@@ -946,9 +952,15 @@ impl Loop {
     }
 
     fn propose(&mut self, entries: Vec<Vec<u8>>, started: Instant, reply: ProposeReply) {
-        if let Err(e) = self.check_leader() {
+        // A follower proposes too: raft-rs hands the entries to the leader
+        // in a `MsgProp`, which the transport batches with the rest of the
+        // traffic to it; the proposal is answered when the entry, carrying
+        // our route, is applied here. Without a leader there is nobody to
+        // hand it to.
+        let leader = self.raw.raft.state == StateRole::Leader;
+        if !leader && self.raw.raft.leader_id == 0 {
             lock(&self.shared.metrics).proposals_failed += 1;
-            let _ = reply.send(Err(e));
+            let _ = reply.send(Err(self.no_quorum()));
             return;
         }
         let key = self.next_key();
@@ -965,8 +977,12 @@ impl Loop {
                 let _ = reply.send(Err(err));
                 return;
             }
-            let index = self.raw.raft.raft_log.last_index();
-            self.by_index.insert(index, (key, slot as u64));
+            // Only a leader knows where its entry landed (to notice it
+            // being overwritten by the next leader).
+            if leader {
+                let index = self.raw.raft.raft_log.last_index();
+                self.by_index.insert(index, (key, slot as u64));
+            }
         }
         self.proposals.insert(
             key,
@@ -975,6 +991,7 @@ impl Loop {
                 deadline: Instant::now() + self.request_timeout,
                 results: (0..n).map(|_| None).collect(),
                 remaining: n,
+                handed_to: (!leader).then_some(self.raw.raft.leader_id),
                 reply,
             },
         );
@@ -1463,6 +1480,20 @@ impl Loop {
             lock(&self.shared.metrics).leader_changes += 1;
         }
         let was_leader = self.leadership.leader == Some(id);
+        if now.leader != self.leadership.leader {
+            // Proposals handed to a leader that is gone may still commit
+            // under the next one, or may be lost with it: their outcome is
+            // unknown, and waiting out the request timeout would not tell.
+            let stale: Vec<(u64, u64)> = self
+                .proposals
+                .iter()
+                .filter_map(|(k, p)| p.handed_to.map(|l| (*k, l)))
+                .filter(|&(_, l)| Some(l) != now.leader)
+                .collect();
+            for (key, leader) in stale {
+                self.fail_proposal(key, RaftError::LeaderChanged { leader });
+            }
+        }
         self.leadership = now;
         self.leader_tx.send_replace(now);
         if was_leader && self.raw.raft.state != StateRole::Leader {

@@ -463,17 +463,22 @@ async fn three_members_apply_the_same_commands_in_the_same_order() {
         );
         assert_eq!(value(&c.node(id), "k3-24").as_deref(), Some("24"));
     }
-    // Followers refuse proposals, naming the leader.
+    // A follower takes proposals too (raft-rs hands them to the leader):
+    // answered once applied on the follower, and the same everywhere.
     let follower = *ids.iter().find(|&&i| i != leader).unwrap();
-    let err = c
+    let results = c
         .node(follower)
-        .propose(vec![write_cmd("x", "1")])
+        .propose(vec![write_cmd("x", "1"), write_cmd("y", "2")])
         .await
-        .expect_err("follower");
-    assert_eq!(
-        err.to_string(),
-        format!("not the leader: the leader is controller {leader} at n{leader}")
-    );
+        .expect("follower proposal");
+    assert_eq!(results.len(), 2);
+    assert!(results[1].0 > results[0].0, "in order");
+    assert!(results.iter().all(|(_, applied)| applied.is_ok()));
+    assert_eq!(value(&c.node(follower), "y").as_deref(), Some("2"));
+    c.wait_applied(&ids, results[1].0).await;
+    for &id in &ids {
+        assert_eq!(value(&c.node(id), "x").as_deref(), Some("1"));
+    }
     // ReadIndex on a follower is linearizable.
     let index = c.write(&ids, "fresh", "yes").await;
     let read = c.node(follower).read_index().await.expect("follower read");
@@ -504,6 +509,12 @@ async fn minority_leader_stops_committing_and_heals_without_divergence() {
     c.write(&ids, "before", "1").await;
     c.net.isolate(&[old], &ids);
     let rest: Vec<u64> = ids.iter().copied().filter(|&i| i != old).collect();
+    // A follower's write handed to the cut-off leader is lost with it: it
+    // fails as soon as another leader is known, its outcome unknown.
+    let handed = {
+        let node = c.node(rest[0]);
+        tokio::spawn(async move { node.propose(vec![write_cmd("handed", "1")]).await })
+    };
     // The cut-off leader fails fast or within the bound, never succeeds.
     let started = Instant::now();
     let err = c
@@ -526,6 +537,10 @@ async fn minority_leader_stops_committing_and_heals_without_divergence() {
     // The majority elects and continues.
     let new = c.wait_leader(&rest).await;
     assert_ne!(new, old);
+    match handed.await.expect("follower proposal") {
+        Err(RaftError::LeaderChanged { leader }) => assert_eq!(leader, old),
+        other => panic!("want leader changed, got {other:?}"),
+    }
     let index = c.write(&rest, "during", "2").await;
     // The old leader steps down (check_quorum) and says so.
     let deadline = Instant::now() + WAIT;

@@ -45,7 +45,7 @@ use crate::raft::{Bootstrap, RaftConfig, RaftNode};
 use crate::store::{Command, StoreConfig};
 pub use control::Control;
 pub use dispatcher::{Dispatcher, SessionConfig};
-pub use replication::{ClusterService, Forwarder, GrpcTransport, RaftService};
+pub use replication::{ClusterService, GrpcTransport, RaftService};
 pub use state::{StateError, StoreFront};
 
 /// How long in-flight requests may run after shutdown was asked for.
@@ -362,7 +362,7 @@ pub async fn serve_on(
             }
         })?;
     transport.attach(raft.clone());
-    let store = StoreFront::new(raft.clone(), std::sync::Arc::new(Forwarder::new()));
+    let store = StoreFront::new(raft.clone());
     tracing::info!(%addr, advertise = %identity.address, raft_id = identity.id, ?bootstrap, dir = %dir.display(), revision = store.revision(), "controller starting");
     // The address plan is replicated state: the leader proposes it when it
     // starts leading (see `lead`); a member whose flags disagree with what

@@ -1,8 +1,8 @@
 //! The controllers' side of replication on the gRPC port: the `Raft`
-//! service (Step, Forward), the `Cluster` service (ListControllers,
-//! JoinController, RemoveController), the gRPC [`Transport`] that carries
-//! Raft messages to peers, and the [`Forwarder`] that hands a follower's
-//! writes to the leader.
+//! service (Step, Stream), the `Cluster` service (ListControllers,
+//! JoinController, RemoveController), and the gRPC [`Transport`] that
+//! carries Raft messages to peers (a follower's writes among them: raft-rs
+//! forwards its proposals to the leader as `MsgProp` messages).
 //!
 //! Decisions:
 //! - **One queue per peer, bounded** ([`PEER_QUEUE`] messages), drained by
@@ -15,10 +15,6 @@
 //!   as etcd's rafthttp does with its 4096-message pipeline buffer. A failed
 //!   send reports the peer unreachable and drops what queued behind it
 //!   (stale heartbeats and appends are worthless; raft resends).
-//! - **Forwarded writes carry the command log's own bytes**
-//!   ([`crate::store::command::encode`]), so the log format has one owner,
-//!   and the leader's answer is the index plus the result as JSON (the
-//!   events, or the refusal's message and kind).
 //! - A follower asked to change membership passes the request to the leader
 //!   over the same `Cluster` service, so `gantry controller --join` may name
 //!   any member, as with `docker swarm join`.
@@ -28,15 +24,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use gantry_proto::v1 as pb;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::state::{StateError, StoreFront};
 use crate::raft::{Message, RaftError, RaftNode, Role, Transport, encode_message};
-use crate::store::command::{decode as decode_command, encode as encode_command};
-use crate::store::{Applied, ApplyError, ApplyOutcome, Command, Event};
+use crate::store::ApplyError;
 
 /// Messages queued per peer before new ones are dropped.
 pub const PEER_QUEUE: usize = 4096;
@@ -47,9 +41,6 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long connecting to a peer may take: a partitioned peer must not hold
 /// its queue for long.
 const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
-/// How long a forwarded write may take: the leader's own bound (2 s to
-/// commit or fail with no quorum) plus the round trips.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// The metadata key naming the leader in a follower's refusal.
 pub const LEADER_METADATA: &str = "gantry-leader";
@@ -383,137 +374,9 @@ async fn peer_loop(
 }
 
 // ---------------------------------------------------------------------------
-// Forwarding
-
-/// A forwarded command's result, as the leader encodes it.
-#[derive(Debug, Serialize, Deserialize)]
-enum Forwarded {
-    /// Applied, with the events it made.
-    Applied { events: Vec<Event> },
-    /// Refused by the state machine: `not_found` holds the kind and id of a
-    /// missing object (so the caller still answers NOT_FOUND).
-    Refused {
-        message: String,
-        not_found: Option<(String, String)>,
-    },
-}
-
-fn encode_result(applied: &Applied) -> Vec<u8> {
-    let forwarded = match applied {
-        Ok(outcome) => Forwarded::Applied {
-            events: outcome.events.clone(),
-        },
-        Err(e) => Forwarded::Refused {
-            message: e.to_string(),
-            not_found: match e {
-                ApplyError::NotFound { kind, id, .. } => Some((kind.to_string(), id.clone())),
-                _ => None,
-            },
-        },
-    };
-    serde_json::to_vec(&forwarded).unwrap_or_default()
-}
-
-fn decode_result(command: &'static str, index: u64, bytes: &[u8]) -> Result<Applied, StateError> {
-    let forwarded: Forwarded = serde_json::from_slice(bytes).map_err(|e| StateError::Write {
-        message: format!("the leader's answer for {command} at index {index} is unreadable: {e}"),
-    })?;
-    Ok(match forwarded {
-        Forwarded::Applied { events } => Ok(ApplyOutcome { index, events }),
-        Forwarded::Refused { message, not_found } => Err(match not_found {
-            Some((kind, id)) => ApplyError::NotFound {
-                command,
-                kind: match kind.as_str() {
-                    "node" => "node",
-                    "service" => "service",
-                    _ => "task",
-                },
-                id,
-            },
-            None => ApplyError::Forwarded { message },
-        }),
-    })
-}
-
-/// Hands a follower's writes to the leader (`Raft.Forward`), keeping one
-/// channel per leader address.
-#[derive(Debug, Default)]
-pub struct Forwarder {
-    channels: Mutex<HashMap<String, Channel>>,
-}
-
-impl Forwarder {
-    /// A forwarder with no channels yet.
-    pub fn new() -> Forwarder {
-        Forwarder::default()
-    }
-
-    fn channel(&self, address: &str) -> Result<Channel, StateError> {
-        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = channels.get(address) {
-            return Ok(c.clone());
-        }
-        let c = channel(address, PEER_CONNECT_TIMEOUT)
-            .map_err(|message| StateError::Write { message })?;
-        channels.insert(address.to_string(), c.clone());
-        Ok(c)
-    }
-
-    /// Proposes `command` on the leader at `address`; its index and result.
-    pub async fn forward(
-        &self,
-        address: &str,
-        command: &Command,
-    ) -> Result<(u64, Applied), StateError> {
-        let name = command.name();
-        let bytes = encode_command(command).map_err(|e| StateError::Write {
-            message: format!("command {name} could not be encoded: {e}"),
-        })?;
-        let mut client = pb::raft_client::RaftClient::new(self.channel(address)?);
-        let mut request = Request::new(pb::ForwardRequest { command: bytes });
-        request.set_timeout(FORWARD_TIMEOUT);
-        let response = match tokio::time::timeout(FORWARD_TIMEOUT, client.forward(request)).await {
-            Ok(Ok(r)) => r.into_inner(),
-            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
-                // The leader's own "no quorum" or "not the leader" keeps its
-                // words; a connection failure names the leader it tried.
-                return Err(StateError::Unavailable {
-                    message: if std::error::Error::source(&status).is_some() {
-                        format!(
-                            "the leader at {address} cannot be reached: {}",
-                            status.message()
-                        )
-                    } else {
-                        status.message().to_string()
-                    },
-                });
-            }
-            Ok(Err(status)) => {
-                return Err(StateError::Write {
-                    message: format!(
-                        "forwarding {name} to the leader at {address}: {}",
-                        status.message()
-                    ),
-                });
-            }
-            Err(_) => {
-                return Err(StateError::Unavailable {
-                    message: format!(
-                        "the leader at {address} did not answer within {FORWARD_TIMEOUT:?}; \
-                         the write's outcome is unknown"
-                    ),
-                });
-            }
-        };
-        let applied = decode_result(name, response.index, &response.result)?;
-        Ok((response.index, applied))
-    }
-}
-
-// ---------------------------------------------------------------------------
 // The Raft service
 
-/// `gantry.v1.Raft`: messages from peers, writes from followers.
+/// `gantry.v1.Raft`: messages from peers.
 #[derive(Debug, Clone)]
 pub struct RaftService {
     store: StoreFront,
@@ -559,28 +422,6 @@ impl pb::raft_server::Raft for RaftService {
             }
         }
         Ok(Response::new(pb::Empty {}))
-    }
-
-    async fn forward(
-        &self,
-        request: Request<pb::ForwardRequest>,
-    ) -> Result<Response<pb::ForwardResponse>, Status> {
-        let command = decode_command(&request.into_inner().command)
-            .map_err(|e| Status::invalid_argument(format!("command: {e}")))?;
-        // Proposed here only: a forward is never forwarded again (two
-        // members each believing the other leads would bounce it forever).
-        match self.store.raft().propose(vec![command]).await {
-            Ok(mut results) => {
-                let (index, applied) = results
-                    .pop()
-                    .ok_or_else(|| Status::internal("the proposal returned no result"))?;
-                Ok(Response::new(pb::ForwardResponse {
-                    index,
-                    result: encode_result(&applied),
-                }))
-            }
-            Err(e) => Err(status_of(e.into(), self.store.leader_address())),
-        }
     }
 }
 

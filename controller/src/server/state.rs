@@ -1,14 +1,17 @@
 //! The store's async front over the Raft node: writes go through Raft
-//! (proposed here on the leader, forwarded to the leader elsewhere), reads
+//! (proposed on any member, carried to the leader by Raft itself), reads
 //! come from the local applied state, watches from the local hub.
 //!
-//! - **Writes**: on the leader, [`StoreFront::propose`] hands the commands
-//!   to [`RaftNode::propose`], which batches whatever queued during the
-//!   previous fsync into one Ready (group commit). On a follower each
-//!   command goes to the leader with `Raft.Forward`; the leader answers with
-//!   the index and the encoded result once applied, and the follower waits
-//!   until it has applied that index too before answering, so a client
-//!   reads its own write from any controller.
+//! - **Writes**: [`StoreFront::propose`] hands the commands to
+//!   [`RaftNode::propose`] on any member. The leader batches whatever
+//!   queued during the previous fsync into one Ready (group commit); a
+//!   follower proposes too, and raft-rs carries the entries to the leader as
+//!   a `MsgProp` inside the Raft messages streamed there (etcd does the
+//!   same), so forwarded writes are batched with everything else and need
+//!   no answer of their own. The follower answers when it applies the entry
+//!   itself (the entry's context names the proposer), so a client reads its
+//!   own write from any controller, and the result is the follower's own
+//!   deterministic apply of the entry.
 //! - **Reads** take the state machine's lock for one closure, so a reader
 //!   sees one revision and never half a batch. [`StoreFront::read`] reads
 //!   whatever this member has applied (the loops and the dispatcher run on
@@ -21,12 +24,10 @@
 //! [`StateError::NoQuorum`] / [`StateError::NotLeader`], which the gRPC
 //! services answer with UNAVAILABLE.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::replication::Forwarder;
 use crate::raft::{RaftError, RaftNode};
 use crate::store::{Applied, ApplyError, ApplyOutcome, Command, Event, StateMachine, WatchError};
 
@@ -85,13 +86,6 @@ pub enum StateError {
         /// The leader's address, when known.
         leader: Option<String>,
     },
-    /// The leader could not take a forwarded write (its own refusal, or it
-    /// could not be reached); the message says which.
-    #[error("{message}")]
-    Unavailable {
-        /// What the leader (or the attempt to reach it) said.
-        message: String,
-    },
     /// The store has stopped (the controller is shutting down).
     #[error("the store is shut down")]
     Stopped,
@@ -106,7 +100,6 @@ impl StateError {
             StateError::NoQuorum { .. }
                 | StateError::TimedOut { .. }
                 | StateError::NotLeader { .. }
-                | StateError::Unavailable { .. }
                 | StateError::Stopped
         )
     }
@@ -121,9 +114,11 @@ impl From<RaftError> for StateError {
             RaftError::NotLeader { leader } => StateError::NotLeader {
                 leader: leader.map(|(_, address)| address),
             },
-            e @ RaftError::TimedOut { .. } => StateError::TimedOut {
-                message: e.to_string(),
-            },
+            e @ (RaftError::TimedOut { .. } | RaftError::LeaderChanged { .. }) => {
+                StateError::TimedOut {
+                    message: e.to_string(),
+                }
+            }
             RaftError::Stopped => StateError::Stopped,
             other => StateError::Write {
                 message: other.to_string(),
@@ -140,7 +135,6 @@ const WATCH_POLL: Duration = Duration::from_millis(200);
 pub struct StoreFront {
     raft: RaftNode,
     id: u64,
-    forwarder: Arc<Forwarder>,
 }
 
 impl std::fmt::Debug for StoreFront {
@@ -150,15 +144,10 @@ impl std::fmt::Debug for StoreFront {
 }
 
 impl StoreFront {
-    /// A front over a started Raft node; `forwarder` carries a follower's
-    /// writes to the leader.
-    pub fn new(raft: RaftNode, forwarder: Arc<Forwarder>) -> StoreFront {
+    /// A front over a started Raft node.
+    pub fn new(raft: RaftNode) -> StoreFront {
         let id = raft.id();
-        StoreFront {
-            raft,
-            id,
-            forwarder,
-        }
+        StoreFront { raft, id }
     }
 
     /// The Raft node behind the front.
@@ -199,30 +188,12 @@ impl StoreFront {
     }
 
     /// Logs `commands` durably on a majority and applies them; returns each
-    /// one's index and outcome (or refusal), in order. On a follower the
-    /// commands are forwarded to the leader one by one, in order.
+    /// one's index and outcome (or refusal), in order, once applied on this
+    /// member (so a write is readable here when it is answered). Any member
+    /// takes writes: a follower's go to the leader inside the Raft messages
+    /// it already streams there (see [`RaftNode::propose`]).
     pub async fn propose(&self, commands: Vec<Command>) -> Result<Vec<(u64, Applied)>, StateError> {
-        if commands.is_empty() {
-            return Ok(Vec::new());
-        }
-        // The leader proposes; anyone else forwards (no clone of the
-        // commands on the leader's hot path).
-        let leader = self.raft.leadership().borrow().leader;
-        if leader == Some(self.id) || leader.is_none() {
-            // Without a leader, the node answers "no quorum" itself.
-            return Ok(self.raft.propose(commands).await?);
-        }
-        let Some(address) = self.leader_address() else {
-            return Err(StateError::NotLeader { leader: None });
-        };
-        let mut out = Vec::with_capacity(commands.len());
-        for command in &commands {
-            let (index, applied) = self.forwarder.forward(&address, command).await?;
-            // Read-your-writes on this member too.
-            self.raft.wait_applied(index).await?;
-            out.push((index, applied));
-        }
-        Ok(out)
+        Ok(self.raft.propose(commands).await?)
     }
 
     /// Proposes one command; a refusal is an error.

@@ -86,13 +86,6 @@ pub enum ApplyError {
     /// An agent's report would move a task's state backwards.
     #[error("update-task-status: {0}")]
     Backward(#[source] ModelError),
-    /// Refused on the leader, which a follower forwarded the command to;
-    /// the leader's message (the follower cannot rebuild every variant).
-    #[error("{message}")]
-    Forwarded {
-        /// The leader's refusal, as text.
-        message: String,
-    },
 }
 
 impl ApplyError {
