@@ -221,6 +221,7 @@ fn main() {
             &rules::Context {
                 bridge: "gantry0".into(),
                 vxlan: "gantry.vx".into(),
+                bridge_netfilter: true,
             },
         )
         .expect("model");
@@ -565,6 +566,18 @@ fn wrk_bench() -> Vec<serde_json::Value> {
             "master",
             "gantry0",
             "up",
+        ]);
+        // As the engine makes them (`link::create_veth`).
+        ip(&[
+            "-n",
+            &keep[node].0,
+            "link",
+            "set",
+            &veth,
+            "type",
+            "bridge_slave",
+            "hairpin",
+            "on",
         ]);
         ip(&[
             "-n",

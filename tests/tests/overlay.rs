@@ -149,6 +149,19 @@ fn container(node: &Node, index: u8, mtu: u32) -> Container {
     ip(&[
         "-n", &node.ns.0, "link", "set", &veth, "master", "gantry0", "up",
     ]);
+    // As the engine does (`link::create_veth`): a task reaching itself
+    // through a VIP is bridged back out of its own port.
+    ip(&[
+        "-n",
+        &node.ns.0,
+        "link",
+        "set",
+        &veth,
+        "type",
+        "bridge_slave",
+        "hairpin",
+        "on",
+    ]);
     ip(&[
         "-n",
         &ns.0,
@@ -496,6 +509,28 @@ fn overlay_data_plane_end_to_end_in_namespaces() {
         let got = counts.get(name).copied().unwrap_or(0);
         assert!(got * 5 >= n, "VIP spread {counts:?}");
     }
+
+    // A same-node client reaching the VIP keeps its own address when the
+    // replica it lands on is on its bridge (bridged back and un-NATed by
+    // conntrack on the bridge, no hairpin masquerade)...
+    let mut local_peer = None;
+    for _ in 0..60 {
+        if let Some((who, peer)) = request(&c1.ns.0, SocketAddrV4::new(VIP, PORT))
+            && who == "a1"
+        {
+            local_peer = Some(peer);
+            break;
+        }
+    }
+    assert_eq!(local_peer.as_deref(), Some("10.42.1.20"), "c1 -> VIP -> a1");
+    // ... and a replica reaching its own service's VIP gets an answer every
+    // time, itself included (hairpin: masqueraded to the gateway).
+    let counts = spread(&a1.ns.0, SocketAddrV4::new(VIP, PORT), 30);
+    assert!(!counts.contains_key("failed"), "a1 -> VIP: {counts:?}");
+    assert!(
+        counts.contains_key("a1"),
+        "a1 -> VIP never itself: {counts:?}"
+    );
 
     // Networks isolate: the outsider reaches neither a replica nor the VIP.
     assert!(request(&o2.ns.0, SocketAddrV4::new(b2.address, PORT)).is_none());
