@@ -31,6 +31,10 @@
 //! (`GANTRY_BENCH_WRK_ROUNDS`, default 8; `GANTRY_BENCH_WRK_SECONDS`,
 //! default 2), so one noisy round on a shared machine does not decide. The
 //! load average before and after is recorded with the figures.
+//! `GANTRY_BENCH_WRK_MASQ_AB` (default 1) adds a third pair in the same
+//! rounds: the same-node replica through a second VIP whose flows get the
+//! hairpin masquerade that every same-node VIP flow had before (an A/B of
+//! that rule under the same load).
 //!
 //! Results: `bench-results/overlay.json` and `.md` at the workspace root,
 //! and the table on stdout. Knobs: `GANTRY_BENCH_SERVICES` (default 1000),
@@ -512,6 +516,8 @@ fn wrk_bench() -> Vec<serde_json::Value> {
             record("same", [10, 43, 0, 1], "node1", [10, 42, 1, 10]),
             record("cross", [10, 43, 0, 2], "node2", [10, 42, 2, 10]),
             record("client", [10, 43, 0, 3], "node1", [10, 42, 1, 20]),
+            // The same replica again, for the A/B below.
+            record("samemasq", [10, 43, 0, 4], "node1", [10, 42, 1, 10]),
         ],
         ..Update::default()
     };
@@ -527,6 +533,25 @@ fn wrk_bench() -> Vec<serde_json::Value> {
             o
         });
         overlays.push(overlay);
+    }
+    // A/B in the same run: the second VIP of the same-node replica gets the
+    // hairpin masquerade every same-node VIP flow had before (`oifname
+    // gantry0 … ct status dnat masquerade`), so the two rules are compared
+    // under the same load.
+    let masq_ab = env_usize("GANTRY_BENCH_WRK_MASQ_AB", 1) != 0;
+    if masq_ab {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &keep[0].0, "nft", "add", "rule", "ip"])
+            .args([rules::TABLE, "postrouting", "oifname", "gantry0"])
+            .args(["ct", "original", "ip", "daddr", "10.43.0.4"])
+            .args(["ct", "status", "dnat", "masquerade"])
+            .output()
+            .expect("run nft");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let mtu = overlays[0].mtu().unwrap_or(1450).to_string();
     let mut containers = Vec::new();
@@ -607,10 +632,17 @@ fn wrk_bench() -> Vec<serde_json::Value> {
     http_server(&containers[1].0, server_cpu);
     let client = containers[2].0.clone();
     // Pairs measured together: (label, direct URL, VIP URL).
-    let pairs = [
+    let mut pairs = vec![
         ("same node", "http://10.42.1.10/", "http://10.43.0.1/"),
         ("cross node", "http://10.42.2.10/", "http://10.43.0.2/"),
     ];
+    if masq_ab {
+        pairs.push((
+            "same node, hairpin masqueraded (before)",
+            "http://10.42.1.10/",
+            "http://10.43.0.4/",
+        ));
+    }
     let rounds = env_usize("GANTRY_BENCH_WRK_ROUNDS", 8).max(1);
     let seconds = env_usize("GANTRY_BENCH_WRK_SECONDS", 2).max(1) as u32;
     let load_before = loadavg();
