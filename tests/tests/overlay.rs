@@ -445,6 +445,7 @@ fn overlay_data_plane_end_to_end_in_namespaces() {
     let b3 = container(&nodes[2], 10, mtu);
     let c1 = container(&nodes[0], 20, mtu);
     let o2 = container(&nodes[1], 30, mtu);
+    let o1 = container(&nodes[0], 30, mtu);
     let stop = Arc::new(AtomicBool::new(false));
     for (ctr, name) in [(&a1, "a1"), (&b2, "b2"), (&b3, "b3"), (&o2, "o2")] {
         serve(ctr, name, stop.clone());
@@ -484,7 +485,10 @@ fn overlay_data_plane_end_to_end_in_namespaces() {
         vip: None,
         ports: vec![],
         networks: vec!["other_default".into()],
-        endpoints: vec![endpoint("outsider.1", &nodes[1], o2.address)],
+        endpoints: vec![
+            endpoint("outsider.1", &nodes[1], o2.address),
+            endpoint("outsider.2", &nodes[0], o1.address),
+        ],
     };
     let services = Update {
         revision: 2,
@@ -536,6 +540,9 @@ fn overlay_data_plane_end_to_end_in_namespaces() {
     assert!(request(&o2.ns.0, SocketAddrV4::new(b2.address, PORT)).is_none());
     assert!(request(&o2.ns.0, SocketAddrV4::new(a1.address, PORT)).is_none());
     assert!(request(&o2.ns.0, SocketAddrV4::new(VIP, PORT)).is_none());
+    // On the same node too, where the traffic is bridged, not routed: the
+    // forward chain sees it through br_netfilter (`link::bridge_netfilter`).
+    assert!(request(&o1.ns.0, SocketAddrV4::new(a1.address, PORT)).is_none());
     // ... while a member on the same node still reaches it (control).
     assert!(request(&c1.ns.0, SocketAddrV4::new(a1.address, PORT)).is_some());
 
@@ -692,7 +699,7 @@ fn overlay_data_plane_end_to_end_in_namespaces() {
     // Everything removed: each node's links, routes and ruleset as before.
     stop.store(true, Ordering::Relaxed);
     dns_stop.store(true, Ordering::Relaxed);
-    drop((a1, b2, b3, c1, o2));
+    drop((a1, b2, b3, c1, o2, o1));
     for (n, before) in nodes.iter_mut().zip(&before) {
         let overlay = &mut n.overlay;
         in_ns(&n.ns.0, || overlay.teardown()).unwrap();
