@@ -23,7 +23,18 @@
 //! Then, when `wrk` (Debian package) is installed, the data path: a client
 //! container on node 1 runs `wrk` against a keep-alive HTTP responder in a
 //! container on the same node and on node 2, straight to its address and
-//! through a VIP (rounds interleaved; requests/s, p50 and p99).
+//! through a VIP. On a machine with two or more CPUs, wrk runs on CPU 0 and
+//! the responder on CPU 1 (`taskset` and `sched_setaffinity`), so the two
+//! ends do not take turns on one core. Each round measures direct and VIP
+//! back to back (the order alternating), and the figure that decides is the
+//! per-round VIP/direct ratio: its median and spread over the rounds
+//! (`GANTRY_BENCH_WRK_ROUNDS`, default 8; `GANTRY_BENCH_WRK_SECONDS`,
+//! default 2), so one noisy round on a shared machine does not decide. The
+//! load average before and after is recorded with the figures.
+//! `GANTRY_BENCH_WRK_MASQ_AB` (default 1) adds a third pair in the same
+//! rounds: the same-node replica through a second VIP whose flows get the
+//! hairpin masquerade that every same-node VIP flow had before (an A/B of
+//! that rule under the same load).
 //!
 //! Results: `bench-results/overlay.json` and `.md` at the workspace root,
 //! and the table on stdout. Knobs: `GANTRY_BENCH_SERVICES` (default 1000),
@@ -214,6 +225,7 @@ fn main() {
             &rules::Context {
                 bridge: "gantry0".into(),
                 vxlan: "gantry.vx".into(),
+                bridge_netfilter: true,
             },
         )
         .expect("model");
@@ -292,7 +304,7 @@ fn main() {
         md.push_str(
             "\n| data path (wrk, keep-alive) | requests/s | p50 ms | p99 ms |\n|---|---|---|---|\n",
         );
-        for r in &wrk_rows {
+        for r in wrk_rows.iter().filter(|r| r.get("ratio_median").is_none()) {
             md.push_str(&format!(
                 "| {} | {:.0} | {:.2} | {:.2} |\n",
                 r["name"].as_str().unwrap_or(""),
@@ -302,16 +314,49 @@ fn main() {
             ));
         }
     }
+    let ratios: Vec<_> = wrk_rows
+        .iter()
+        .filter(|r| r.get("ratio_median").is_some())
+        .collect();
+    if !ratios.is_empty() {
+        md.push_str(
+            "\n| VIP/direct requests/s, per round | rounds | median | p25 | p75 | min | max | p99 VIP/direct (median) | load before → after |\n|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for r in ratios {
+            let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+            md.push_str(&format!(
+                "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} → {:.2} |\n",
+                r["name"].as_str().unwrap_or(""),
+                r["rounds"],
+                f("ratio_median"),
+                f("ratio_p25"),
+                f("ratio_p75"),
+                f("ratio_min"),
+                f("ratio_max"),
+                f("p99_ratio_median"),
+                f("load_before"),
+                f("load_after"),
+            ));
+        }
+    }
     gantry_tests::bench::write_figures(&workspace, "overlay", &report, &md);
 }
 
-/// A keep-alive HTTP responder on port 80 in namespace `ns` (threads that
-/// live until the process ends; the namespace goes with the bench).
-fn http_server(ns: &str) {
+/// A keep-alive HTTP responder on port 80 in namespace `ns`, on CPU `cpu`
+/// when given (threads that live until the process ends; the namespace goes
+/// with the bench).
+fn http_server(ns: &str, cpu: Option<usize>) {
     let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("open netns");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        // The connection threads inherit this thread's CPU.
+        if let Some(cpu) = cpu {
+            let mut set = nix::sched::CpuSet::new();
+            set.set(cpu).expect("cpu set");
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                .expect("pin the responder");
+        }
         let listener = TcpListener::bind(("0.0.0.0", 80)).expect("bind :80");
         tx.send(()).expect("ready");
         for conn in listener.incoming() {
@@ -342,10 +387,18 @@ fn http_server(ns: &str) {
         .expect("server ready");
 }
 
-/// One wrk run from namespace `ns`: (requests/s, p50 ms, p99 ms).
-fn wrk(ns: &str, url: &str, seconds: u32) -> (f64, f64, f64) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "wrk", "-t", "2", "-c", "16"])
+/// One wrk run from namespace `ns`, on CPU `cpu` when given (one wrk
+/// thread then: two on one core only take turns): (requests/s, p50 ms,
+/// p99 ms).
+fn wrk(ns: &str, url: &str, seconds: u32, cpu: Option<usize>) -> (f64, f64, f64) {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]);
+    match cpu {
+        Some(cpu) => cmd.args(["taskset", "-c", &cpu.to_string(), "wrk", "-t", "1"]),
+        None => cmd.args(["wrk", "-t", "2"]),
+    };
+    let out = cmd
+        .args(["-c", "16"])
         .arg(format!("-d{seconds}s"))
         .args(["--latency", url])
         .output()
@@ -371,6 +424,23 @@ fn wrk(ns: &str, url: &str, seconds: u32) -> (f64, f64, f64) {
             .unwrap_or(0.0)
     };
     (find("Requests/sec:"), find("50%"), find("99%"))
+}
+
+/// The `q` quantile (nearest rank) of `v`; 0 when empty.
+fn quantile(mut v: Vec<f64>, q: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => 0.0,
+        n => v[((n - 1) as f64 * q).round() as usize],
+    }
+}
+
+/// The 1-minute load average (`/proc/loadavg`'s first field).
+fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// The data path: two nodes, a client and a server on node 1, a server on
@@ -446,6 +516,8 @@ fn wrk_bench() -> Vec<serde_json::Value> {
             record("same", [10, 43, 0, 1], "node1", [10, 42, 1, 10]),
             record("cross", [10, 43, 0, 2], "node2", [10, 42, 2, 10]),
             record("client", [10, 43, 0, 3], "node1", [10, 42, 1, 20]),
+            // The same replica again, for the A/B below.
+            record("samemasq", [10, 43, 0, 4], "node1", [10, 42, 1, 10]),
         ],
         ..Update::default()
     };
@@ -461,6 +533,25 @@ fn wrk_bench() -> Vec<serde_json::Value> {
             o
         });
         overlays.push(overlay);
+    }
+    // A/B in the same run: the second VIP of the same-node replica gets the
+    // hairpin masquerade every same-node VIP flow had before (`oifname
+    // gantry0 … ct status dnat masquerade`), so the two rules are compared
+    // under the same load.
+    let masq_ab = env_usize("GANTRY_BENCH_WRK_MASQ_AB", 1) != 0;
+    if masq_ab {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &keep[0].0, "nft", "add", "rule", "ip"])
+            .args([rules::TABLE, "postrouting", "oifname", "gantry0"])
+            .args(["ct", "original", "ip", "daddr", "10.43.0.4"])
+            .args(["ct", "status", "dnat", "masquerade"])
+            .output()
+            .expect("run nft");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let mtu = overlays[0].mtu().unwrap_or(1450).to_string();
     let mut containers = Vec::new();
@@ -501,6 +592,18 @@ fn wrk_bench() -> Vec<serde_json::Value> {
             "gantry0",
             "up",
         ]);
+        // As the engine makes them (`link::create_veth`).
+        ip(&[
+            "-n",
+            &keep[node].0,
+            "link",
+            "set",
+            &veth,
+            "type",
+            "bridge_slave",
+            "hairpin",
+            "on",
+        ]);
         ip(&[
             "-n",
             &ns.0,
@@ -515,44 +618,80 @@ fn wrk_bench() -> Vec<serde_json::Value> {
         ip(&["-n", &ns.0, "route", "add", "default", "via", gw]);
         containers.push(ns);
     }
-    http_server(&containers[0].0);
-    http_server(&containers[1].0);
+    // wrk on CPU 0, the responders on CPU 1, when there are two CPUs and
+    // `taskset` (util-linux) to pin wrk with.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pinned = cpus >= 2 && Command::new("taskset").arg("-V").output().is_ok();
+    let (wrk_cpu, server_cpu) = if pinned {
+        (Some(0), Some(1))
+    } else {
+        println!("data path not pinned ({cpus} CPUs, taskset present: no)");
+        (None, None)
+    };
+    http_server(&containers[0].0, server_cpu);
+    http_server(&containers[1].0, server_cpu);
     let client = containers[2].0.clone();
-    let targets = [
-        ("same node, direct", "http://10.42.1.10/"),
-        ("same node, VIP", "http://10.43.0.1/"),
-        ("cross node, direct", "http://10.42.2.10/"),
-        ("cross node, VIP", "http://10.43.0.2/"),
+    // Pairs measured together: (label, direct URL, VIP URL).
+    let mut pairs = vec![
+        ("same node", "http://10.42.1.10/", "http://10.43.0.1/"),
+        ("cross node", "http://10.42.2.10/", "http://10.43.0.2/"),
     ];
-    let rounds = env_usize("GANTRY_BENCH_WRK_ROUNDS", 3);
-    let seconds = env_usize("GANTRY_BENCH_WRK_SECONDS", 4) as u32;
-    let mut runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); targets.len()];
+    if masq_ab {
+        pairs.push((
+            "same node, hairpin masqueraded (before)",
+            "http://10.42.1.10/",
+            "http://10.43.0.4/",
+        ));
+    }
+    let rounds = env_usize("GANTRY_BENCH_WRK_ROUNDS", 8).max(1);
+    let seconds = env_usize("GANTRY_BENCH_WRK_SECONDS", 2).max(1) as u32;
+    let load_before = loadavg();
+    // Per pair: (direct, VIP) per round.
+    let mut runs: Vec<Vec<[(f64, f64, f64); 2]>> = vec![Vec::new(); pairs.len()];
     for r in 0..rounds {
-        for k in 0..targets.len() {
-            // The order rotates so that load from the shared machine falls
-            // on every target alike.
-            let t = (k + r) % targets.len();
-            runs[t].push(wrk(&client, targets[t].1, seconds));
+        for (k, (_, direct, vip)) in pairs.iter().enumerate() {
+            // Back to back, the order alternating, so that a burst of load
+            // from the shared machine falls on either alike.
+            let (d, v) = if (r + k) % 2 == 0 {
+                let d = wrk(&client, direct, seconds, wrk_cpu);
+                (d, wrk(&client, vip, seconds, wrk_cpu))
+            } else {
+                let v = wrk(&client, vip, seconds, wrk_cpu);
+                (wrk(&client, direct, seconds, wrk_cpu), v)
+            };
+            runs[k].push([d, v]);
         }
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
-    };
-    let rows = targets
-        .iter()
-        .zip(runs)
-        .map(|((label, url), v)| {
-            json!({
-                "name": label,
+    let load_after = loadavg();
+    let mut rows = Vec::new();
+    for ((label, direct, vip), v) in pairs.iter().zip(runs) {
+        for (i, (path, url)) in [("direct", direct), ("VIP", vip)].iter().enumerate() {
+            rows.push(json!({
+                "name": format!("{label}, {path}"),
                 "url": url,
                 "rounds": v.len(),
-                "requests_per_s": median(v.iter().map(|x| x.0).collect()),
-                "p50_ms": median(v.iter().map(|x| x.1).collect()),
-                "p99_ms": median(v.iter().map(|x| x.2).collect()),
-            })
-        })
-        .collect();
+                "requests_per_s": quantile(v.iter().map(|x| x[i].0).collect(), 0.5),
+                "p50_ms": quantile(v.iter().map(|x| x[i].1).collect(), 0.5),
+                "p99_ms": quantile(v.iter().map(|x| x[i].2).collect(), 0.5),
+            }));
+        }
+        let ratio: Vec<f64> = v.iter().map(|x| x[1].0 / x[0].0.max(1.0)).collect();
+        let p99: Vec<f64> = v.iter().map(|x| x[1].2 / x[0].2.max(0.001)).collect();
+        rows.push(json!({
+            "name": format!("{label}, VIP/direct"),
+            "rounds": v.len(),
+            "per_round": ratio,
+            "ratio_median": quantile(ratio.clone(), 0.5),
+            "ratio_p25": quantile(ratio.clone(), 0.25),
+            "ratio_p75": quantile(ratio.clone(), 0.75),
+            "ratio_min": quantile(ratio.clone(), 0.0),
+            "ratio_max": quantile(ratio, 1.0),
+            "p99_ratio_median": quantile(p99, 0.5),
+            "pinned": pinned,
+            "load_before": load_before,
+            "load_after": load_after,
+        }));
+    }
     for (o, ns) in overlays.iter_mut().zip(&keep) {
         let _ = in_ns(&ns.0, || o.teardown());
     }

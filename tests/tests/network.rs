@@ -451,6 +451,17 @@ fn published_ports_are_reachable_from_another_host_and_follow_the_container() {
         &format!("timeout 3 wget -q -O - {url}"),
     ]);
     assert!(out.contains("hostname="), "{out}");
+    // The container reaching its own published port: DNATed back to
+    // itself, out of the bridge port it came in by (hairpin mode) and
+    // masqueraded (its own address arriving on its eth0 would be dropped).
+    let own = node.ok(&[
+        "exec",
+        "web",
+        "sh",
+        "-c",
+        &format!("timeout 3 wget -q -O - {url}"),
+    ]);
+    assert!(own.contains(&format!("ip={web_ip}")), "{own}");
 }
 
 #[test]

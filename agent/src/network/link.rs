@@ -124,9 +124,16 @@ fn create_bridge(bridge: &str) -> Result<(), NetworkError> {
 }
 
 /// Sets up the bridge (created if missing, addressed, up) and the veth pair
-/// of `a` in one `ip` process: the host side enslaved to the bridge and up,
-/// the peer created straight inside the container's namespace as `eth0` (so
-/// it never needs renaming, and never clashes with a host link).
+/// of `a` in one `ip` process: the host side enslaved to the bridge, in
+/// hairpin mode and up, the peer created straight inside the container's
+/// namespace as `eth0` (so it never needs renaming, and never clashes with
+/// a host link).
+///
+/// Hairpin mode lets the bridge send a frame back out of the port it came
+/// in by: with [`bridge_netfilter`] on, a container reaching itself through
+/// a published port or a VIP is DNATed and bridged, not routed, and without
+/// it that packet is dropped. Docker sets it when its userland proxy is off,
+/// Kubernetes' `hairpin-veth` mode likewise.
 pub fn create_veth(a: &Attachment) -> Result<(), NetworkError> {
     create_bridge(&a.bridge)?;
     let step = format!("create veth {}", a.host_veth);
@@ -142,6 +149,7 @@ pub fn create_veth(a: &Attachment) -> Result<(), NetworkError> {
             "{bridge_lines}\
              link add {veth}{mtu} type veth peer name eth0{mtu} netns {netns}\n\
              link set {veth} master {bridge}\n\
+             link set {veth} type bridge_slave hairpin on\n\
              link set {veth} up\n",
             bridge_lines = bridge_lines(&a.bridge, &a.subnet),
             veth = a.host_veth,
@@ -184,6 +192,29 @@ pub fn delete_link(name: &str) -> Result<(), NetworkError> {
     match result {
         Err(_) if !exists(name)? => Ok(()),
         other => other,
+    }
+}
+
+/// br_netfilter's switch for IPv4 (per network namespace since Linux 5.3).
+const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+
+/// Turns on `bridge-nf-call-iptables` in the caller's network namespace
+/// where the kernel has br_netfilter, and says whether it is on.
+///
+/// On, IPv4 traffic bridged between two containers of the node passes the
+/// `ip` family's hooks: the overlay's `forward` chain then isolates
+/// networks on the same node too, and conntrack un-NATs a reply that a
+/// replica bridges straight back to a client on its bridge, so that a VIP
+/// or published port needs no masquerade for it (see `rules::hairpin`).
+/// Docker turns it on for its bridges (libnetwork's
+/// `setupBridgeNetFiltering`) and kubeadm refuses to run without it. Off
+/// (no br_netfilter in the kernel), same-node hairpins are masqueraded and
+/// routed, and same-node isolation is not enforced (`docs/network.md`).
+pub fn bridge_netfilter() -> bool {
+    match std::fs::read_to_string(BRIDGE_NF_CALL_IPTABLES) {
+        Ok(v) if v.trim() == "1" => true,
+        Ok(_) => std::fs::write(BRIDGE_NF_CALL_IPTABLES, "1\n").is_ok(),
+        Err(_) => false,
     }
 }
 

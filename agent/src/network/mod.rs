@@ -407,7 +407,7 @@ pub fn sync_rules(
     bindings: &[PortBinding],
     mode: Sync,
 ) -> Result<(), NetworkError> {
-    let ruleset = nft::ruleset(config, bindings);
+    let ruleset = nft::ruleset(config, bindings, link::bridge_netfilter());
     let applied_path = network_dir(data).join("applied.nft");
     // The record names the boot it was loaded in: after a reboot the table
     // is gone whatever the file says.

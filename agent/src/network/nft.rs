@@ -20,8 +20,9 @@ const NFT: &str = "nft";
 /// The ruleset that makes the table hold exactly `bindings`' DNAT rules and
 /// the subnet's NAT. Starts with the add-then-delete idiom so that loading it
 /// replaces any previous table atomically whether or not one existed (nft
-/// 1.0.6 has no `destroy`).
-pub fn ruleset(config: &NetworkConfig, bindings: &[PortBinding]) -> String {
+/// 1.0.6 has no `destroy`). `bridge_netfilter`: whether bridged traffic
+/// passes the `ip` hooks ([`super::link::bridge_netfilter`]).
+pub fn ruleset(config: &NetworkConfig, bindings: &[PortBinding], bridge_netfilter: bool) -> String {
     let subnet = config.subnet;
     let bridge = &config.bridge;
     // On a cluster node, traffic to other nodes' containers crosses the
@@ -31,6 +32,27 @@ pub fn ruleset(config: &NetworkConfig, bindings: &[PortBinding]) -> String {
     let outside = match config.cluster_cidr {
         Some(cluster) => format!("ip daddr != {cluster} "),
         None => String::new(),
+    };
+    // A container reaching a published port of its own node whose
+    // container is on the bridge. With br_netfilter the DNATed packet is
+    // bridged and the reply, bridged back, un-NATed by conntrack on the
+    // bridge: only a container reaching itself is masqueraded (its own
+    // address arriving on its eth0 would be a martian); the others keep
+    // their address. Without it the reply would bypass conntrack: every
+    // such flow is masqueraded (routed).
+    let hairpin = if !bridge_netfilter {
+        format!("\t\toifname \"{bridge}\" ip saddr {subnet} ct status dnat masquerade\n")
+    } else if bindings.is_empty() {
+        String::new()
+    } else {
+        let mut ips: Vec<_> = bindings.iter().map(|b| b.ip).collect();
+        ips.sort();
+        ips.dedup();
+        let pairs: Vec<String> = ips.iter().map(|ip| format!("{ip} . {ip}")).collect();
+        format!(
+            "\t\toifname \"{bridge}\" ct status dnat ip saddr . ip daddr {{ {} }} masquerade\n",
+            pairs.join(", ")
+        )
     };
     let mut dnat = String::new();
     for b in bindings {
@@ -70,7 +92,7 @@ pub fn ruleset(config: &NetworkConfig, bindings: &[PortBinding]) -> String {
          \tchain postrouting {{\n\
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
          \t\tip saddr {subnet} {outside}oifname != \"{bridge}\" masquerade\n\
-         \t\toifname \"{bridge}\" ip saddr {subnet} ct status dnat masquerade\n\
+         {hairpin}\
          \t\toifname \"{bridge}\" ip saddr 127.0.0.0/8 masquerade\n\
          \t}}\n\
          \tchain input {{\n\
@@ -161,7 +183,7 @@ mod tests {
                 },
             },
         ];
-        let rules = ruleset(&config, &bindings);
+        let rules = ruleset(&config, &bindings, true);
         assert!(rules.starts_with("table ip gantry\ndelete table ip gantry\n"));
         assert!(
             rules.contains("\t\ttcp dport 8080 dnat to 10.89.0.2:80 comment \"0123456789ab\"\n")
@@ -179,11 +201,41 @@ mod tests {
             cluster_cidr: Some("10.42.0.0/16".parse().unwrap()),
             ..NetworkConfig::default()
         };
-        assert!(ruleset(&cluster, &[]).contains(
+        assert!(ruleset(&cluster, &[], true).contains(
             "ip saddr 10.89.0.0/24 ip daddr != 10.42.0.0/16 oifname != \"gantry0\" masquerade"
         ));
-        let empty = ruleset(&config, &[]);
+        let empty = ruleset(&config, &[], true);
         assert!(!empty.contains("dnat to"));
         assert!(empty.contains("masquerade"));
+    }
+
+    #[test]
+    fn hairpin_masquerades_only_self_with_bridge_netfilter() {
+        let config = NetworkConfig::default();
+        let bindings = [PortBinding {
+            container: "0123456789abcdef".into(),
+            ip: Ipv4Addr::new(10, 89, 0, 2),
+            port: PublishedPort {
+                host_ip: None,
+                host_port: 8080,
+                container_port: 80,
+                protocol: PortProtocol::Tcp,
+            },
+        }];
+        // Bridged replies are un-NATed on the bridge: only a container
+        // reaching itself is masqueraded.
+        let rules = ruleset(&config, &bindings, true);
+        assert!(rules.contains(
+            "oifname \"gantry0\" ct status dnat ip saddr . ip daddr { 10.89.0.2 . 10.89.0.2 } masquerade\n"
+        ));
+        assert!(!rules.contains("ip saddr 10.89.0.0/24 ct status dnat masquerade"));
+        assert!(!ruleset(&config, &[], true).contains("ct status dnat"));
+        // Without br_netfilter every hairpin is routed and masqueraded.
+        let routed = ruleset(&config, &bindings, false);
+        assert!(
+            routed
+                .contains("oifname \"gantry0\" ip saddr 10.89.0.0/24 ct status dnat masquerade\n")
+        );
+        assert!(!routed.contains("ip saddr . ip daddr"));
     }
 }

@@ -133,6 +133,7 @@ impl Overlay {
         let ctx = rules::Context {
             bridge: self.config.bridge.clone(),
             vxlan: vxlan::DEVICE.to_string(),
+            bridge_netfilter: link::bridge_netfilter(),
         };
         // Only services changed: the table is patched service by service
         // and nothing else is recomputed (the common case: endpoints come

@@ -46,6 +46,12 @@ pub struct Context {
     pub bridge: String,
     /// The VXLAN device.
     pub vxlan: String,
+    /// Whether bridged IPv4 traffic passes the `ip` hooks
+    /// (`bridge-nf-call-iptables`, see [`crate::network::link::bridge_netfilter`]):
+    /// then a reply bridged straight back from a replica is un-NATed by
+    /// conntrack on the bridge, and only a task reaching itself through a
+    /// VIP needs the hairpin masquerade.
+    pub bridge_netfilter: bool,
 }
 
 /// The fixed part of the table: a change here is a full reload.
@@ -56,6 +62,7 @@ struct Header {
     node: Option<Subnet>,
     bridge: String,
     vxlan: String,
+    bridge_netfilter: bool,
 }
 
 /// The table as named objects, so that two can be compared cheaply.
@@ -171,6 +178,7 @@ pub fn model(state: &DesiredState, ctx: &Context) -> Option<Model> {
         node: state.node_subnet,
         bridge: ctx.bridge.clone(),
         vxlan: ctx.vxlan.clone(),
+        bridge_netfilter: ctx.bridge_netfilter,
     };
     let mut m = Model {
         header,
@@ -422,6 +430,52 @@ fn isolate_rules(m: &Model) -> String {
     out
 }
 
+/// The hairpin masquerade of the postrouting chain, and the declaration of
+/// the set it names (both empty without a node subnet).
+///
+/// A container reaching a VIP whose chosen replica is on its own bridge:
+/// - with `bridge-nf-call-iptables` on, the kernel bridges the DNATed packet
+///   straight to the replica's port and passes the reply, bridged back,
+///   through conntrack, which un-NATs it: no masquerade is needed, and none
+///   is done, so the replica sees the caller's address and the reply path
+///   skips a NAT step and a route lookup per packet (measured in
+///   `docs/benchmarks.md`). Only a task that reaches *itself* (a replica
+///   calling its own service) is masqueraded, to the gateway: a packet from
+///   its own address arriving on its `eth0` would be dropped as a martian.
+///   Kubernetes masquerades that same case (kube-proxy's `ip saddr <ep>`
+///   mark per endpoint). The match is a static set of `a . a` pairs over the
+///   node's /24 (nft cannot compare two fields of a packet).
+/// - without it, the reply would be bridged straight back, never un-NATed:
+///   every such flow is masqueraded (the routed hairpin, as kube-proxy does
+///   without br_netfilter).
+///
+/// Replicas on other nodes and mesh clients keep the client's address.
+fn hairpin(node: Option<Subnet>, bridge: &str, bridge_netfilter: bool) -> (String, String) {
+    let Some(subnet) = node else {
+        return (String::new(), String::new());
+    };
+    // A node subnet is a /24 (the controller's `NODE_SUBNET_PREFIX`); a
+    // larger one would make the pair set large, and falls back to
+    // masquerading every hairpin.
+    if !bridge_netfilter || subnet.prefix() < 24 {
+        return (
+            format!("\t\toifname \"{bridge}\" ip saddr {subnet} ct status dnat masquerade\n"),
+            String::new(),
+        );
+    }
+    let pairs = elements(
+        (u32::from(subnet.gateway())..=u32::from(subnet.broadcast()) - 1)
+            .map(Ipv4Addr::from)
+            .map(|a| format!("{a} . {a}")),
+    );
+    (
+        format!(
+            "\t\toifname \"{bridge}\" ct status dnat ip saddr . ip daddr @hairpin masquerade\n"
+        ),
+        format!("\tset hairpin {{ type ipv4_addr . ipv4_addr; elements = {{ {pairs} }}; }}\n"),
+    )
+}
+
 /// The whole table for `m`, replacing any previous one in one transaction
 /// (the add-then-delete idiom: nft 1.0.6 has no `destroy`). Deleting and
 /// recreating NAT rules does not touch conntrack, so established flows keep
@@ -433,22 +487,14 @@ pub fn full(m: &Model) -> String {
         node,
         bridge,
         vxlan,
+        bridge_netfilter,
     } = &m.header;
-    // A container reaching a VIP whose chosen replica is on the same bridge
-    // would get the reply straight from the replica's address (bridged, so
-    // never un-NATed): masquerade that hairpin, as the bridge table does for
-    // published ports. Replicas on other nodes and mesh clients keep the
-    // client's address.
-    let hairpin = match node {
-        Some(subnet) => {
-            format!("\t\toifname \"{bridge}\" ip saddr {subnet} ct status dnat masquerade\n")
-        }
-        None => String::new(),
-    };
+    let (hairpin, hairpin_set) = hairpin(*node, bridge, *bridge_netfilter);
     let mut out = format!(
         "table ip {TABLE}\n\
          delete table ip {TABLE}\n\
          table ip {TABLE} {{\n\
+         {hairpin_set}\
          \tmap vips {{ type ipv4_addr . inet_proto . inet_service : verdict; }}\n\
          \tmap mesh {{ type inet_proto . inet_service : verdict; }}\n\
          \tchain services {{\n\
@@ -631,6 +677,7 @@ mod tests {
         Context {
             bridge: "gantry0".into(),
             vxlan: "gantry.vx".into(),
+            bridge_netfilter: true,
         }
     }
 
@@ -692,6 +739,30 @@ mod tests {
                 "oifname \"gantry.vx\" ct status dnat ip saddr != 10.42.0.0/16 masquerade"
             )
         );
+    }
+
+    #[test]
+    fn hairpin_masquerades_only_a_task_reaching_itself() {
+        let web = service("web", Some([10, 43, 0, 2]), &[([10, 42, 1, 2], true)]);
+        let text = full(&model(&state(vec![web.clone()]), &ctx()).unwrap());
+        // Declared in the table block, before the chain that names it.
+        let set = text.find("\tset hairpin { type ipv4_addr . ipv4_addr; elements = { 10.42.1.1 . 10.42.1.1, 10.42.1.2 . 10.42.1.2,").unwrap();
+        assert!(text.contains("10.42.1.254 . 10.42.1.254 }; }\n"));
+        let rule = text
+            .find("oifname \"gantry0\" ct status dnat ip saddr . ip daddr @hairpin masquerade\n")
+            .unwrap();
+        assert!(set < rule);
+        assert!(!text.contains("ip saddr 10.42.1.0/24 ct status dnat masquerade"));
+        // Without br_netfilter, every hairpin on the bridge is masqueraded.
+        let routed = Context {
+            bridge_netfilter: false,
+            ..ctx()
+        };
+        let text = full(&model(&state(vec![web]), &routed).unwrap());
+        assert!(
+            text.contains("oifname \"gantry0\" ip saddr 10.42.1.0/24 ct status dnat masquerade\n")
+        );
+        assert!(!text.contains("@hairpin"));
     }
 
     #[test]
