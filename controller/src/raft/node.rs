@@ -1336,11 +1336,11 @@ impl Loop {
                 EntryType::EntryNormal => {
                     let applied: Applied = match machine.apply_entry(index, &e.data) {
                         Ok(outcome) => {
-                            shared.hub.publish(index, &outcome.events);
+                            shared.hub.append(index, &outcome.events);
                             Ok(outcome)
                         }
                         Err(err) if err.is_refusal() => {
-                            shared.hub.publish(index, &[]);
+                            shared.hub.append(index, &[]);
                             Err(err)
                         }
                         Err(source) => return Err(RaftError::Apply { index, source }),
@@ -1353,7 +1353,7 @@ impl Loop {
                     machine
                         .apply_entry(index, &[])
                         .map_err(|source| RaftError::Apply { index, source })?;
-                    shared.hub.publish(index, &[]);
+                    shared.hub.append(index, &[]);
                     if e.data.is_empty() {
                         continue;
                     }
@@ -1383,6 +1383,8 @@ impl Loop {
             }
         }
         drop(machine);
+        // Watchers wake once per applied batch, not once per entry.
+        shared.hub.notify();
         self.applied_tx.send_replace(last);
         for (reply, results) in self.answers.drain(..) {
             let _ = reply.send(Ok(results));

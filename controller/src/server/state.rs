@@ -24,8 +24,6 @@
 //! [`StateError::NoQuorum`] / [`StateError::NotLeader`], which the gRPC
 //! services answer with UNAVAILABLE.
 
-use std::time::Duration;
-
 use tokio::sync::mpsc;
 
 use crate::raft::{RaftError, RaftNode};
@@ -126,9 +124,6 @@ impl From<RaftError> for StateError {
         }
     }
 }
-
-/// How often a watch forwarder checks whether its receiver is gone.
-const WATCH_POLL: Duration = Duration::from_millis(200);
 
 /// The store's async front; cheap to clone.
 #[derive(Clone)]
@@ -235,51 +230,57 @@ impl StoreFront {
     /// events are published together, so a batch never splits one (the
     /// dispatcher relies on it: one assignment set per revision). The
     /// channel ends after an error (compaction, shutdown); dropping the
-    /// receiver stops the forwarder within [`WATCH_POLL`].
+    /// receiver stops the forwarding task at once. Call it inside the
+    /// runtime.
     pub fn watch(&self, from: u64) -> Result<EventBatches, WatchError> {
-        let mut stream = self.raft.watch_hub().watch(from)?;
+        let hub = self.raft.watch_hub();
+        // Subscribed before the stream is opened: a publish in between
+        // shows up as a change, so nothing waits for a wake that came early.
+        let mut notified = hub.subscribe();
+        let mut stream = hub.watch(from)?;
         let (tx, rx) = mpsc::channel(256);
-        // A plain thread, not the runtime's blocking pool: the stream blocks
-        // on a condvar, and a watch lives as long as its session.
-        let spawned = std::thread::Builder::new()
-            .name("gantry-watch".into())
-            .spawn(move || {
+        // A task, not a thread blocked on the hub: the hub wakes it once per
+        // applied batch, and the hand-off to the watcher stays inside the
+        // runtime (a thread per watch cost a context switch per write).
+        tokio::spawn(async move {
+            loop {
+                notified.borrow_and_update();
+                // Drain everything retained: a revision's events are
+                // published together, so stopping only when none is left
+                // never splits one.
+                let mut batch = Vec::new();
+                let mut failed = None;
                 loop {
-                    if tx.is_closed() {
-                        return;
-                    }
-                    let first = match stream.recv_timeout(WATCH_POLL) {
-                        Ok(Some(event)) => event,
-                        Ok(None) => continue,
+                    match stream.try_recv() {
+                        Ok(Some(event)) => batch.push(event),
+                        Ok(None) => break,
                         Err(e) => {
-                            let _ = tx.blocking_send(Err(e));
-                            return;
+                            failed = Some(e);
+                            break;
                         }
-                    };
-                    let mut batch = vec![first];
-                    let mut failed = None;
-                    loop {
-                        match stream.try_recv() {
-                            Ok(Some(event)) => batch.push(event),
-                            Ok(None) => break,
-                            Err(e) => {
-                                failed = Some(e);
-                                break;
-                            }
-                        }
-                    }
-                    if tx.blocking_send(Ok(batch)).is_err() {
-                        return;
-                    }
-                    if let Some(e) = failed {
-                        let _ = tx.blocking_send(Err(e));
-                        return;
                     }
                 }
-            });
-        // Without a thread there is no watch: report it as a closed store so
-        // that the caller resyncs or ends, as after a shutdown.
-        spawned.map_err(|_| WatchError::Closed)?;
+                if !batch.is_empty() && tx.send(Ok(batch)).await.is_err() {
+                    return;
+                }
+                if failed.is_none() && stream.is_closed() {
+                    failed = Some(WatchError::Closed);
+                }
+                if let Some(e) = failed {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                tokio::select! {
+                    changed = notified.changed() => {
+                        if changed.is_err() {
+                            let _ = tx.send(Err(WatchError::Closed)).await;
+                            return;
+                        }
+                    }
+                    () = tx.closed() => return,
+                }
+            }
+        });
         Ok(rx)
     }
 }

@@ -124,7 +124,12 @@ impl History {
 #[derive(Debug)]
 struct Shared {
     history: Mutex<History>,
+    /// Wakes blocking streams.
     changed: Condvar,
+    /// Wakes async watchers ([`WatchHub::subscribe`]): bumped on every
+    /// notification, so a waiter never misses one that came between its
+    /// last look and its wait.
+    notified: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -158,14 +163,38 @@ impl WatchHub {
                     closed: false,
                 }),
                 changed: Condvar::new(),
+                notified: tokio::sync::watch::Sender::new(0),
             }),
         }
+    }
+
+    /// Wakes every watcher (blocking streams and async subscribers).
+    fn wake(&self) {
+        self.shared.changed.notify_all();
+        self.shared.notified.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that changes whenever the hub wakes its watchers (new
+    /// events, a reset, the close): what an async watcher waits on between
+    /// [`WatchStream::try_recv`] drains, instead of a thread blocked in
+    /// [`WatchStream::recv`].
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.notified.subscribe()
     }
 
     /// Publishes the events of the command at `revision` (possibly none: a
     /// refused command still moves the revision). Events must come in
     /// revision order; the driver guarantees it by publishing after apply.
     pub fn publish(&self, revision: u64, events: &[Event]) {
+        self.append(revision, events);
+        self.wake();
+    }
+
+    /// Publishes like [`WatchHub::publish`] without waking the watchers
+    /// yet: a driver applying many commands at once appends each and calls
+    /// [`WatchHub::notify`] once, so watchers wake once per batch instead
+    /// of once per command.
+    pub fn append(&self, revision: u64, events: &[Event]) {
         let mut h = self.shared.lock();
         for event in events {
             if h.events.len() == h.capacity
@@ -179,8 +208,11 @@ impl WatchHub {
             h.events.push_back(event.clone());
         }
         h.revision = h.revision.max(revision);
-        drop(h);
-        self.shared.changed.notify_all();
+    }
+
+    /// Wakes the watchers after [`WatchHub::append`]s.
+    pub fn notify(&self) {
+        self.wake();
     }
 
     /// Forgets all history: the state was replaced by a snapshot at
@@ -198,14 +230,14 @@ impl WatchHub {
         h.servable_from = revision + 1;
         h.revision = revision;
         drop(h);
-        self.shared.changed.notify_all();
+        self.wake();
     }
 
     /// Ends every stream: they return [`WatchError::Closed`] once they have
     /// drained what is retained.
     pub fn close(&self) {
         self.shared.lock().closed = true;
-        self.shared.changed.notify_all();
+        self.wake();
     }
 
     /// The latest revision published.
@@ -261,6 +293,12 @@ impl WatchStream {
     /// The revision this watch started from.
     pub fn start_revision(&self) -> u64 {
         self.from
+    }
+
+    /// Whether the hub was closed (the store shut down); events still
+    /// retained can be drained first.
+    pub fn is_closed(&self) -> bool {
+        self.shared.lock().closed
     }
 
     /// The next event if one is ready, without waiting.
