@@ -38,10 +38,13 @@ fn test_images() -> &'static Path {
     })
 }
 
+/// `web` says where it runs in its log (for `service logs` through a
+/// follower), then serves as the image does.
 const APP: &str = "
 services:
   web:
     image: gantry.test/web:latest
+    command: [\"sh\", \"-c\", \"echo web up on $$(hostname); exec httpd -f -v -p 80 -h /www\"]
     deploy:
       replicas: 2
 ";
@@ -296,6 +299,39 @@ fn three_controllers_fail_over_without_restarting_tasks() {
     .unwrap_or_else(|e| panic!("{e}{}", env.logs()));
     let containers = env.web_containers();
     assert_eq!(containers.len(), 2, "{containers:?}");
+
+    // Logs and exec through a follower: it proxies them to the leader,
+    // where the agents' sessions are.
+    let mut logs = String::new();
+    wait_for(
+        "both tasks' lines in service logs through a follower",
+        Duration::from_secs(15),
+        || {
+            let out = env.run_at(follower, &through, &["service", "logs", "app_web"]);
+            logs = String::from_utf8_lossy(&out.stdout).into_owned();
+            out.status.success() && logs.matches("web up on").count() == 2
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {logs}{}", env.logs()));
+    let out = env.run_at(
+        follower,
+        &through,
+        &[
+            "exec",
+            "app_web",
+            "--",
+            "sh",
+            "-c",
+            "echo via-follower; exit 3",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "exec through a follower: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "via-follower\n");
 
     // kill -9 the leader right after it acknowledged a second deploy (its
     // tasks not yet placed or started): a new leader within 1.5 s, writes

@@ -69,9 +69,21 @@ pub fn status_of(e: StateError, leader: Option<String>) -> Status {
     }
 }
 
-/// UNAVAILABLE with `message`, naming `leader` in the metadata when known.
+/// The metadata key that marks an UNAVAILABLE as this controller's own
+/// ("not here, not now": no quorum, no leader, shutting down, the leader
+/// unreachable), as opposed to an answer about something else (a node
+/// whose agent is not connected): clients try another controller on the
+/// first, never on the second.
+pub const RETRY_METADATA: &str = "gantry-retry";
+
+/// UNAVAILABLE with `message`, naming `leader` in the metadata when known,
+/// and marked with [`RETRY_METADATA`].
 pub fn unavailable(message: String, leader: Option<String>) -> Status {
     let mut status = Status::unavailable(message);
+    status.metadata_mut().insert(
+        RETRY_METADATA,
+        tonic::metadata::MetadataValue::from_static("another-controller"),
+    );
     if let Some(leader) = leader.filter(|l| !l.is_empty())
         && let Ok(value) = leader.parse()
     {
