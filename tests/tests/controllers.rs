@@ -571,6 +571,29 @@ impl Controllers {
         }
     }
 
+    /// Waits (bounded) for controller `i` to exit by itself.
+    fn wait_exit(&mut self, i: usize, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            let child = self.children[i].as_mut().expect("started");
+            if let Some(status) = child.try_wait().unwrap() {
+                self.children[i] = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "c{i} still running after {limit:?}{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Controller `i`'s whole log.
+    fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("c{i}.log"))).unwrap_or_default()
+    }
+
     fn cli(&self, i: usize, args: &[&str]) -> Output {
         let mut cmd = Command::new(gantry_tests::gantry_bin());
         cmd.args(["--controller", &self.address(i)]).args(args);
@@ -635,7 +658,8 @@ impl Drop for Controllers {
 }
 
 /// Membership and recovery with controller processes on loopback (no
-/// namespaces needed): join through a follower, remove a controller,
+/// namespaces needed): join through a follower, remove a controller (it
+/// stops by itself and refuses to start again on its data),
 /// restart every controller at once with the state intact, disaster
 /// recovery with --force-new-cluster from one survivor, and `cluster init`
 /// refusing a data directory that holds a cluster.
@@ -674,11 +698,24 @@ fn membership_restart_all_and_force_new_cluster() {
         assert!(ls.contains("\"keep\""), "c{i}: {ls}");
     }
 
-    // Remove c2 (by address), then stop it: two members remain.
+    // Remove c2 (by address): it stops by itself, saying why, and refuses
+    // to start again on its stale data; two members remain.
     let third = c.address(2);
     let out = c.cli(0, &["cluster", "remove-controller", &third]);
     c.ok(out, "cluster remove-controller");
-    c.kill(2);
+    let removed = "this controller was removed from the cluster (id 3); its data in";
+    let status = c.wait_exit(2, Duration::from_secs(15));
+    assert!(!status.success(), "{status:?}");
+    assert!(c.log(2).contains(removed), "{}", c.logs());
+    std::fs::remove_file(c.dir.path().join("c2.log")).unwrap();
+    c.start(2, &[]);
+    let status = c.wait_exit(2, Duration::from_secs(15));
+    assert!(!status.success(), "{status:?}");
+    let log = c.log(2);
+    assert!(
+        log.contains(removed) && log.contains("is stale"),
+        "a restart on the removed member's data is refused: {log}"
+    );
     c.wait_members(0, 2);
 
     // Restart every controller at once: same members, same state.

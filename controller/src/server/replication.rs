@@ -240,6 +240,10 @@ impl Peer {
             let (_, call) = self.stream.take().expect("checked above");
             let why = match call.await {
                 Ok(Ok(())) => "the stream was closed by the peer".to_string(),
+                Ok(Err(status)) if says_removed(&status) => {
+                    self.node.report_removed(self.to);
+                    status.message().to_string()
+                }
                 Ok(Err(status)) => status.message().to_string(),
                 Err(e) => format!("the stream's task failed: {e}"),
             };
@@ -307,7 +311,12 @@ impl Peer {
         self.node.report_snapshot(self.to, !ok);
         match result {
             Ok(Ok(_)) => self.reachable(),
-            Ok(Err(status)) => self.failed(status.message().to_string()),
+            Ok(Err(status)) => {
+                if says_removed(&status) {
+                    self.node.report_removed(self.to);
+                }
+                self.failed(status.message().to_string())
+            }
             Err(_) => self.failed("timed out".to_string()),
         }
         ok
@@ -538,6 +547,42 @@ impl RaftService {
     }
 }
 
+impl RaftService {
+    /// Hands one message to the Raft loop, unless it comes from a member
+    /// that was removed: that one is told so (etcd answers a removed
+    /// member's messages the same way), and stops.
+    fn step_one(&self, bytes: &[u8]) -> Result<(), Status> {
+        let raft = self.store.raft();
+        let message = crate::raft::decode_message(bytes)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if raft.was_removed(message.from) {
+            let mut status = Status::failed_precondition(format!(
+                "controller {} was removed from the cluster",
+                message.from
+            ));
+            status.metadata_mut().insert(
+                REMOVED_METADATA,
+                tonic::metadata::MetadataValue::from(message.from),
+            );
+            return Err(status);
+        }
+        match raft.step_message(message) {
+            Ok(()) => Ok(()),
+            Err(RaftError::Stopped) => Err(Status::unavailable("the controller is shutting down")),
+            Err(e) => Err(Status::invalid_argument(e.to_string())),
+        }
+    }
+}
+
+/// The metadata key on the answer to a removed member's Raft messages
+/// (its raft id).
+pub const REMOVED_METADATA: &str = "gantry-removed";
+
+/// Whether `status` is a peer's answer that this member was removed.
+fn says_removed(status: &Status) -> bool {
+    status.metadata().get(REMOVED_METADATA).is_some()
+}
+
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
     async fn step(&self, request: Request<pb::RaftMessage>) -> Result<Response<pb::Empty>, Status> {
@@ -547,10 +592,9 @@ impl pb::raft_server::Raft for RaftService {
         {
             tracing::debug!(from = m.from, kind = ?m.get_msg_type(), index = m.index, "raft message");
         }
-        match self.store.raft().step(&bytes) {
+        match self.step_one(&bytes) {
             Ok(()) => Ok(Response::new(pb::Empty {})),
-            Err(RaftError::Stopped) => Err(Status::unavailable("the controller is shutting down")),
-            Err(e) => Err(Status::invalid_argument(e.to_string())),
+            Err(status) => Err(status),
         }
     }
 
@@ -561,13 +605,7 @@ impl pb::raft_server::Raft for RaftService {
         let mut batches = request.into_inner();
         while let Some(batch) = batches.message().await? {
             for bytes in &batch.messages {
-                match self.store.raft().step(bytes) {
-                    Ok(()) => {}
-                    Err(RaftError::Stopped) => {
-                        return Err(Status::unavailable("the controller is shutting down"));
-                    }
-                    Err(e) => return Err(Status::invalid_argument(e.to_string())),
-                }
+                self.step_one(bytes)?;
             }
         }
         Ok(Response::new(pb::Empty {}))
