@@ -4,12 +4,20 @@
 //! a user would.
 //!
 //! One cluster, several checks, in order: the membership table; a deploy
-//! through a follower; kill -9 of the leader (a new leader is measured and
-//! must come within 1.5 s, the CLI fails over, the deployed tasks are not
-//! restarted and no node is marked down; the killed controller restarts
-//! and catches up); then a partition of the (new) leader (it refuses writes
-//! with the quorum message, the majority elects and takes writes, and after
-//! the heal the old leader follows). Figures are printed as `FIGURE ...`.
+//! through a follower, and `service logs` and `exec` through it (proxied to
+//! the leader); kill -9 of the leader under a `deploy --wait` that talks to
+//! it (a new leader is measured and must come within 1.5 s, the waiting CLI
+//! goes on with another controller mid-command and sees the deploy
+//! finished by the new leader, a write issued at the kill with the dead
+//! leader first in its list succeeds, the deployed tasks are not restarted
+//! and no node is marked down; the killed controller restarts and catches
+//! up); then a partition of the (new) leader (it refuses writes with the
+//! quorum message, the majority elects and takes writes, and after the heal
+//! the old leader follows). Figures are printed as `FIGURE ...`.
+//!
+//! The loopback test covers membership: join, removal (the removed
+//! controller stops by itself and refuses its stale data), restart of all,
+//! force-new-cluster, catch-up by snapshot.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +56,59 @@ services:
     deploy:
       replicas: 2
 ";
+
+/// A `gantry` command running in the background, killed (by its own
+/// handle: only what this test started) when dropped; its stderr goes to a
+/// file that the test reads while it runs.
+struct Background {
+    child: std::process::Child,
+    stderr: PathBuf,
+}
+
+impl Background {
+    /// Starts `gantry --controller CONTROLLERS ARGS` from the root netns
+    /// (the cluster's bridge is reachable from there).
+    fn start(controllers: &str, args: &[&str], stderr: PathBuf) -> Background {
+        let file = std::fs::File::create(&stderr).unwrap();
+        let child = Command::new(gantry_tests::gantry_bin())
+            .args(["--controller", controllers])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start gantry");
+        Background { child, stderr }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for it to exit; its status and how long it ran
+    /// since `since`.
+    fn wait(&mut self, limit: Duration, since: Instant) -> (std::process::ExitStatus, Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, since.elapsed());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gantry still running after {limit:?}: {}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 struct Env {
     c: Cluster,
@@ -348,15 +409,44 @@ fn three_controllers_fail_over_without_restarting_tasks() {
         "services:\n  web:\n    image: gantry.test/web:latest\n    deploy:\n      replicas: 2\n",
     )
     .unwrap();
-    let at_leader = c.address(&killed);
-    let out = c.run_at(
-        &killed,
-        &at_leader,
-        &["deploy", "-p", "late", "-f", inflight.to_str().unwrap()],
+    // The deploy goes to the leader (first in the list) and waits there
+    // for its tasks: once it says it is waiting, the deploy is
+    // acknowledged, and the leader dies under the wait (the CLI must go on
+    // with another controller, mid-command).
+    let all_from_killed = std::iter::once(killed.as_str())
+        .chain(survivors.iter().copied())
+        .map(|h| c.address(h))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut waiting = Background::start(
+        &all_from_killed,
+        &[
+            "deploy",
+            "-p",
+            "late",
+            "-f",
+            inflight.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "40s",
+        ],
+        c.files.path().join("deploy-wait.err"),
     );
-    c.ok(out, "deploy on the leader");
+    wait_for(
+        "the deploy to be acknowledged and wait",
+        Duration::from_secs(20),
+        || waiting.stderr().contains("late_web: "),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}{}", waiting.stderr(), c.logs()));
     let start = Instant::now();
     c.c.kill(&killed).unwrap();
+    // A write issued right after the kill, with the dead leader first in
+    // its list: the CLI retries on the others until the new leader takes it.
+    let mut during = Background::start(
+        &all_from_killed,
+        &["node", "update", "n1", "--label-add", "during=failover"],
+        c.files.path().join("during.err"),
+    );
     let mut new_leader = None;
     wait_for("a new leader", Duration::from_secs(10), || {
         new_leader = survivors
@@ -380,10 +470,18 @@ fn three_controllers_fail_over_without_restarting_tasks() {
     )
     .unwrap_or_else(|e| panic!("{e}{}", c.logs()));
     let writable = start.elapsed();
+    let (status, cli_write) = during.wait(Duration::from_secs(15), start);
+    assert!(
+        status.success(),
+        "a write issued during the failover fails over: {}",
+        during.stderr()
+    );
     println!(
-        "FIGURE leader kill -9 -> new leader {new_leader} seen after {} ms, writes accepted after {} ms",
+        "FIGURE leader kill -9 -> new leader {new_leader} seen after {} ms, writes accepted after {} ms, \
+         a CLI write issued at the kill done after {} ms",
         elected.as_millis(),
-        writable.as_millis()
+        writable.as_millis(),
+        cli_write.as_millis()
     );
     assert!(
         elected <= Duration::from_millis(1500),
@@ -393,6 +491,22 @@ fn three_controllers_fail_over_without_restarting_tasks() {
     // The CLI fails over (its list starts with c1, which may be the dead one).
     let services = c.json(&["service", "ls"]);
     assert_eq!(services.as_array().unwrap().len(), 2, "{services}");
+    // The waiting deploy went on with another controller and saw its tasks
+    // run.
+    let (status, _) = waiting.wait(Duration::from_secs(40), start);
+    assert!(
+        status.success(),
+        "deploy --wait fails over mid-command: {}{}",
+        waiting.stderr(),
+        c.logs()
+    );
+    assert!(
+        waiting.stderr().contains("going on with"),
+        "the CLI says it moved on: {}",
+        waiting.stderr()
+    );
+    let n1 = c.json(&["node", "inspect", "n1"]);
+    assert_eq!(n1["labels"]["during"], "failover", "{n1}");
     // The deploy in flight when the leader died runs to the end.
     wait_for("late_web to run 2 tasks", Duration::from_secs(30), || {
         c.json(&["service", "ps", "late_web"])
