@@ -74,31 +74,41 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
         let send = |m| pb::ExecClientMessage { message: Some(m) };
         // Opening the exec fails over like any request while the command
         // surely has not started (a controller's own refusal, a refused
-        // connection); once it may have, it is never run again.
+        // connection); once it may have, it is never run again. With -i,
+        // our stdin flows from the start (a server may read it before it
+        // answers), and what a failed attempt took cannot be sent again:
+        // `exec -i` is not retried at all.
         let deadline = tokio::time::Instant::now() + FAILOVER_BUDGET;
-        let (mut stream, tx) = loop {
+        let mut stream = loop {
             let (tx, rx) = mpsc::channel::<pb::ExecClientMessage>(16);
             // The channel has room: these cannot block or fail before the
             // stream is open.
             tx.send(send(ClientMsg::Start(start.clone()))).await.ok();
-            if !args.interactive {
+            if args.interactive {
+                tokio::spawn(relay_stdin(tx));
+            } else {
                 tx.send(send(ClientMsg::CloseStdin(pb::Empty {})))
                     .await
                     .ok();
+                drop(tx);
             }
             let opened = client
                 .control
                 .exec(tokio_stream::wrappers::ReceiverStream::new(rx))
                 .await;
             let status = match opened {
-                Ok(response) => break (response.into_inner(), tx),
+                Ok(response) => break response.into_inner(),
                 Err(status) => status,
             };
             match failover_of(&status) {
                 Some(f) if f.maybe_applied && std::error::Error::source(&status).is_some() => {
                     return Err(unknown_outcome(&client, &f));
                 }
-                Some(f) if client.can_fail_over() && tokio::time::Instant::now() < deadline => {
+                Some(f)
+                    if !args.interactive
+                        && client.can_fail_over()
+                        && tokio::time::Instant::now() < deadline =>
+                {
                     client
                         .fail_over(&f, leader_of(&status), deadline)
                         .await
@@ -107,11 +117,6 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
                 _ => return Err(client.error(status)),
             }
         };
-        if args.interactive {
-            tokio::spawn(relay_stdin(tx));
-        } else {
-            drop(tx);
-        }
         let stdout = std::io::stdout();
         let stderr = std::io::stderr();
         loop {
