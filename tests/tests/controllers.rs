@@ -478,10 +478,11 @@ fn three_controllers_fail_over_without_restarting_tasks() {
     );
     println!(
         "FIGURE leader kill -9 -> new leader {new_leader} seen after {} ms, writes accepted after {} ms, \
-         a CLI write issued at the kill done after {} ms",
+         a CLI write issued at the kill done after {} ms ({} failovers mid-request)",
         elected.as_millis(),
         writable.as_millis(),
-        cli_write.as_millis()
+        cli_write.as_millis(),
+        during.stderr().matches("going on with").count()
     );
     assert!(
         elected <= Duration::from_millis(1500),
@@ -818,7 +819,12 @@ fn membership_restart_all_and_force_new_cluster() {
     let out = c.cli(0, &["cluster", "remove-controller", &third]);
     c.ok(out, "cluster remove-controller");
     let removed = "this controller was removed from the cluster (id 3); its data in";
+    let asked = Instant::now();
     let status = c.wait_exit(2, Duration::from_secs(15));
+    println!(
+        "FIGURE removed controller stopped {} ms after remove-controller returned",
+        asked.elapsed().as_millis()
+    );
     assert!(!status.success(), "{status:?}");
     assert!(c.log(2).contains(removed), "{}", c.logs());
     std::fs::remove_file(c.dir.path().join("c2.log")).unwrap();

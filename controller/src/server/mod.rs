@@ -464,8 +464,10 @@ pub async fn serve_on(
         .add_service(
             // A snapshot travels as one `Raft.Step` message: far above
             // tonic's 4 MiB default for a state with many services.
-            pb::raft_server::RaftServer::new(RaftService::new(store.clone()))
-                .max_decoding_message_size(MAX_RAFT_MESSAGE),
+            pb::raft_server::RaftServer::new(
+                RaftService::new(store.clone()).with_shutdown(stop_rx.clone()),
+            )
+            .max_decoding_message_size(MAX_RAFT_MESSAGE),
         )
         .add_service(pb::cluster_server::ClusterServer::new(ClusterService::new(
             store.clone(),

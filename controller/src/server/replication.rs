@@ -538,12 +538,24 @@ impl Forwarder {
 #[derive(Debug, Clone)]
 pub struct RaftService {
     store: StoreFront,
+    shutdown: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl RaftService {
     /// The service over `store`.
     pub fn new(store: StoreFront) -> RaftService {
-        RaftService { store }
+        RaftService {
+            store,
+            shutdown: None,
+        }
+    }
+
+    /// Ends peers' open `Raft.Stream` calls when `stop` turns true: they
+    /// never end on their own, and would hold the shutdown for the whole
+    /// drain timeout.
+    pub fn with_shutdown(mut self, stop: tokio::sync::watch::Receiver<bool>) -> RaftService {
+        self.shutdown = Some(stop);
+        self
     }
 }
 
@@ -603,7 +615,18 @@ impl pb::raft_server::Raft for RaftService {
         request: Request<Streaming<pb::RaftBatch>>,
     ) -> Result<Response<pb::Empty>, Status> {
         let mut batches = request.into_inner();
-        while let Some(batch) = batches.message().await? {
+        let stop = super::stop_signal(self.shutdown.clone());
+        tokio::pin!(stop);
+        loop {
+            let batch = tokio::select! {
+                b = batches.message() => b?,
+                () = &mut stop => {
+                    return Err(Status::unavailable("the controller is shutting down"));
+                }
+            };
+            let Some(batch) = batch else {
+                break;
+            };
             for bytes in &batch.messages {
                 self.step_one(bytes)?;
             }
