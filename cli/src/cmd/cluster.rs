@@ -45,6 +45,10 @@ enum Command {
     RemoveController {
         /// The controller: its raft id (as `cluster controllers` shows it)
         /// or its HOST:PORT.
+        // Its own id: as `controller` it shared the global `--controller`
+        // flag's, and the value given here replaced the flag's, so the
+        // command went to the controller being removed.
+        #[arg(id = "member", value_name = "CONTROLLER")]
         controller: String,
     },
 }
