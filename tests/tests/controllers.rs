@@ -13,7 +13,9 @@
 //! and no node is marked down; the killed controller restarts and catches
 //! up); then a partition of the (new) leader (it refuses writes with the
 //! quorum message, the majority elects and takes writes, and after the heal
-//! the old leader follows). Figures are printed as `FIGURE ...`.
+//! the old leader follows); last, that controller is removed while down,
+//! and started again learns it from its peers and stops. Figures are
+//! printed as `FIGURE ...`.
 //!
 //! The loopback test covers membership: join, removal (the removed
 //! controller stops by itself and refuses its stale data), restart of all,
@@ -622,6 +624,43 @@ fn three_controllers_fail_over_without_restarting_tasks() {
         !node.contains("cut"),
         "a refused write is not applied: {node}"
     );
+
+    // Remove that controller while it is down, so that it never gets its
+    // removal entry (a partition would not do: TCP delivers what the
+    // leader sent before it stopped replicating to it): started again, it
+    // campaigns, its peers refuse it as a removed member, and it stops
+    // saying why.
+    c.c.kill(&isolated).unwrap();
+    let out = c.run_at(
+        &majority_leader,
+        &c.address(&majority_leader),
+        &["cluster", "remove-controller", &own],
+    );
+    c.ok(out, "remove-controller of a controller that is down");
+    c.c.start(&isolated).unwrap();
+    let healed = Instant::now();
+    wait_for(
+        "the removed controller to stop",
+        Duration::from_secs(15),
+        || {
+            c.c.status()
+                .iter()
+                .any(|h| h.name == isolated && h.process == cluster::ProcessState::Killed)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}{}", c.logs()));
+    println!(
+        "FIGURE a controller removed while down stopped {} ms after it was started again",
+        healed.elapsed().as_millis()
+    );
+    let log = c.c.log_tail(&isolated, 10);
+    assert!(
+        log.contains("this controller was removed from the cluster (id")
+            && log.contains("a peer says this controller was removed"),
+        "it learnt it from its peers: {log}"
+    );
+    let list = c.json(&["cluster", "controllers"]);
+    assert_eq!(list["controllers"].as_array().unwrap().len(), 2, "{list}");
 }
 
 /// `gantry controller` processes on loopback, killed (SIGKILL, by the
