@@ -24,8 +24,9 @@
 //! outcome is unknown (as etcd's clients treat it). Every write the CLI
 //! makes is safe to repeat, so it is repeated ([`Repeat`]): a deploy, a
 //! scale or a node update state what should be (a repeat that finds it done
-//! changes nothing), and a removal that a repeat finds already gone was
-//! done by the first attempt. The one request that is not repeated is
+//! changes nothing), and a removal that a repeat finds already gone
+//! succeeds with a note (the first attempt may have removed it). The one
+//! request that is not repeated is
 //! `exec` once its command may have started (see `cmd/exec.rs`). Streams
 //! are re-opened: `events` and the waits from where they were, `service
 //! logs` from the time of the last line printed.
@@ -548,7 +549,7 @@ impl Client {
                 && let Some(gone) = gone
             {
                 eprintln!(
-                    "gantry: {} (an earlier attempt, whose controller failed under it, removed it)",
+                    "gantry: {} (an earlier attempt, whose controller failed under it, may have removed it: its outcome is unknown)",
                     status.message()
                 );
                 return Ok(gone());
