@@ -483,7 +483,8 @@ impl Client {
 
     /// A removal on the `Control` service: as [`Client::call`] with
     /// [`Repeat::Write`], and a NOT_FOUND from a repeat after an unknown
-    /// outcome is the first attempt's success (the default answer).
+    /// outcome is success (what was asked holds; the first attempt may
+    /// have done it), with the default answer and a note on stderr.
     pub async fn call_remove<Req, T, F, Fut>(&mut self, request: Req, f: F) -> Result<T, Status>
     where
         Req: Clone,
