@@ -14,6 +14,23 @@
 //! the address and where it came from, so that a stale context file or a
 //! forgotten variable is obvious.
 //!
+//! **Failover mid-command.** A request whose controller fails under it
+//! (the connection breaks, or the controller answers that it cannot serve
+//! the request now: no leader, no quorum, shutting down — its UNAVAILABLE
+//! carries `gantry-retry`) is sent again to the next controller (the leader
+//! first, when known) for up to [`FAILOVER_BUDGET`], when the client knows
+//! more than one controller; one given alone is never swapped for another.
+//! Such a failure may come after the controller accepted a write, so its
+//! outcome is unknown (as etcd's clients treat it). Every write the CLI
+//! makes is safe to repeat, so it is repeated ([`Repeat`]): a deploy, a
+//! scale or a node update state what should be (a repeat that finds it done
+//! changes nothing), and a removal that a repeat finds already gone
+//! succeeds with a note (the first attempt may have removed it). The one
+//! request that is not repeated is
+//! `exec` once its command may have started (see `cmd/exec.rs`). Streams
+//! are re-opened: `events` and the waits from where they were, `service
+//! logs` from the time of the last line printed.
+//!
 //! gRPC status codes become exit codes here: the codes that mean the request
 //! itself was wrong (`INVALID_ARGUMENT`, `NOT_FOUND`, `FAILED_PRECONDITION`,
 //! `ALREADY_EXISTS`) exit 2 like any other bad input; everything else exits 1.
@@ -66,6 +83,66 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// off by a partition is skipped after this long (a controller on the dev
 /// cluster's bridge answers in well under a millisecond).
 const FAILOVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a command keeps trying other controllers after the one it
+/// talks to failed under a request: an election takes 0.5–1 s, and a
+/// controller cut off by a partition costs a 1 s connect timeout.
+pub const FAILOVER_BUDGET: Duration = Duration::from_secs(10);
+
+/// How a request may be repeated on another controller after the one it
+/// went to failed under it (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repeat {
+    /// A read: repeat anywhere.
+    Read,
+    /// A write that is safe to repeat after an unknown outcome: a
+    /// declarative one (deploy, scale, node update) leaves the same state;
+    /// a removal is [`Client::call_remove`].
+    Write,
+}
+
+/// Why a request failed in a way that another controller may not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failover {
+    /// For the user: what went wrong.
+    pub why: String,
+    /// Whether the controller may have acted on the request (the failure
+    /// came after it was sent).
+    pub maybe_applied: bool,
+}
+
+/// Whether `status` means "try another controller", and whether the
+/// request may have taken effect. A status the controller sent with
+/// `gantry-retry` (no leader, no quorum, shutting down, a timeout) may
+/// follow a proposal; a transport failure may follow the request's bytes,
+/// except a refused connect. Other statuses are answers.
+pub fn failover_of(status: &Status) -> Option<Failover> {
+    if let Some(cause) = std::error::Error::source(status).map(error_chain) {
+        if !matches!(
+            status.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        ) {
+            return None;
+        }
+        let refused = cause.contains("onnection refused") || cause.contains("tcp connect error");
+        return Some(Failover {
+            why: format!("{}: {cause}", status.message()),
+            maybe_applied: !refused,
+        });
+    }
+    if status.code() == Code::Unavailable
+        && status
+            .metadata()
+            .get(gantry_controller::server::replication::RETRY_METADATA)
+            .is_some()
+    {
+        return Some(Failover {
+            why: status.message().to_string(),
+            maybe_applied: true,
+        });
+    }
+    None
+}
 
 /// What the user asks a client command to talk to: the global
 /// `--controller` flag, if given.
@@ -228,6 +305,8 @@ pub struct Client {
     /// Where it is connected to.
     pub target: Target,
     channel: Channel,
+    /// The wait before the next failover attempt.
+    backoff: Duration,
 }
 
 impl Client {
@@ -324,10 +403,174 @@ impl Client {
         }
     }
 
-    /// A client of the controller's `Cluster` service on the same
-    /// connection.
-    pub fn cluster(&self) -> ClusterClient<Channel> {
-        ClusterClient::new(self.channel.clone())
+    /// Whether this client may move to another controller: it knows more
+    /// than one (a controller named alone is the user's choice).
+    pub fn can_fail_over(&self) -> bool {
+        !self.target.fallbacks.is_empty()
+    }
+
+    /// Moves to another controller after `failure` at this one: the leader
+    /// named in `status`, else the first of the others that answers and
+    /// knows a leader (this one last), waiting between rounds until
+    /// `deadline`. Says so on stderr, as the command goes on there.
+    pub async fn fail_over(
+        &mut self,
+        failure: &Failover,
+        leader_hint: Option<String>,
+        deadline: tokio::time::Instant,
+    ) -> anyhow::Result<()> {
+        let failed = self.target.address.clone();
+        let mut others: Vec<String> = self.target.fallbacks.clone();
+        if let Some(leader) = leader_hint.filter(|l| *l != failed) {
+            others.retain(|a| *a != leader);
+            others.insert(0, leader);
+        }
+        others.push(failed.clone());
+        let target = Target {
+            address: others[0].clone(),
+            source: self.target.source.clone(),
+            fallbacks: others[1..].to_vec(),
+        };
+        loop {
+            match Client::connect_to(target.clone()).await {
+                Ok(client) => {
+                    eprintln!(
+                        "gantry: the controller at {failed} failed ({}); going on with {}",
+                        failure.why, client.target.address
+                    );
+                    let backoff = self.backoff;
+                    *self = client;
+                    self.backoff = backoff;
+                    return Ok(());
+                }
+                Err(_) if tokio::time::Instant::now() + self.backoff >= deadline => {
+                    anyhow::bail!(
+                        "the controller at {failed} failed ({}) and no other controller \
+                         could take over within {}s",
+                        failure.why,
+                        FAILOVER_BUDGET.as_secs()
+                    );
+                }
+                Err(_) => self.back_off().await,
+            }
+        }
+    }
+
+    /// Waits before the next attempt: 100 ms, doubling to 1 s (an election
+    /// takes 0.5–1 s; no need to hammer the survivors meanwhile).
+    async fn back_off(&mut self) {
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(1));
+    }
+
+    /// Makes a call on the `Control` service, failing over to other
+    /// controllers as [`Repeat`] allows (see the module documentation).
+    /// The error is the last controller's status.
+    pub async fn call<Req, T, F, Fut>(
+        &mut self,
+        repeat: Repeat,
+        request: Req,
+        f: F,
+    ) -> Result<T, Status>
+    where
+        Req: Clone,
+        F: FnMut(ControlClient<Channel>, Req) -> Fut,
+        Fut: Future<Output = Result<gantry_proto::tonic::Response<T>, Status>>,
+    {
+        self.call_with(ControlClient::new, repeat, None, request, f)
+            .await
+    }
+
+    /// A removal on the `Control` service: as [`Client::call`] with
+    /// [`Repeat::Write`], and a NOT_FOUND from a repeat after an unknown
+    /// outcome is success (what was asked holds; the first attempt may
+    /// have done it), with the default answer and a note on stderr.
+    pub async fn call_remove<Req, T, F, Fut>(&mut self, request: Req, f: F) -> Result<T, Status>
+    where
+        Req: Clone,
+        T: Default,
+        F: FnMut(ControlClient<Channel>, Req) -> Fut,
+        Fut: Future<Output = Result<gantry_proto::tonic::Response<T>, Status>>,
+    {
+        self.call_with(
+            ControlClient::new,
+            Repeat::Write,
+            Some(T::default),
+            request,
+            f,
+        )
+        .await
+    }
+
+    /// [`Client::call`] on the `Cluster` service; `gone` as in
+    /// [`Client::call_remove`].
+    pub async fn call_cluster<Req, T, F, Fut>(
+        &mut self,
+        repeat: Repeat,
+        gone: Option<fn() -> T>,
+        request: Req,
+        f: F,
+    ) -> Result<T, Status>
+    where
+        Req: Clone,
+        F: FnMut(ClusterClient<Channel>, Req) -> Fut,
+        Fut: Future<Output = Result<gantry_proto::tonic::Response<T>, Status>>,
+    {
+        self.call_with(ClusterClient::new, repeat, gone, request, f)
+            .await
+    }
+
+    async fn call_with<S, Req, T, F, Fut>(
+        &mut self,
+        make: fn(Channel) -> S,
+        repeat: Repeat,
+        gone: Option<fn() -> T>,
+        request: Req,
+        mut f: F,
+    ) -> Result<T, Status>
+    where
+        Req: Clone,
+        F: FnMut(S, Req) -> Fut,
+        Fut: Future<Output = Result<gantry_proto::tonic::Response<T>, Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + FAILOVER_BUDGET;
+        let mut unknown = false;
+        let mut first = true;
+        loop {
+            if !first {
+                self.back_off().await;
+            }
+            first = false;
+            let status = match f(make(self.channel.clone()), request.clone()).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) => status,
+            };
+            if unknown
+                && status.code() == Code::NotFound
+                && let Some(gone) = gone
+            {
+                eprintln!(
+                    "gantry: {} (an earlier attempt, whose controller failed under it, may have removed it: its outcome is unknown)",
+                    status.message()
+                );
+                return Ok(gone());
+            }
+            let Some(failure) = failover_of(&status) else {
+                return Err(status);
+            };
+            if !self.can_fail_over() {
+                return Err(status);
+            }
+            unknown |= failure.maybe_applied && repeat != Repeat::Read;
+            if tokio::time::Instant::now() >= deadline {
+                return Err(status);
+            }
+            let hint = leader_of(&status);
+            if let Err(e) = self.fail_over(&failure, hint, deadline).await {
+                eprintln!("gantry: {e:#}");
+                return Err(status);
+            }
+        }
     }
 
     async fn connect_one(target: Target, timeout: Duration) -> anyhow::Result<Client> {
@@ -348,6 +591,7 @@ impl Client {
             control: ControlClient::new(channel.clone()),
             channel,
             target,
+            backoff: Duration::from_millis(100),
         })
     }
 
@@ -356,6 +600,27 @@ impl Client {
     pub fn error(&self, status: Status) -> anyhow::Error {
         status_error(&self.target, status)
     }
+}
+
+/// A stream the controller ended before the command was done (a controller
+/// that shuts down ends its streams), as a status that fails over.
+pub fn stream_ended(what: &str) -> Status {
+    let mut status = Status::unavailable(format!("the controller ended the {what} stream"));
+    status.metadata_mut().insert(
+        gantry_controller::server::replication::RETRY_METADATA,
+        gantry_proto::tonic::metadata::MetadataValue::from_static("stream-ended"),
+    );
+    status
+}
+
+/// The leader a controller's refusal names (`gantry-leader`), if any.
+pub fn leader_of(status: &Status) -> Option<String> {
+    status
+        .metadata()
+        .get(gantry_controller::server::replication::LEADER_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
 }
 
 /// Maps a gRPC status to an error: bad input (exit 2), an unreachable
@@ -605,6 +870,39 @@ mod tests {
             err.to_string(),
             "the controller at 127.0.0.1:1 answered UNAVAILABLE: node n1 is not connected"
         );
+    }
+
+    #[test]
+    fn failover_is_for_a_failed_controller_and_says_whether_a_write_may_have_applied() {
+        // The controller's own "not here, not now" (no leader, no quorum):
+        // another controller may serve it; a write may have been proposed.
+        let mut status = Status::unavailable("no quorum: 1 of 3 controllers reachable");
+        status.metadata_mut().insert(
+            gantry_controller::server::replication::RETRY_METADATA,
+            gantry_proto::tonic::metadata::MetadataValue::from_static("another-controller"),
+        );
+        let f = failover_of(&status).expect("fails over");
+        assert!(f.maybe_applied && f.why.contains("no quorum"), "{f:?}");
+        assert!(failover_of(&stream_ended("event")).is_some());
+        // An answer about something else stays an answer.
+        assert_eq!(
+            failover_of(&Status::unavailable("node n1 is not connected")),
+            None
+        );
+        assert_eq!(failover_of(&Status::not_found("no such service")), None);
+        // A refused connect sent nothing; a reset may have come after the
+        // request.
+        let mut refused = Status::unavailable("transport error");
+        refused.set_source(std::sync::Arc::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused",
+        )));
+        assert!(!failover_of(&refused).expect("fails over").maybe_applied);
+        let mut reset = Status::unknown("h2 protocol error");
+        reset.set_source(std::sync::Arc::new(std::io::Error::other(
+            "connection reset by peer",
+        )));
+        assert!(failover_of(&reset).expect("fails over").maybe_applied);
     }
 
     #[test]

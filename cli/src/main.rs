@@ -151,6 +151,21 @@ mod tests {
     }
 
     #[test]
+    fn remove_controller_names_a_member_not_the_controller_to_talk_to() {
+        let cli = parse(&[
+            "--controller",
+            "10.0.0.1:7070",
+            "cluster",
+            "remove-controller",
+            "10.0.0.3:7070",
+        ])
+        .unwrap();
+        assert_eq!(cli.controller.as_deref(), Some("10.0.0.1:7070"));
+        let debug = format!("{:?}", cli.command);
+        assert!(debug.contains("\"10.0.0.3:7070\""), "{debug}");
+    }
+
+    #[test]
     fn scale_takes_name_count_pairs() {
         let cli = parse(&["service", "scale", "web=3", "demo_api=0"]).unwrap();
         let debug = format!("{:?}", cli.command);

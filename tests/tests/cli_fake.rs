@@ -37,6 +37,23 @@ struct Seen {
 #[derive(Clone, Default)]
 struct Fake {
     seen: Arc<Mutex<Seen>>,
+    /// A controller that cannot serve now (no leader): the requests the
+    /// failover test makes answer its UNAVAILABLE, marked `gantry-retry`.
+    failing: bool,
+}
+
+impl Fake {
+    fn check(&self) -> Result<(), Status> {
+        if !self.failing {
+            return Ok(());
+        }
+        let mut status = Status::unavailable("no quorum: 1 of 3 controllers reachable");
+        status.metadata_mut().insert(
+            gantry_controller::server::replication::RETRY_METADATA,
+            tonic::metadata::MetadataValue::from_static("another-controller"),
+        );
+        Err(status)
+    }
 }
 
 fn service() -> pb::Service {
@@ -202,6 +219,7 @@ impl Control for Fake {
         &self,
         request: Request<pb::ServiceRef>,
     ) -> Result<Response<pb::ServiceInfo>, Status> {
+        self.check()?;
         known(&request.into_inner().service)?;
         Ok(Response::new(pb::ServiceInfo {
             service: Some(service()),
@@ -232,6 +250,7 @@ impl Control for Fake {
         &self,
         request: Request<pb::ServiceRef>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
+        self.check()?;
         known(&request.into_inner().service)?;
         Ok(Response::new(pb::WriteResponse { revision: 11 }))
     }
@@ -270,6 +289,7 @@ impl Control for Fake {
         &self,
         request: Request<pb::TaskFilter>,
     ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        self.check()?;
         let filter = request.into_inner();
         if !filter.service.is_empty() {
             known(&filter.service)?;
@@ -317,6 +337,7 @@ impl Control for Fake {
         &self,
         request: Request<pb::UpdateNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
+        self.check()?;
         let req = request.into_inner();
         self.seen.lock().unwrap().node_updates.push(req);
         Ok(Response::new(node(m::Availability::Drain)))
@@ -364,6 +385,7 @@ impl Control for Fake {
     ) -> Result<Response<Self::ExecStream>, Status> {
         use pb::exec_client_message::Message as C;
         use pb::exec_server_message::Message as S;
+        self.check()?;
         let mut inbound = request.into_inner();
         let start = match inbound.message().await? {
             Some(pb::ExecClientMessage {
@@ -394,7 +416,10 @@ impl Control for Fake {
 /// The fake, serving on a loopback port from its own thread until the test
 /// process ends.
 fn serve() -> (SocketAddr, Arc<Mutex<Seen>>) {
-    let fake = Fake::default();
+    serve_fake(Fake::default())
+}
+
+fn serve_fake(fake: Fake) -> (SocketAddr, Arc<Mutex<Seen>>) {
     let seen = fake.seen.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -620,6 +645,66 @@ fn exec_relays_stdin_output_and_the_exit_code() {
         seen.lock().unwrap().exec_start.clone().unwrap().task,
         "task-9"
     );
+}
+
+/// A controller that cannot serve (its UNAVAILABLE marked `gantry-retry`)
+/// first in the list: the CLI goes on with the next one, for reads, writes
+/// and opening an exec; a removal that the second controller finds already
+/// gone was done by the first attempt, whose outcome was unknown. Named
+/// alone, the failing controller's answer is the CLI's.
+#[test]
+fn requests_fail_over_to_the_next_controller() {
+    let (bad, bad_seen) = serve_fake(Fake {
+        failing: true,
+        ..Fake::default()
+    });
+    let (good, seen) = serve();
+    let both = format!("{bad},{good}");
+    let run = |args: &[&str]| {
+        Command::new(gantry_tests::gantry_bin())
+            .args(["--controller", &both])
+            .args(args)
+            .env_remove("GANTRY_CONTROLLER")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = run(&["node", "update", "--label-add", "zone=eu", "n1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("the controller at {bad} failed (no quorum")),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains(&format!("going on with {good}")));
+    assert_eq!(seen.lock().unwrap().node_updates.len(), 1);
+    assert!(bad_seen.lock().unwrap().node_updates.is_empty());
+
+    let out = run(&["exec", "web", "--", "5"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert_eq!(
+        seen.lock().unwrap().exec_start.clone().unwrap().task,
+        "task-1"
+    );
+
+    let out = run(&["service", "rm", "gone"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "gone\n");
+    assert!(
+        stderr(&out)
+            .contains("an earlier attempt, whose controller failed under it, may have removed it"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Named alone, a controller is not swapped for another.
+    let out = gantry(
+        bad,
+        &["node", "update", "--label-add", "zone=eu", "n1"],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no quorum"), "{}", stderr(&out));
 }
 
 #[test]

@@ -4,12 +4,22 @@
 //! a user would.
 //!
 //! One cluster, several checks, in order: the membership table; a deploy
-//! through a follower; kill -9 of the leader (a new leader is measured and
-//! must come within 1.5 s, the CLI fails over, the deployed tasks are not
-//! restarted and no node is marked down; the killed controller restarts
-//! and catches up); then a partition of the (new) leader (it refuses writes
-//! with the quorum message, the majority elects and takes writes, and after
-//! the heal the old leader follows). Figures are printed as `FIGURE ...`.
+//! through a follower, and `service logs` and `exec` through it (proxied to
+//! the leader); kill -9 of the leader under a `deploy --wait` that talks to
+//! it (a new leader is measured and must come within 1.5 s, the waiting CLI
+//! goes on with another controller mid-command and sees the deploy
+//! finished by the new leader, a write issued at the kill with the dead
+//! leader first in its list succeeds, the deployed tasks are not restarted
+//! and no node is marked down; the killed controller restarts and catches
+//! up); then a partition of the (new) leader (it refuses writes with the
+//! quorum message, the majority elects and takes writes, and after the heal
+//! the old leader follows); last, that controller is removed while down,
+//! and started again learns it from its peers and stops. Figures are
+//! printed as `FIGURE ...`.
+//!
+//! The loopback test covers membership: join, removal (the removed
+//! controller stops by itself and refuses its stale data), restart of all,
+//! force-new-cluster, catch-up by snapshot.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,13 +48,69 @@ fn test_images() -> &'static Path {
     })
 }
 
+/// `web` says where it runs in its log (for `service logs` through a
+/// follower), then serves as the image does.
 const APP: &str = "
 services:
   web:
     image: gantry.test/web:latest
+    command: [\"sh\", \"-c\", \"echo web up on $$(hostname); exec httpd -f -v -p 80 -h /www\"]
     deploy:
       replicas: 2
 ";
+
+/// A `gantry` command running in the background, killed (by its own
+/// handle: only what this test started) when dropped; its stderr goes to a
+/// file that the test reads while it runs.
+struct Background {
+    child: std::process::Child,
+    stderr: PathBuf,
+}
+
+impl Background {
+    /// Starts `gantry --controller CONTROLLERS ARGS` from the root netns
+    /// (the cluster's bridge is reachable from there).
+    fn start(controllers: &str, args: &[&str], stderr: PathBuf) -> Background {
+        let file = std::fs::File::create(&stderr).unwrap();
+        let child = Command::new(gantry_tests::gantry_bin())
+            .args(["--controller", controllers])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start gantry");
+        Background { child, stderr }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for it to exit; its status and how long it ran
+    /// since `since`.
+    fn wait(&mut self, limit: Duration, since: Instant) -> (std::process::ExitStatus, Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, since.elapsed());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gantry still running after {limit:?}: {}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 struct Env {
     c: Cluster,
@@ -297,6 +363,39 @@ fn three_controllers_fail_over_without_restarting_tasks() {
     let containers = env.web_containers();
     assert_eq!(containers.len(), 2, "{containers:?}");
 
+    // Logs and exec through a follower: it proxies them to the leader,
+    // where the agents' sessions are.
+    let mut logs = String::new();
+    wait_for(
+        "both tasks' lines in service logs through a follower",
+        Duration::from_secs(15),
+        || {
+            let out = env.run_at(follower, &through, &["service", "logs", "app_web"]);
+            logs = String::from_utf8_lossy(&out.stdout).into_owned();
+            out.status.success() && logs.matches("web up on").count() == 2
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {logs}{}", env.logs()));
+    let out = env.run_at(
+        follower,
+        &through,
+        &[
+            "exec",
+            "app_web",
+            "--",
+            "sh",
+            "-c",
+            "echo via-follower; exit 3",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "exec through a follower: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "via-follower\n");
+
     // kill -9 the leader right after it acknowledged a second deploy (its
     // tasks not yet placed or started): a new leader within 1.5 s, writes
     // accepted again, and the new leader finishes the deploy.
@@ -312,15 +411,44 @@ fn three_controllers_fail_over_without_restarting_tasks() {
         "services:\n  web:\n    image: gantry.test/web:latest\n    deploy:\n      replicas: 2\n",
     )
     .unwrap();
-    let at_leader = c.address(&killed);
-    let out = c.run_at(
-        &killed,
-        &at_leader,
-        &["deploy", "-p", "late", "-f", inflight.to_str().unwrap()],
+    // The deploy goes to the leader (first in the list) and waits there
+    // for its tasks: once it says it is waiting, the deploy is
+    // acknowledged, and the leader dies under the wait (the CLI must go on
+    // with another controller, mid-command).
+    let all_from_killed = std::iter::once(killed.as_str())
+        .chain(survivors.iter().copied())
+        .map(|h| c.address(h))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut waiting = Background::start(
+        &all_from_killed,
+        &[
+            "deploy",
+            "-p",
+            "late",
+            "-f",
+            inflight.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "40s",
+        ],
+        c.files.path().join("deploy-wait.err"),
     );
-    c.ok(out, "deploy on the leader");
+    wait_for(
+        "the deploy to be acknowledged and wait",
+        Duration::from_secs(20),
+        || waiting.stderr().contains("late_web: "),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}{}", waiting.stderr(), c.logs()));
     let start = Instant::now();
     c.c.kill(&killed).unwrap();
+    // A write issued right after the kill, with the dead leader first in
+    // its list: the CLI retries on the others until the new leader takes it.
+    let mut during = Background::start(
+        &all_from_killed,
+        &["node", "update", "n1", "--label-add", "during=failover"],
+        c.files.path().join("during.err"),
+    );
     let mut new_leader = None;
     wait_for("a new leader", Duration::from_secs(10), || {
         new_leader = survivors
@@ -344,10 +472,19 @@ fn three_controllers_fail_over_without_restarting_tasks() {
     )
     .unwrap_or_else(|e| panic!("{e}{}", c.logs()));
     let writable = start.elapsed();
+    let (status, cli_write) = during.wait(Duration::from_secs(15), start);
+    assert!(
+        status.success(),
+        "a write issued during the failover fails over: {}",
+        during.stderr()
+    );
     println!(
-        "FIGURE leader kill -9 -> new leader {new_leader} seen after {} ms, writes accepted after {} ms",
+        "FIGURE leader kill -9 -> new leader {new_leader} seen after {} ms, writes accepted after {} ms, \
+         a CLI write issued at the kill done after {} ms ({} failovers mid-request)",
         elected.as_millis(),
-        writable.as_millis()
+        writable.as_millis(),
+        cli_write.as_millis(),
+        during.stderr().matches("going on with").count()
     );
     assert!(
         elected <= Duration::from_millis(1500),
@@ -357,6 +494,22 @@ fn three_controllers_fail_over_without_restarting_tasks() {
     // The CLI fails over (its list starts with c1, which may be the dead one).
     let services = c.json(&["service", "ls"]);
     assert_eq!(services.as_array().unwrap().len(), 2, "{services}");
+    // The waiting deploy went on with another controller and saw its tasks
+    // run.
+    let (status, _) = waiting.wait(Duration::from_secs(40), start);
+    assert!(
+        status.success(),
+        "deploy --wait fails over mid-command: {}{}",
+        waiting.stderr(),
+        c.logs()
+    );
+    assert!(
+        waiting.stderr().contains("going on with"),
+        "the CLI says it moved on: {}",
+        waiting.stderr()
+    );
+    let n1 = c.json(&["node", "inspect", "n1"]);
+    assert_eq!(n1["labels"]["during"], "failover", "{n1}");
     // The deploy in flight when the leader died runs to the end.
     wait_for("late_web to run 2 tasks", Duration::from_secs(30), || {
         c.json(&["service", "ps", "late_web"])
@@ -471,6 +624,43 @@ fn three_controllers_fail_over_without_restarting_tasks() {
         !node.contains("cut"),
         "a refused write is not applied: {node}"
     );
+
+    // Remove that controller while it is down, so that it never gets its
+    // removal entry (a partition would not do: TCP delivers what the
+    // leader sent before it stopped replicating to it): started again, it
+    // campaigns, its peers refuse it as a removed member, and it stops
+    // saying why.
+    c.c.kill(&isolated).unwrap();
+    let out = c.run_at(
+        &majority_leader,
+        &c.address(&majority_leader),
+        &["cluster", "remove-controller", &own],
+    );
+    c.ok(out, "remove-controller of a controller that is down");
+    c.c.start(&isolated).unwrap();
+    let healed = Instant::now();
+    wait_for(
+        "the removed controller to stop",
+        Duration::from_secs(15),
+        || {
+            c.c.status()
+                .iter()
+                .any(|h| h.name == isolated && h.process == cluster::ProcessState::Killed)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}{}", c.logs()));
+    println!(
+        "FIGURE a controller removed while down stopped {} ms after it was started again",
+        healed.elapsed().as_millis()
+    );
+    let log = c.c.log_tail(&isolated, 10);
+    assert!(
+        log.contains("this controller was removed from the cluster (id")
+            && log.contains("a peer says this controller was removed"),
+        "it learnt it from its peers: {log}"
+    );
+    let list = c.json(&["cluster", "controllers"]);
+    assert_eq!(list["controllers"].as_array().unwrap().len(), 2, "{list}");
 }
 
 /// `gantry controller` processes on loopback, killed (SIGKILL, by the
@@ -533,6 +723,29 @@ impl Controllers {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Waits (bounded) for controller `i` to exit by itself.
+    fn wait_exit(&mut self, i: usize, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            let child = self.children[i].as_mut().expect("started");
+            if let Some(status) = child.try_wait().unwrap() {
+                self.children[i] = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "c{i} still running after {limit:?}{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Controller `i`'s whole log.
+    fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("c{i}.log"))).unwrap_or_default()
     }
 
     fn cli(&self, i: usize, args: &[&str]) -> Output {
@@ -599,7 +812,8 @@ impl Drop for Controllers {
 }
 
 /// Membership and recovery with controller processes on loopback (no
-/// namespaces needed): join through a follower, remove a controller,
+/// namespaces needed): join through a follower, remove a controller (it
+/// stops by itself and refuses to start again on its data),
 /// restart every controller at once with the state intact, disaster
 /// recovery with --force-new-cluster from one survivor, and `cluster init`
 /// refusing a data directory that holds a cluster.
@@ -638,11 +852,29 @@ fn membership_restart_all_and_force_new_cluster() {
         assert!(ls.contains("\"keep\""), "c{i}: {ls}");
     }
 
-    // Remove c2 (by address), then stop it: two members remain.
+    // Remove c2 (by address): it stops by itself, saying why, and refuses
+    // to start again on its stale data; two members remain.
     let third = c.address(2);
     let out = c.cli(0, &["cluster", "remove-controller", &third]);
     c.ok(out, "cluster remove-controller");
-    c.kill(2);
+    let removed = "this controller was removed from the cluster (id 3); its data in";
+    let asked = Instant::now();
+    let status = c.wait_exit(2, Duration::from_secs(15));
+    println!(
+        "FIGURE removed controller stopped {} ms after remove-controller returned",
+        asked.elapsed().as_millis()
+    );
+    assert!(!status.success(), "{status:?}");
+    assert!(c.log(2).contains(removed), "{}", c.logs());
+    std::fs::remove_file(c.dir.path().join("c2.log")).unwrap();
+    c.start(2, &[]);
+    let status = c.wait_exit(2, Duration::from_secs(15));
+    assert!(!status.success(), "{status:?}");
+    let log = c.log(2);
+    assert!(
+        log.contains(removed) && log.contains("is stale"),
+        "a restart on the removed member's data is refused: {log}"
+    );
     c.wait_members(0, 2);
 
     // Restart every controller at once: same members, same state.

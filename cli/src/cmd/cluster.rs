@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use gantry_proto::v1 as pb;
 use serde::Serialize;
 
-use crate::client::{Client, ControllerFlag, block_on};
+use crate::client::{Client, ControllerFlag, Repeat, block_on};
 use crate::cmd::controller;
 use crate::output::{self, Format, Table};
 
@@ -45,6 +45,10 @@ enum Command {
     RemoveController {
         /// The controller: its raft id (as `cluster controllers` shows it)
         /// or its HOST:PORT.
+        // Its own id: as `controller` it shared the global `--controller`
+        // flag's, and the value given here replaced the flag's, so the
+        // command went to the controller being removed.
+        #[arg(id = "member", value_name = "CONTROLLER")]
         controller: String,
     },
 }
@@ -163,26 +167,46 @@ pub fn run(args: Args, flag: &ControllerFlag) -> anyhow::Result<ExitCode> {
         Command::RemoveController { controller } => (Format::Table, Some(controller)),
     };
     block_on(async {
-        let client = Client::connect(flag).await?;
-        let mut cluster = client.cluster();
+        let mut client = Client::connect(flag).await?;
         let list = match remove {
-            None => cluster
-                .list_controllers(pb::Empty {})
+            // The table of whichever controller answers (a dead one's
+            // table is of no use).
+            None => client
+                .call_cluster(Repeat::Read, None, pb::Empty {}, |mut c, r| async move {
+                    c.list_controllers(r).await
+                })
                 .await
-                .map_err(|s| client.error(s))?
-                .into_inner(),
+                .map_err(|s| client.error(s))?,
             Some(which) => {
                 let controller = match which.trim().parse::<u64>() {
                     Ok(id) => pb::remove_controller_request::Controller::RaftId(id),
                     Err(_) => pb::remove_controller_request::Controller::Address(which),
                 };
-                cluster
-                    .remove_controller(pb::RemoveControllerRequest {
-                        controller: Some(controller),
-                    })
+                let request = pb::RemoveControllerRequest {
+                    controller: Some(controller),
+                };
+                // A removal repeated after an unknown outcome finds the
+                // controller gone: the first attempt removed it, and the
+                // table printed is the members as they are now.
+                let removed = client
+                    .call_cluster(
+                        Repeat::Write,
+                        Some(Default::default),
+                        request,
+                        |mut c, r| async move { c.remove_controller(r).await },
+                    )
                     .await
-                    .map_err(|s| client.error(s))?
-                    .into_inner()
+                    .map_err(|s| client.error(s))?;
+                if removed.controllers.is_empty() {
+                    client
+                        .call_cluster(Repeat::Read, None, pb::Empty {}, |mut c, r| async move {
+                            c.list_controllers(r).await
+                        })
+                        .await
+                        .map_err(|s| client.error(s))?
+                } else {
+                    removed
+                }
             }
         };
         let listing = listing(list);

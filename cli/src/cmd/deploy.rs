@@ -18,7 +18,7 @@ use gantry_controller::wire;
 use gantry_proto::v1 as pb;
 use serde::Serialize;
 
-use crate::client::{Client, ControllerFlag, block_on};
+use crate::client::{Client, ControllerFlag, Repeat, block_on};
 use crate::cmd::{UsageError, task};
 use crate::output::{self, Format, full_name};
 
@@ -84,15 +84,18 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
     let stack = loaded.stack;
     block_on(async {
         let mut client = Client::connect(controller).await?;
+        let request = pb::DeployStackRequest {
+            stack_json,
+            dry_run: args.dry_run,
+        };
+        // A stack states what should run: repeating it after an unknown
+        // outcome on another controller changes nothing more.
         let reply = client
-            .control
-            .deploy_stack(pb::DeployStackRequest {
-                stack_json,
-                dry_run: args.dry_run,
+            .call(Repeat::Write, request, |mut c, r| async move {
+                c.deploy_stack(r).await
             })
             .await
-            .map_err(|s| client.error(s))?
-            .into_inner();
+            .map_err(|s| client.error(s))?;
         let changes: StackChanges = reply.changes.unwrap_or_default().into();
         let name = if reply.stack.is_empty() {
             stack.name.clone()

@@ -15,7 +15,9 @@ use gantry_controller::model as m;
 use gantry_proto::v1 as pb;
 use serde::Serialize;
 
-use crate::client::{Client, ControllerFlag, block_on, from_wire};
+use crate::client::{
+    Client, ControllerFlag, FAILOVER_BUDGET, Repeat, block_on, failover_of, from_wire, leader_of,
+};
 use crate::cmd::UsageError;
 use crate::cmd::task;
 use crate::output::{Format, Names, full_name, serde_name};
@@ -203,13 +205,48 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
                 .collect(),
         };
         let mut stream = client
-            .control
-            .events(request)
+            .call(Repeat::Read, request.clone(), |mut c, r| async move {
+                c.events(r).await
+            })
             .await
-            .map_err(|s| client.error(s))?
-            .into_inner();
+            .map_err(|s| client.error(s))?;
         let stdout = std::io::stdout();
-        while let Some(event) = stream.message().await.map_err(|s| client.error(s))? {
+        let mut last_revision = 0;
+        loop {
+            let event = match stream.message().await {
+                Ok(Some(event)) => event,
+                Ok(None) => break,
+                // The controller failed under the stream: every member
+                // serves events, so go on with another from the revision
+                // after the last one printed (none repeated; the rest of a
+                // revision cut in the middle would be lost, which the
+                // server's whole-revision batches make unlikely).
+                Err(status) => match failover_of(&status) {
+                    Some(failure) if client.can_fail_over() => {
+                        let deadline = tokio::time::Instant::now() + FAILOVER_BUDGET;
+                        if client
+                            .fail_over(&failure, leader_of(&status), deadline)
+                            .await
+                            .is_err()
+                        {
+                            return Err(client.error(status));
+                        }
+                        let mut again = request.clone();
+                        again.after_revision = again.after_revision.max(last_revision);
+                        stream = client
+                            .call(
+                                Repeat::Read,
+                                again,
+                                |mut c, r| async move { c.events(r).await },
+                            )
+                            .await
+                            .map_err(|s| client.error(s))?;
+                        continue;
+                    }
+                    _ => return Err(client.error(status)),
+                },
+            };
+            last_revision = last_revision.max(event.revision);
             let event = EventLine::new(event, &mut names)?;
             let text = match args.output {
                 Format::Json => serde_json::to_string(&event)?,

@@ -18,7 +18,9 @@ use gantry_proto::v1::exec_server_message::Message as ServerMsg;
 use tokio::io::AsyncReadExt as _;
 use tokio::sync::mpsc;
 
-use crate::client::{Client, ControllerFlag, block_on};
+use crate::client::{
+    Client, ControllerFlag, FAILOVER_BUDGET, Failover, Repeat, block_on, failover_of, leader_of,
+};
 use crate::cmd::UsageError;
 
 /// `gantry exec`.
@@ -60,7 +62,6 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
     block_on(async {
         let mut client = Client::connect(controller).await?;
         let task = pick_task(&mut client, &args.target).await?;
-        let (tx, rx) = mpsc::channel::<pb::ExecClientMessage>(16);
         let start = pb::ExecStart {
             task,
             command: args.command,
@@ -71,26 +72,64 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
             size: None,
         };
         let send = |m| pb::ExecClientMessage { message: Some(m) };
-        // The channel has room: these cannot block or fail before the
-        // stream is open.
-        tx.send(send(ClientMsg::Start(start))).await.ok();
-        if args.interactive {
-            tokio::spawn(relay_stdin(tx));
-        } else {
-            tx.send(send(ClientMsg::CloseStdin(pb::Empty {})))
-                .await
-                .ok();
-            drop(tx);
-        }
-        let mut stream = client
-            .control
-            .exec(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .map_err(|s| client.error(s))?
-            .into_inner();
+        // Opening the exec fails over like any request while the command
+        // surely has not started (a controller's own refusal, a refused
+        // connection); once it may have, it is never run again. With -i,
+        // our stdin flows from the start (a server may read it before it
+        // answers), and what a failed attempt took cannot be sent again:
+        // `exec -i` is not retried at all.
+        let deadline = tokio::time::Instant::now() + FAILOVER_BUDGET;
+        let mut stream = loop {
+            let (tx, rx) = mpsc::channel::<pb::ExecClientMessage>(16);
+            // The channel has room: these cannot block or fail before the
+            // stream is open.
+            tx.send(send(ClientMsg::Start(start.clone()))).await.ok();
+            if args.interactive {
+                tokio::spawn(relay_stdin(tx));
+            } else {
+                tx.send(send(ClientMsg::CloseStdin(pb::Empty {})))
+                    .await
+                    .ok();
+                drop(tx);
+            }
+            let opened = client
+                .control
+                .exec(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await;
+            let status = match opened {
+                Ok(response) => break response.into_inner(),
+                Err(status) => status,
+            };
+            match failover_of(&status) {
+                Some(f) if f.maybe_applied && std::error::Error::source(&status).is_some() => {
+                    return Err(unknown_outcome(&client, &f));
+                }
+                Some(f)
+                    if !args.interactive
+                        && client.can_fail_over()
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    client
+                        .fail_over(&f, leader_of(&status), deadline)
+                        .await
+                        .map_err(|_| client.error(status))?;
+                }
+                _ => return Err(client.error(status)),
+            }
+        };
         let stdout = std::io::stdout();
         let stderr = std::io::stderr();
-        while let Some(msg) = stream.message().await.map_err(|s| client.error(s))? {
+        loop {
+            let msg = match stream.message().await {
+                Ok(Some(msg)) => msg,
+                Ok(None) => break,
+                Err(status) => {
+                    return Err(match failover_of(&status) {
+                        Some(f) => unknown_outcome(&client, &f),
+                        None => client.error(status),
+                    });
+                }
+            };
             match msg.message {
                 Some(ServerMsg::Stdout(bytes)) => {
                     let mut out = stdout.lock();
@@ -109,13 +148,27 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
     })?
 }
 
+/// An exec whose controller failed under it once the command may have
+/// started: it is not run again (a command is not declarative: running it
+/// twice may do its work twice), and the user is told why.
+fn unknown_outcome(client: &Client, failure: &Failover) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the controller at {} failed during the exec ({}); the command may have run, or may \
+         still be running, on the task's node: its outcome is unknown, so it is not run again",
+        client.target.address,
+        failure.why
+    )
+}
+
 /// The task to exec into: a service's first running task, or the argument
 /// itself as a task id when no service has that name.
 async fn pick_task(client: &mut Client, target: &str) -> anyhow::Result<String> {
+    let request = pb::ServiceRef {
+        service: target.to_string(),
+    };
     let service = client
-        .control
-        .inspect_service(pb::ServiceRef {
-            service: target.to_string(),
+        .call(Repeat::Read, request, |mut c, r| async move {
+            c.inspect_service(r).await
         })
         .await;
     match service {
@@ -129,11 +182,11 @@ async fn pick_task(client: &mut Client, target: &str) -> anyhow::Result<String> 
         ..Default::default()
     };
     let mut tasks = client
-        .control
-        .list_tasks(filter)
+        .call(Repeat::Read, filter, |mut c, r| async move {
+            c.list_tasks(r).await
+        })
         .await
         .map_err(|s| client.error(s))?
-        .into_inner()
         .tasks;
     tasks.sort_by_key(|t| (t.slot.unwrap_or(u64::MAX), t.id.clone()));
     tasks

@@ -8,7 +8,7 @@ use gantry_controller::model as m;
 use gantry_proto::v1 as pb;
 use serde::Serialize;
 
-use crate::client::{Client, ControllerFlag, block_on, from_wire};
+use crate::client::{Client, ControllerFlag, Repeat, block_on, from_wire};
 use crate::cmd::task;
 use crate::output::{self, Format, NodeRow};
 
@@ -120,11 +120,11 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
             }
             Command::Inspect { node, output } => {
                 let wire = client
-                    .control
-                    .inspect_node(pb::NodeRef { node })
+                    .call(Repeat::Read, pb::NodeRef { node }, |mut c, r| async move {
+                        c.inspect_node(r).await
+                    })
                     .await
-                    .map_err(|s| client.error(s))?
-                    .into_inner();
+                    .map_err(|s| client.error(s))?;
                 let node: m::Node = from_wire(wire, "node")?;
                 let counts = task_counts(&mut client).await?;
                 let info = Inspect {
@@ -135,12 +135,12 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
                 output::emit(output, &info, || summary(&info))?;
             }
             Command::Rm { node, force } => {
+                let request = pb::RemoveNodeRequest {
+                    node: node.clone(),
+                    force,
+                };
                 client
-                    .control
-                    .remove_node(pb::RemoveNodeRequest {
-                        node: node.clone(),
-                        force,
-                    })
+                    .call_remove(request, |mut c, r| async move { c.remove_node(r).await })
                     .await
                     .map_err(|s| client.error(s))?;
                 println!("{node}");
@@ -158,11 +158,11 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
                     label_rm,
                 };
                 let wire = client
-                    .control
-                    .update_node(request)
+                    .call(Repeat::Write, request, |mut c, r| async move {
+                        c.update_node(r).await
+                    })
                     .await
-                    .map_err(|s| client.error(s))?
-                    .into_inner();
+                    .map_err(|s| client.error(s))?;
                 let node: m::Node = from_wire(wire, "node")?;
                 println!("{}", node.id);
             }
@@ -174,11 +174,13 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
 /// Live tasks (desired running) per node id, the TASKS column.
 async fn task_counts(client: &mut Client) -> anyhow::Result<BTreeMap<String, u64>> {
     let reply = client
-        .control
-        .list_tasks(pb::TaskFilter::default())
+        .call(
+            Repeat::Read,
+            pb::TaskFilter::default(),
+            |mut c, r| async move { c.list_tasks(r).await },
+        )
         .await
-        .map_err(|s| client.error(s))?
-        .into_inner();
+        .map_err(|s| client.error(s))?;
     let mut counts = BTreeMap::new();
     for t in reply.tasks {
         if let Some(node) = t.node {

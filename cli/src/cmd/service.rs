@@ -10,7 +10,12 @@ use gantry_controller::model as m;
 use gantry_proto::v1 as pb;
 use serde::Serialize;
 
-use crate::client::{Client, ControllerFlag, block_on, from_wire};
+use gantry_proto::tonic::Status;
+
+use crate::client::{
+    Client, ControllerFlag, FAILOVER_BUDGET, Repeat, block_on, failover_of, from_wire, leader_of,
+    stream_ended,
+};
 use crate::cmd::task;
 use crate::output::{self, Format, Names, ServiceRow, full_name};
 
@@ -180,11 +185,11 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
             Command::Rm { services } => {
                 let mut first_error = None;
                 for service in services {
+                    let request = pb::ServiceRef {
+                        service: service.clone(),
+                    };
                     match client
-                        .control
-                        .remove_service(pb::ServiceRef {
-                            service: service.clone(),
-                        })
+                        .call_remove(request, |mut c, r| async move { c.remove_service(r).await })
                         .await
                     {
                         Ok(_) => println!("{service}"),
@@ -205,14 +210,15 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
 }
 
 async fn inspect(client: &mut Client, service: &str) -> anyhow::Result<Inspect> {
+    let request = pb::ServiceRef {
+        service: service.to_string(),
+    };
     let info = client
-        .control
-        .inspect_service(pb::ServiceRef {
-            service: service.to_string(),
+        .call(Repeat::Read, request, |mut c, r| async move {
+            c.inspect_service(r).await
         })
         .await
-        .map_err(|s| client.error(s))?
-        .into_inner();
+        .map_err(|s| client.error(s))?;
     let wire = info
         .service
         .ok_or_else(|| anyhow::anyhow!("the controller sent service {service} without its spec"))?;
@@ -266,7 +272,12 @@ async fn scale(client: &mut Client, scales: Vec<(String, u64)>) -> anyhow::Resul
             service: service.clone(),
             replicas,
         };
-        match client.control.scale_service(request).await {
+        let scaled = client
+            .call(Repeat::Write, request, |mut c, r| async move {
+                c.scale_service(r).await
+            })
+            .await;
+        match scaled {
             Ok(_) => println!("{service} scaled to {replicas}"),
             Err(status) => {
                 let err = client.error(status);
@@ -308,6 +319,48 @@ async fn task_labels(
     Ok(())
 }
 
+/// Opens a log stream (failing over like any read).
+async fn open_logs(
+    client: &mut Client,
+    request: pb::ServiceLogsRequest,
+) -> anyhow::Result<gantry_proto::tonic::Streaming<pb::LogEntry>> {
+    client
+        .call(Repeat::Read, request, |mut c, r| async move {
+            c.service_logs(r).await
+        })
+        .await
+        .map_err(|s| client.error(s))
+}
+
+/// After `status` broke a log stream: fails over to another controller
+/// and asks for the lines from `since` on (all of them when none was
+/// printed yet), when the client may; else the error.
+async fn reopen_logs(
+    client: &mut Client,
+    status: Status,
+    request: &pb::ServiceLogsRequest,
+    since: Option<i64>,
+) -> anyhow::Result<gantry_proto::tonic::Streaming<pb::LogEntry>> {
+    let failure = match failover_of(&status) {
+        Some(f) if client.can_fail_over() => f,
+        _ => return Err(client.error(status)),
+    };
+    let deadline = tokio::time::Instant::now() + FAILOVER_BUDGET;
+    if client
+        .fail_over(&failure, leader_of(&status), deadline)
+        .await
+        .is_err()
+    {
+        return Err(client.error(status));
+    }
+    let mut request = request.clone();
+    if let Some(since) = since {
+        request.since_unix_nanos = Some(since);
+        request.tail = None;
+    }
+    open_logs(client, request).await
+}
+
 async fn logs(
     client: &mut Client,
     service: String,
@@ -334,15 +387,27 @@ async fn logs(
         },
         since_unix_nanos: None,
     };
-    let mut stream = client
-        .control
-        .service_logs(request)
-        .await
-        .map_err(|s| client.error(s))?
-        .into_inner();
+    let mut stream = open_logs(client, request.clone()).await?;
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
-    while let Some(entry) = stream.message().await.map_err(|s| client.error(s))? {
+    // The time of the last line printed: a stream that breaks with its
+    // controller is opened again on another from there (lines of that very
+    // nanosecond could repeat; none is lost).
+    let mut last_time = None;
+    loop {
+        let entry = match stream.message().await {
+            Ok(Some(entry)) => entry,
+            Ok(None) if follow && client.can_fail_over() => {
+                stream = reopen_logs(client, stream_ended("log"), &request, last_time).await?;
+                continue;
+            }
+            Ok(None) => break,
+            Err(status) => {
+                stream = reopen_logs(client, status, &request, last_time).await?;
+                continue;
+            }
+        };
+        last_time = Some(entry.time_unix_nanos);
         let mut line = Vec::with_capacity(entry.line.len() + 64);
         if prefix {
             if !labels.contains_key(&entry.task) {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use gantry_proto::v1 as pb;
 use serde::Serialize;
 
-use crate::client::{Client, ControllerFlag, block_on};
+use crate::client::{Client, ControllerFlag, Repeat, block_on};
 use crate::cmd::task;
 use crate::output::{self, Format, Table, full_name};
 
@@ -60,11 +60,13 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
         match args.command {
             Command::Ls { output } => {
                 let reply = client
-                    .control
-                    .list_stacks(pb::ListStacksRequest {})
+                    .call(
+                        Repeat::Read,
+                        pb::ListStacksRequest {},
+                        |mut c, r| async move { c.list_stacks(r).await },
+                    )
                     .await
-                    .map_err(|s| client.error(s))?
-                    .into_inner();
+                    .map_err(|s| client.error(s))?;
                 let rows: Vec<StackRow> = reply
                     .stacks
                     .into_iter()
@@ -83,12 +85,13 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
             }
             Command::Ps { stack, all, output } => {
                 let names = task::names(&mut client).await?;
+                let request = pb::StackTasksRequest { stack, all };
                 let reply = client
-                    .control
-                    .stack_tasks(pb::StackTasksRequest { stack, all })
+                    .call(Repeat::Read, request, |mut c, r| async move {
+                        c.stack_tasks(r).await
+                    })
                     .await
-                    .map_err(|s| client.error(s))?
-                    .into_inner();
+                    .map_err(|s| client.error(s))?;
                 let rows = task::rows(reply.tasks, &names)?;
                 task::print(output, &rows)?;
             }
@@ -97,15 +100,15 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
                 // first failure decides the exit code.
                 let mut first_error = None;
                 for stack in stacks {
+                    let request = pb::RemoveStackRequest {
+                        stack: stack.clone(),
+                    };
                     match client
-                        .control
-                        .remove_stack(pb::RemoveStackRequest {
-                            stack: stack.clone(),
-                        })
+                        .call_remove(request, |mut c, r| async move { c.remove_stack(r).await })
                         .await
                     {
                         Ok(reply) => {
-                            for service in reply.into_inner().removed {
+                            for service in reply.removed {
                                 println!("Removing service {}", full_name(&stack, &service));
                             }
                         }

@@ -6,9 +6,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use gantry_controller::model as m;
+use gantry_proto::tonic::Status;
 use gantry_proto::v1 as pb;
 
-use crate::client::{Client, ControllerFlag, block_on, from_wire};
+use crate::client::{
+    Client, ControllerFlag, FAILOVER_BUDGET, Repeat, block_on, failover_of, from_wire, leader_of,
+    stream_ended,
+};
 use crate::output::{self, Format, Names, TaskRow};
 
 /// `gantry ps`.
@@ -63,14 +67,15 @@ pub async fn services(
     client: &mut Client,
     stack: &str,
 ) -> anyhow::Result<Vec<(m::Service, u64, u64)>> {
+    let request = pb::ListServicesRequest {
+        stack: stack.to_string(),
+    };
     let reply = client
-        .control
-        .list_services(pb::ListServicesRequest {
-            stack: stack.to_string(),
+        .call(Repeat::Read, request, |mut c, r| async move {
+            c.list_services(r).await
         })
         .await
-        .map_err(|s| client.error(s))?
-        .into_inner();
+        .map_err(|s| client.error(s))?;
     reply
         .services
         .into_iter()
@@ -86,11 +91,13 @@ pub async fn services(
 /// Every node.
 pub async fn nodes(client: &mut Client) -> anyhow::Result<Vec<m::Node>> {
     let reply = client
-        .control
-        .list_nodes(pb::ListNodesRequest {})
+        .call(
+            Repeat::Read,
+            pb::ListNodesRequest {},
+            |mut c, r| async move { c.list_nodes(r).await },
+        )
         .await
-        .map_err(|s| client.error(s))?
-        .into_inner();
+        .map_err(|s| client.error(s))?;
     reply
         .nodes
         .into_iter()
@@ -105,11 +112,11 @@ pub async fn list(
     filter: pb::TaskFilter,
 ) -> anyhow::Result<Vec<TaskRow>> {
     let reply = client
-        .control
-        .list_tasks(filter)
+        .call(Repeat::Read, filter, |mut c, r| async move {
+            c.list_tasks(r).await
+        })
         .await
-        .map_err(|s| client.error(s))?
-        .into_inner();
+        .map_err(|s| client.error(s))?;
     rows(reply.tasks, names)
 }
 
@@ -168,12 +175,7 @@ pub async fn wait_converged(
         after_revision: 0,
         kinds: vec![pb::ObjectKind::Task as i32, pb::ObjectKind::Service as i32],
     };
-    let mut events = client
-        .control
-        .events(request)
-        .await
-        .map_err(|s| client.error(s))?
-        .into_inner();
+    let mut events = subscribe(client, request.clone()).await?;
     let mut last_progress = String::new();
     // Bounded by the deadline; the count only keeps a broken stream from
     // spinning.
@@ -208,7 +210,13 @@ pub async fn wait_converged(
         }
         match tokio::time::timeout_at(deadline, events.message()).await {
             Err(_) => return not_converged(client, &selected, timeout).await,
-            Ok(Err(status)) => return Err(client.error(status)),
+            // The controller failed under the stream (or stopped and ended
+            // it): go on with another, since every member serves events, and
+            // count again.
+            Ok(Err(status)) => events = resubscribe(client, status, &request).await?,
+            Ok(Ok(None)) if client.can_fail_over() => {
+                events = resubscribe(client, stream_ended("event"), &request).await?;
+            }
             Ok(Ok(None)) => anyhow::bail!("the controller ended the event stream while we waited"),
             Ok(Ok(Some(_))) => {
                 // A scale or deploy changes many tasks at once: take the
@@ -217,7 +225,10 @@ pub async fn wait_converged(
                 for _ in 0..10_000 {
                     match tokio::time::timeout(quiet, events.message()).await {
                         Ok(Ok(Some(_))) => continue,
-                        Ok(Err(status)) => return Err(client.error(status)),
+                        Ok(Err(status)) => {
+                            events = resubscribe(client, status, &request).await?;
+                            break;
+                        }
                         _ => break,
                     }
                 }
@@ -225,6 +236,41 @@ pub async fn wait_converged(
         }
     }
     anyhow::bail!("gave up waiting: too many changes")
+}
+
+/// Opens an event stream (failing over like any read).
+async fn subscribe(
+    client: &mut Client,
+    request: pb::EventsRequest,
+) -> anyhow::Result<gantry_proto::tonic::Streaming<pb::Event>> {
+    client
+        .call(Repeat::Read, request, |mut c, r| async move {
+            c.events(r).await
+        })
+        .await
+        .map_err(|s| client.error(s))
+}
+
+/// After `status` broke an event stream: fails over to another controller
+/// and subscribes there, when the client may (else the error).
+async fn resubscribe(
+    client: &mut Client,
+    status: Status,
+    request: &pb::EventsRequest,
+) -> anyhow::Result<gantry_proto::tonic::Streaming<pb::Event>> {
+    let failure = match failover_of(&status) {
+        Some(f) if client.can_fail_over() => f,
+        _ => return Err(client.error(status)),
+    };
+    let deadline = tokio::time::Instant::now() + FAILOVER_BUDGET;
+    if client
+        .fail_over(&failure, leader_of(&status), deadline)
+        .await
+        .is_err()
+    {
+        return Err(client.error(status));
+    }
+    subscribe(client, request.clone()).await
 }
 
 /// Per service id, its tasks meant to stop that still run.
@@ -239,11 +285,11 @@ async fn stopping(
         ..Default::default()
     };
     let reply = client
-        .control
-        .list_tasks(filter)
+        .call(Repeat::Read, filter, |mut c, r| async move {
+            c.list_tasks(r).await
+        })
         .await
-        .map_err(|s| client.error(s))?
-        .into_inner();
+        .map_err(|s| client.error(s))?;
     let mut out = std::collections::HashMap::new();
     for t in reply.tasks {
         if t.desired_state == pb::DesiredState::Shutdown as i32 {

@@ -238,6 +238,19 @@ pub enum RaftError {
     /// raft-rs refused an operation.
     #[error("raft: {0}")]
     Raft(String),
+    /// This member was removed from the cluster (its own data shows the
+    /// removal applied): its data is stale and it must not run on it.
+    #[error(
+        "this controller was removed from the cluster (id {id}); its data in {dir} is stale \
+         (remove it and start with --join to add this controller again, or start with \
+         --force-new-cluster to make a new cluster from it)"
+    )]
+    Removed {
+        /// Its raft id.
+        id: u64,
+        /// The data directory.
+        dir: String,
+    },
 }
 
 impl From<SnapshotError> for RaftError {
@@ -320,9 +333,19 @@ pub struct RaftStatus {
     pub applied: u64,
     /// The voters, by id.
     pub members: Vec<MemberStatus>,
+    /// The next raft id the cluster would hand out: an id below it that is
+    /// not a voter was removed (ids are never reused).
+    pub next_id: u64,
 }
 
 impl RaftStatus {
+    /// Whether member `id` was removed from the cluster, as far as this
+    /// member has applied (a member added after what this one applied is
+    /// not mistaken for a removed one: its id is not below `next_id` yet).
+    pub fn was_removed(&self, id: u64) -> bool {
+        id != 0 && id < self.next_id && !self.members.iter().any(|m| m.id == id)
+    }
+
     /// The leader's id and address, when known.
     pub fn leader_address(&self) -> Option<(u64, String)> {
         let leader = self.leader?;

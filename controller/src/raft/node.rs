@@ -94,6 +94,10 @@ struct Shared {
     metrics: Mutex<RaftMetrics>,
     /// Why the loop ended, once it has.
     stopped: Mutex<Option<String>>,
+    /// Turns true when this member learns that it was removed from the
+    /// cluster (it applied its own removal, or a peer refused its messages
+    /// as a removed member's).
+    removed: watch::Sender<bool>,
 }
 
 /// A handle on a running Raft member; cheap to clone.
@@ -158,6 +162,7 @@ impl RaftNode {
             commit: recovered.hard_state.commit,
             applied: recovered.machine.applied_index(),
             members: Vec::new(),
+            next_id: recovered.membership.next_id,
         };
         let shared = Arc::new(Shared {
             id: config.id,
@@ -172,6 +177,7 @@ impl RaftNode {
                 ..RaftMetrics::default()
             }),
             stopped: Mutex::new(None),
+            removed: watch::Sender::new(false),
         });
         *write(&shared.machine) = recovered.machine;
 
@@ -370,6 +376,32 @@ impl RaftNode {
     /// is closed.
     pub fn stopped(&self) -> Option<String> {
         lock(&self.shared.stopped).clone()
+    }
+
+    /// Whether member `id` was removed from the cluster as this member
+    /// knows it (see [`RaftStatus::was_removed`]); cheap enough for every
+    /// message a peer sends.
+    pub fn was_removed(&self, id: u64) -> bool {
+        lock(&self.shared.status).was_removed(id)
+    }
+
+    /// Turns true once this member learns it was removed from the cluster:
+    /// it applied its own removal, or [`RaftNode::report_removed`]. The
+    /// server then stops (etcd's removed member shuts down the same way).
+    pub fn removed(&self) -> watch::Receiver<bool> {
+        self.shared.removed.subscribe()
+    }
+
+    /// A peer refused this member's messages because it was removed (a
+    /// member that missed its own removal entry learns it this way).
+    pub fn report_removed(&self, by: u64) {
+        if !self.shared.removed.send_replace(true) {
+            tracing::warn!(
+                id = self.shared.id,
+                peer = by,
+                "a peer says this controller was removed from the cluster"
+            );
+        }
     }
 
     /// Counters for metrics.
@@ -635,6 +667,19 @@ fn recover(config: &RaftConfig, bootstrap: Bootstrap) -> Result<Recovered, RaftE
             ..LogBatch::default()
         })?;
         replay_entry(&mut machine, &hub, &mut membership, &entry)?;
+    }
+
+    // A member whose own data shows its removal must not run on it (etcd's
+    // removed member refuses the same way); --force-new-cluster above has
+    // already made it the only member again.
+    if !membership.voters.is_empty()
+        && !membership.voters.contains_key(&config.id)
+        && config.id < membership.next_id
+    {
+        return Err(RaftError::Removed {
+            id: config.id,
+            dir: config.dir.display().to_string(),
+        });
     }
 
     let applied = machine.applied_index();
@@ -1362,6 +1407,14 @@ impl Loop {
                             RaftError::Raft(format!("conf change at index {index}: {err}"))
                         })?;
                         apply_membership(&mut self.membership, &cc);
+                        if cc.change_type == ConfChangeType::RemoveNode && cc.node_id == shared.id {
+                            tracing::warn!(
+                                id = shared.id,
+                                index,
+                                "this controller's removal from the cluster was applied"
+                            );
+                            shared.removed.send_replace(true);
+                        }
                         self.raw.apply_conf_change(&cc)
                     } else {
                         let cc = ::raft::eraftpb::ConfChangeV2::parse_from_bytes(&e.data).map_err(
@@ -1552,6 +1605,7 @@ impl Loop {
             commit: raft.raft_log.committed,
             applied,
             members,
+            next_id: self.membership.next_id,
         };
         let mut metrics = lock(&self.shared.metrics);
         metrics.term = status.term;

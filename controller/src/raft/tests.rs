@@ -747,6 +747,12 @@ async fn members_are_added_and_removed_one_at_a_time() {
             "{id} still lists {victim}: {members:?}"
         );
         assert_eq!(members.len(), 3);
+        // Its messages would now be refused as a removed member's; a
+        // member's own id and one never handed out are not removed.
+        let node = c.node(id);
+        assert!(node.was_removed(victim), "{id} knows {victim} was removed");
+        assert!(!node.was_removed(id));
+        assert!(!node.was_removed(99));
     }
     let leader = c.wait_leader(&ids).await;
     assert_eq!(

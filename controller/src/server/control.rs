@@ -4,7 +4,9 @@
 //! Writes are commands proposed to the store; reads come from one revision
 //! of it, and every list says which revision it was read at, so a client
 //! can follow on with `Events` without a gap. Logs and exec go through the
-//! dispatcher's relay to the agent of the task's node.
+//! dispatcher's relay to the agent of the task's node; the agents' sessions
+//! live on the leader, so a follower proxies those streams to it (as it
+//! forwards writes), and a client may point at any controller.
 //!
 //! Errors: NOT_FOUND names the service, node or task; INVALID_ARGUMENT names
 //! the field; FAILED_PRECONDITION for what the object's state forbids
@@ -80,19 +82,111 @@ impl Control {
             .map_err(|e| super::replication::status_of(e, self.store.leader_address()))
     }
 
-    /// Logs and exec go through the agent's session, which lives on the
-    /// leader: anywhere else they are refused with the leader named.
-    fn leader_only(&self, what: &str) -> Result<(), Status> {
+    /// Where a log or exec stream must go: `None` to serve it here (this
+    /// controller leads, so the agents' sessions are here), else a client
+    /// of the leader's Control service to proxy it to, as a follower does
+    /// with writes. A request that a follower already proxied is not
+    /// proxied again (two members each believing the other leads would
+    /// bounce it): it is refused with the leader named, and the client
+    /// retries.
+    fn stream_route(
+        &self,
+        what: &str,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Option<pb::control_client::ControlClient<tonic::transport::Channel>>, Status> {
         if self.store.is_leader() {
-            return Ok(());
+            return Ok(None);
         }
         let leader = self.store.leader_address();
-        let message = match &leader {
-            Some(a) => format!("{what} goes through the leader; the leader is {a}"),
-            None => format!("{what} goes through the leader, and no leader is known"),
+        let proxied = metadata.get(PROXIED_METADATA).is_some();
+        let address = match &leader {
+            Some(a) if !proxied => a.clone(),
+            Some(a) => {
+                return Err(super::replication::unavailable(
+                    format!("{what} goes through the leader; the leader is {a}"),
+                    leader,
+                ));
+            }
+            None => {
+                return Err(super::replication::unavailable(
+                    format!("{what} goes through the leader, and no leader is known"),
+                    None,
+                ));
+            }
         };
-        Err(super::replication::unavailable(message, leader))
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| Status::internal(format!("invalid leader address {address}: {e}")))?
+            .connect_timeout(PROXY_CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Some(pb::control_client::ControlClient::new(channel)))
     }
+
+    /// Relays a proxied stream from the leader to our client until either
+    /// side ends or the controller stops; the task owns the leader's
+    /// client, so its connection lives as long as the stream.
+    fn relay_from_leader<T: Send + 'static>(
+        &self,
+        leader: pb::control_client::ControlClient<tonic::transport::Channel>,
+        mut upstream: Streaming<T>,
+    ) -> BoxStream<T> {
+        let (out, rx) = mpsc::channel(256);
+        let stop = self.shutdown.clone();
+        tokio::spawn(async move {
+            let _leader = leader;
+            let stop = super::stop_signal(stop);
+            tokio::pin!(stop);
+            loop {
+                let item = tokio::select! {
+                    m = upstream.message() => m,
+                    () = out.closed() => break,
+                    () = &mut stop => break,
+                };
+                match item {
+                    Ok(Some(m)) => {
+                        if out.send(Ok(m)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        let _ = out.send(Err(proxy_status(status))).await;
+                        break;
+                    }
+                }
+            }
+        });
+        Box::pin(ReceiverStream::new(rx))
+    }
+}
+
+/// The metadata key a follower sets on a stream it proxies to the leader.
+const PROXIED_METADATA: &str = "gantry-proxied";
+
+/// How long a follower waits to connect to the leader it proxies to.
+const PROXY_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A request to the leader, marked as proxied.
+fn proxied<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        PROXIED_METADATA,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    request
+}
+
+/// The leader's answer as this controller's: its own statuses pass as they
+/// are; a failure to reach it (a status made from a transport error) is
+/// UNAVAILABLE, marked so that the client tries another controller.
+fn proxy_status(status: Status) -> Status {
+    if std::error::Error::source(&status).is_some() {
+        return super::replication::unavailable(
+            format!("the leader cannot be reached: {}", status.message()),
+            None,
+        );
+    }
+    status
 }
 
 /// Finds a service by id, `STACK_NAME`, or unambiguous `NAME`.
@@ -477,7 +571,14 @@ impl pb::control_server::Control for Control {
         &self,
         request: Request<pb::ServiceLogsRequest>,
     ) -> Result<Response<Self::ServiceLogsStream>, Status> {
-        self.leader_only("service logs")?;
+        if let Some(mut leader) = self.stream_route("service logs", request.metadata())? {
+            let upstream = leader
+                .service_logs(proxied(request.into_inner()))
+                .await
+                .map_err(proxy_status)?
+                .into_inner();
+            return Ok(Response::new(self.relay_from_leader(leader, upstream)));
+        }
         let req = request.into_inner();
         let tasks: Vec<(TaskId, NodeId)> = self.store.read(|s| {
             let svc = resolve_service(s, &req.service)?;
@@ -761,7 +862,24 @@ impl pb::control_server::Control for Control {
         &self,
         request: Request<Streaming<pb::ExecClientMessage>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
-        self.leader_only("exec")?;
+        if let Some(mut leader) = self.stream_route("exec", request.metadata())? {
+            // Our client's input goes on to the leader as it comes.
+            let mut inbound = request.into_inner();
+            let (tx, rx) = mpsc::channel(16);
+            tokio::spawn(async move {
+                while let Ok(Some(message)) = inbound.message().await {
+                    if tx.send(message).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let upstream = leader
+                .exec(proxied(ReceiverStream::new(rx)))
+                .await
+                .map_err(proxy_status)?
+                .into_inner();
+            return Ok(Response::new(self.relay_from_leader(leader, upstream)));
+        }
         let mut inbound = request.into_inner();
         // The client sends `start` at once; one that does not is not held
         // on to for ever.

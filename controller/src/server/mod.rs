@@ -101,6 +101,20 @@ pub enum ServerError {
         /// The service CIDR in the replicated state.
         stored_service: String,
     },
+    /// This controller was removed from the cluster (`gantry cluster
+    /// remove-controller`): it stops, and refuses to start again from the
+    /// same data unless `--force-new-cluster` (etcd's removed member).
+    #[error(
+        "this controller was removed from the cluster (id {id}); its data in {dir} is stale \
+         (remove it and start with --join to add this controller again, or start with \
+         --force-new-cluster to make a new cluster from it)"
+    )]
+    Removed {
+        /// Its raft id.
+        id: u64,
+        /// The data directory.
+        dir: String,
+    },
     /// Serving failed.
     #[error("serving on {addr}: {source}")]
     Serve {
@@ -244,6 +258,11 @@ pub async fn serve(
 struct Identity {
     id: u64,
     address: String,
+    /// Set when this member learnt that it was removed from the cluster:
+    /// a later start refuses the data (unless `--force-new-cluster`), even
+    /// if the log itself never got the removal entry.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    removed: bool,
 }
 
 const IDENTITY_FILE: &str = "raft.json";
@@ -283,6 +302,19 @@ fn save_identity(dir: &std::path::Path, identity: &Identity) -> Result<(), Serve
     std::fs::rename(&tmp, &path).map_err(fail)
 }
 
+/// Records in `raft.json` that this member was removed, so that a later
+/// start refuses its data; a failure is logged (the refusal then rests on
+/// the log, which may lack the removal entry).
+fn mark_removed(dir: &std::path::Path, identity: &Identity) {
+    let identity = Identity {
+        removed: true,
+        ..identity.clone()
+    };
+    if let Err(e) = save_identity(dir, &identity) {
+        tracing::error!(error = %e, "recording that this controller was removed failed");
+    }
+}
+
 /// The largest Raft message (a snapshot) a controller accepts.
 const MAX_RAFT_MESSAGE: usize = 1 << 30;
 
@@ -312,8 +344,13 @@ pub async fn serve_on(
     // Restart when this member has an identity; else what the flags say.
     let identity = load_identity(&dir)?;
     let transport = GrpcTransport::new(tokio::runtime::Handle::current());
+    let removed = |id: u64| ServerError::Removed {
+        id,
+        dir: config.data_dir.display().to_string(),
+    };
     let (identity, bootstrap) = match (identity, &config.mode) {
         (Some(id), StartMode::ForceNewCluster) => (id, Bootstrap::ForceNewCluster),
+        (Some(id), _) if id.removed => return Err(removed(id.id)),
         (Some(id), mode) => {
             if matches!(mode, StartMode::Join(_)) {
                 tracing::info!(
@@ -337,6 +374,7 @@ pub async fn serve_on(
             let identity = Identity {
                 id,
                 address: advertise.clone(),
+                removed: false,
             };
             save_identity(&dir, &identity)?;
             (identity, Bootstrap::Join)
@@ -345,6 +383,7 @@ pub async fn serve_on(
             let identity = Identity {
                 id: 1,
                 address: advertise.clone(),
+                removed: false,
             };
             save_identity(&dir, &identity)?;
             (identity, Bootstrap::NewCluster)
@@ -354,13 +393,29 @@ pub async fn serve_on(
     let mut raft_config = RaftConfig::new(identity.id, identity.address.clone(), &dir);
     raft_config.snapshot_every = config.store.snapshot_every;
     raft_config.watch_history = config.store.watch_history;
-    let (raft, raft_thread) =
-        RaftNode::start(raft_config, bootstrap, transport.clone()).map_err(|source| {
-            StateError::Open {
+    let (raft, raft_thread) = match RaftNode::start(raft_config, bootstrap, transport.clone()) {
+        Ok(started) => started,
+        Err(crate::raft::RaftError::Removed { id, .. }) => {
+            mark_removed(&dir, &identity);
+            return Err(removed(id));
+        }
+        Err(source) => {
+            return Err(StateError::Open {
                 path: dir.display().to_string(),
                 source: Box::new(source),
             }
-        })?;
+            .into());
+        }
+    };
+    if identity.removed {
+        // --force-new-cluster made it a member again.
+        let identity = Identity {
+            removed: false,
+            ..identity.clone()
+        };
+        save_identity(&dir, &identity)?;
+    }
+    let mut removed_rx = raft.removed();
     transport.attach(raft.clone());
     let store = StoreFront::new(raft.clone());
     tracing::info!(%addr, advertise = %identity.address, raft_id = identity.id, ?bootstrap, dir = %dir.display(), revision = store.revision(), "controller starting");
@@ -409,8 +464,10 @@ pub async fn serve_on(
         .add_service(
             // A snapshot travels as one `Raft.Step` message: far above
             // tonic's 4 MiB default for a state with many services.
-            pb::raft_server::RaftServer::new(RaftService::new(store.clone()))
-                .max_decoding_message_size(MAX_RAFT_MESSAGE),
+            pb::raft_server::RaftServer::new(
+                RaftService::new(store.clone()).with_shutdown(stop_rx.clone()),
+            )
+            .max_decoding_message_size(MAX_RAFT_MESSAGE),
         )
         .add_service(pb::cluster_server::ClusterServer::new(ClusterService::new(
             store.clone(),
@@ -426,10 +483,25 @@ pub async fn serve_on(
             .with_graceful_shutdown(server_stop)
             .await
     });
+    let mut was_removed = false;
     let result = tokio::select! {
         r = &mut server => Some(r),
         () = shutdown => None,
+        // Removed from the cluster: stop, as etcd's removed member does,
+        // rather than run on forever campaigning to peers that refuse it.
+        Ok(_) = removed_rx.wait_for(|removed| *removed) => {
+            was_removed = true;
+            None
+        }
     };
+    if was_removed {
+        tracing::error!(
+            raft_id = identity.id,
+            dir = %config.data_dir.display(),
+            "this controller was removed from the cluster; its data is stale; stopping"
+        );
+        mark_removed(&dir, &identity);
+    }
     // Broadcast the stop whichever way we got here.
     let _ = stop_tx.send(true);
     let result = match result {
@@ -453,6 +525,7 @@ pub async fn serve_on(
         tracing::warn!("the store is still in use after shutdown; not waiting for it");
     }
     match result {
+        _ if was_removed => Err(removed(identity.id)),
         Ok(Ok(())) => Ok(()),
         Ok(Err(source)) => Err(ServerError::Serve { addr, source }),
         Err(e) => Err(ServerError::Serve {

@@ -60,9 +60,21 @@ pub fn status_of(e: StateError, leader: Option<String>) -> Status {
     }
 }
 
-/// UNAVAILABLE with `message`, naming `leader` in the metadata when known.
+/// The metadata key that marks an UNAVAILABLE as this controller's own
+/// ("not here, not now": no quorum, no leader, shutting down, the leader
+/// unreachable), as opposed to an answer about something else (a node
+/// whose agent is not connected): clients try another controller on the
+/// first, never on the second.
+pub const RETRY_METADATA: &str = "gantry-retry";
+
+/// UNAVAILABLE with `message`, naming `leader` in the metadata when known,
+/// and marked with [`RETRY_METADATA`].
 pub fn unavailable(message: String, leader: Option<String>) -> Status {
     let mut status = Status::unavailable(message);
+    status.metadata_mut().insert(
+        RETRY_METADATA,
+        tonic::metadata::MetadataValue::from_static("another-controller"),
+    );
     if let Some(leader) = leader.filter(|l| !l.is_empty())
         && let Ok(value) = leader.parse()
     {
@@ -219,6 +231,10 @@ impl Peer {
             let (_, call) = self.stream.take().expect("checked above");
             let why = match call.await {
                 Ok(Ok(())) => "the stream was closed by the peer".to_string(),
+                Ok(Err(status)) if says_removed(&status) => {
+                    self.node.report_removed(self.to);
+                    status.message().to_string()
+                }
                 Ok(Err(status)) => status.message().to_string(),
                 Err(e) => format!("the stream's task failed: {e}"),
             };
@@ -286,7 +302,12 @@ impl Peer {
         self.node.report_snapshot(self.to, !ok);
         match result {
             Ok(Ok(_)) => self.reachable(),
-            Ok(Err(status)) => self.failed(status.message().to_string()),
+            Ok(Err(status)) => {
+                if says_removed(&status) {
+                    self.node.report_removed(self.to);
+                }
+                self.failed(status.message().to_string())
+            }
             Err(_) => self.failed("timed out".to_string()),
         }
         ok
@@ -380,13 +401,61 @@ async fn peer_loop(
 #[derive(Debug, Clone)]
 pub struct RaftService {
     store: StoreFront,
+    shutdown: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl RaftService {
     /// The service over `store`.
     pub fn new(store: StoreFront) -> RaftService {
-        RaftService { store }
+        RaftService {
+            store,
+            shutdown: None,
+        }
     }
+
+    /// Ends peers' open `Raft.Stream` calls when `stop` turns true: they
+    /// never end on their own, and would hold the shutdown for the whole
+    /// drain timeout.
+    pub fn with_shutdown(mut self, stop: tokio::sync::watch::Receiver<bool>) -> RaftService {
+        self.shutdown = Some(stop);
+        self
+    }
+}
+
+impl RaftService {
+    /// Hands one message to the Raft loop, unless it comes from a member
+    /// that was removed: that one is told so (etcd answers a removed
+    /// member's messages the same way), and stops.
+    fn step_one(&self, bytes: &[u8]) -> Result<(), Status> {
+        let raft = self.store.raft();
+        let message = crate::raft::decode_message(bytes)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if raft.was_removed(message.from) {
+            let mut status = Status::failed_precondition(format!(
+                "controller {} was removed from the cluster",
+                message.from
+            ));
+            status.metadata_mut().insert(
+                REMOVED_METADATA,
+                tonic::metadata::MetadataValue::from(message.from),
+            );
+            return Err(status);
+        }
+        match raft.step_message(message) {
+            Ok(()) => Ok(()),
+            Err(RaftError::Stopped) => Err(Status::unavailable("the controller is shutting down")),
+            Err(e) => Err(Status::invalid_argument(e.to_string())),
+        }
+    }
+}
+
+/// The metadata key on the answer to a removed member's Raft messages
+/// (its raft id).
+pub const REMOVED_METADATA: &str = "gantry-removed";
+
+/// Whether `status` is a peer's answer that this member was removed.
+fn says_removed(status: &Status) -> bool {
+    status.metadata().get(REMOVED_METADATA).is_some()
 }
 
 #[tonic::async_trait]
@@ -398,10 +467,9 @@ impl pb::raft_server::Raft for RaftService {
         {
             tracing::debug!(from = m.from, kind = ?m.get_msg_type(), index = m.index, "raft message");
         }
-        match self.store.raft().step(&bytes) {
+        match self.step_one(&bytes) {
             Ok(()) => Ok(Response::new(pb::Empty {})),
-            Err(RaftError::Stopped) => Err(Status::unavailable("the controller is shutting down")),
-            Err(e) => Err(Status::invalid_argument(e.to_string())),
+            Err(status) => Err(status),
         }
     }
 
@@ -410,15 +478,20 @@ impl pb::raft_server::Raft for RaftService {
         request: Request<Streaming<pb::RaftBatch>>,
     ) -> Result<Response<pb::Empty>, Status> {
         let mut batches = request.into_inner();
-        while let Some(batch) = batches.message().await? {
-            for bytes in &batch.messages {
-                match self.store.raft().step(bytes) {
-                    Ok(()) => {}
-                    Err(RaftError::Stopped) => {
-                        return Err(Status::unavailable("the controller is shutting down"));
-                    }
-                    Err(e) => return Err(Status::invalid_argument(e.to_string())),
+        let stop = super::stop_signal(self.shutdown.clone());
+        tokio::pin!(stop);
+        loop {
+            let batch = tokio::select! {
+                b = batches.message() => b?,
+                () = &mut stop => {
+                    return Err(Status::unavailable("the controller is shutting down"));
                 }
+            };
+            let Some(batch) = batch else {
+                break;
+            };
+            for bytes in &batch.messages {
+                self.step_one(bytes)?;
             }
         }
         Ok(Response::new(pb::Empty {}))
