@@ -1,13 +1,100 @@
-//! Links the `gantry` binary as a position-dependent executable.
+//! Links the `gantry` binary as a static, position-dependent executable.
 //!
-//! Why: `gantry runtime run` is latency-bound and most of a small binary
-//! start is the dynamic loader applying ~19,000 relative relocations to a
-//! PIE and the copy-on-write faults they cause; a non-PIE executable has
-//! none (measured: 0.35-0.45 ms less CPU per start). The code itself stays
-//! position-independent (no RUSTFLAGS change, so no dependency rebuilds),
-//! only the final link is fixed-address. The cost is that the binary's own
-//! image is not address-randomised (libraries, heap and stack still are).
+//! Why: `gantry runtime run` is latency-bound, and a small binary's start is
+//! mostly the dynamic loader's work: mapping libc, libm and libgcc_s,
+//! resolving their symbols and, for a PIE, applying ~19,000 relative
+//! relocations (and taking the copy-on-write faults they cause). A static
+//! non-PIE executable has none of it (measured in docs/benchmarks.md,
+//! "Container start"). The code itself stays position-independent and no
+//! RUSTFLAGS change is needed (so no dependency is rebuilt): only the final
+//! link of the binary changes.
+//!
+//! How, without `-C target-feature=+crt-static` (which cannot be set for one
+//! crate, and breaks proc-macros when set for all): rustc always asks the
+//! linker for `-lgcc_s -lutil -lrt -lpthread -lm -ldl -lc` after
+//! `-Bdynamic`. A directory searched first holds one tiny linker script per
+//! library, named like the shared library the linker looks for
+//! (`libc.so`), that names the static archive instead (`libc.a`, and
+//! libgcc's `libgcc_eh.a` for `libgcc_s`); `-static` then makes a fully
+//! static executable (no interpreter, glibc's static start files).
+//!
+//! Costs, accepted: the binary's image is not address-randomised (the heap,
+//! stack and mmaps still are); glibc's name service in a static binary has
+//! only its built-in `files` and `dns` sources (hostnames resolve through
+//! /etc/hosts and DNS; other NSS modules such as mdns or LDAP are not used:
+//! Gantry resolves users from the image's own /etc/passwd and talks to
+//! nodes by address). `GANTRY_DYNAMIC_LINK=1` at build time gives the
+//! previous dynamically linked (still non-PIE) binary; so does a toolchain
+//! without glibc's static archives (a cargo warning says so).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The libraries rustc links dynamically on x86_64-unknown-linux-gnu, each
+/// with the static archives that replace it.
+const REPLACED: &[(&str, &[&str])] = &[
+    ("gcc_s", &["gcc_eh", "gcc"]),
+    ("util", &["util"]),
+    ("rt", &["rt"]),
+    ("pthread", &["pthread"]),
+    ("m", &["m"]),
+    ("dl", &["dl"]),
+    ("c", &["c", "gcc_eh", "gcc"]),
+];
 
 fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=GANTRY_DYNAMIC_LINK");
     println!("cargo:rustc-link-arg-bins=-no-pie");
+    let linux_gnu = std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
+        && std::env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("gnu");
+    if !linux_gnu || std::env::var_os("GANTRY_DYNAMIC_LINK").is_some_and(|v| v == "1") {
+        return;
+    }
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let dir = out.join("static-link");
+    match write_scripts(&dir) {
+        Ok(()) => {
+            // A `-L` given to the linker driver comes before its own
+            // library directories, so these scripts are found first.
+            println!("cargo:rustc-link-arg-bins=-L{}", dir.display());
+            println!("cargo:rustc-link-arg-bins=-static");
+        }
+        Err(why) => {
+            println!("cargo:warning=gantry is linked dynamically: {why}");
+        }
+    }
+}
+
+/// Writes one linker script per replaced library into `dir`.
+fn write_scripts(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    for (shared, archives) in REPLACED {
+        let paths = archives
+            .iter()
+            .map(|a| archive_path(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let script = format!("GROUP({})\n", paths.join(" "));
+        let file = dir.join(format!("lib{shared}.so"));
+        std::fs::write(&file, script).map_err(|e| format!("write {}: {e}", file.display()))?;
+    }
+    Ok(())
+}
+
+/// Where the C compiler finds `lib<name>.a`.
+fn archive_path(name: &str) -> Result<String, String> {
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let file = format!("lib{name}.a");
+    let output = Command::new(&cc)
+        .arg(format!("-print-file-name={file}"))
+        .output()
+        .map_err(|e| format!("run {cc}: {e}"))?;
+    let path = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    // Unknown files are printed back as given, without a directory.
+    if !output.status.success() || !Path::new(&path).is_absolute() || !Path::new(&path).exists() {
+        return Err(format!("{file} not found by {cc} (install libc6-dev)"));
+    }
+    Ok(std::fs::canonicalize(&path)
+        .map(|p| p.display().to_string())
+        .unwrap_or(path))
 }

@@ -85,6 +85,7 @@ enum StartCommand {
 }
 
 fn main() -> ExitCode {
+    no_error_backtraces();
     match std::env::args_os()
         .nth(1)
         .as_deref()
@@ -130,6 +131,31 @@ fn main() -> ExitCode {
         Command::Shim(args) => cmd::shim::run(args),
     };
     finish(result)
+}
+
+/// Turns off the backtrace that anyhow captures with every error when
+/// `RUST_BACKTRACE` is set, unless `RUST_LIB_BACKTRACE` asks for them.
+///
+/// Why: Gantry never prints them (errors are printed with `{:#}`, which
+/// leaves the backtrace out), and capturing one is not free: in the static
+/// binary (`build.rs`) the first capture costs ~4 ms, libgcc's unwinder
+/// sorting the unwind tables of the whole binary, on every error path
+/// (`gantry runtime state` of a missing container, a refused config). This
+/// is std's documented split: `RUST_LIB_BACKTRACE=0` disables library
+/// backtraces and keeps the ones of panics, which `RUST_BACKTRACE` still
+/// controls. The setting is read once and cached by std, so the variable is
+/// removed again at once and no child process inherits it.
+fn no_error_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_some() {
+        return;
+    }
+    // SAFETY: the first thing main does: no other thread exists yet that
+    // could read the environment concurrently.
+    unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    // Disabled: this only reads the variables and caches the answer.
+    let _ = std::backtrace::Backtrace::capture();
+    // SAFETY: as above.
+    unsafe { std::env::remove_var("RUST_LIB_BACKTRACE") };
 }
 
 fn finish(result: anyhow::Result<ExitCode>) -> ExitCode {

@@ -211,15 +211,48 @@ pub(crate) fn apply(dirs: &[PathBuf], limits: &Limits) -> Result<(), CgroupError
     if let Some(mems) = &limits.mems {
         write(dirs, "cpuset.mems", mems)?;
     }
+    // Each write(2) is one rule to the kernel, so a run of rules for the
+    // same file shares one open: a container's default rules are a deny
+    // and a dozen allows, written while the init waits for its cgroup
+    // (each open + close of a cgroup file costs about as much as the
+    // write).
+    let mut open: Option<(&'static str, PathBuf, std::fs::File)> = None;
     for rule in &limits.devices {
         let file = if rule.allow {
             "devices.allow"
         } else {
             "devices.deny"
         };
-        write(dirs, file, &rule.v1_line())?;
+        let (_, path, handle) = match open {
+            Some(ref mut o) if o.0 == file => o,
+            _ => {
+                let (path, handle) = open_for_write(dirs, file)?;
+                open.insert((file, path, handle))
+            }
+        };
+        std::io::Write::write_all(handle, rule.v1_line().as_bytes())
+            .map_err(|e| fs::io_err(path, e))?;
     }
     Ok(())
+}
+
+/// Opens `file` for writing in the hierarchy that has it.
+fn open_for_write(
+    dirs: &[PathBuf],
+    file: &'static str,
+) -> Result<(PathBuf, std::fs::File), CgroupError> {
+    for dir in candidates(dirs, file) {
+        let path = dir.join(file);
+        match std::fs::OpenOptions::new().write(true).open(&path) {
+            Ok(handle) => return Ok((path, handle)),
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(fs::io_err(&path, e)),
+        }
+    }
+    Err(CgroupError::MissingFile {
+        file,
+        group: dirs.first().cloned().unwrap_or_default(),
+    })
 }
 
 /// `memory.memsw.limit_in_bytes` may never be below `memory.limit_in_bytes`,

@@ -22,7 +22,7 @@ use nix::mount::MsFlags;
 use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::Process;
 use std::ffi::{CString, OsStr};
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -385,6 +385,8 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None,
     )?;
+    // Opened after the bind just made, so that lookups through it see it.
+    let root_fd = mounts::open_rootfs(rootfs)?;
     let mut dev_mounted = false;
     let mut devpts_mounted = false;
     for m in spec.mounts().iter().flatten() {
@@ -392,7 +394,7 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
             // Mounted once we are in our cgroup namespace, below.
             continue;
         }
-        mounts::mount_one(rootfs, &plan.bundle, m)?;
+        mounts::mount_one(root_fd.as_fd(), rootfs, &plan.bundle, m)?;
         let dest = m.destination().as_path();
         let typ = m.typ().as_deref().unwrap_or("");
         if dest == Path::new("/dev") && typ == "tmpfs" {
@@ -477,7 +479,8 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
             .map_err(|e| SetupError::other("createContainer hook", e.to_string()))?;
     }
 
-    mounts::pivot_root(rootfs)?;
+    drop(root_fd);
+    let old_root = mounts::pivot_root(rootfs)?;
 
     if let Some(sysctl) = linux.and_then(|l| l.sysctl().as_ref()) {
         for (key, value) in sysctl {
@@ -535,6 +538,9 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
         host_pid = enter_cgroup(args, Some(roots))?;
     }
 
+    // The old root's unmount ran in parallel with everything since
+    // pivot_root; nothing of it may be mounted when the container is ready.
+    old_root.detach()?;
     report(args.report, b'R', "");
     match args.start {
         StartSignal::Fifo(fd) => {

@@ -21,7 +21,8 @@
 //!    can: just before `R`, through descriptors of the hierarchies that
 //!    the parent opened before the clone (they outlive pivot_root). On v2
 //!    the parent moves it.
-//! 4. The init mounts, makes devices, pivots, masks, reports `R` and blocks
+//! 4. The init mounts, makes devices, pivots (a helper unmounts the old root
+//!    meanwhile, reaped before `R`: [`mounts::pivot_root`]), masks, reports `R` and blocks
 //!    opening `exec.fifo` for writing; `start` opens it for reading, which
 //!    lets the init exec the user's program. `run` skips the fifo: its init
 //!    execs as soon as it is ready.
@@ -32,7 +33,9 @@
 //! the init and removes the cgroup and the state directory.
 //!
 //! Invariant: nothing here starts a thread; the init and exec children are
-//! forks of a single-threaded caller and may allocate freely.
+//! forks of a single-threaded caller and may allocate freely. (The init's
+//! old-root helper shares the init's memory but is a process of its own
+//! that only makes raw system calls, reaped before the init goes on.)
 //!
 pub mod caps;
 pub mod devices;
