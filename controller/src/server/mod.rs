@@ -478,6 +478,15 @@ pub async fn serve_on(
     drop(store);
 
     let server_stop = stopped(stop_rx.clone());
+    // Nagle off on every accepted connection, as tonic's own server does
+    // (axum's does not): a gRPC answer is a few small HTTP/2 frames, and
+    // with Nagle on, a frame written while the previous one is unacked
+    // waits for that ack.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set on a connection");
+        }
+    });
     let mut server = tokio::spawn(async move {
         axum::serve(listener, router)
             .with_graceful_shutdown(server_stop)
