@@ -556,6 +556,30 @@ async fn minority_leader_stops_committing_and_heals_without_divergence() {
     assert_eq!(err.to_string(), "no quorum: 1 of 3 controllers reachable");
     c.net.heal();
     c.wait_applied(&ids, index).await;
+    // A follower cut off alone: its write goes nowhere and fails within
+    // the request timeout, saying the quorum is out of reach (or that the
+    // leader it handed the write to is gone), never that it succeeded.
+    let loner = *rest.iter().find(|&&i| i != new).unwrap();
+    c.net.isolate(&[loner], &ids);
+    let started = Instant::now();
+    let err = c
+        .node(loner)
+        .propose(vec![write_cmd("alone", "1")])
+        .await
+        .expect_err("a cut-off follower's write");
+    assert!(
+        matches!(
+            err,
+            RaftError::NoQuorum { .. } | RaftError::LeaderChanged { .. }
+        ),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    c.net.heal();
     let last = c.write(&ids, "after", "3").await;
     c.wait_applied(&ids, last).await;
     let want = state_bytes(&c.node(new));
