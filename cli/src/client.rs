@@ -600,6 +600,26 @@ impl Client {
     pub fn error(&self, status: Status) -> anyhow::Error {
         status_error(&self.target, status)
     }
+
+    /// After `status` broke a stream (logs, events, a wait): moves to
+    /// another controller within [`FAILOVER_BUDGET`] when the failure is
+    /// one to fail over from and other controllers are known, so that the
+    /// caller opens the stream again there; else `status` as the error.
+    pub async fn fail_over_stream(&mut self, status: Status) -> anyhow::Result<()> {
+        let failure = match failover_of(&status) {
+            Some(f) if self.can_fail_over() => f,
+            _ => return Err(self.error(status)),
+        };
+        let deadline = tokio::time::Instant::now() + FAILOVER_BUDGET;
+        if self
+            .fail_over(&failure, leader_of(&status), deadline)
+            .await
+            .is_err()
+        {
+            return Err(self.error(status));
+        }
+        Ok(())
+    }
 }
 
 /// A stream the controller ended before the command was done (a controller

@@ -15,9 +15,7 @@ use gantry_controller::model as m;
 use gantry_proto::v1 as pb;
 use serde::Serialize;
 
-use crate::client::{
-    Client, ControllerFlag, FAILOVER_BUDGET, Repeat, block_on, failover_of, from_wire, leader_of,
-};
+use crate::client::{Client, ControllerFlag, Repeat, block_on, from_wire};
 use crate::cmd::UsageError;
 use crate::cmd::task;
 use crate::output::{Format, Names, full_name, serde_name};
@@ -221,30 +219,20 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
                 // after the last one printed (none repeated; the rest of a
                 // revision cut in the middle would be lost, which the
                 // server's whole-revision batches make unlikely).
-                Err(status) => match failover_of(&status) {
-                    Some(failure) if client.can_fail_over() => {
-                        let deadline = tokio::time::Instant::now() + FAILOVER_BUDGET;
-                        if client
-                            .fail_over(&failure, leader_of(&status), deadline)
-                            .await
-                            .is_err()
-                        {
-                            return Err(client.error(status));
-                        }
-                        let mut again = request.clone();
-                        again.after_revision = again.after_revision.max(last_revision);
-                        stream = client
-                            .call(
-                                Repeat::Read,
-                                again,
-                                |mut c, r| async move { c.events(r).await },
-                            )
-                            .await
-                            .map_err(|s| client.error(s))?;
-                        continue;
-                    }
-                    _ => return Err(client.error(status)),
-                },
+                Err(status) => {
+                    client.fail_over_stream(status).await?;
+                    let mut again = request.clone();
+                    again.after_revision = again.after_revision.max(last_revision);
+                    stream = client
+                        .call(
+                            Repeat::Read,
+                            again,
+                            |mut c, r| async move { c.events(r).await },
+                        )
+                        .await
+                        .map_err(|s| client.error(s))?;
+                    continue;
+                }
             };
             last_revision = last_revision.max(event.revision);
             let event = EventLine::new(event, &mut names)?;

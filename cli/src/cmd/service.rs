@@ -12,10 +12,7 @@ use serde::Serialize;
 
 use gantry_proto::tonic::Status;
 
-use crate::client::{
-    Client, ControllerFlag, FAILOVER_BUDGET, Repeat, block_on, failover_of, from_wire, leader_of,
-    stream_ended,
-};
+use crate::client::{Client, ControllerFlag, Repeat, block_on, from_wire, stream_ended};
 use crate::cmd::task;
 use crate::output::{self, Format, Names, ServiceRow, full_name};
 
@@ -341,18 +338,7 @@ async fn reopen_logs(
     request: &pb::ServiceLogsRequest,
     since: Option<i64>,
 ) -> anyhow::Result<gantry_proto::tonic::Streaming<pb::LogEntry>> {
-    let failure = match failover_of(&status) {
-        Some(f) if client.can_fail_over() => f,
-        _ => return Err(client.error(status)),
-    };
-    let deadline = tokio::time::Instant::now() + FAILOVER_BUDGET;
-    if client
-        .fail_over(&failure, leader_of(&status), deadline)
-        .await
-        .is_err()
-    {
-        return Err(client.error(status));
-    }
+    client.fail_over_stream(status).await?;
     let mut request = request.clone();
     if let Some(since) = since {
         request.since_unix_nanos = Some(since);

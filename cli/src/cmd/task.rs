@@ -9,10 +9,7 @@ use gantry_controller::model as m;
 use gantry_proto::tonic::Status;
 use gantry_proto::v1 as pb;
 
-use crate::client::{
-    Client, ControllerFlag, FAILOVER_BUDGET, Repeat, block_on, failover_of, from_wire, leader_of,
-    stream_ended,
-};
+use crate::client::{Client, ControllerFlag, Repeat, block_on, from_wire, stream_ended};
 use crate::output::{self, Format, Names, TaskRow};
 
 /// `gantry ps`.
@@ -258,18 +255,7 @@ async fn resubscribe(
     status: Status,
     request: &pb::EventsRequest,
 ) -> anyhow::Result<gantry_proto::tonic::Streaming<pb::Event>> {
-    let failure = match failover_of(&status) {
-        Some(f) if client.can_fail_over() => f,
-        _ => return Err(client.error(status)),
-    };
-    let deadline = tokio::time::Instant::now() + FAILOVER_BUDGET;
-    if client
-        .fail_over(&failure, leader_of(&status), deadline)
-        .await
-        .is_err()
-    {
-        return Err(client.error(status));
-    }
+    client.fail_over_stream(status).await?;
     subscribe(client, request.clone()).await
 }
 
