@@ -142,7 +142,7 @@ impl Env {
 
     fn logs(&self) -> String {
         let mut out = String::new();
-        for h in ["c1", "c2", "c3"] {
+        for h in ["c1", "c2", "c3", "n1", "n2"] {
             out.push_str(&format!("\n--- {h}:\n{}", self.c.log_tail(h, 15)));
         }
         out
@@ -532,7 +532,8 @@ fn three_controllers_fail_over_without_restarting_tasks() {
     assert_eq!(
         c.web_tasks(),
         tasks,
-        "the same tasks run after the failover"
+        "the same tasks run after the failover{}",
+        c.logs()
     );
     assert_eq!(
         c.web_containers(),

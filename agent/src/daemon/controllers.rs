@@ -6,7 +6,10 @@
 //! so that an agent restarted while its `--join` controller is gone still
 //! finds the others (Swarm workers keep their managers' addresses the same
 //! way). On a broken session it follows the refusing controller's
-//! `gantry-leader` hint if there was one, else moves to the next address.
+//! `gantry-leader` hint if there was one, else moves to the next address;
+//! a hint naming a controller that just failed by itself is stale (a
+//! follower that has not yet noticed the leader's death) and is passed
+//! over, so the agent reaches the new leader without waiting.
 //!
 //! Pure but for [`Controllers::load`]/[`Controllers::save`]: no I/O on the
 //! session's path beyond one small file written when the list changes.
@@ -28,6 +31,11 @@ pub struct Controllers {
     /// Moves since the last accepted session (a whole round through the
     /// list without one means every controller is unreachable: back off).
     moves: usize,
+    /// Addresses that failed without naming a leader in this round (down,
+    /// unreachable). A follower that has not noticed the leader's death
+    /// yet names it: following that hint back would bounce between the
+    /// dead leader and that follower, never trying the new leader.
+    unreachable: Vec<String>,
 }
 
 impl Controllers {
@@ -44,6 +52,7 @@ impl Controllers {
             addresses,
             current: 0,
             moves: 0,
+            unreachable: Vec::new(),
         }
     }
 
@@ -88,6 +97,7 @@ impl Controllers {
     /// front, and the current address stays the current one.
     pub fn accepted(&mut self, members: &[String]) {
         self.moves = 0;
+        self.unreachable.clear();
         if members.is_empty() {
             return;
         }
@@ -106,11 +116,15 @@ impl Controllers {
             .unwrap_or(0);
     }
 
-    /// The session broke: go to `leader` when the controller named one,
-    /// else to the next address. Returns true when a whole round through
-    /// the list has failed (the caller backs off before the next try).
+    /// The session broke: go to `leader` when the controller named one
+    /// (unless that one just failed by itself in this round: the hint is
+    /// stale), else to the next address, those that failed by themselves
+    /// last. Returns true when a whole round through the list has failed
+    /// (the caller backs off before the next try).
     pub fn failed(&mut self, leader: Option<&str>) -> bool {
-        if let Some(leader) = leader.filter(|l| !l.is_empty() && *l != self.current()) {
+        let leader = leader.filter(|l| !l.is_empty() && *l != self.current());
+        let stale = leader.is_some_and(|l| self.unreachable.iter().any(|u| u == l));
+        if let Some(leader) = leader.filter(|_| !stale) {
             match self.addresses.iter().position(|a| a == leader) {
                 Some(i) => self.current = i,
                 None => {
@@ -121,13 +135,34 @@ impl Controllers {
             self.moves += 1;
             // A hint is worth following at once, unless hints go round in
             // circles (two controllers each naming the other mid-election).
-            return self.moves > self.addresses.len();
+            return self.round_done(self.moves > self.addresses.len());
         }
-        if !self.addresses.is_empty() {
-            self.current = (self.current + 1) % self.addresses.len();
+        if leader.is_none() {
+            let failed = self.current().to_string();
+            if !self.unreachable.contains(&failed) {
+                self.unreachable.push(failed);
+            }
+        }
+        let n = self.addresses.len();
+        if n > 0 {
+            self.current = (1..=n)
+                .map(|step| (self.current + step) % n)
+                .find(|&i| !self.unreachable.contains(&self.addresses[i]))
+                .unwrap_or((self.current + 1) % n);
         }
         self.moves += 1;
-        self.moves >= self.addresses.len()
+        self.round_done(self.moves >= n)
+    }
+
+    /// Ends a round when `done`: the caller waits once, and the next round
+    /// tries every address again (without the reset, every failure after
+    /// the first round would count as a whole round and back off).
+    fn round_done(&mut self, done: bool) -> bool {
+        if done {
+            self.moves = 0;
+            self.unreachable.clear();
+        }
+        done
     }
 }
 
@@ -155,8 +190,24 @@ mod tests {
         assert_eq!(c.current(), "c:1");
         assert!(c.failed(None), "three failures in a row are a whole round");
         assert_eq!(c.current(), "a:1");
+        assert!(!c.failed(None), "the next round starts without a wait");
         c.accepted(&[]);
         assert!(!c.failed(None), "an accepted session starts a new round");
+    }
+
+    /// The leader `a` died; follower `b` has not noticed and still names
+    /// it; `c` leads now. The agent must reach `c` without waiting.
+    #[test]
+    fn a_stale_hint_naming_a_controller_that_just_failed_is_not_followed() {
+        let mut c = Controllers::new(&list(&["a:1", "b:1", "c:1"]), &[]);
+        assert!(!c.failed(None), "a is down");
+        assert_eq!(c.current(), "b:1");
+        assert!(!c.failed(Some("a:1")), "b names the dead leader");
+        assert_eq!(
+            c.current(),
+            "c:1",
+            "tried next instead of bouncing back to a"
+        );
     }
 
     #[test]
