@@ -606,6 +606,36 @@ fn restore_network_rebuilds_what_a_crash_left() {
     );
     check(node.exec(&["ip", "link", "del", &veth]), "ip link del");
     nix::mount::umount2(netns.as_str(), nix::mount::MntFlags::MNT_DETACH).unwrap();
+    // A veth an older agent made without hairpin mode.
+    let old = node
+        .ok(&["run", "-d", "-p", "8081:80", WEB])
+        .trim()
+        .to_string();
+    let old_veth = node.inspect(&old)["network"]["host_veth"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hairpin = |veth: &str| {
+        check(
+            node.exec(&["ip", "-d", "link", "show", veth]),
+            "ip -d link show",
+        )
+        .contains("hairpin on")
+    };
+    check(
+        node.exec(&[
+            "ip",
+            "link",
+            "set",
+            &old_veth,
+            "type",
+            "bridge_slave",
+            "hairpin",
+            "off",
+        ]),
+        "hairpin off",
+    );
+    assert!(!hairpin(&old_veth));
 
     in_netns(&node, || engine().restore_network().unwrap());
     let table = node.nft_table();
@@ -615,6 +645,7 @@ fn restore_network_rebuilds_what_a_crash_left() {
         "{table}"
     );
     assert!(node.links().contains(&veth));
+    assert!(hairpin(&veth) && hairpin(&old_veth));
     // The file holds the running container's own namespace again.
     let ns_of = |p: &str| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
     assert_eq!(

@@ -887,13 +887,19 @@ impl Engine {
         {
             return Ok(());
         }
+        let mut veths = Vec::new();
         for record in &records {
             if let Some(a) = &record.network
                 && let (ContainerState::Running, Some(shim)) = self.state_of(&record.id)?
             {
                 network::ensure_attached(&self.data, a, Some(shim.init_pid))?;
+                veths.push(a.host_veth.as_str());
             }
         }
+        // A veth made by an older agent may have hairpin mode off: a
+        // container would then fail to reach itself through a VIP or its
+        // own published port.
+        network::link::set_hairpin(&veths)?;
         // Always: after a reboot or a hand edit the kernel's table may not be
         // the one this data dir last loaded.
         self.publish_with(None, None, network::Sync::Always)

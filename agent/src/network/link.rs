@@ -160,6 +160,21 @@ pub fn create_veth(a: &Attachment) -> Result<(), NetworkError> {
     )
 }
 
+/// Puts the host ends `veths` in hairpin mode (see [`create_veth`]), in one
+/// `ip` process. Veths made before Gantry set the mode at creation keep it
+/// off until their container is recreated; the agent's start turns it on
+/// for every running container's veth instead. Already on is a no-op.
+pub fn set_hairpin(veths: &[&str]) -> Result<(), NetworkError> {
+    if veths.is_empty() {
+        return Ok(());
+    }
+    let commands: String = veths
+        .iter()
+        .map(|veth| format!("link set {veth} type bridge_slave hairpin on\n"))
+        .collect();
+    ip_batch("set hairpin mode on the veths", &commands, None)
+}
+
 /// Inside the container's namespace: loopback up, the address on `eth0`,
 /// `eth0` up, the default route via the gateway.
 pub fn configure_inside(a: &Attachment) -> Result<(), NetworkError> {
@@ -210,12 +225,27 @@ const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptab
 /// `setupBridgeNetFiltering`) and kubeadm refuses to run without it. Off
 /// (no br_netfilter in the kernel), same-node hairpins are masqueraded and
 /// routed, and same-node isolation is not enforced (`docs/network.md`).
+///
+/// Off is said once per process, as a warning naming what to do: the node
+/// still works, but an operator should know its isolation is weaker.
 pub fn bridge_netfilter() -> bool {
-    match std::fs::read_to_string(BRIDGE_NF_CALL_IPTABLES) {
+    let on = match std::fs::read_to_string(BRIDGE_NF_CALL_IPTABLES) {
         Ok(v) if v.trim() == "1" => true,
         Ok(_) => std::fs::write(BRIDGE_NF_CALL_IPTABLES, "1\n").is_ok(),
         Err(_) => false,
+    };
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    if !on {
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "{BRIDGE_NF_CALL_IPTABLES} is missing or cannot be turned on \
+                 (load the br_netfilter module): containers on one node's bridge \
+                 are not isolated by network, and a container reaching itself \
+                 through a VIP or published port is masqueraded"
+            );
+        });
     }
+    on
 }
 
 /// Turns on IPv4 forwarding in the caller's network namespace (needed for
