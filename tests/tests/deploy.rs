@@ -902,7 +902,8 @@ services:
     env.c.start("c1").unwrap();
     // After the restart the service is there, with what was deployed.
     let mut services = BTreeMap::new();
-    wait_for("the controller back", Duration::from_secs(20), || match env
+    let mut last = String::new();
+    let back = wait_for("the controller back", Duration::from_secs(20), || match env
         .c
         .gantry_within(&["service", "ls", "-o", "json"], Duration::from_secs(5))
     {
@@ -916,9 +917,23 @@ services:
                 .collect();
             true
         }
-        _ => false,
-    })
-    .unwrap();
+        Ok(out) => {
+            last = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            false
+        }
+        Err(e) => {
+            last = e.to_string();
+            false
+        }
+    });
+    // This once failed under heavy load with nothing listening after the
+    // restart; the controller's own log says why if it happens again.
+    if let Err(e) = back {
+        panic!(
+            "{e}; last answer: {last}\n--- c1's log (both runs):\n{}",
+            env.c.log_tail("c1", 60)
+        );
+    }
     let many = services.get("many").expect("the service survived the kill");
     assert_eq!(many["replicas"], 20);
     // The whole spec survived: the same file is nothing new to it.
