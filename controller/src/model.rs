@@ -769,6 +769,38 @@ pub struct ServiceSpec {
     /// `deploy.endpoint_mode`).
     #[serde(default)]
     pub endpoint_mode: EndpointMode,
+    /// Compose `depends_on`: services of the same stack, by name, and what
+    /// each must reach before this service's tasks are scheduled (see
+    /// [`crate::scheduler::dependencies`]). Not part of the task template:
+    /// changing it replaces no running task.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub depends_on: BTreeMap<String, DependencyCondition>,
+}
+
+/// What a service named in `depends_on` must reach before the dependent
+/// service's tasks are scheduled (Compose's conditions).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DependencyCondition {
+    /// A task of it runs (`service_started`, the default).
+    #[default]
+    ServiceStarted,
+    /// A task of it runs and its health check passes (`service_healthy`).
+    ServiceHealthy,
+    /// Its tasks ran to completion with exit code 0
+    /// (`service_completed_successfully`).
+    ServiceCompletedSuccessfully,
+}
+
+impl DependencyCondition {
+    /// The Compose spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DependencyCondition::ServiceStarted => "service_started",
+            DependencyCondition::ServiceHealthy => "service_healthy",
+            DependencyCondition::ServiceCompletedSuccessfully => "service_completed_successfully",
+        }
+    }
 }
 
 impl ServiceSpec {

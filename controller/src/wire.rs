@@ -853,6 +853,24 @@ impl From<m::ServiceSpec> for pb::ServiceSpec {
             task: Some(s.task.into()),
             update_config: s.update_config.map(Into::into),
             endpoint_mode: endpoint_mode_to_wire(s.endpoint_mode),
+            depends_on: s
+                .depends_on
+                .into_iter()
+                .map(|(service, condition)| pb::Dependency {
+                    service,
+                    condition: match condition {
+                        m::DependencyCondition::ServiceStarted => {
+                            pb::DependencyCondition::Started as i32
+                        }
+                        m::DependencyCondition::ServiceHealthy => {
+                            pb::DependencyCondition::Healthy as i32
+                        }
+                        m::DependencyCondition::ServiceCompletedSuccessfully => {
+                            pb::DependencyCondition::CompletedSuccessfully as i32
+                        }
+                    },
+                })
+                .collect(),
         }
     }
 }
@@ -867,6 +885,31 @@ impl TryFrom<pb::ServiceSpec> for m::ServiceSpec {
             task: required(s.task, "task")?,
             update_config: optional(s.update_config, "update_config")?,
             endpoint_mode: endpoint_mode_from_wire(s.endpoint_mode)?,
+            depends_on: s
+                .depends_on
+                .into_iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let condition = match pb::DependencyCondition::try_from(d.condition) {
+                        Ok(pb::DependencyCondition::Started) => {
+                            m::DependencyCondition::ServiceStarted
+                        }
+                        Ok(pb::DependencyCondition::Healthy) => {
+                            m::DependencyCondition::ServiceHealthy
+                        }
+                        Ok(pb::DependencyCondition::CompletedSuccessfully) => {
+                            m::DependencyCondition::ServiceCompletedSuccessfully
+                        }
+                        Err(_) => {
+                            return Err(WireError::UnknownEnum {
+                                field: format!("depends_on[{i}].condition"),
+                                value: d.condition,
+                            });
+                        }
+                    };
+                    Ok((d.service, condition))
+                })
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -1576,6 +1619,15 @@ mod tests {
                     order,
                 },
             );
+        let depends_on = proptest::collection::btree_map(
+            ident(),
+            select(vec![
+                m::DependencyCondition::ServiceStarted,
+                m::DependencyCondition::ServiceHealthy,
+                m::DependencyCondition::ServiceCompletedSuccessfully,
+            ]),
+            0..3,
+        );
         (
             ident(),
             (
@@ -1584,12 +1636,18 @@ mod tests {
                 mode,
                 template(),
                 proptest::option::of(update),
+                depends_on,
             ),
             any::<u64>(),
             any::<u64>(),
         )
             .prop_map(
-                |(id, (name, stack, mode, task, update_config), spec_version, version)| {
+                |(
+                    id,
+                    (name, stack, mode, task, update_config, depends_on),
+                    spec_version,
+                    version,
+                )| {
                     m::Service {
                         id: m::ServiceId::new(id).expect("strategy makes valid ids"),
                         spec: m::ServiceSpec {
@@ -1599,6 +1657,7 @@ mod tests {
                             task,
                             update_config,
                             endpoint_mode: Default::default(),
+                            depends_on,
                         },
                         spec_version,
                         version,

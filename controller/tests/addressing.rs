@@ -48,6 +48,7 @@ fn spec(name: &str, mode: EndpointMode, host_network: bool) -> ServiceSpec {
         },
         update_config: None,
         endpoint_mode: mode,
+        depends_on: Default::default(),
     }
 }
 

@@ -45,6 +45,7 @@ fn spec(name: &str, replicas: u64) -> ServiceSpec {
         },
         update_config: None,
         endpoint_mode: Default::default(),
+        depends_on: Default::default(),
     }
 }
 

@@ -69,6 +69,7 @@ fn service() -> pb::Service {
             },
             update_config: None,
             endpoint_mode: Default::default(),
+            depends_on: Default::default(),
         },
         spec_version: 1,
         version: 4,

@@ -663,6 +663,26 @@ services:
       restart_policy:
         condition: any
         delay: 0s
+  job:
+    image: gantry.test/busybox:latest
+    command: [\"sh\", \"-c\", \"sleep 1\"]
+    deploy:
+      restart_policy:
+        condition: none
+  after:
+    image: gantry.test/busybox:latest
+    command: [\"sleep\", \"1000\"]
+    depends_on:
+      web:
+        condition: service_started
+      job:
+        condition: service_completed_successfully
+  gated:
+    image: gantry.test/busybox:latest
+    command: [\"sleep\", \"1000\"]
+    depends_on:
+      sick:
+        condition: service_healthy
 ",
     );
     env.deploy("rs", &file);
@@ -786,6 +806,22 @@ services:
             env.tasks("rs_sick", true)
         )
     });
+
+    // depends_on: `after` starts once web runs and the job exited 0;
+    // `gated` waits for a service that is never healthy, and says so.
+    env.wait_running("rs_after", 1, Duration::from_secs(20));
+    let job = env.tasks("rs_job", true);
+    assert!(
+        job.iter().all(|t| t["state"] == "complete"),
+        "after started before its job completed: {job:?}"
+    );
+    let gated = env.tasks("rs_gated", true);
+    assert_eq!(gated.len(), 1, "{gated:?}");
+    assert_eq!(gated[0]["state"], "pending", "{gated:?}");
+    assert_eq!(
+        gated[0]["message"], "waiting for service sick to be healthy (depends_on)",
+        "{gated:?}"
+    );
 }
 
 /// An agent host dies: its replicas run elsewhere within seconds; when it

@@ -55,6 +55,7 @@ fn service(mode: pb::service_mode::Mode) -> pb::Service {
             }])),
             update_config: None,
             endpoint_mode: pb::EndpointMode::Unspecified as i32,
+            depends_on: Vec::new(),
         }),
         spec_version: 1,
         version: 3,

@@ -93,6 +93,7 @@ fn service(
             task,
             update_config: None,
             endpoint_mode: Default::default(),
+            depends_on: Default::default(),
         },
         spec_version: 1,
         version: 1,

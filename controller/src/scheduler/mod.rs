@@ -13,6 +13,7 @@
 //! **Invariant:** no I/O, no clock, no randomness: the same view and batch
 //! give the same plan. Ties are broken by node id.
 
+pub mod dependencies;
 mod filter;
 
 #[cfg(test)]

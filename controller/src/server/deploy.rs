@@ -254,6 +254,23 @@ fn service_spec(
             unsupported(format!("deploy.placement.constraints[{i}]"), &e.to_string())
         })?);
     }
+    let mut depends_on = BTreeMap::new();
+    for (dependency, d) in &s.depends_on {
+        if d.restart {
+            return Err(unsupported(
+                format!("depends_on.{dependency}.restart"),
+                "restarting a service when its dependency is updated is not supported yet",
+            ));
+        }
+        let condition = match d.condition {
+            compose::DependencyCondition::ServiceStarted => m::DependencyCondition::ServiceStarted,
+            compose::DependencyCondition::ServiceHealthy => m::DependencyCondition::ServiceHealthy,
+            compose::DependencyCondition::ServiceCompletedSuccessfully => {
+                m::DependencyCondition::ServiceCompletedSuccessfully
+            }
+        };
+        depends_on.insert(dependency.clone(), condition);
+    }
     let uc = &s.deploy.update_config;
     Ok(ServiceSpec {
         name: name.to_string(),
@@ -288,6 +305,7 @@ fn service_spec(
             Some(compose::EndpointMode::Dnsrr) => m::EndpointMode::Dnsrr,
             Some(compose::EndpointMode::Vip) | None => m::EndpointMode::Vip,
         },
+        depends_on,
         update_config: Some(UpdateConfig {
             parallelism: uc.parallelism,
             delay: uc.delay.0,
@@ -387,6 +405,7 @@ fn changed_fields(a: &ServiceSpec, b: &ServiceSpec) -> Vec<String> {
     check(x.host_network != y.host_network, "network_mode");
     check(x.networks != y.networks, "networks");
     check(a.endpoint_mode != b.endpoint_mode, "deploy.endpoint_mode");
+    check(a.depends_on != b.depends_on, "depends_on");
     match (&a.mode, &b.mode) {
         (ServiceMode::Replicated { .. }, ServiceMode::Replicated { .. }) => {
             check(a.mode != b.mode, "deploy.replicas");
@@ -479,6 +498,45 @@ mod tests {
             err.to_string(),
             "networks.default.driver: driver \"bridge\" is not supported (every network is an \
              overlay scope)"
+        );
+    }
+
+    #[test]
+    fn depends_on_becomes_conditions_and_restart_is_refused() {
+        let stack = load(
+            "services:\n  db:\n    image: postgres\n  job:\n    image: busybox\n  app:\n    image: app\n    depends_on:\n      db: {condition: service_healthy}\n      job: {condition: service_completed_successfully}\n      cache: {required: false}\n  web:\n    image: nginx\n    depends_on: [app]\n",
+        );
+        let specs = service_specs(&revalidate(&stack).expect("valid")).expect("converts");
+        let want: BTreeMap<String, m::DependencyCondition> = [
+            ("db".to_string(), m::DependencyCondition::ServiceHealthy),
+            (
+                "job".to_string(),
+                m::DependencyCondition::ServiceCompletedSuccessfully,
+            ),
+        ]
+        .into();
+        // The optional `cache`, which the stack lacks, is left out (with
+        // the loader's warning).
+        assert_eq!(specs["app"].depends_on, want);
+        assert_eq!(
+            specs["web"].depends_on,
+            [("app".to_string(), m::DependencyCondition::ServiceStarted)].into()
+        );
+        assert!(specs["db"].depends_on.is_empty());
+
+        // A changed condition is an update of that field alone.
+        let mut changed = specs.clone();
+        changed.get_mut("web").expect("web").depends_on.clear();
+        assert_eq!(diff(&specs, &changed).update[0].fields, ["depends_on"]);
+
+        let restart = load(
+            "services:\n  db:\n    image: postgres\n  app:\n    image: app\n    depends_on:\n      db: {condition: service_started, restart: true}\n",
+        );
+        let err = service_specs(&restart).expect_err("restart refused");
+        assert_eq!(
+            err.to_string(),
+            "services.app.depends_on.db.restart: restarting a service when its dependency is \
+             updated is not supported yet"
         );
     }
 

@@ -36,7 +36,7 @@ use crate::model::{
     DesiredState, Node, NodeId, Service, ServiceId, Task, TaskId, TaskState, TaskStatus,
 };
 use crate::orchestrator::{self, Action, NewTask, ShutdownReason};
-use crate::scheduler::{self, ClusterView, TaskRef};
+use crate::scheduler::{self, ClusterView, TaskRef, dependencies};
 use crate::store::{Command, DesiredStateChange, Event, Object, PendingTask};
 
 use super::state::{StoreFront, random_id};
@@ -323,8 +323,51 @@ async fn schedule_pending(store: &StoreFront) -> Option<Instant> {
                 _ => true,
             })
             .collect();
+        // Compose `depends_on`: a task whose dependencies do not hold yet
+        // stays pending with the reason, and the scheduler never sees it.
+        let mut reasons: BTreeMap<&ServiceId, Option<String>> = BTreeMap::new();
+        let mut held: Vec<(&Task, String)> = Vec::new();
+        pending.retain(|t| {
+            let reason = reasons.entry(&t.service).or_insert_with(|| {
+                let service = s.service(&t.service)?;
+                if service.spec.depends_on.is_empty() {
+                    return None;
+                }
+                dependencies::waiting_reason(
+                    service,
+                    |name| {
+                        s.services()
+                            .find(|x| x.spec.stack == service.spec.stack && x.spec.name == name)
+                    },
+                    |dependency| s.tasks_of_service(&dependency.id).collect(),
+                )
+            });
+            match reason {
+                Some(r) => {
+                    held.push((*t, r.clone()));
+                    false
+                }
+                None => true,
+            }
+        });
+        let held: Vec<PendingTask> = held
+            .into_iter()
+            // Writing the same reason again would wake every watcher for nothing.
+            .filter(|(t, r)| t.status.state != TaskState::Pending || &t.status.message != r)
+            .map(|(t, message)| PendingTask {
+                task: t.id.clone(),
+                message,
+            })
+            .collect();
         if pending.is_empty() {
-            return Vec::new();
+            return if held.is_empty() {
+                Vec::new()
+            } else {
+                vec![Command::MarkTasksPending {
+                    tasks: held,
+                    at_unix_ms: Some(now),
+                }]
+            };
         }
         // Tasks of one service next to each other: the scheduler shares its
         // work across such a group, and slots are placed in order.
@@ -357,9 +400,8 @@ async fn schedule_pending(store: &StoreFront) -> Option<Instant> {
             });
         }
         let newly_pending: Vec<PendingTask> =
-            plan.unplaced
-                .iter()
-                .filter_map(|u| {
+            held.into_iter()
+                .chain(plan.unplaced.iter().filter_map(|u| {
                     let message = u.reason();
                     let task = by_id.get(&u.task)?;
                     // Writing the same reason again would wake every watcher
@@ -369,7 +411,7 @@ async fn schedule_pending(store: &StoreFront) -> Option<Instant> {
                             task: u.task.clone(),
                             message,
                         })
-                })
+                }))
                 .collect();
         if !newly_pending.is_empty() {
             commands.push(Command::MarkTasksPending {

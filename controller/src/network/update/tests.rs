@@ -76,6 +76,7 @@ fn spec(name: &str, mode: EndpointMode, health: bool, networks: &[&str]) -> Serv
         },
         update_config: None,
         endpoint_mode: mode,
+        depends_on: Default::default(),
     }
 }
 
