@@ -174,6 +174,8 @@ fn main() {
         let mut overlay = Overlay::new(OverlayConfig {
             bridge: "gantry0".into(),
             underlay: Some(Ipv4Addr::new(10, 250, 0, 1)),
+            clients: None,
+            connect_lb: false,
         });
         let report = overlay.update(full).expect("full update");
         let full_time = report.elapsed;
@@ -528,6 +530,8 @@ fn wrk_bench() -> Vec<serde_json::Value> {
             let mut o = Overlay::new(OverlayConfig {
                 bridge: "gantry0".into(),
                 underlay: Some(n.underlay),
+                clients: None,
+                connect_lb: false,
             });
             o.update(u).expect("update");
             o
