@@ -122,6 +122,8 @@ pub struct ApplyReport {
     pub full_reload: bool,
     /// The connect-time balancer's maps were updated too.
     pub lb_synced: bool,
+    /// Time spent on the balancer's maps (part of `elapsed`).
+    pub lb_elapsed: Duration,
     /// Time spent, update to kernel.
     pub elapsed: Duration,
 }
@@ -358,6 +360,7 @@ impl Overlay {
             self.start_lb();
         }
         if let Some(balancer) = self.lb.as_mut() {
+            let lb_start = Instant::now();
             let state = self.state.read().unwrap_or_else(|p| p.into_inner());
             let synced = if services_only {
                 balancer.sync_some(&changed, &removed, &state)
@@ -365,6 +368,7 @@ impl Overlay {
                 balancer.sync_all(&state)
             };
             drop(state);
+            report.lb_elapsed = lb_start.elapsed();
             match synced {
                 Ok(()) => report.lb_synced = true,
                 Err(e) => self.stop_lb(format!("updating its maps: {e}")),
