@@ -81,6 +81,10 @@ pub(crate) const PSEUDO_MAP_FD: u8 = 1;
 
 /// Helper function ids (`enum bpf_func_id`).
 pub(crate) const FN_MAP_LOOKUP_ELEM: i32 = 1;
+/// `long bpf_map_update_elem(map, key, value, flags)`.
+pub(crate) const FN_MAP_UPDATE_ELEM: i32 = 2;
+/// `u64 bpf_get_socket_cookie(ctx)` (sock_addr programs: 4.12+).
+pub(crate) const FN_GET_SOCKET_COOKIE: i32 = 46;
 /// `u32 bpf_get_prandom_u32(void)`.
 pub(crate) const FN_GET_PRANDOM_U32: i32 = 7;
 /// `u64 bpf_get_netns_cookie(void *ctx)` (5.7+ for sock_addr programs).
@@ -233,6 +237,9 @@ pub(crate) const MAP_HASH: u32 = 1;
 /// costs next to nothing (several agents share one machine in tests).
 pub(crate) const F_NO_PREALLOC: u32 = 1;
 
+/// `BPF_MAP_TYPE_LRU_HASH`: full, it evicts the least recently used entry.
+pub(crate) const MAP_LRU_HASH: u32 = 9;
+
 /// A map whose keys are `K` and values `V` (plain `repr(C)` data).
 #[derive(Debug)]
 pub(crate) struct Map<K, V> {
@@ -241,14 +248,24 @@ pub(crate) struct Map<K, V> {
 }
 
 impl<K: Copy, V: Copy> Map<K, V> {
-    /// Creates a hash map of at most `max_entries`.
+    /// Creates a hash map of at most `max_entries`, allocated on update.
     pub(crate) fn hash(name: &str, max_entries: u32) -> std::io::Result<Self> {
+        Self::create(MAP_HASH, F_NO_PREALLOC, name, max_entries)
+    }
+
+    /// Creates an LRU hash map of `max_entries` (preallocated: the kernel
+    /// has no other kind of LRU map).
+    pub(crate) fn lru(name: &str, max_entries: u32) -> std::io::Result<Self> {
+        Self::create(MAP_LRU_HASH, 0, name, max_entries)
+    }
+
+    fn create(map_type: u32, flags: u32, name: &str, max_entries: u32) -> std::io::Result<Self> {
         let mut attr = MapCreateAttr {
-            map_type: MAP_HASH,
+            map_type,
             key_size: std::mem::size_of::<K>() as u32,
             value_size: std::mem::size_of::<V>() as u32,
             max_entries,
-            map_flags: F_NO_PREALLOC,
+            map_flags: flags,
             map_name: name16(name),
             ..MapCreateAttr::default()
         };

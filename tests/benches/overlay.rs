@@ -695,16 +695,37 @@ fn wrk_bench() -> Vec<serde_json::Value> {
     overlays[0].retry_clients();
     let mode = overlays[0].vip_mode();
     println!("VIP mode on node 1: {mode}");
-    // What each client's socket to the same-node VIP is connected to.
+    // What each client's socket to the same-node VIP is really connected
+    // to: the kernel's socket table, not getpeername() (which answers the
+    // VIP for a balanced socket, as with DNAT).
     let peer = |ns: &str| {
         in_ns(ns, || {
-            std::net::TcpStream::connect_timeout(
+            let s = std::net::TcpStream::connect_timeout(
                 &"10.43.0.1:80".parse().expect("addr"),
                 Duration::from_secs(2),
-            )
-            .and_then(|s| s.peer_addr())
-            .map(|a| a.ip().to_string())
-            .unwrap_or_else(|e| format!("error: {e}"))
+            );
+            let local = match s.and_then(|s| s.local_addr()) {
+                Ok(a) => a,
+                Err(e) => return format!("error: {e}"),
+            };
+            // This thread's namespace's table (`/proc/self/net` would be
+            // the main thread's).
+            let table = std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap_or_default();
+            let local_port = format!(":{:04X}", local.port());
+            table
+                .lines()
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    (f.len() > 2 && f[1].ends_with(&local_port)).then(|| f[2].to_string())
+                })
+                .find_map(|remote| {
+                    let hex = remote.split(':').next()?;
+                    let n = u32::from_str_radix(hex, 16).ok()?;
+                    // /proc prints the address as a host-order u32 of the
+                    // network-order bytes.
+                    Some(Ipv4Addr::from(n.to_le_bytes()).to_string())
+                })
+                .unwrap_or_else(|| "not found".into())
         })
     };
     let mut pairs: Vec<(&str, &str, &str, &str)> = Vec::new();

@@ -32,15 +32,19 @@
 //! update), then the old slot is deleted; so a concurrent `connect()` sees
 //! the old list or the new one, never an index past the count (and a
 //! backend entry deleted under it is a miss: that connect takes the nft
-//! path). `getpeername()` on a rewritten socket returns the backend's
-//! address, not the VIP (Cilium adds a getpeername hook for that; not done
-//! here, see docs/network.md).
+//! path).
+//!
+//! `getpeername()` on a rewritten socket answers the VIP, as with DNAT: the
+//! connect program remembers each rewritten socket's VIP by socket cookie
+//! in an LRU map, and a `BPF_CGROUP_INET4_GETPEERNAME` program puts it back
+//! (Cilium's reverse-NAT for its socket LB). Optional: a kernel without
+//! the hook, or an evicted entry, answers the replica's address.
 
 use super::state::{DesiredState, ServiceRecord};
 use crate::bpf::{
-    ADD64_K, CALL, EXIT, FN_GET_NETNS_COOKIE, FN_GET_PRANDOM_U32, FN_MAP_LOOKUP_ELEM, Insn, JA,
-    JEQ64_K, JNE64_K, LDX_MEM_W, MOD32_X, MOV64_K, MOV64_X, Map, ST_MEM_W, STX_MEM_DW, STX_MEM_W,
-    insn, ld_map_fd,
+    ADD64_K, CALL, EXIT, FN_GET_NETNS_COOKIE, FN_GET_PRANDOM_U32, FN_GET_SOCKET_COOKIE,
+    FN_MAP_LOOKUP_ELEM, FN_MAP_UPDATE_ELEM, Insn, JA, JEQ64_K, JNE64_K, LDX_MEM_W, MOD32_X,
+    MOV64_K, MOV64_X, Map, ST_MEM_W, STX_MEM_DW, STX_MEM_W, insn, ld_map_fd,
 };
 use crate::engine::spec::PortProtocol;
 use std::collections::{BTreeMap, BTreeSet};
@@ -54,6 +58,11 @@ pub const MAX_NETWORKS: usize = 4;
 
 const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 const CGROUP_INET4_CONNECT: u32 = 10;
+const CGROUP_INET4_GETPEERNAME: u32 = 29;
+/// Rewritten sockets remembered for `getpeername()` (an LRU map: one that
+/// is evicted, or whose program could not be attached, answers its
+/// replica's address instead of the VIP).
+const REVERSE_ENTRIES: u32 = 16_384;
 const IPPROTO_TCP: i32 = 6;
 
 /// Key of the `services` map.
@@ -109,16 +118,26 @@ const CTX_USER_IP4: i16 = 4;
 const CTX_USER_PORT: i16 = 24;
 const CTX_PROTOCOL: i16 = 36;
 
-/// The program. r6 holds the context, r7 the service entry. Stack: the
-/// service key at fp-8, the member key at fp-24, the backend key at fp-32.
-fn program(services: &OwnedFd, backends: &OwnedFd, members: &OwnedFd) -> Vec<Insn> {
-    const R0: u8 = 0;
-    const R1: u8 = 1;
-    const R2: u8 = 2;
-    const R3: u8 = 3;
-    const R6: u8 = 6;
-    const R7: u8 = 7;
-    const FP: u8 = 10;
+const R0: u8 = 0;
+const R1: u8 = 1;
+const R2: u8 = 2;
+const R3: u8 = 3;
+const R4: u8 = 4;
+const R6: u8 = 6;
+const R7: u8 = 7;
+const R8: u8 = 8;
+const FP: u8 = 10;
+
+/// The connect program. r6 holds the context, r7 the service entry. Stack:
+/// the service key at fp-8, the member key at fp-24, the backend key at
+/// fp-32, the socket cookie at fp-40. A rewritten socket's VIP is
+/// remembered in `reverse` (socket cookie → VIP) for [`getpeername_program`].
+fn program(
+    services: &OwnedFd,
+    backends: &OwnedFd,
+    members: &OwnedFd,
+    reverse: &OwnedFd,
+) -> Vec<Insn> {
     /// A jump to the final `return 1` (allow, unchanged), patched below.
     const PASS: i16 = i16::MIN;
     /// A jump to the rewrite, patched below.
@@ -178,8 +197,22 @@ fn program(services: &OwnedFd, backends: &OwnedFd, members: &OwnedFd) -> Vec<Ins
         insn(ADD64_K, R2, 0, 0, -32),
         insn(CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM),
         insn(JEQ64_K, R0, 0, PASS, 0),
-        insn(LDX_MEM_W, R2, R0, 0, 0),
-        insn(STX_MEM_W, R6, R2, CTX_USER_IP4, 0),
+        insn(LDX_MEM_W, R8, R0, 0, 0),
+        // reverse[socket cookie] = the VIP (the service key's first word).
+        insn(MOV64_X, R1, R6, 0, 0),
+        insn(CALL, 0, 0, 0, FN_GET_SOCKET_COOKIE),
+        insn(STX_MEM_DW, FP, R0, -40, 0),
+    ]);
+    p.extend(ld_map_fd(R1, reverse));
+    p.extend([
+        insn(MOV64_X, R2, FP, 0, 0),
+        insn(ADD64_K, R2, 0, 0, -40),
+        insn(MOV64_X, R3, FP, 0, 0),
+        insn(ADD64_K, R3, 0, 0, -8),
+        insn(MOV64_K, R4, 0, 0, 0),
+        insn(CALL, 0, 0, 0, FN_MAP_UPDATE_ELEM),
+        // The rewrite itself.
+        insn(STX_MEM_W, R6, R8, CTX_USER_IP4, 0),
     ]);
     let pass = p.len();
     p.extend([insn(MOV64_K, R0, 0, 0, 1), insn(EXIT, 0, 0, 0, 0)]);
@@ -191,6 +224,28 @@ fn program(services: &OwnedFd, backends: &OwnedFd, members: &OwnedFd) -> Vec<Ins
             _ => {}
         }
     }
+    p
+}
+
+/// The `getpeername()` program: a socket the connect program rewrote
+/// answers the VIP it asked for, as with DNAT (Cilium does the same).
+fn getpeername_program(reverse: &OwnedFd) -> Vec<Insn> {
+    let mut p = vec![
+        insn(MOV64_X, R6, R1, 0, 0),
+        insn(CALL, 0, 0, 0, FN_GET_SOCKET_COOKIE),
+        insn(STX_MEM_DW, FP, R0, -8, 0),
+    ];
+    p.extend(ld_map_fd(R1, reverse));
+    p.extend([
+        insn(MOV64_X, R2, FP, 0, 0),
+        insn(ADD64_K, R2, 0, 0, -8),
+        insn(CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM),
+        insn(JEQ64_K, R0, 0, 2, 0),
+        insn(LDX_MEM_W, R2, R0, 0, 0),
+        insn(STX_MEM_W, R6, R2, CTX_USER_IP4, 0),
+        insn(MOV64_K, R0, 0, 0, 1),
+        insn(EXIT, 0, 0, 0, 0),
+    ]);
     p
 }
 
@@ -302,8 +357,11 @@ pub struct Balancer {
     services: Map<SvcKey, SvcValue>,
     backends: Map<BackendKey, u32>,
     members: Map<MemberKey, u32>,
+    _reverse: Map<u64, u32>,
     _prog: OwnedFd,
     _link: OwnedFd,
+    /// The getpeername program and its link, when the kernel took them.
+    _peer: Option<(OwnedFd, OwnedFd)>,
     /// Where it is attached.
     pub cgroup: PathBuf,
     applied: BTreeMap<String, Applied>,
@@ -341,22 +399,49 @@ impl Balancer {
         let services = Map::hash("gantry_svc", 1 << 16).map_err(map_err("gantry_svc"))?;
         let backends = Map::hash("gantry_backend", 1 << 20).map_err(map_err("gantry_backend"))?;
         let members = Map::hash("gantry_member", 1 << 16).map_err(map_err("gantry_member"))?;
+        let reverse =
+            Map::lru("gantry_revvip", REVERSE_ENTRIES).map_err(map_err("gantry_revvip"))?;
         let prog = crate::bpf::load(
             PROG_TYPE_CGROUP_SOCK_ADDR,
             CGROUP_INET4_CONNECT,
             "gantry_vip_lb",
-            &program(services.fd(), backends.fd(), members.fd()),
+            &program(services.fd(), backends.fd(), members.fd(), reverse.fd()),
         )?;
         let dir = std::fs::File::open(&cgroup)
             .map_err(|e| format!("opening cgroup2 root {}: {e}", cgroup.display()))?;
+        // getpeername first: a socket rewritten once connect is attached
+        // answers the VIP from the start. Optional (kernel 5.8+): without
+        // it a rewritten socket's peer is its replica.
+        let peer = crate::bpf::load(
+            PROG_TYPE_CGROUP_SOCK_ADDR,
+            CGROUP_INET4_GETPEERNAME,
+            "gantry_vip_peer",
+            &getpeername_program(reverse.fd()),
+        )
+        .and_then(|prog| {
+            crate::bpf::link_cgroup(&prog, dir.as_fd(), CGROUP_INET4_GETPEERNAME)
+                .map(|link| (prog, link))
+                .map_err(|e| format!("attaching: {e}"))
+        });
+        let peer = match peer {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(
+                    "connect-time VIP balancing: no getpeername hook ({e}); a balanced socket's peer is its replica's address"
+                );
+                None
+            }
+        };
         let link = crate::bpf::link_cgroup(&prog, dir.as_fd(), CGROUP_INET4_CONNECT)
             .map_err(|e| format!("attaching to {}: {e}", cgroup.display()))?;
         Ok(Balancer {
             services,
             backends,
             members,
+            _reverse: reverse,
             _prog: prog,
             _link: link,
+            _peer: peer,
             cgroup,
             applied: BTreeMap::new(),
             net_ids: BTreeMap::new(),
@@ -689,23 +774,36 @@ mod tests {
         }
     }
 
-    /// Connects to the VIP `n` times from inside `ns` (a listener on every
-    /// loopback address, port 8080, is up there): the peers reached, or the
-    /// error of the first failure.
-    fn connects(ns: &TestNs, n: usize) -> Result<BTreeMap<Ipv4Addr, usize>, std::io::ErrorKind> {
+    /// Connects to the VIP `n` times from inside `ns`, where `listener`
+    /// listens on port 8080 of every address: the backends reached (the
+    /// address each accepted connection was made to), or the error of the
+    /// first failure. With `peer_is_vip`, each socket's `getpeername()`
+    /// must answer the VIP.
+    fn connects(
+        ns: &TestNs,
+        listener: &std::net::TcpListener,
+        n: usize,
+        peer_is_vip: bool,
+    ) -> Result<BTreeMap<Ipv4Addr, usize>, std::io::ErrorKind> {
+        let vip: std::net::SocketAddr = "10.43.200.1:8080".parse().unwrap();
         ns.run(|| {
             let mut seen = BTreeMap::new();
             for _ in 0..n {
-                let s = std::net::TcpStream::connect_timeout(
-                    &"10.43.200.1:8080".parse().unwrap(),
-                    std::time::Duration::from_secs(2),
-                )
-                .map_err(|e| e.kind())?;
-                let std::net::SocketAddr::V4(peer) = s.peer_addr().unwrap() else {
-                    panic!("v6 peer");
+                let s =
+                    std::net::TcpStream::connect_timeout(&vip, std::time::Duration::from_secs(2))
+                        .map_err(|e| e.kind())?;
+                if peer_is_vip {
+                    assert_eq!(
+                        s.peer_addr().unwrap(),
+                        vip,
+                        "getpeername of a balanced socket"
+                    );
+                }
+                let (conn, _) = listener.accept().unwrap();
+                let std::net::SocketAddr::V4(local) = conn.local_addr().unwrap() else {
+                    panic!("v6 connection");
                 };
-                assert_eq!(peer.port(), 8080);
-                *seen.entry(*peer.ip()).or_insert(0) += 1;
+                *seen.entry(*local.ip()).or_insert(0) += 1;
             }
             Ok(seen)
         })
@@ -713,8 +811,9 @@ mod tests {
 
     /// The program, through real `connect()`s in namespaces: a registered
     /// client on the service's network is balanced over the ready backends
-    /// (and only those), one on another network and UDP are left alone,
-    /// and closing the balancer detaches the program.
+    /// (and only those) while `getpeername()` answers the VIP, one on
+    /// another network and UDP are left alone, and closing the balancer
+    /// detaches the program.
     #[test]
     fn kernel_connects_are_balanced_scoped_and_follow_readiness() {
         if !nix::unistd::geteuid().is_root() {
@@ -741,8 +840,11 @@ mod tests {
             .iter()
             .map(|ns| ns.run(|| std::net::TcpListener::bind(("0.0.0.0", 8080)).unwrap()))
             .collect();
-        for l in &listeners {
-            l.set_nonblocking(true).unwrap();
+        let la = &listeners[0];
+        let lb_ = &listeners[1];
+        let peer = lb._peer.is_some();
+        if !peer {
+            println!("note: no getpeername hook on this kernel; peers not checked");
         }
         let mut web = service(
             "web",
@@ -765,11 +867,14 @@ mod tests {
         lb.sync_all(&state).unwrap();
         assert!(!lb.has_pending());
 
-        let seen = connects(&a, 40).expect("VIP reached through the program");
+        let seen = connects(&a, la, 40, peer).expect("VIP reached through the program");
         assert_eq!(seen.len(), 2, "both backends picked: {seen:?}");
         // Another network's container: no rewrite, and its namespace has
         // no route to the VIP.
-        assert_eq!(connects(&b, 1), Err(std::io::ErrorKind::NetworkUnreachable));
+        assert_eq!(
+            connects(&b, lb_, 1, peer),
+            Err(std::io::ErrorKind::NetworkUnreachable)
+        );
         // UDP is not rewritten.
         let udp = a.run(|| {
             let s = std::net::UdpSocket::bind(("127.0.0.1", 0)).unwrap();
@@ -782,7 +887,7 @@ mod tests {
         state.services.insert(web.id.clone(), web.clone());
         lb.sync_some(std::slice::from_ref(&web), &[], &state)
             .unwrap();
-        let seen = connects(&a, 40).unwrap();
+        let seen = connects(&a, la, 40, peer).unwrap();
         assert_eq!(
             seen.keys().collect::<Vec<_>>(),
             [&Ipv4Addr::new(127, 0, 0, 1)]
@@ -802,16 +907,22 @@ mod tests {
         state.services.insert(moved.id.clone(), moved.clone());
         lb.sync_some(std::slice::from_ref(&moved), &[], &state)
             .unwrap();
-        assert_eq!(connects(&a, 1), Err(std::io::ErrorKind::NetworkUnreachable));
+        assert_eq!(
+            connects(&a, la, 1, peer),
+            Err(std::io::ErrorKind::NetworkUnreachable)
+        );
         state.services.insert(cli.id.clone(), cli.clone());
         lb.sync_some(std::slice::from_ref(&cli), &[], &state)
             .unwrap();
-        assert!(connects(&a, 1).is_ok());
+        assert!(connects(&a, la, 1, peer).is_ok());
 
         // The service removed: no rewrite; its entries are gone.
         state.services.remove("web");
         lb.sync_some(&[], &["web".to_string()], &state).unwrap();
-        assert_eq!(connects(&a, 1), Err(std::io::ErrorKind::NetworkUnreachable));
+        assert_eq!(
+            connects(&a, la, 1, peer),
+            Err(std::io::ErrorKind::NetworkUnreachable)
+        );
         assert!(
             lb.services
                 .get(&svc_key(Ipv4Addr::new(10, 43, 200, 1), 8080))
@@ -822,9 +933,12 @@ mod tests {
         // Back, then the balancer dropped: the kernel detaches the program.
         state.services.insert(web.id.clone(), web.clone());
         lb.sync_all(&state).unwrap();
-        assert!(connects(&a, 1).is_ok());
+        assert!(connects(&a, la, 1, peer).is_ok());
         drop(lb);
-        assert_eq!(connects(&a, 1), Err(std::io::ErrorKind::NetworkUnreachable));
+        assert_eq!(
+            connects(&a, la, 1, peer),
+            Err(std::io::ErrorKind::NetworkUnreachable)
+        );
         drop(listeners);
     }
 }
