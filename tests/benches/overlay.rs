@@ -39,6 +39,8 @@
 //! is not registered, whose VIP connections take nft DNAT (the path every
 //! client had before): an A/B of the two under the same load.
 //! `GANTRY_CONNECT_LB=0` turns the eBPF path off altogether.
+//! `GANTRY_BENCH_WRK_AA` (default 1) adds a control pair, the same-node
+//! task against itself, whose "ratio" is the noise floor of the pairing.
 //!
 //! Results: `bench-results/overlay.json` and `.md` at the workspace root,
 //! and the table on stdout. Knobs: `GANTRY_BENCH_SERVICES` (default 1000),
@@ -752,6 +754,17 @@ fn wrk_bench() -> Vec<serde_json::Value> {
         "http://10.42.2.10/",
         "http://10.43.0.2/",
     ));
+    if env_usize("GANTRY_BENCH_WRK_AA", 1) != 0 {
+        // The same target twice: what the pairing alone reads as a
+        // difference on this machine (the noise floor of a VIP/direct
+        // ratio), in the same rounds.
+        pairs.push((
+            "same node, direct vs direct (A/A control)",
+            &client,
+            "http://10.42.1.10/",
+            "http://10.42.1.10/",
+        ));
+    }
     if env_usize("GANTRY_BENCH_WRK_NFT_AB", 1) != 0 && fast {
         assert_eq!(peer_c2, "10.43.0.1", "the unregistered client takes nft");
         pairs.push((
