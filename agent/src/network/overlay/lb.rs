@@ -939,6 +939,12 @@ mod tests {
             connects(&a, la, 1, peer),
             Err(std::io::ErrorKind::NetworkUnreachable)
         );
+        // A restarted agent: a new balancer, refilled from the whole state.
+        let resolver = cookies.clone();
+        let mut again = Balancer::start(Box::new(move |task, _| resolver.get(task).copied()))
+            .expect("second start");
+        again.sync_all(&state).unwrap();
+        assert_eq!(connects(&a, la, 20, peer).map(|s| s.len()), Ok(1));
         drop(listeners);
     }
 }
