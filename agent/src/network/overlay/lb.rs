@@ -340,7 +340,7 @@ fn entry(s: &ServiceRecord) -> Entry {
 }
 
 /// What was applied for one service.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Applied {
     entry: Entry,
     slot: u32,
@@ -673,12 +673,6 @@ impl Balancer {
             }
         }
         Ok(())
-    }
-}
-
-impl PartialEq for Applied {
-    fn eq(&self, other: &Applied) -> bool {
-        self.entry == other.entry && self.slot == other.slot && self.members == other.members
     }
 }
 

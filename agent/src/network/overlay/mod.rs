@@ -356,13 +356,15 @@ impl Overlay {
                 return Err(e);
             }
         }
-        if self.device.is_some() {
+        // A balancer started just now has empty maps: it gets everything.
+        let fresh = self.lb.is_none() && self.device.is_some() && {
             self.start_lb();
-        }
+            self.lb.is_some()
+        };
         if let Some(balancer) = self.lb.as_mut() {
             let lb_start = Instant::now();
             let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-            let synced = if services_only {
+            let synced = if services_only && !fresh {
                 balancer.sync_some(&changed, &removed, &state)
             } else {
                 balancer.sync_all(&state)
