@@ -68,6 +68,8 @@ pub(crate) const JNE32_K: u8 = 0x56;
 pub(crate) const JEQ64_K: u8 = 0x15;
 /// `if dst != imm goto +off`.
 pub(crate) const JNE64_K: u8 = 0x55;
+/// `if dst != src goto +off`.
+pub(crate) const JNE64_X: u8 = 0x5d;
 /// `goto +off`.
 pub(crate) const JA: u8 = 0x05;
 /// `r0 = helper imm (r1..r5)`; r1..r5 are clobbered.

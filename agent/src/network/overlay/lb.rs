@@ -21,7 +21,7 @@
 //! namespace up (`bpf_get_netns_cookie`): only the agent's own task
 //! containers get rewrites, and only for VIPs of networks they are on.
 //!
-//! Maps (all hash maps, allocated on update):
+//! Maps (hash maps allocated on update):
 //! - `services`: (VIP, port) → { backend slot, count, network ids[4] };
 //! - `backends`: (slot, index) → backend address. The VIP's port is the
 //!   tasks' port (`target`), so only the address is rewritten;
@@ -35,16 +35,18 @@
 //! path).
 //!
 //! `getpeername()` on a rewritten socket answers the VIP, as with DNAT: the
-//! connect program remembers each rewritten socket's VIP by socket cookie
-//! in an LRU map, and a `BPF_CGROUP_INET4_GETPEERNAME` program puts it back
+//! connect program remembers each rewritten socket's VIP and backend by
+//! socket cookie in an LRU map (preallocated, the kernel's only kind), and
+//! a `BPF_CGROUP_INET4_GETPEERNAME` program puts the VIP back while the
+//! socket is connected to that backend
 //! (Cilium's reverse-NAT for its socket LB). Optional: a kernel without
 //! the hook, or an evicted entry, answers the replica's address.
 
 use super::state::{DesiredState, ServiceRecord};
 use crate::bpf::{
     ADD64_K, CALL, EXIT, FN_GET_NETNS_COOKIE, FN_GET_PRANDOM_U32, FN_GET_SOCKET_COOKIE,
-    FN_MAP_LOOKUP_ELEM, FN_MAP_UPDATE_ELEM, Insn, JA, JEQ64_K, JNE64_K, LDX_MEM_W, MOD32_X,
-    MOV64_K, MOV64_X, Map, ST_MEM_W, STX_MEM_DW, STX_MEM_W, insn, ld_map_fd,
+    FN_MAP_LOOKUP_ELEM, FN_MAP_UPDATE_ELEM, Insn, JA, JEQ64_K, JNE64_K, JNE64_X, LDX_MEM_W,
+    MOD32_X, MOV64_K, MOV64_X, Map, ST_MEM_W, STX_MEM_DW, STX_MEM_W, insn, ld_map_fd,
 };
 use crate::engine::spec::PortProtocol;
 use std::collections::{BTreeMap, BTreeSet};
@@ -131,7 +133,8 @@ const FP: u8 = 10;
 /// The connect program. r6 holds the context, r7 the service entry. Stack:
 /// the service key at fp-8, the member key at fp-24, the backend key at
 /// fp-32, the socket cookie at fp-40. A rewritten socket's VIP is
-/// remembered in `reverse` (socket cookie → VIP) for [`getpeername_program`].
+/// remembered in `reverse` (socket cookie → (VIP, backend)) for
+/// [`getpeername_program`].
 fn program(
     services: &OwnedFd,
     backends: &OwnedFd,
@@ -198,7 +201,9 @@ fn program(
         insn(CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM),
         insn(JEQ64_K, R0, 0, PASS, 0),
         insn(LDX_MEM_W, R8, R0, 0, 0),
-        // reverse[socket cookie] = the VIP (the service key's first word).
+        // reverse[socket cookie] = (VIP, backend): the service key's first
+        // word, and the backend over its port word (no longer needed).
+        insn(STX_MEM_W, FP, R8, -4, 0),
         insn(MOV64_X, R1, R6, 0, 0),
         insn(CALL, 0, 0, 0, FN_GET_SOCKET_COOKIE),
         insn(STX_MEM_DW, FP, R0, -40, 0),
@@ -240,7 +245,12 @@ fn getpeername_program(reverse: &OwnedFd) -> Vec<Insn> {
         insn(MOV64_X, R2, FP, 0, 0),
         insn(ADD64_K, R2, 0, 0, -8),
         insn(CALL, 0, 0, 0, FN_MAP_LOOKUP_ELEM),
-        insn(JEQ64_K, R0, 0, 2, 0),
+        insn(JEQ64_K, R0, 0, 5, 0),
+        // Only while the socket is still connected to that backend (one
+        // connected again elsewhere answers its real peer).
+        insn(LDX_MEM_W, R2, R0, 4, 0),
+        insn(LDX_MEM_W, R3, R6, CTX_USER_IP4, 0),
+        insn(JNE64_X, R2, R3, 2, 0),
         insn(LDX_MEM_W, R2, R0, 0, 0),
         insn(STX_MEM_W, R6, R2, CTX_USER_IP4, 0),
         insn(MOV64_K, R0, 0, 0, 1),
@@ -357,11 +367,11 @@ pub struct Balancer {
     services: Map<SvcKey, SvcValue>,
     backends: Map<BackendKey, u32>,
     members: Map<MemberKey, u32>,
-    _reverse: Map<u64, u32>,
+    _reverse: Map<u64, [u32; 2]>,
     _prog: OwnedFd,
     _link: OwnedFd,
-    /// The getpeername program and its link, when the kernel took them.
-    _peer: Option<(OwnedFd, OwnedFd)>,
+    /// The getpeername program and its link, or why the kernel refused them.
+    peer: Result<(OwnedFd, OwnedFd), String>,
     /// Where it is attached.
     pub cgroup: PathBuf,
     applied: BTreeMap<String, Applied>,
@@ -423,15 +433,11 @@ impl Balancer {
                 .map(|link| (prog, link))
                 .map_err(|e| format!("attaching: {e}"))
         });
-        let peer = match peer {
-            Ok(p) => Some(p),
-            Err(e) => {
-                tracing::warn!(
-                    "connect-time VIP balancing: no getpeername hook ({e}); a balanced socket's peer is its replica's address"
-                );
-                None
-            }
-        };
+        if let Err(e) = &peer {
+            tracing::warn!(
+                "connect-time VIP balancing: no getpeername hook ({e}); a balanced socket's peer is its replica's address"
+            );
+        }
         let link = crate::bpf::link_cgroup(&prog, dir.as_fd(), CGROUP_INET4_CONNECT)
             .map_err(|e| format!("attaching to {}: {e}", cgroup.display()))?;
         Ok(Balancer {
@@ -441,7 +447,7 @@ impl Balancer {
             _reverse: reverse,
             _prog: prog,
             _link: link,
-            _peer: peer,
+            peer,
             cgroup,
             applied: BTreeMap::new(),
             net_ids: BTreeMap::new(),
@@ -451,6 +457,12 @@ impl Balancer {
             pending: BTreeSet::new(),
             resolver,
         })
+    }
+
+    /// Whether `getpeername()` of a balanced socket answers the VIP (the
+    /// hook is attached) rather than the replica.
+    pub fn peer_is_vip(&self) -> bool {
+        self.peer.is_ok()
     }
 
     /// Whether some local task's container could not be found yet.
@@ -836,10 +848,12 @@ mod tests {
             .collect();
         let la = &listeners[0];
         let lb_ = &listeners[1];
-        let peer = lb._peer.is_some();
-        if !peer {
-            println!("note: no getpeername hook on this kernel; peers not checked");
+        // Both hooks need about the same kernel (5.7 and 5.8): one that
+        // takes the connect program must take the getpeername one.
+        if let Err(e) = &lb.peer {
+            panic!("the getpeername program was refused: {e}");
         }
+        let peer = true;
         let mut web = service(
             "web",
             Some([10, 43, 200, 1]),

@@ -160,7 +160,11 @@ impl Overlay {
     /// `docs/network.md`: `ebpf-connect+nft` or `nft (<why>)`.
     pub fn vip_mode(&self) -> String {
         match (&self.lb, &self.lb_off) {
-            (Some(lb), _) => format!("ebpf-connect+nft (attached at {})", lb.cgroup.display()),
+            (Some(lb), _) => format!(
+                "ebpf-connect+nft (attached at {}; getpeername answers the {})",
+                lb.cgroup.display(),
+                if lb.peer_is_vip() { "VIP" } else { "replica" }
+            ),
             (None, Some(why)) => format!("nft ({why})"),
             (None, None) => "nft".to_string(),
         }
