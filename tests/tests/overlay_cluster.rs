@@ -462,6 +462,15 @@ fn services_reach_each_other_by_name_through_vips_and_the_routing_mesh() {
         !remotes.is_empty() && remotes.iter().all(|r| r.starts_with("10.42.")),
         "shop_client's connection to the VIP {vip} is not to a replica: {listed}"
     );
+    // What an operator sees: every agent says which mode its VIPs are in.
+    for host in env.c.hosts_with(cluster::Role::Agent) {
+        let log = std::fs::read_to_string(env.c.host_log(&host).unwrap()).unwrap_or_default();
+        assert!(
+            log.contains("TCP balanced at connect() in eBPF"),
+            "{host}'s log does not say the eBPF path is on:\n{}",
+            env.c.log_tail(&host, 30)
+        );
+    }
     // Isolation holds in the program too: another network's container gets
     // no rewrite (its socket stays addressed to the VIP, and nft drops it).
     let (_, listed) = env.exec("other_outsider", &hold_and_list(&vip));
