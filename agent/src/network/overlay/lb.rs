@@ -727,6 +727,59 @@ mod tests {
         );
     }
 
+    /// Every jump of `prog` lands on an instruction (not past the end, not
+    /// in the second half of a 64-bit load); returns the targets.
+    fn jump_targets(prog: &[Insn]) -> Vec<(usize, usize)> {
+        let halves: BTreeSet<usize> = prog
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.code == crate::bpf::LD_IMM64)
+            .map(|(k, _)| k + 1)
+            .collect();
+        let mut out = Vec::new();
+        for (k, i) in prog.iter().enumerate() {
+            // JMP and JMP32 classes, less call and exit.
+            if matches!(i.code & 7, 5 | 6) && i.code != CALL && i.code != EXIT {
+                let to = (k as isize + i.off as isize + 1) as usize;
+                assert!(
+                    to < prog.len() && !halves.contains(&to),
+                    "jump at {k} to {to}"
+                );
+                out.push((k, to));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn jumps_land_on_instructions_and_misses_return_unchanged() {
+        let fd = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let (a, b, c, d) = (fd(), fd(), fd(), fd());
+        let connect = program(&a, &b, &c, &d);
+        let pass = connect.len() - 2;
+        assert_eq!(connect[pass], insn(MOV64_K, R0, 0, 0, 1));
+        for (from, to) in jump_targets(&connect) {
+            // Every miss (a map lookup's null, not TCP, no network
+            // matched) leaves the address alone; only the network match
+            // jumps forward into the rewrite.
+            let i = connect[from];
+            if i.code == JEQ64_K || (i.code == JNE64_K && i.imm == IPPROTO_TCP) || i.code == JA {
+                assert_eq!(to, pass, "miss at {from}");
+            }
+        }
+        let peer = getpeername_program(&a);
+        let end = peer.len() - 2;
+        assert_eq!(peer[end], insn(MOV64_K, R0, 0, 0, 1));
+        assert_eq!(
+            jump_targets(&peer)
+                .iter()
+                .map(|(_, to)| *to)
+                .collect::<Vec<_>>(),
+            [end, end],
+            "the null lookup and another peer both skip the rewrite"
+        );
+    }
+
     #[test]
     fn keys_are_in_network_byte_order() {
         let k = svc_key(Ipv4Addr::new(10, 43, 0, 2), 80);
