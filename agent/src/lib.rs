@@ -1,5 +1,7 @@
 //! Gantry's agent: everything that runs on a node.
 //!
+//! - `bpf`: hand-assembled eBPF and the `bpf(2)` calls (device filter,
+//!   connect-time service load balancing).
 //! - [`daemon`]: the agent process: the dispatcher session with the
 //!   controller, assignments to the worker, statuses, logs and exec relays.
 //! - [`image`]: the content-addressed image store (import, pull, unpack, GC).
@@ -17,6 +19,7 @@
 //! Everything else in the crate is synchronous.
 #![deny(missing_docs)]
 
+pub(crate) mod bpf;
 pub mod daemon;
 pub mod engine;
 pub mod image;

@@ -31,10 +31,16 @@
 //! (`GANTRY_BENCH_WRK_ROUNDS`, default 8; `GANTRY_BENCH_WRK_SECONDS`,
 //! default 2), so one noisy round on a shared machine does not decide. The
 //! load average before and after is recorded with the figures.
-//! `GANTRY_BENCH_WRK_MASQ_AB` (default 1) adds a third pair in the same
-//! rounds: the same-node replica through a second VIP whose flows get the
-//! hairpin masquerade that every same-node VIP flow had before (an A/B of
-//! that rule under the same load).
+//! The client container is registered on node 1 the way a task's container
+//! is (a lease and a netns file in node 1's data dir, found by the overlay),
+//! so its TCP connects to a VIP are balanced by the eBPF connect program
+//! (`network::overlay::lb`); `GANTRY_BENCH_WRK_NFT_AB` (default 1) adds, in
+//! the same rounds, the same two pairs from a second client container that
+//! is not registered, whose VIP connections take nft DNAT (the path every
+//! client had before): an A/B of the two under the same load.
+//! `GANTRY_CONNECT_LB=0` turns the eBPF path off altogether.
+//! `GANTRY_BENCH_WRK_AA` (default 1) adds a control pair, the same-node
+//! task against itself, whose "ratio" is the noise floor of the pairing.
 //!
 //! Results: `bench-results/overlay.json` and `.md` at the workspace root,
 //! and the table on stdout. Knobs: `GANTRY_BENCH_SERVICES` (default 1000),
@@ -45,7 +51,9 @@ use gantry_agent::engine::spec::PortProtocol;
 use gantry_agent::network::overlay::state::{
     ClusterNetwork, Endpoint, OverlayNode, ServicePort, ServiceRecord, Update,
 };
-use gantry_agent::network::overlay::{Overlay, OverlayConfig, rules};
+use gantry_agent::network::overlay::{self, Overlay, OverlayConfig, rules};
+use gantry_agent::network::{self, NetworkConfig, Subnet};
+use gantry_agent::paths::DataDir;
 use gantry_tests::bench::{env_usize, git_commit, utc_now, workspace_root};
 use serde_json::json;
 use std::io::{Read, Write};
@@ -61,6 +69,15 @@ fn ip(args: &[&str]) {
         "ip {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A bind mount, unmounted on drop (before its temp dir goes).
+struct Unbind(std::path::PathBuf);
+
+impl Drop for Unbind {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
 }
 
 struct Ns(String);
@@ -171,15 +188,22 @@ fn main() {
     };
 
     let results = in_ns(&ns.0, move || {
+        // With connect-time balancing on (unless GANTRY_CONNECT_LB=0): each
+        // change also patches its eBPF maps, and that is timed too.
         let mut overlay = Overlay::new(OverlayConfig {
             bridge: "gantry0".into(),
             underlay: Some(Ipv4Addr::new(10, 250, 0, 1)),
+            clients: None,
+            connect_lb: overlay::connect_lb_from_env(),
         });
         let report = overlay.update(full).expect("full update");
+        let lb_mode = overlay.vip_mode();
+        let mut lb_synced = report.lb_synced;
         let full_time = report.elapsed;
         let full_lines = report.nft_lines;
         let mut revision = 2;
         let mut one = Vec::new();
+        let mut one_lb = Vec::new();
         let mut one_lines = 0;
         for r in 0..rounds {
             let i = (r * 37) % services;
@@ -193,7 +217,9 @@ fn main() {
                 .expect("endpoint change");
             revision += 1;
             one_lines = report.nft_lines;
+            lb_synced &= report.lb_synced;
             one.push(report.elapsed);
+            one_lb.push(report.lb_elapsed);
         }
         let mut add = Vec::new();
         let mut remove = Vec::new();
@@ -241,12 +267,27 @@ fn main() {
         let diff_equal = start.elapsed();
         overlay.teardown().expect("teardown");
         (
-            full_time, full_lines, one, one_lines, add, remove, reload, diff_equal,
+            full_time, full_lines, one, one_lb, one_lines, add, remove, reload, diff_equal,
+            lb_mode, lb_synced,
         )
     });
-    let (full_time, full_lines, mut one, one_lines, mut add, mut remove, mut reload, diff_equal) =
-        results;
-    for v in [&mut one, &mut add, &mut remove, &mut reload] {
+    let (
+        full_time,
+        full_lines,
+        mut one,
+        mut one_lb,
+        one_lines,
+        mut add,
+        mut remove,
+        mut reload,
+        diff_equal,
+        lb_mode,
+        lb_synced,
+    ) = results;
+    println!(
+        "VIP mode of the rule-apply run: {lb_mode}; every change synced the eBPF maps: {lb_synced}"
+    );
+    for v in [&mut one, &mut one_lb, &mut add, &mut remove, &mut reload] {
         v.sort();
     }
     let row = |name: &str, v: &[Duration]| {
@@ -265,6 +306,7 @@ fn main() {
             r["nft_lines"] = json!(one_lines);
             r
         },
+        row("one_endpoint, of which eBPF maps", &one_lb),
         row("add_service", &add),
         row("remove_service", &remove),
         row("full_reload_same_size", &reload),
@@ -285,6 +327,8 @@ fn main() {
         "endpoints_per_service": endpoints,
         "rounds": rounds,
         "diff_of_equal_models_ms": ms(diff_equal),
+        "vip_mode": lb_mode,
+        "ebpf_maps_synced_each_change": lb_synced,
         "rows": rows,
     });
     let mut md = format!(
@@ -516,42 +560,38 @@ fn wrk_bench() -> Vec<serde_json::Value> {
             record("same", [10, 43, 0, 1], "node1", [10, 42, 1, 10]),
             record("cross", [10, 43, 0, 2], "node2", [10, 42, 2, 10]),
             record("client", [10, 43, 0, 3], "node1", [10, 42, 1, 20]),
-            // The same replica again, for the A/B below.
-            record("samemasq", [10, 43, 0, 4], "node1", [10, 42, 1, 10]),
+            // A second client that node 1's agent does not know a container
+            // for: its connects take the nft DNAT path (the A/B below).
+            record("client2", [10, 43, 0, 4], "node1", [10, 42, 1, 21]),
         ],
         ..Update::default()
     };
+    // Node 1's data dir, where its client container is found the way the
+    // agent finds a task's: the lease of its address, then its netns file.
+    let data_dir = tempfile::tempdir().expect("data dir");
+    let data = DataDir::new(data_dir.path());
+    let node1_subnet: Subnet = "10.42.1.0/24".parse().expect("subnet");
+    NetworkConfig {
+        subnet: node1_subnet,
+        ..NetworkConfig::default()
+    }
+    .save(&data)
+    .expect("node 1 network config");
     for (n, ns) in nodes.iter().zip(&keep) {
         let mut u = update.clone();
         u.node_subnet = Some(n.subnet);
+        let clients = (n.subnet == node1_subnet).then(|| data.clone());
         let overlay = in_ns(&ns.0, || {
             let mut o = Overlay::new(OverlayConfig {
                 bridge: "gantry0".into(),
                 underlay: Some(n.underlay),
+                clients,
+                connect_lb: overlay::connect_lb_from_env(),
             });
             o.update(u).expect("update");
             o
         });
         overlays.push(overlay);
-    }
-    // A/B in the same run: the second VIP of the same-node replica gets the
-    // hairpin masquerade every same-node VIP flow had before (`oifname
-    // gantry0 … ct status dnat masquerade`), so the two rules are compared
-    // under the same load.
-    let masq_ab = env_usize("GANTRY_BENCH_WRK_MASQ_AB", 1) != 0;
-    if masq_ab {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &keep[0].0, "nft", "add", "rule", "ip"])
-            .args([rules::TABLE, "postrouting", "oifname", "gantry0"])
-            .args(["ct", "original", "ip", "daddr", "10.43.0.4"])
-            .args(["ct", "status", "dnat", "masquerade"])
-            .output()
-            .expect("run nft");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
     }
     let mtu = overlays[0].mtu().unwrap_or(1450).to_string();
     let mut containers = Vec::new();
@@ -559,6 +599,7 @@ fn wrk_bench() -> Vec<serde_json::Value> {
         (0usize, "10.42.1.10", "s1"),
         (1, "10.42.2.10", "s2"),
         (0, "10.42.1.20", "cl"),
+        (0, "10.42.1.21", "c2"),
     ] {
         let ns = Ns(name(role));
         ip(&["netns", "add", &ns.0]);
@@ -630,17 +671,113 @@ fn wrk_bench() -> Vec<serde_json::Value> {
     };
     http_server(&containers[0].0, server_cpu);
     http_server(&containers[1].0, server_cpu);
+    // The client container registered as a task's is (its lease and its
+    // netns file in node 1's data dir), then found by the overlay's retry,
+    // as the agent's loop does for a task whose container came after the
+    // update. `c2` is left unregistered.
+    let netns_file = network::netns_path(&data, "bench-client");
+    std::fs::create_dir_all(netns_file.parent().expect("netns dir")).expect("netns dir");
+    std::fs::File::create(&netns_file).expect("netns file");
+    nix::mount::mount(
+        Some(format!("/run/netns/{}", containers[2].0).as_str()),
+        &netns_file,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .expect("bind the client's netns");
+    let _unbind = Unbind(netns_file.clone());
+    network::ipam::lease_fixed(
+        &data,
+        &node1_subnet,
+        "bench-client",
+        Ipv4Addr::new(10, 42, 1, 20),
+    )
+    .expect("lease");
+    overlays[0].retry_clients();
+    let mode = overlays[0].vip_mode();
+    println!("VIP mode on node 1: {mode}");
+    // What each client's socket to the same-node VIP is really connected
+    // to: the kernel's socket table, not getpeername() (which answers the
+    // VIP for a balanced socket, as with DNAT).
+    let peer = |ns: &str| {
+        in_ns(ns, || {
+            let s = std::net::TcpStream::connect_timeout(
+                &"10.43.0.1:80".parse().expect("addr"),
+                Duration::from_secs(2),
+            );
+            let local = match s.and_then(|s| s.local_addr()) {
+                Ok(a) => a,
+                Err(e) => return format!("error: {e}"),
+            };
+            // This thread's namespace's table (`/proc/self/net` would be
+            // the main thread's).
+            let table = std::fs::read_to_string("/proc/thread-self/net/tcp").unwrap_or_default();
+            let local_port = format!(":{:04X}", local.port());
+            table
+                .lines()
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    (f.len() > 2 && f[1].ends_with(&local_port)).then(|| f[2].to_string())
+                })
+                .find_map(|remote| {
+                    let hex = remote.split(':').next()?;
+                    let n = u32::from_str_radix(hex, 16).ok()?;
+                    // /proc prints the address as a host-order u32 of the
+                    // network-order bytes.
+                    Some(Ipv4Addr::from(n.to_le_bytes()).to_string())
+                })
+                .unwrap_or_else(|| "not found".into())
+        })
+    };
+    let mut pairs: Vec<(&str, &str, &str, &str)> = Vec::new();
+    let (peer_cl, peer_c2) = (peer(&containers[2].0), peer(&containers[3].0));
+    println!("the VIP from the registered client: {peer_cl}; from the other: {peer_c2}");
+    let fast = mode.starts_with("ebpf") && peer_cl == "10.42.1.10";
+    if !fast {
+        println!(
+            "data path: connect-time balancing is not on for the client ({mode}); nft rows only"
+        );
+    }
     let client = containers[2].0.clone();
-    // Pairs measured together: (label, direct URL, VIP URL).
-    let mut pairs = vec![
-        ("same node", "http://10.42.1.10/", "http://10.43.0.1/"),
-        ("cross node", "http://10.42.2.10/", "http://10.43.0.2/"),
-    ];
-    if masq_ab {
+    let other = containers[3].0.clone();
+    let fast_label = |nft: &'static str, ebpf: &'static str| if fast { ebpf } else { nft };
+    pairs.push((
+        fast_label("same node (nft DNAT)", "same node (eBPF connect)"),
+        &client,
+        "http://10.42.1.10/",
+        "http://10.43.0.1/",
+    ));
+    pairs.push((
+        fast_label("cross node (nft DNAT)", "cross node (eBPF connect)"),
+        &client,
+        "http://10.42.2.10/",
+        "http://10.43.0.2/",
+    ));
+    if env_usize("GANTRY_BENCH_WRK_AA", 1) != 0 {
+        // The same target twice: what the pairing alone reads as a
+        // difference on this machine (the noise floor of a VIP/direct
+        // ratio), in the same rounds.
         pairs.push((
-            "same node, hairpin masqueraded (before)",
+            "same node, direct vs direct (A/A control)",
+            &client,
             "http://10.42.1.10/",
-            "http://10.43.0.4/",
+            "http://10.42.1.10/",
+        ));
+    }
+    if env_usize("GANTRY_BENCH_WRK_NFT_AB", 1) != 0 && fast {
+        assert_eq!(peer_c2, "10.43.0.1", "the unregistered client takes nft");
+        pairs.push((
+            "same node (nft DNAT, client not registered)",
+            &other,
+            "http://10.42.1.10/",
+            "http://10.43.0.1/",
+        ));
+        pairs.push((
+            "cross node (nft DNAT, client not registered)",
+            &other,
+            "http://10.42.2.10/",
+            "http://10.43.0.2/",
         ));
     }
     let rounds = env_usize("GANTRY_BENCH_WRK_ROUNDS", 8).max(1);
@@ -649,22 +786,22 @@ fn wrk_bench() -> Vec<serde_json::Value> {
     // Per pair: (direct, VIP) per round.
     let mut runs: Vec<Vec<[(f64, f64, f64); 2]>> = vec![Vec::new(); pairs.len()];
     for r in 0..rounds {
-        for (k, (_, direct, vip)) in pairs.iter().enumerate() {
+        for (k, (_, client, direct, vip)) in pairs.iter().enumerate() {
             // Back to back, the order alternating, so that a burst of load
             // from the shared machine falls on either alike.
             let (d, v) = if (r + k) % 2 == 0 {
-                let d = wrk(&client, direct, seconds, wrk_cpu);
-                (d, wrk(&client, vip, seconds, wrk_cpu))
+                let d = wrk(client, direct, seconds, wrk_cpu);
+                (d, wrk(client, vip, seconds, wrk_cpu))
             } else {
-                let v = wrk(&client, vip, seconds, wrk_cpu);
-                (wrk(&client, direct, seconds, wrk_cpu), v)
+                let v = wrk(client, vip, seconds, wrk_cpu);
+                (wrk(client, direct, seconds, wrk_cpu), v)
             };
             runs[k].push([d, v]);
         }
     }
     let load_after = loadavg();
     let mut rows = Vec::new();
-    for ((label, direct, vip), v) in pairs.iter().zip(runs) {
+    for ((label, _, direct, vip), v) in pairs.iter().zip(runs) {
         for (i, (path, url)) in [("direct", direct), ("VIP", vip)].iter().enumerate() {
             rows.push(json!({
                 "name": format!("{label}, {path}"),

@@ -360,6 +360,8 @@ fn cluster(count: u8) -> (Ns, Vec<Node>) {
                 overlay: Overlay::new(OverlayConfig {
                     bridge: "gantry0".into(),
                     underlay: Some(address),
+                    clients: None,
+                    connect_lb: false,
                 }),
             }
         })
@@ -661,6 +663,8 @@ fn overlay_data_plane_end_to_end_in_namespaces() {
     nodes[0].overlay = Overlay::new(OverlayConfig {
         bridge: "gantry0".into(),
         underlay: Some(nodes[0].underlay),
+        clients: None,
+        connect_lb: false,
     });
     let report = nodes[0].update(full_again);
     assert_eq!(report.peer_changes, 0, "{report:?}");

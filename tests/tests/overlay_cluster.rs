@@ -5,7 +5,9 @@
 //! spreading 300 requests over three replicas on three nodes, an unhealthy
 //! replica's last connection measured, a published port answering on every
 //! node, a `mode: host` port only on its task's node, networks isolating,
-//! a node leaving (`node rm`, then `agent --leave` on it) taken out of every
+//! connect-time balancing in eBPF (a client's socket connected to a replica
+//! itself, none for another network's container, nft DNAT again once the
+//! agent is killed -9), a node leaving (`node rm`, then `agent --leave` on it) taken out of every
 //! other node's VXLAN entries and cleaned up itself, and removal leaving
 //! each host's `nft list ruleset`, `ip link` and `ip route` as before the
 //! deploy.
@@ -188,6 +190,41 @@ fn uptime() -> f64 {
 
 fn host_busybox() -> &'static str {
     gantry_tests::bundle::HOST_BUSYBOX
+}
+
+/// A shell script that holds a TCP connection to `target:80` open for a
+/// moment and lists the container's TCP sockets meanwhile (busybox `nc` and
+/// `netstat`); it returns once the connection is closed.
+fn hold_and_list(target: &str) -> String {
+    format!(
+        "sleep 1.5 | timeout 3 busybox nc {target} 80 >/dev/null 2>&1 & sleep 0.7; busybox netstat -tn; wait"
+    )
+}
+
+/// The remote ends on port 80 of `netstat -tn`'s open connections: what
+/// the container's own sockets say they are connected to.
+fn remote_80(netstat: &str) -> Vec<String> {
+    netstat
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() > 5 && matches!(f[5], "ESTABLISHED" | "SYN_SENT"))
+        .map(|f| f[4])
+        .filter(|f| f.ends_with(":80"))
+        .map(|f| f.trim_end_matches(":80").to_string())
+        .collect()
+}
+
+/// The netns file of the container holding `address` on `host` (its lease,
+/// then its persistent namespace file: what the agent itself looks up).
+fn netns_of(c: &Cluster, host: &str, address: &str) -> String {
+    let data = c.host_data_dir(host).unwrap();
+    let leases: Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("network/ipam.json")).unwrap())
+            .unwrap();
+    let id = leases["leases"][address]
+        .as_str()
+        .unwrap_or_else(|| panic!("no lease for {address} on {host}: {leases}"));
+    data.join("runtime/netns").join(id).display().to_string()
 }
 
 /// A GET of `url` from the controller host c1 (outside every agent node),
@@ -414,6 +451,31 @@ fn services_reach_each_other_by_name_through_vips_and_the_routing_mesh() {
         assert!(!ok && page.is_empty(), "{target} reached: {page:?}");
     }
 
+    // Connect-time balancing (eBPF, on by default): a client's socket to
+    // the VIP is connected to a replica's own address (the rewrite happens
+    // at connect(); there is no NAT), as the container's `netstat` shows,
+    // where with nft DNAT it would show the VIP.
+    let (_, listed) = env.exec("shop_client", &hold_and_list(&vip));
+    let remotes = remote_80(&listed);
+    assert!(
+        // A task's address (10.42/16), not the VIP (10.43/16).
+        !remotes.is_empty() && remotes.iter().all(|r| r.starts_with("10.42.")),
+        "shop_client's connection to the VIP {vip} is not to a replica: {listed}"
+    );
+    // What an operator sees: every agent says which mode its VIPs are in.
+    for host in env.c.hosts_with(cluster::Role::Agent) {
+        let log = std::fs::read_to_string(env.c.host_log(&host).unwrap()).unwrap_or_default();
+        assert!(
+            log.contains("TCP balanced at connect() in eBPF"),
+            "{host}'s log does not say the eBPF path is on:\n{}",
+            env.c.log_tail(&host, 30)
+        );
+    }
+    // Isolation holds in the program too: another network's container gets
+    // no rewrite (its socket stays addressed to the VIP, and nft drops it).
+    let (_, listed) = env.exec("other_outsider", &hold_and_list(&vip));
+    assert_eq!(remote_80(&listed), std::slice::from_ref(&vip), "{listed}");
+
     // A node leaving: its agent dies, the operator removes it (`gantry
     // node rm`, refused while a node is ready), and every other node drops
     // its route, neighbour and FDB entry.
@@ -463,7 +525,64 @@ fn services_reach_each_other_by_name_through_vips_and_the_routing_mesh() {
         !refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("is ready"),
         "node rm of a ready node: {refused:?}"
     );
+    // The victim's agent killed -9: the kernel detaches its program with
+    // its last fd, and its containers' VIP traffic falls back to the nft
+    // DNAT the agent left in place: still answered, now through NAT.
+    // (Listed again: the unhealthy replica above may have been replaced.)
+    let victim_replica = env
+        .running("shop_web")
+        .iter()
+        .find(|t| t["node"] == victim.as_str())
+        .map(|t| t["address"].as_str().unwrap().to_string());
+    let in_replica = |c: &Cluster, netns: &str, script: &str| -> String {
+        let out = c
+            .exec_in(
+                victim,
+                &[
+                    "nsenter",
+                    &format!("--net={netns}"),
+                    host_busybox(),
+                    "sh",
+                    "-c",
+                    script,
+                ],
+            )
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let replica_ns = victim_replica
+        .as_deref()
+        .map(|a| netns_of(&env.c, victim, a));
+    if let Some(ns) = &replica_ns {
+        let listed = in_replica(&env.c, ns, &hold_and_list(&vip));
+        let remotes = remote_80(&listed);
+        assert!(
+            // A task address (10.42/16), not the VIP: the replica set may
+            // have changed since `addresses` was listed.
+            !remotes.is_empty() && remotes.iter().all(|r| r.starts_with("10.42.")),
+            "before the kill, not rewritten: {listed}"
+        );
+    }
     env.c.kill(victim).unwrap();
+    if let Some(ns) = &replica_ns {
+        let listed = in_replica(&env.c, ns, &hold_and_list(&vip));
+        assert_eq!(
+            remote_80(&listed),
+            std::slice::from_ref(&vip),
+            "after the kill: {listed}"
+        );
+        let page = in_replica(
+            &env.c,
+            ns,
+            &format!("timeout 3 wget -q -O - http://{vip}/cgi-bin/index.cgi"),
+        );
+        assert!(
+            page.contains("ip=10.42."),
+            "VIP after the agent's kill: {page:?}"
+        );
+    } else {
+        println!("note: no web replica on {victim}; the kill -9 fallback check did not run");
+    }
     env.c
         .wait_node_status(victim, "down", Duration::from_secs(30))
         .unwrap();

@@ -269,7 +269,20 @@ fn run(data: DataDir, underlay: Option<Ipv4Addr>, rx: mpsc::Receiver<pb::Network
     // checked every second for at most `IDLE_BRIDGE_RETRIES` seconds.
     let mut idle_bridge: Option<u32> = None;
     loop {
+        let pending = overlay.as_ref().is_some_and(Overlay::has_pending_clients);
         let wire = match idle_bridge {
+            // A local task's container is not made yet: its namespace is
+            // looked for again shortly, so that its connects get balanced.
+            None if pending => match rx.recv_timeout(std::time::Duration::from_millis(500)) {
+                Ok(w) => w,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(o) = overlay.as_mut() {
+                        o.retry_clients();
+                    }
+                    continue;
+                }
+            },
             None => match rx.recv() {
                 Ok(w) => w,
                 Err(_) => return,
@@ -316,6 +329,8 @@ fn run(data: DataDir, underlay: Option<Ipv4Addr>, rx: mpsc::Receiver<pb::Network
                 let mut o = Overlay::new(OverlayConfig {
                     bridge: bridge.clone(),
                     underlay,
+                    clients: Some(data.clone()),
+                    connect_lb: crate::network::overlay::connect_lb_from_env(),
                 });
                 log_applied(wire.revision, o.update(dormant.to_full_update()));
                 overlay.insert(o)
@@ -373,6 +388,8 @@ pub fn leave(data: &DataDir) -> Result<bool, crate::network::NetworkError> {
     Overlay::new(OverlayConfig {
         bridge: bridge.clone(),
         underlay: None,
+        clients: None,
+        connect_lb: false,
     })
     .teardown()?;
     crate::network::remove_idle_bridge(data, &bridge)

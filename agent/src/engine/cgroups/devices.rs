@@ -13,43 +13,16 @@
 //! when it grants every requested access bit, a deny rule when it denies any.
 //!
 //! The instructions are assembled by hand (as crun does) so no compiler or
-//! BPF library is needed; loading and attaching are two raw `bpf(2)` calls.
+//! BPF library is needed; loading and attaching are two raw `bpf(2)` calls
+//! (`crate::bpf`).
 
 use super::CgroupError;
 use super::limits::DeviceRule;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use crate::bpf::{
+    AND64_K, EXIT, Insn, JEQ64_K, JNE32_K, JNE64_K, LDX_MEM_W, MOV64_K, MOV64_X, RSH64_K, insn,
+};
+use std::os::fd::AsRawFd;
 use std::path::Path;
-
-/// One eBPF instruction, as `struct bpf_insn` lays it out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(C)]
-pub(crate) struct Insn {
-    code: u8,
-    /// `src << 4 | dst`.
-    regs: u8,
-    off: i16,
-    imm: i32,
-}
-
-// Opcodes used (linux/bpf_common.h, linux/bpf.h).
-/// `dst = *(u32 *)(src + off)`.
-const LDX_MEM_W: u8 = 0x61;
-/// `dst = src` (64-bit).
-const MOV64_X: u8 = 0xbf;
-/// `dst = imm` (64-bit).
-const MOV64_K: u8 = 0xb7;
-/// `dst &= imm` (64-bit).
-const AND64_K: u8 = 0x57;
-/// `dst >>= imm` (64-bit).
-const RSH64_K: u8 = 0x77;
-/// `if (u32)dst != imm goto +off` (JMP32 class, kernel 5.1+).
-const JNE32_K: u8 = 0x56;
-/// `if dst == imm goto +off`.
-const JEQ64_K: u8 = 0x15;
-/// `if dst != imm goto +off`.
-const JNE64_K: u8 = 0x55;
-/// `return r0`.
-const EXIT: u8 = 0x95;
 
 // Registers: r1 holds the context; the prologue loads its fields.
 const R0: u8 = 0;
@@ -69,15 +42,6 @@ const ACC_MKNOD: i32 = 1;
 const ACC_READ: i32 = 2;
 const ACC_WRITE: i32 = 4;
 const ACC_ALL: i32 = ACC_MKNOD | ACC_READ | ACC_WRITE;
-
-const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> Insn {
-    Insn {
-        code,
-        regs: (src << 4) | dst,
-        off,
-        imm,
-    }
-}
 
 fn access_bits(access: &str) -> i32 {
     access.chars().fold(0, |bits, c| {
@@ -160,29 +124,8 @@ pub(crate) fn program(rules: &[DeviceRule]) -> Vec<Insn> {
     prog
 }
 
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_PROG_TYPE_CGROUP_DEVICE: u32 = 15;
 const BPF_CGROUP_DEVICE: u32 = 6;
-
-/// The leading fields of `union bpf_attr` for `BPF_PROG_LOAD`; the kernel
-/// treats the fields after them as zero.
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-}
 
 /// `union bpf_attr` for `BPF_PROG_ATTACH`.
 #[repr(C)]
@@ -195,64 +138,6 @@ struct ProgAttachAttr {
     replace_bpf_fd: u32,
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
-    // SAFETY: `attr` is a live, properly laid out `bpf_attr` prefix of the
-    // size passed; the kernel only reads it (and writes the log buffer it
-    // points to, which outlives the call).
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T as *mut libc::c_void,
-            std::mem::size_of::<T>() as libc::c_uint,
-        )
-    };
-    if ret < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-/// Loads the device program, returning its fd; on a refusal the verifier's
-/// log is fetched with a second load to say why.
-fn load(prog: &[Insn]) -> Result<OwnedFd, String> {
-    const LICENSE: &[u8] = b"Apache-2.0\0";
-    let mut name = [0u8; 16];
-    name[..14].copy_from_slice(b"gantry_devices");
-    let attr = |log: &mut Vec<u8>, level: u32| ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_CGROUP_DEVICE,
-        insn_cnt: prog.len() as u32,
-        insns: prog.as_ptr() as u64,
-        license: LICENSE.as_ptr() as u64,
-        log_level: level,
-        log_size: log.len() as u32,
-        log_buf: if level > 0 {
-            log.as_mut_ptr() as u64
-        } else {
-            0
-        },
-        prog_name: name,
-        expected_attach_type: BPF_CGROUP_DEVICE,
-        ..ProgLoadAttr::default()
-    };
-    let mut no_log = Vec::new();
-    match bpf(BPF_PROG_LOAD, &mut attr(&mut no_log, 0)) {
-        // SAFETY: a successful BPF_PROG_LOAD returns a new fd that we own.
-        Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) }),
-        Err(first) => {
-            let mut log = vec![0u8; 64 * 1024];
-            if let Ok(fd) = bpf(BPF_PROG_LOAD, &mut attr(&mut log, 1)) {
-                // SAFETY: as above; the retry succeeded, so keep its program.
-                return Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-            }
-            let end = log.iter().position(|&b| b == 0).unwrap_or(0);
-            let text = String::from_utf8_lossy(&log[..end]);
-            Err(format!("load: {first}; verifier: {}", text.trim()))
-        }
-    }
-}
-
 /// Enforces `rules` on the v2 group `dir` by attaching a new device program.
 /// It is attached without `BPF_F_ALLOW_MULTI`, so a later call (an update)
 /// replaces the program instead of stacking another.
@@ -261,7 +146,13 @@ pub(crate) fn apply_v2(dir: &Path, rules: &[DeviceRule]) -> Result<(), CgroupErr
         path: dir.to_path_buf(),
         reason,
     };
-    let prog = load(&program(rules)).map_err(fail)?;
+    let prog = crate::bpf::load(
+        BPF_PROG_TYPE_CGROUP_DEVICE,
+        BPF_CGROUP_DEVICE,
+        "gantry_devices",
+        &program(rules),
+    )
+    .map_err(fail)?;
     let group = std::fs::File::open(dir).map_err(|e| super::fs::io_err(dir, e))?;
     let mut attr = ProgAttachAttr {
         target_fd: group.as_raw_fd() as u32,
@@ -269,7 +160,8 @@ pub(crate) fn apply_v2(dir: &Path, rules: &[DeviceRule]) -> Result<(), CgroupErr
         attach_type: BPF_CGROUP_DEVICE,
         ..ProgAttachAttr::default()
     };
-    bpf(BPF_PROG_ATTACH, &mut attr).map_err(|e| fail(format!("attach: {e}")))?;
+    crate::bpf::bpf(crate::bpf::BPF_PROG_ATTACH, &mut attr)
+        .map_err(|e| fail(format!("attach: {e}")))?;
     // The attachment holds its own reference; our fds close here.
     Ok(())
 }
@@ -286,7 +178,7 @@ mod tests {
         let mut pc = 0usize;
         for _ in 0..10_000 {
             let i = prog[pc];
-            let (dst, src) = ((i.regs & 0xf) as usize, (i.regs >> 4) as usize);
+            let (dst, src) = (i.dst(), i.src());
             let imm64 = i.imm as i64 as u64;
             let mut next = pc + 1;
             let jump = pc as isize + i.off as isize + 1;
@@ -396,10 +288,5 @@ mod tests {
         ]);
         assert_eq!(p.len(), 6 + 2, "prologue, then the allow-all block only");
         assert_eq!(run(&p, C, RW, 1, 5), 1);
-    }
-
-    #[test]
-    fn instructions_are_eight_bytes() {
-        assert_eq!(std::mem::size_of::<Insn>(), 8);
     }
 }

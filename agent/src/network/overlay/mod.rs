@@ -9,6 +9,8 @@
 //! - [`rules`]: the `ip gantry_overlay` nftables table (kube-proxy's
 //!   nftables mode), rendered and diffed purely, loaded in one transaction.
 //! - [`dns`]: names → VIPs and task addresses, scoped by network.
+//! - [`lb`]: connect-time balancing of TCP VIPs in eBPF for the node's own
+//!   task containers (no per-packet NAT); the nft DNAT stays as fallback.
 //!
 //! [`Overlay`] is the thin shell: it keeps what it applied and, for each
 //! update, applies only the difference. It starts with nothing applied, so
@@ -19,6 +21,7 @@
 //! running and keep talking, as with Docker's `live-restore`.
 
 pub mod dns;
+pub mod lb;
 pub mod rules;
 pub mod state;
 pub mod vxlan;
@@ -75,6 +78,35 @@ pub struct OverlayConfig {
     /// updates do not say: the update's own node entry (the one with this
     /// node's subnet) wins.
     pub underlay: Option<Ipv4Addr>,
+    /// The data directory whose task containers are this node's clients
+    /// for connect-time balancing (leases name the container of a task's
+    /// address, its netns file the namespace); `None`: no local clients,
+    /// every VIP takes the nft DNAT path.
+    pub clients: Option<crate::paths::DataDir>,
+    /// Balance TCP VIPs at `connect()` in eBPF ([`lb`]) when the kernel
+    /// allows; off: nft DNAT only.
+    pub connect_lb: bool,
+}
+
+/// Whether connect-time balancing is wanted: on unless
+/// `GANTRY_CONNECT_LB` is `0`/`off`/`false` (a switch for operators and
+/// for A/B benchmarks).
+pub fn connect_lb_from_env() -> bool {
+    !matches!(
+        std::env::var("GANTRY_CONNECT_LB").as_deref(),
+        Ok("0" | "off" | "false")
+    )
+}
+
+/// The resolver of local clients in data dir `data`: the task's address →
+/// its container (the lease) → its netns file → the namespace's cookie.
+fn data_dir_resolver(data: crate::paths::DataDir) -> lb::ClientResolver {
+    Box::new(move |_task, address| {
+        let config = super::NetworkConfig::load(&data).ok()?;
+        let leases = super::ipam::load(&data, &config.subnet).ok()?;
+        let id = leases.leases.get(&address)?;
+        lb::netns_cookie(&super::netns_path(&data, id)).ok()
+    })
 }
 
 /// What one update did, for logs and benchmarks.
@@ -88,6 +120,10 @@ pub struct ApplyReport {
     pub nft_lines: usize,
     /// The table was reloaded whole.
     pub full_reload: bool,
+    /// The connect-time balancer's maps were updated too.
+    pub lb_synced: bool,
+    /// Time spent on the balancer's maps (part of `elapsed`).
+    pub lb_elapsed: Duration,
     /// Time spent, update to kernel.
     pub elapsed: Duration,
 }
@@ -100,6 +136,10 @@ pub struct Overlay {
     device: Option<(Subnet, Ipv4Addr, u32)>,
     peers: Option<vxlan::Peers>,
     model: Option<rules::Model>,
+    /// The connect-time balancer, once started.
+    lb: Option<lb::Balancer>,
+    /// Why it is not running (logged once), once a start was tried.
+    lb_off: Option<String>,
 }
 
 impl Overlay {
@@ -111,6 +151,74 @@ impl Overlay {
             device: None,
             peers: None,
             model: None,
+            lb: None,
+            lb_off: None,
+        }
+    }
+
+    /// How service VIPs are balanced on this node, for logs and
+    /// `docs/network.md`: `ebpf-connect+nft` or `nft (<why>)`.
+    pub fn vip_mode(&self) -> String {
+        match (&self.lb, &self.lb_off) {
+            (Some(lb), _) => format!(
+                "ebpf-connect+nft (attached at {}; getpeername answers the {})",
+                lb.cgroup.display(),
+                if lb.peer_is_vip() { "VIP" } else { "replica" }
+            ),
+            (None, Some(why)) => format!("nft ({why})"),
+            (None, None) => "nft".to_string(),
+        }
+    }
+
+    /// Whether some local task's container was not found yet: the caller
+    /// calls [`Overlay::retry_clients`] a little later.
+    pub fn has_pending_clients(&self) -> bool {
+        self.lb.as_ref().is_some_and(lb::Balancer::has_pending)
+    }
+
+    /// Looks for the containers of local tasks not found before.
+    pub fn retry_clients(&mut self) {
+        let Some(balancer) = self.lb.as_mut() else {
+            return;
+        };
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = balancer.retry(&state) {
+            drop(state);
+            self.stop_lb(format!("updating its maps: {e}"));
+        }
+    }
+
+    /// Stops connect-time balancing (the link closes: the kernel detaches
+    /// the program), with one warning; VIPs keep working through nft.
+    fn stop_lb(&mut self, why: String) {
+        tracing::warn!("connect-time VIP balancing off, service VIPs use nft DNAT only: {why}");
+        self.lb = None;
+        self.lb_off = Some(why);
+    }
+
+    /// Starts the balancer the first time it is wanted.
+    fn start_lb(&mut self) {
+        if self.lb.is_some() || self.lb_off.is_some() {
+            return;
+        }
+        if !self.config.connect_lb {
+            self.lb_off = Some("turned off".into());
+            tracing::info!("connect-time VIP balancing turned off: service VIPs use nft DNAT");
+            return;
+        }
+        let resolver: lb::ClientResolver = match self.config.clients.clone() {
+            Some(data) => data_dir_resolver(data),
+            None => Box::new(|_, _| None),
+        };
+        match lb::Balancer::start(resolver) {
+            Ok(b) => {
+                tracing::info!(
+                    cgroup = %b.cgroup.display(),
+                    "service VIPs: TCP balanced at connect() in eBPF for this node's tasks, nft DNAT for the rest"
+                );
+                self.lb = Some(b);
+            }
+            Err(why) => self.stop_lb(why),
         }
     }
 
@@ -252,6 +360,26 @@ impl Overlay {
                 return Err(e);
             }
         }
+        // A balancer started just now has empty maps: it gets everything.
+        let fresh = self.lb.is_none() && self.device.is_some() && {
+            self.start_lb();
+            self.lb.is_some()
+        };
+        if let Some(balancer) = self.lb.as_mut() {
+            let lb_start = Instant::now();
+            let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+            let synced = if services_only && !fresh {
+                balancer.sync_some(&changed, &removed, &state)
+            } else {
+                balancer.sync_all(&state)
+            };
+            drop(state);
+            report.lb_elapsed = lb_start.elapsed();
+            match synced {
+                Ok(()) => report.lb_synced = true,
+                Err(e) => self.stop_lb(format!("updating its maps: {e}")),
+            }
+        }
         report.elapsed = start.elapsed();
         Ok(report)
     }
@@ -265,6 +393,8 @@ impl Overlay {
         self.model = None;
         self.peers = None;
         self.device = None;
+        self.lb = None;
+        self.lb_off = None;
         let table = rules::delete_table();
         let device = vxlan::delete_device();
         let bridge = match link::exists(&self.config.bridge) {
