@@ -1280,9 +1280,13 @@ impl Loop {
         let hs_changed = ready.hs().is_some() || self.commit_dirty;
         if snapshot.is_some() || !entries.is_empty() || ready.must_sync() {
             let hard_state = hs_changed.then(|| hard_state_from_raft(&self.raw.raft.hard_state()));
+            let started = Instant::now();
             self.raw
                 .mut_store()
                 .persist_ready(snapshot.clone(), entries, hard_state)?;
+            let mut metrics = lock(&self.shared.metrics);
+            metrics.log_writes += 1;
+            metrics.log_write_seconds += started.elapsed().as_secs_f64();
             self.commit_dirty = false;
         } else if hs_changed {
             self.commit_dirty = true;
