@@ -444,8 +444,12 @@ fn costs(c: &Cluster) -> Vec<(String, Cost)> {
         .filter_map(|h| {
             let pid = h.pid?;
             let mut switches = 0;
-            for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
-                let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+                .ok()?
+                .flatten()
+            {
+                let status =
+                    std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
                 switches += status
                     .lines()
                     .filter(|l| l.contains("ctxt_switches:"))

@@ -183,7 +183,11 @@ impl GrpcTransport {
         peers: &'a mut HashMap<u64, Peer>,
         to: u64,
     ) -> Option<&'a mut Peer> {
-        if !peers.contains_key(&to) {
+        let slot = match peers.entry(to) {
+            std::collections::hash_map::Entry::Occupied(peer) => return Some(peer.into_mut()),
+            std::collections::hash_map::Entry::Vacant(slot) => slot,
+        };
+        {
             let address = node
                 .status()
                 .members
@@ -212,17 +216,13 @@ impl GrpcTransport {
             let client = pb::raft_client::RaftClient::new(channel)
                 .max_encoding_message_size(usize::MAX)
                 .max_decoding_message_size(usize::MAX);
-            peers.insert(
-                to,
-                Peer {
-                    address,
-                    client,
-                    stream: None,
-                    failing: Arc::new(AtomicBool::new(false)),
-                },
-            );
+            Some(slot.insert(Peer {
+                address,
+                client,
+                stream: None,
+                failing: Arc::new(AtomicBool::new(false)),
+            }))
         }
-        peers.get_mut(&to)
     }
 
     /// Puts `messages` (encoded, in order) on `to`'s stream, opening it
