@@ -152,9 +152,17 @@ fn main() {
                 }
                 (None, _) => (run(&gantry_target, &g), None),
             };
-            let er = etcd_target
-                .as_ref()
-                .map(|t| rt.block_on(load::run_writes(t, &load)));
+            // etcd's members are dev-cluster hosts too: the same probe
+            // (without the log counters, which are Gantry's).
+            let er = etcd_target.as_ref().zip(e.as_ref()).map(|(t, ec)| {
+                let before = costs(&ec.cluster);
+                let r = rt.block_on(load::run_writes(t, &load));
+                (r, cost_per_write(&before, &costs(&ec.cluster), ops))
+            });
+            let (e_summary, e_cost) = match er {
+                Some((r, c)) => (summary(r), c),
+                None => (Value::Null, Value::Null),
+            };
             let (b_summary, b_cost) = match br {
                 Some((r, c)) => (summary(r), c),
                 None => (Value::Null, Value::Null),
@@ -168,7 +176,8 @@ fn main() {
                 "gantry_cost": gc,
                 "gantry_b": b_summary,
                 "gantry_b_cost": b_cost,
-                "etcd": er.map_or(Value::Null, summary),
+                "etcd": e_summary,
+                "etcd_cost": e_cost,
             });
             println!("{row}");
             writes.push(row);
@@ -583,6 +592,32 @@ fn markdown(r: &Value) -> String {
             fmt_ms(&e["p99_ms"]),
             g["errors"],
             e["errors"],
+        ));
+    }
+    // What a write cost all members together (the probe in `costs`).
+    let total = |c: &Value, field: &str| -> String {
+        let Some(members) = c.as_object().filter(|m| !m.is_empty()) else {
+            return "–".into();
+        };
+        let sum: f64 = members.values().filter_map(|m| m[field].as_f64()).sum();
+        format!("{sum:.0}")
+    };
+    out.push_str("\nPer write, all members together: CPU µs / context switches.\n\n| round | clients | gantry | B | etcd |\n|---:|---:|---:|---:|---:|\n");
+    for w in r["writes"].as_array().into_iter().flatten() {
+        let cell = |key: &str| {
+            format!(
+                "{} / {}",
+                total(&w[key], "cpu_us"),
+                total(&w[key], "switches")
+            )
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            w["round"],
+            w["clients"],
+            cell("gantry_cost"),
+            cell("gantry_b_cost"),
+            cell("etcd_cost"),
         ));
     }
     out.push_str("\n| kill -9 of the leader → first acknowledged write | median | max | ≤ 1.5 s | rounds |\n|---|---:|---:|---:|---|\n");
