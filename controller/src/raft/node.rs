@@ -67,11 +67,6 @@ enum Request {
         reply: oneshot::Sender<Result<u64, RaftError>>,
     },
     Step(Box<Message>),
-    /// The syncer made the leader's appends up to this Ready durable.
-    Persisted(u64),
-    /// The syncer's `fdatasync` failed: the loop stops, as on any failed
-    /// write.
-    SyncFailed(String),
     Unreachable(u64),
     SnapshotDone {
         id: u64,
@@ -236,9 +231,6 @@ impl RaftNode {
             applied_tx,
             leader_tx,
             commit_dirty: false,
-            syncer: spawn_syncer(config.id, tx.clone())?,
-            written: 0,
-            durable: 0,
         };
         lp.publish_status();
         let handle = std::thread::Builder::new()
@@ -428,35 +420,6 @@ fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Starts the leader's `fdatasync` thread: it syncs the file of the
-/// latest Ready queued (one `fdatasync` covers every write before it) and
-/// reports that Ready persisted to the loop.
-fn spawn_syncer(
-    id: u64,
-    loop_tx: mpsc::Sender<Request>,
-) -> Result<mpsc::Sender<(u64, Arc<std::fs::File>)>, RaftError> {
-    let (tx, rx) = mpsc::channel::<(u64, Arc<std::fs::File>)>();
-    std::thread::Builder::new()
-        .name(format!("raft-sync-{id}"))
-        .spawn(move || {
-            while let Ok(mut job) = rx.recv() {
-                while let Ok(next) = rx.try_recv() {
-                    job = next;
-                }
-                let (number, file) = job;
-                let report = match file.sync_data() {
-                    Ok(()) => Request::Persisted(number),
-                    Err(e) => Request::SyncFailed(format!("wal fdatasync: {e}")),
-                };
-                if loop_tx.send(report).is_err() {
-                    return;
-                }
-            }
-        })
-        .map_err(|e| RaftError::Raft(format!("spawning the wal syncer thread: {e}")))?;
-    Ok(tx)
 }
 
 /// Whether `dir` holds Raft state (a log with a hard state or entries), in
@@ -843,12 +806,6 @@ struct Loop {
     /// The light ready advanced the commit index past the stored one; the
     /// next write carries it.
     commit_dirty: bool,
-    /// The leader's `fdatasync` thread: (Ready number, file) to sync.
-    syncer: mpsc::Sender<(u64, Arc<std::fs::File>)>,
-    /// The last Ready whose writes were issued without a sync.
-    written: u64,
-    /// The last Ready known durable.
-    durable: u64,
 }
 
 impl Loop {
@@ -946,34 +903,9 @@ impl Loop {
             ),
             Request::AddMember { address, reply } => self.add_member(address, reply),
             Request::RemoveMember { id, reply } => self.remove_member(id, reply),
-            Request::Persisted(number) => self.persisted(number),
-            Request::SyncFailed(e) => {
-                tracing::error!(id = self.shared.id, error = %e, "raft loop stopped");
-                *lock(&self.shared.stopped) = Some(e);
-                return true;
-            }
             Request::Stop => return true,
         }
         false
-    }
-
-    /// The leader's appends up to Ready `number` are durable.
-    fn persisted(&mut self, number: u64) {
-        if number > self.durable {
-            self.durable = number;
-            self.raw.on_persist_ready(number);
-        }
-    }
-
-    /// Makes every unsynced append durable now (before a Ready that must
-    /// be durable when it returns: a follower's, a snapshot's).
-    fn flush_unsynced(&mut self) -> Result<(), RaftError> {
-        if self.written > self.durable {
-            self.raw.store().sync()?;
-            let written = self.written;
-            self.persisted(written);
-        }
-        Ok(())
     }
 
     fn next_key(&mut self) -> u64 {
@@ -1306,20 +1238,7 @@ impl Loop {
         if !self.raw.has_ready() {
             return Ok(());
         }
-        // A leader's own appends need not be durable before it goes on
-        // (its messages already left, raft-rs counts it in the quorum only
-        // once `on_persist_ready` says so, and applies nothing past its own
-        // durable index): the syncer fdatasyncs them while this loop takes
-        // acks and new proposals. Everything else (a follower's appends and
-        // votes, whose messages promise durability; snapshots) is durable
-        // before the Ready goes on, and so is what a former leader left
-        // unsynced.
-        let leader = self.raw.raft.state == ::raft::StateRole::Leader;
-        if !leader {
-            self.flush_unsynced()?;
-        }
         let mut ready = self.raw.ready();
-        let number = ready.number();
         if !ready.messages().is_empty() {
             self.transport.send(ready.take_messages());
         }
@@ -1358,24 +1277,12 @@ impl Loop {
         // leader); it rides along with the next write.
         let entries = ready.take_entries();
         let hs_changed = ready.hs().is_some() || self.commit_dirty;
-        let unsynced = leader && snapshot.is_none();
         if snapshot.is_some() || !entries.is_empty() || ready.must_sync() {
             let hard_state = hs_changed.then(|| hard_state_from_raft(&self.raw.raft.hard_state()));
             let started = Instant::now();
-            if unsynced {
-                self.raw
-                    .mut_store()
-                    .persist_ready_unsynced(entries, hard_state)?;
-                self.written = number;
-                let file = self.raw.store().wal_file();
-                if self.syncer.send((number, file)).is_err() {
-                    return Err(RaftError::Raft("the wal syncer thread ended".into()));
-                }
-            } else {
-                self.raw
-                    .mut_store()
-                    .persist_ready(snapshot.clone(), entries, hard_state)?;
-            }
+            self.raw
+                .mut_store()
+                .persist_ready(snapshot.clone(), entries, hard_state)?;
             let mut metrics = lock(&self.shared.metrics);
             metrics.log_writes += 1;
             metrics.log_write_seconds += started.elapsed().as_secs_f64();
@@ -1390,26 +1297,15 @@ impl Loop {
             self.transport.send(ready.take_persisted_messages());
         }
 
-        if self.written > self.durable {
-            // Durable later (`persisted`): raft-rs gives what depends on
-            // it (commit, entries to apply) in a later Ready.
-            self.raw.advance_append_async(ready);
-        } else {
-            if unsynced {
-                // Nothing in flight and nothing written: this Ready is
-                // as durable as the ones before it.
-                self.durable = number;
-            }
-            let mut light = self.raw.advance(ready);
-            if light.commit_index().is_some() {
-                self.commit_dirty = true;
-            }
-            if !light.messages().is_empty() {
-                self.transport.send(light.take_messages());
-            }
-            let committed = light.take_committed_entries();
-            self.apply(committed)?;
+        let mut light = self.raw.advance(ready);
+        if light.commit_index().is_some() {
+            self.commit_dirty = true;
         }
+        if !light.messages().is_empty() {
+            self.transport.send(light.take_messages());
+        }
+        let committed = light.take_committed_entries();
+        self.apply(committed)?;
         self.raw.advance_apply();
         self.maybe_snapshot()?;
         self.check_leadership();
@@ -1611,7 +1507,6 @@ impl Loop {
             .map_err(|e| RaftError::Raft(format!("term of index {index}: {e}")))?;
         let mut hs = hard_state_from_raft(&self.raw.raft.hard_state());
         hs.commit = hs.commit.max(index);
-        self.flush_unsynced()?;
         self.raw.mut_store().persist(LogBatch {
             snapshot: Some(SnapshotRecord {
                 index,

@@ -117,49 +117,6 @@ impl RaftStorage {
         Ok(())
     }
 
-    /// Makes everything written so far durable.
-    pub fn sync(&self) -> Result<(), LogError> {
-        self.log.sync()
-    }
-
-    /// The file [`RaftStorage::persist_ready_unsynced`] wrote to.
-    pub fn wal_file(&self) -> std::sync::Arc<std::fs::File> {
-        self.log.file()
-    }
-
-    /// Like [`RaftStorage::persist_ready`] without a snapshot, but not
-    /// fdatasynced (see [`WalLog::append_unsynced`]).
-    pub fn persist_ready_unsynced(
-        &mut self,
-        entries: Vec<RaftEntry>,
-        hard_state: Option<HardState>,
-    ) -> Result<(), LogError> {
-        self.log
-            .append_unsynced(entries.iter().map(entry_from_raft).collect(), hard_state)?;
-        if let Some(hs) = hard_state {
-            self.hard_state = hs;
-        }
-        self.cache_entries(entries);
-        Ok(())
-    }
-
-    fn cache_entries(&mut self, entries: Vec<RaftEntry>) {
-        let Some(first) = entries.first().map(|e| e.index) else {
-            return;
-        };
-        // Appending replaced everything from `first` on.
-        while self.cache.back().is_some_and(|e| e.index >= first) {
-            self.cache.pop_back();
-        }
-        if self.cache.back().is_some_and(|e| e.index + 1 != first) {
-            self.cache.clear();
-        }
-        self.cache.extend(entries);
-        while self.cache.len() > CACHE_ENTRIES {
-            self.cache.pop_front();
-        }
-    }
-
     /// Writes what a Ready asks to persist (a snapshot, raft-rs's entries,
     /// the hard state) in one fsynced transaction, and keeps the entries in
     /// the cache.

@@ -41,7 +41,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use super::disk::RedbLog;
 use super::log::{Entry, EntryKind, HardState, Log, LogBatch, LogError, SnapshotRecord};
@@ -252,8 +251,7 @@ pub struct WalLog {
     /// Every entry after the snapshot, consecutive.
     entries: VecDeque<Entry>,
     hard_state: HardState,
-    /// Shared with whoever fdatasyncs for [`WalLog::append_unsynced`].
-    file: Arc<File>,
+    file: File,
     seq: u64,
     /// Where the next record goes.
     end: u64,
@@ -328,7 +326,7 @@ impl WalLog {
                 snapshot: (snap_index, snap_term),
                 entries: entries.into(),
                 hard_state,
-                file: Arc::new(file),
+                file,
                 seq: 1,
                 end,
                 allocated,
@@ -404,7 +402,7 @@ impl WalLog {
             snapshot: log.snapshot,
             entries: log.entries,
             hard_state: log.hard_state,
-            file: Arc::new(file),
+            file,
             seq,
             end: end as u64,
             allocated: end as u64,
@@ -428,9 +426,8 @@ impl WalLog {
         }
     }
 
-    /// Appends one checked batch record, fdatasynced unless `sync` is
-    /// false, and applies it.
-    fn append_record(&mut self, record: Record, sync: bool) -> Result<(), LogError> {
+    /// Appends one checked batch record, fdatasynced, and applies it.
+    fn append_record(&mut self, record: Record) -> Result<(), LogError> {
         let bytes = encode(&record);
         let len = bytes.len() as u64;
         // A base that is itself large (big entries since the snapshot)
@@ -454,7 +451,7 @@ impl WalLog {
         }
         self.file
             .write_all_at(&bytes, self.end)
-            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) })
+            .and_then(|()| self.file.sync_data())
             .map_err(|e| io_err(&path, "appending", e))?;
         self.end += len;
         apply_record(&mut self.entries, &mut self.hard_state, record);
@@ -473,7 +470,7 @@ impl WalLog {
         let seq = self.seq + 1;
         let (file, end, allocated) = write_segment(&self.dir, seq, &record)?;
         let old = self.path();
-        self.file = Arc::new(file);
+        self.file = file;
         self.seq = seq;
         self.end = end;
         self.base_len = end;
@@ -483,46 +480,6 @@ impl WalLog {
         self.hard_state = state.hard_state;
         let _ = std::fs::remove_file(old);
         Ok(())
-    }
-
-    /// Appends `entries` and `hard_state` like [`Log::write_batch`] but
-    /// without the `fdatasync`: they are readable at once and durable only
-    /// once [`WalLog::file`]'s `sync_data` returns after this call (or any
-    /// later synced write). For a Raft leader's own appends, which may be
-    /// made durable while it goes on (raft-rs's `advance_append_async`).
-    pub fn append_unsynced(
-        &mut self,
-        entries: Vec<Entry>,
-        hard_state: Option<HardState>,
-    ) -> Result<(), LogError> {
-        if entries.is_empty() && hard_state.is_none() {
-            return Ok(());
-        }
-        super::log::check_append(&entries, self.snapshot.0, self.last())?;
-        self.append_record(
-            Record {
-                base: false,
-                hard_state,
-                snapshot: (0, 0),
-                entries,
-            },
-            false,
-        )
-    }
-
-    /// The live segment, to `sync_data` what [`WalLog::append_unsynced`]
-    /// wrote. A later segment (after a snapshot or a rollover) is written
-    /// whole and fsynced before it replaces this one, so syncing the file
-    /// that was current at the append is enough.
-    pub fn file(&self) -> Arc<File> {
-        Arc::clone(&self.file)
-    }
-
-    /// Makes everything appended so far durable.
-    pub fn sync(&self) -> Result<(), LogError> {
-        self.file
-            .sync_data()
-            .map_err(|e| io_err(&self.path(), "fdatasync", e))
     }
 
     fn check(&self, index: u64) -> Result<(), LogError> {
@@ -719,7 +676,7 @@ impl Log for WalLog {
         if batch.snapshot.is_none() && batch.compact_to.is_none() {
             // Checked before writing: a refused append changes nothing.
             super::log::check_append(&record.entries, self.snapshot.0, self.last())?;
-            return self.append_record(record, true);
+            return self.append_record(record);
         }
         let mut state = self.state();
         if let Some(s) = &batch.snapshot {
