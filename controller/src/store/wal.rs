@@ -18,7 +18,8 @@
 //! - **Torn tail**: records are written in order and each is fsynced before
 //!   the next is written, so only the last can be incomplete. Opening stops
 //!   at the first record that is incomplete or fails its CRC, truncates the
-//!   file there and fsyncs it (that record was never acknowledged).
+//!   file there and fsyncs it (that record was never acknowledged). A bad
+//!   record with valid ones after it is corruption, not a tear: an error.
 //! - **Preallocation**: the live segment grows in [`GROW_BYTES`] steps of
 //!   written zeros (then a full fsync), so the `fdatasync` of an append
 //!   changes no file size and writes no metadata. A zero length ends the
@@ -241,6 +242,21 @@ fn scan(bytes: &[u8]) -> (Vec<Record>, usize) {
     (records, at)
 }
 
+/// Whether the bad record at `end` is followed by a valid one: then it is
+/// not a torn tail (a crash only tears the last record) but corruption in
+/// the middle, and dropping what follows would lose acknowledged writes.
+fn valid_record_after(bytes: &[u8], end: usize) -> bool {
+    if bytes.len() - end < HEADER {
+        return false;
+    }
+    let len = u32::from_le_bytes(bytes[end..end + 4].try_into().expect("4 bytes"));
+    if len == 0 || len > MAX_RECORD {
+        return false;
+    }
+    let next = end + HEADER + len as usize;
+    next < bytes.len() && !scan(&bytes[next..]).0.is_empty()
+}
+
 /// The Raft log: entries and hard state in the WAL, the snapshot in redb.
 #[derive(Debug)]
 pub struct WalLog {
@@ -365,6 +381,12 @@ impl WalLog {
                 return Err(corrupt("a second base record".to_string()));
             }
             log.apply(r).map_err(|e| corrupt(e.to_string()))?;
+        }
+        if valid_record_after(&bytes, end) {
+            return Err(corrupt(format!(
+                "the record at offset {end} is garbled but valid records follow it \
+                 (not a torn tail: refusing to drop acknowledged writes)"
+            )));
         }
         if end < bytes.len() && bytes[end..].iter().any(|b| *b != 0) {
             tracing::warn!(
@@ -843,6 +865,21 @@ mod tests {
             let log = WalLog::open(dir.path()).unwrap();
             assert_eq!(state(&log), ends[ends.len() - 2].1, "garbled at {at}");
         }
+    }
+
+    /// A garbled record with whole records after it is not a torn tail:
+    /// opening refuses instead of dropping acknowledged writes.
+    #[test]
+    fn a_garbled_record_in_the_middle_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let ends = three_batches(dir.path());
+        let path = segment(dir.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        // A payload byte of the first batch record (two follow it).
+        bytes[ends[0].0 + HEADER + 2] ^= 0x5a;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = WalLog::open(dir.path()).unwrap_err();
+        assert!(matches!(err, LogError::Corrupt { .. }), "{err}");
     }
 
     #[test]
