@@ -29,7 +29,14 @@
 //! `GANTRY_BENCH_OPS_1`, `GANTRY_BENCH_OPS_16`, `GANTRY_BENCH_OPS_256` (writes
 //! per run at that concurrency; defaults 1,000 / 4,000 / 8,000),
 //! `GANTRY_BENCH_ELECTIONS` (kill rounds per system, default 5),
-//! `GANTRY_BENCH_SKIP_ETCD=1` (Gantry only).
+//! `GANTRY_BENCH_SKIP_ETCD=1` (Gantry only), `GANTRY_BENCH_CLIENTS` (the
+//! concurrencies, default `1,16,256`), `GANTRY_BENCH_ROUNDS` (the writes
+//! repeated that many times, default 1: many short paired rounds drift
+//! less than one long one), and `GANTRY_BENCH_BIN_B` (a second `gantry`
+//! binary on a second dev cluster of the same shape, measured right
+//! after the first at every level — an A/B of two builds in one run; the
+//! two go first in turn from round to round). Every row carries the
+//! 1-minute load average before it.
 
 use gantry_tests::bench::{env_usize, gantry_release_bin, git_commit, utc_now, workspace_root};
 use gantry_tests::cluster::{self, Cluster, ClusterConfig, Role};
@@ -78,6 +85,19 @@ fn main() {
     config.agents = 1;
     let mut g = Cluster::up(config).expect("gantry dev cluster up");
     let gantry_target = Target::gantry(gantry_endpoints(&g), "n1");
+    let bin_b = std::env::var("GANTRY_BENCH_BIN_B")
+        .ok()
+        .filter(|b| !b.is_empty());
+    let g_b = bin_b.as_ref().map(|bin| {
+        let mut config = ClusterConfig::new(std::path::Path::new(bin));
+        config.name = cluster::unique_name("bctlb");
+        config.controllers = controllers;
+        config.agents = 1;
+        Cluster::up(config).expect("gantry dev cluster B up")
+    });
+    let target_b = g_b
+        .as_ref()
+        .map(|c| Target::gantry(gantry_endpoints(c), "n1"));
 
     let skip_etcd = std::env::var("GANTRY_BENCH_SKIP_ETCD").is_ok_and(|v| v == "1");
     let mut e = if skip_etcd {
@@ -90,26 +110,78 @@ fn main() {
     // Writes: each concurrency level runs Gantry then etcd, back to back,
     // so the shared machine's drift falls on both alike.
     let mut writes = Vec::new();
-    for (clients, default_ops) in [(1usize, 1000usize), (16, 4000), (256, 8000)] {
-        let ops = env_usize(&format!("GANTRY_BENCH_OPS_{clients}"), default_ops);
-        let load = WriteLoad {
-            clients,
-            ops,
-            value_size: VALUE_SIZE,
-            keys: KEYS,
-        };
-        let gr = rt.block_on(load::run_writes(&gantry_target, &load));
-        let er = etcd_target
-            .as_ref()
-            .map(|t| rt.block_on(load::run_writes(t, &load)));
-        let row = json!({
-            "clients": clients,
-            "ops": ops,
-            "gantry": summary(gr),
-            "etcd": er.map_or(Value::Null, summary),
-        });
-        println!("{row}");
-        writes.push(row);
+    let levels: Vec<usize> = std::env::var("GANTRY_BENCH_CLIENTS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 16, 256]);
+    let rounds = env_usize("GANTRY_BENCH_ROUNDS", 1).max(1);
+    for round in 0..rounds {
+        for &clients in &levels {
+            let default_ops = match clients {
+                1 => 1000,
+                16 => 4000,
+                _ => 8000,
+            };
+            let ops = env_usize(&format!("GANTRY_BENCH_OPS_{clients}"), default_ops);
+            let load = WriteLoad {
+                clients,
+                ops,
+                value_size: VALUE_SIZE,
+                keys: KEYS,
+            };
+            let load_avg = load_average();
+            // Each Gantry run also reports what a write cost its
+            // controllers: context switches and CPU time per write, per
+            // controller (the cheapest honest probe of hand-offs).
+            let run = |t: &Target, c: &Cluster| {
+                let before = costs(c);
+                let r = rt.block_on(load::run_writes(t, &load));
+                (r, cost_per_write(&before, &costs(c), ops))
+            };
+            // A and B go first in turn, so neither always gets the
+            // machine just after etcd's or the other's run.
+            let b = target_b.as_ref().zip(g_b.as_ref());
+            let ((gr, gc), br) = match (b, round % 2) {
+                (Some((t, c)), 1) => {
+                    let br = run(t, c);
+                    (run(&gantry_target, &g), Some(br))
+                }
+                (Some((t, c)), _) => {
+                    let gr = run(&gantry_target, &g);
+                    (gr, Some(run(t, c)))
+                }
+                (None, _) => (run(&gantry_target, &g), None),
+            };
+            // etcd's members are dev-cluster hosts too: the same probe
+            // (without the log counters, which are Gantry's).
+            let er = etcd_target.as_ref().zip(e.as_ref()).map(|(t, ec)| {
+                let before = costs(&ec.cluster);
+                let r = rt.block_on(load::run_writes(t, &load));
+                (r, cost_per_write(&before, &costs(&ec.cluster), ops))
+            });
+            let (e_summary, e_cost) = match er {
+                Some((r, c)) => (summary(r), c),
+                None => (Value::Null, Value::Null),
+            };
+            let (b_summary, b_cost) = match br {
+                Some((r, c)) => (summary(r), c),
+                None => (Value::Null, Value::Null),
+            };
+            let row = json!({
+                "round": round + 1,
+                "clients": clients,
+                "ops": ops,
+                "load_1m": load_avg,
+                "gantry": summary(gr),
+                "gantry_cost": gc,
+                "gantry_b": b_summary,
+                "gantry_b_cost": b_cost,
+                "etcd": e_summary,
+                "etcd_cost": e_cost,
+            });
+            println!("{row}");
+            writes.push(row);
+        }
     }
 
     // Failover.
@@ -152,12 +224,16 @@ fn main() {
 
     let etcd_version = etcd::etcd_version();
     let down_g = g.down().map_err(|e| e.to_string());
+    if let Some(b) = g_b {
+        let _ = b.down();
+    }
     let down_e = e.map(|e| e.cluster.down().map_err(|e| e.to_string()));
     let report = json!({
         "benchmark": "controllers",
         "date": utc_now(),
         "gantry_commit": git_commit(&workspace),
         "gantry_binary": gantry.display().to_string(),
+        "gantry_binary_b": bin_b,
         "machine": machine(),
         "gantry": {"controllers": controllers, "agents": 1},
         "etcd": if skip_etcd { Value::Null } else { json!({
@@ -333,6 +409,118 @@ fn summary(r: Result<LoadResult, load::LoadError>) -> Value {
     }
 }
 
+/// A controller's cost counters so far.
+#[derive(Default)]
+struct Cost {
+    /// Context switches of all its threads.
+    switches: u64,
+    /// CPU time, in clock ticks.
+    ticks: u64,
+    /// Ready writes to its durable log, and their seconds
+    /// (`gantry_raft_log_write*` on `/metrics`; absent from older builds).
+    log_writes: Option<f64>,
+    log_seconds: Option<f64>,
+}
+
+/// A counter from the controller's `/metrics` (plain HTTP on its port).
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The controller's `/metrics` text, from the root netns.
+fn metrics_of(c: &Cluster, host: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(addr) = c.host_addr(host) else {
+        return String::new();
+    };
+    let addr = std::net::SocketAddr::from((addr, cluster::CONTROLLER_PORT));
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: c\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text
+}
+
+/// Per controller host, its [`Cost`] counters so far.
+fn costs(c: &Cluster) -> Vec<(String, Cost)> {
+    c.status()
+        .into_iter()
+        .filter(|h| h.role == Role::Controller)
+        .filter_map(|h| {
+            let pid = h.pid?;
+            let mut switches = 0;
+            for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+                .ok()?
+                .flatten()
+            {
+                let status =
+                    std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+                switches += status
+                    .lines()
+                    .filter(|l| l.contains("ctxt_switches:"))
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // After the command's closing parenthesis: utime and stime are
+            // the 12th and 13th fields.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .map(|x| x.parse().unwrap_or(0))
+                .collect();
+            let m = metrics_of(c, &h.name);
+            let cost = Cost {
+                switches,
+                ticks: f.get(11)? + f.get(12)?,
+                log_writes: metric(&m, "gantry_raft_log_writes_total"),
+                log_seconds: metric(&m, "gantry_raft_log_write_seconds_total"),
+            };
+            Some((h.name, cost))
+        })
+        .collect()
+}
+
+/// Per write, per controller, between two [`costs`] samples: context
+/// switches, CPU µs, durable-log writes and their µs.
+fn cost_per_write(before: &[(String, Cost)], after: &[(String, Cost)], ops: usize) -> Value {
+    // SAFETY: sysconf reads a constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let ops = ops.max(1) as f64;
+    let mut out = serde_json::Map::new();
+    for (name, a) in after {
+        if let Some((_, b)) = before.iter().find(|(n, _)| n == name) {
+            let per = |x: Option<f64>, y: Option<f64>, scale: f64| {
+                x.zip(y).map(|(x, y)| round2((x - y) * scale / ops))
+            };
+            out.insert(
+                name.clone(),
+                json!({
+                    "switches": round2(a.switches.saturating_sub(b.switches) as f64 / ops),
+                    "cpu_us": round2(a.ticks.saturating_sub(b.ticks) as f64 / ticks * 1e6 / ops),
+                    "log_writes": per(a.log_writes, b.log_writes, 1.0),
+                    "log_us": per(a.log_seconds, b.log_seconds, 1e6),
+                }),
+            );
+        }
+    }
+    Value::Object(out)
+}
+
+/// The 1-minute load average (`uptime`'s first figure).
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
@@ -377,22 +565,59 @@ fn markdown(r: &Value) -> String {
         r["gantry_commit"].as_str().unwrap_or(""),
         r["machine"]["cpus"],
     ));
-    out.push_str("| clients | writes | gantry writes/s | gantry p50 | gantry p99 | etcd writes/s | etcd p50 | etcd p99 | errors g/e |\n");
-    out.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-    for w in r["writes"].as_array().into_iter().flatten() {
-        let (g, e) = (&w["gantry"], &w["etcd"]);
+    if let Some(b) = r["gantry_binary_b"].as_str() {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {}/{} |\n",
+            "gantry B (columns `B`): `{b}`; gantry: `{}`\n\n",
+            r["gantry_binary"].as_str().unwrap_or("")
+        ));
+    }
+    out.push_str("| round | load | clients | writes | gantry writes/s | gantry p50 | gantry p99 | B writes/s | B p50 | B p99 | etcd writes/s | etcd p50 | etcd p99 | errors g/e |\n");
+    out.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for w in r["writes"].as_array().into_iter().flatten() {
+        let (g, b, e) = (&w["gantry"], &w["gantry_b"], &w["etcd"]);
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{} |\n",
+            w["round"],
+            w["load_1m"],
             w["clients"],
             w["ops"],
             fmt_rate(&g["writes_per_s"]),
             fmt_ms(&g["p50_ms"]),
             fmt_ms(&g["p99_ms"]),
+            fmt_rate(&b["writes_per_s"]),
+            fmt_ms(&b["p50_ms"]),
+            fmt_ms(&b["p99_ms"]),
             fmt_rate(&e["writes_per_s"]),
             fmt_ms(&e["p50_ms"]),
             fmt_ms(&e["p99_ms"]),
             g["errors"],
             e["errors"],
+        ));
+    }
+    // What a write cost all members together (the probe in `costs`).
+    let total = |c: &Value, field: &str| -> String {
+        let Some(members) = c.as_object().filter(|m| !m.is_empty()) else {
+            return "–".into();
+        };
+        let sum: f64 = members.values().filter_map(|m| m[field].as_f64()).sum();
+        format!("{sum:.0}")
+    };
+    out.push_str("\nPer write, all members together: CPU µs / context switches.\n\n| round | clients | gantry | B | etcd |\n|---:|---:|---:|---:|---:|\n");
+    for w in r["writes"].as_array().into_iter().flatten() {
+        let cell = |key: &str| {
+            format!(
+                "{} / {}",
+                total(&w[key], "cpu_us"),
+                total(&w[key], "switches")
+            )
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            w["round"],
+            w["clients"],
+            cell("gantry_cost"),
+            cell("gantry_b_cost"),
+            cell("etcd_cost"),
         ));
     }
     out.push_str("\n| kill -9 of the leader → first acknowledged write | median | max | ≤ 1.5 s | rounds |\n|---|---:|---:|---:|---|\n");

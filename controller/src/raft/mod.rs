@@ -442,6 +442,11 @@ pub struct RaftMetrics {
     pub snapshots: u64,
     /// Proposal latency on this member (propose → applied → answered).
     pub proposal_latency: LatencyHistogram,
+    /// Ready writes to the durable log (entries and hard state, one fsync
+    /// each): with the seconds below, what the log costs per write.
+    pub log_writes: u64,
+    /// Seconds spent in those writes.
+    pub log_write_seconds: f64,
 }
 
 /// Carries Raft messages to peers. The server implements it over gRPC

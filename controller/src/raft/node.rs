@@ -42,8 +42,8 @@ use super::{
     RaftMetrics, RaftStatus, Role, Transport,
 };
 use crate::store::{
-    Applied, Command, Entry, EntryKind, HardState, LOG_FILE, Log, LogBatch, Membership, RedbLog,
-    Snapshot, SnapshotRecord, StateMachine, WatchHub, command,
+    Applied, Command, Entry, EntryKind, HardState, LOG_FILE, Log, LogBatch, Membership, Snapshot,
+    SnapshotRecord, StateMachine, WAL_DIR, WalLog, WatchHub, command,
 };
 
 /// How often an unanswered ReadIndex is asked again (a leader drops reads
@@ -425,11 +425,10 @@ fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 /// Whether `dir` holds Raft state (a log with a hard state or entries), in
 /// which case every [`Bootstrap`] but `ForceNewCluster` restarts from it.
 pub fn has_state(dir: &std::path::Path) -> Result<bool, RaftError> {
-    let path = dir.join(LOG_FILE);
-    if !path.exists() {
+    if !dir.join(LOG_FILE).exists() && !dir.join(WAL_DIR).exists() {
         return Ok(false);
     }
-    let log = RedbLog::open(path)?;
+    let log = WalLog::open(dir)?;
     Ok(log.hard_state()? != HardState::default() || log.last_index()? > 0)
 }
 
@@ -527,7 +526,7 @@ fn replay_entry(
 }
 
 fn replay(
-    log: &RedbLog,
+    log: &WalLog,
     machine: &mut StateMachine,
     hub: &WatchHub,
     membership: &mut Membership,
@@ -553,7 +552,7 @@ fn recover(config: &RaftConfig, bootstrap: Bootstrap) -> Result<Recovered, RaftE
     }
     std::fs::create_dir_all(&config.dir)
         .map_err(|e| bootstrap_error(config, format!("creating the directory: {e}")))?;
-    let mut log = RedbLog::open(config.dir.join(LOG_FILE))?;
+    let mut log = WalLog::open(&config.dir)?;
     let has_data = log.hard_state()? != HardState::default() || log.last_index()? > 0;
     match bootstrap {
         Bootstrap::Restart | Bootstrap::ForceNewCluster if !has_data => {
@@ -1280,9 +1279,13 @@ impl Loop {
         let hs_changed = ready.hs().is_some() || self.commit_dirty;
         if snapshot.is_some() || !entries.is_empty() || ready.must_sync() {
             let hard_state = hs_changed.then(|| hard_state_from_raft(&self.raw.raft.hard_state()));
+            let started = Instant::now();
             self.raw
                 .mut_store()
                 .persist_ready(snapshot.clone(), entries, hard_state)?;
+            let mut metrics = lock(&self.shared.metrics);
+            metrics.log_writes += 1;
+            metrics.log_write_seconds += started.elapsed().as_secs_f64();
             self.commit_dirty = false;
         } else if hs_changed {
             self.commit_dirty = true;

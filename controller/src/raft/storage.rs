@@ -1,4 +1,4 @@
-//! raft-rs's `Storage` over the controller's durable [`RedbLog`].
+//! raft-rs's `Storage` over the controller's durable [`WalLog`].
 //!
 //! The log's entries, snapshot and hard state are the ones the single-node
 //! store used; Raft adds the entry kind and context (stored in the same
@@ -17,7 +17,7 @@ use raft::eraftpb::{Snapshot as RaftSnapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
 use crate::store::{
-    Entry, EntryKind, HardState, Log, LogBatch, LogError, Membership, RedbLog, SnapshotRecord,
+    Entry, EntryKind, HardState, Log, LogBatch, LogError, Membership, SnapshotRecord, WalLog,
 };
 
 /// How many of the latest entries stay in memory. raft-rs asks for terms
@@ -26,11 +26,11 @@ use crate::store::{
 /// a read transaction each. TiKV keeps an entry cache for the same reason.
 const CACHE_ENTRIES: usize = 4096;
 
-/// raft-rs's view of the log: a [`RedbLog`] plus the in-memory hard state
+/// raft-rs's view of the log: a [`WalLog`] plus the in-memory hard state
 /// and conf state raft-rs starts from, and a cache of the latest entries.
 #[derive(Debug)]
 pub struct RaftStorage {
-    log: RedbLog,
+    log: WalLog,
     hard_state: HardState,
     conf_state: ConfState,
     /// Set when raft-rs asked for a snapshot newer than the stored one.
@@ -43,7 +43,7 @@ pub struct RaftStorage {
 impl RaftStorage {
     /// Wraps `log`, starting from its stored hard state and `conf_state`
     /// (rebuilt by the caller from the snapshot and committed entries).
-    pub fn new(log: RedbLog, conf_state: ConfState) -> Result<RaftStorage, LogError> {
+    pub fn new(log: WalLog, conf_state: ConfState) -> Result<RaftStorage, LogError> {
         let hard_state = log.hard_state()?;
         Ok(RaftStorage {
             log,
@@ -61,7 +61,7 @@ impl RaftStorage {
     }
 
     /// The underlying log.
-    pub fn log(&self) -> &RedbLog {
+    pub fn log(&self) -> &WalLog {
         &self.log
     }
 

@@ -5,23 +5,28 @@
 //! forwards its proposals to the leader as `MsgProp` messages).
 //!
 //! Decisions:
-//! - **One queue per peer, bounded** ([`PEER_QUEUE`] messages), drained by
-//!   one task per peer over one HTTP/2 channel: each drain (everything
-//!   queued) is one `RaftBatch` on a long-lived client stream
-//!   (`Raft.Stream`), so order is kept and no send waits for the answer to
-//!   the previous one. `send` never blocks the Raft
-//!   loop: a full queue drops the message and reports the peer unreachable
-//!   (raft-rs then probes it instead of streaming appends into the void),
-//!   as etcd's rafthttp does with its 4096-message pipeline buffer. A failed
-//!   send reports the peer unreachable and drops what queued behind it
-//!   (stale heartbeats and appends are worthless; raft resends).
+//! - **One long-lived client stream per peer** (`Raft.Stream` over one
+//!   HTTP/2 channel): the Raft thread encodes a Ready's messages for a peer
+//!   into one `RaftBatch` and puts it straight on the stream's bounded queue
+//!   ([`PEER_QUEUE`] batches), which hyper's task for the call drains, so
+//!   order is kept, no send waits for the answer to the previous one, and
+//!   no task of ours sits between the Raft thread and the connection (a
+//!   task per peer in between cost a wake-up per message on the critical
+//!   path). `send` never blocks the Raft loop: a full queue drops the batch
+//!   and reports the peer unreachable (raft-rs then probes it instead of
+//!   streaming appends into the void), as etcd's rafthttp does with its
+//!   4096-message pipeline buffer; a queue full for a second gets a new
+//!   stream. A stream that ends reports the peer unreachable (stale
+//!   heartbeats and appends are worthless; raft resends); the next Ready
+//!   opens a new one.
 //! - A follower asked to change membership passes the request to the leader
 //!   over the same `Cluster` service, so `gantry controller --join` may name
 //!   any member, as with `docker swarm join`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gantry_proto::v1 as pb;
 use tokio::sync::mpsc;
@@ -31,9 +36,6 @@ use tonic::{Request, Response, Status, Streaming};
 use super::state::{StateError, StoreFront};
 use crate::raft::{Message, RaftError, RaftNode, Role, Transport, encode_message};
 use crate::store::ApplyError;
-
-/// Messages queued per peer before new ones are dropped.
-pub const PEER_QUEUE: usize = 4096;
 
 /// How long one `Raft.Step` may take (a snapshot longer).
 const STEP_TIMEOUT: Duration = Duration::from_secs(1);
@@ -104,7 +106,7 @@ fn channel(address: &str, connect_timeout: Duration) -> Result<Channel, String> 
 pub struct GrpcTransport {
     runtime: tokio::runtime::Handle,
     node: OnceLock<RaftNode>,
-    peers: Mutex<HashMap<u64, mpsc::Sender<Message>>>,
+    peers: Mutex<HashMap<u64, Peer>>,
     /// Addresses learnt outside the replicated address book: a joining
     /// member has no configuration until the leader's snapshot arrives, yet
     /// must answer the leader before that (from the join's answer).
@@ -115,6 +117,39 @@ impl std::fmt::Debug for GrpcTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GrpcTransport").finish_non_exhaustive()
     }
+}
+
+/// Batches queued on a peer's open stream before new ones are dropped
+/// (with the HTTP/2 window this is the pipeline depth; a Ready makes at
+/// most one batch per peer).
+pub const PEER_QUEUE: usize = 1024;
+
+/// Most bytes of raft messages put in one [`pb::RaftBatch`] (far below the
+/// server's decoding limit; a larger Ready goes out as several batches).
+const MAX_BATCH_BYTES: usize = 4 << 20;
+
+/// An open `Raft.Stream` call: where its batches go, and the call itself.
+struct StreamCall {
+    tx: mpsc::Sender<pb::RaftBatch>,
+    call: tokio::task::JoinHandle<()>,
+    /// A batch went out on it already ("reachable again" only once a
+    /// stream outlived a batch: a new one takes batches before it has
+    /// connected).
+    used: bool,
+    /// Since when its queue has been full: a peer that stops reading fills
+    /// the HTTP/2 window, then the queue.
+    full_since: Option<Instant>,
+}
+
+/// One peer's outgoing side, owned by the transport and used on the Raft
+/// thread only.
+struct Peer {
+    address: String,
+    client: pb::raft_client::RaftClient<Channel>,
+    stream: Option<StreamCall>,
+    /// Whether "not delivered" was logged and "reachable again" was not
+    /// yet (shared with the stream's and snapshots' tasks).
+    failing: Arc<AtomicBool>,
 }
 
 impl GrpcTransport {
@@ -141,256 +176,219 @@ impl GrpcTransport {
         let _ = self.node.set(node);
     }
 
-    fn queue(&self, to: u64) -> Option<mpsc::Sender<Message>> {
-        let node = self.node.get()?;
-        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = peers.get(&to)
-            && !tx.is_closed()
+    /// The peer `to`, connected lazily on first use.
+    fn peer<'a>(
+        &self,
+        node: &RaftNode,
+        peers: &'a mut HashMap<u64, Peer>,
+        to: u64,
+    ) -> Option<&'a mut Peer> {
+        let slot = match peers.entry(to) {
+            std::collections::hash_map::Entry::Occupied(peer) => return Some(peer.into_mut()),
+            std::collections::hash_map::Entry::Vacant(slot) => slot,
+        };
         {
-            return Some(tx.clone());
-        }
-        let address = node
-            .status()
-            .members
-            .into_iter()
-            .find(|m| m.id == to)
-            .map(|m| m.address)
-            .filter(|a| !a.is_empty())
-            .or_else(|| {
-                let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-                known.get(&to).cloned()
-            });
-        let Some(address) = address else {
-            tracing::debug!(peer = to, "no address for the peer yet; message dropped");
-            return None;
-        };
-        // Called on the Raft thread: a lazy channel spawns its connection
-        // task, which needs the runtime's context.
-        let _runtime = self.runtime.enter();
-        let channel = match channel(&address, PEER_CONNECT_TIMEOUT) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(peer = to, "{e}");
+            let address = node
+                .status()
+                .members
+                .into_iter()
+                .find(|m| m.id == to)
+                .map(|m| m.address)
+                .filter(|a| !a.is_empty())
+                .or_else(|| {
+                    let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+                    known.get(&to).cloned()
+                });
+            let Some(address) = address else {
+                tracing::debug!(peer = to, "no address for the peer yet; message dropped");
                 return None;
-            }
-        };
-        let (tx, rx) = mpsc::channel(PEER_QUEUE);
-        self.runtime
-            .spawn(peer_loop(node.clone(), to, address, channel, rx));
-        peers.insert(to, tx.clone());
-        Some(tx)
-    }
-}
-
-impl Transport for GrpcTransport {
-    fn send(&self, msgs: Vec<Message>) {
-        for m in msgs {
-            let to = m.to;
-            let Some(tx) = self.queue(to) else {
-                continue;
             };
-            if tx.try_send(m).is_err()
-                && let Some(node) = self.node.get()
-            {
+            // Called on the Raft thread: a lazy channel spawns its
+            // connection task, which needs the runtime's context.
+            let _runtime = self.runtime.enter();
+            let channel = match channel(&address, PEER_CONNECT_TIMEOUT) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(peer = to, "{e}");
+                    return None;
+                }
+            };
+            let client = pb::raft_client::RaftClient::new(channel)
+                .max_encoding_message_size(usize::MAX)
+                .max_decoding_message_size(usize::MAX);
+            Some(slot.insert(Peer {
+                address,
+                client,
+                stream: None,
+                failing: Arc::new(AtomicBool::new(false)),
+            }))
+        }
+    }
+
+    /// Puts `messages` (encoded, in order) on `to`'s stream, opening it
+    /// when none is open. Runs on the Raft thread and never waits: the
+    /// stream's own task (hyper's) takes the batch from the queue, with no
+    /// task of ours in between.
+    fn send_batch(&self, node: &RaftNode, peer: &mut Peer, to: u64, messages: Vec<Vec<u8>>) {
+        if peer
+            .stream
+            .as_ref()
+            .is_some_and(|s| s.tx.is_closed() || s.call.is_finished())
+        {
+            // The call ended; its task reported why.
+            peer.stream = None;
+        }
+        let stream = peer.stream.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(PEER_QUEUE);
+            let mut client = peer.client.clone();
+            let node = node.clone();
+            let address = peer.address.clone();
+            let failing = peer.failing.clone();
+            let call = self.runtime.spawn(async move {
+                let why = match client
+                    .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                {
+                    Ok(_) => "the stream was closed by the peer".to_string(),
+                    Err(status) => {
+                        if says_removed(&status) {
+                            node.report_removed(to);
+                        }
+                        status.message().to_string()
+                    }
+                };
+                failed(&node, to, &address, &failing, &why);
+            });
+            StreamCall {
+                tx,
+                call,
+                used: false,
+                full_since: None,
+            }
+        });
+        match stream.tx.try_send(pb::RaftBatch { messages }) {
+            Ok(()) => {
+                stream.full_since = None;
+                if stream.used && peer.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(peer = to, address = %peer.address, "controller reachable again");
+                }
+                stream.used = true;
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // Dropped: raft-rs probes the peer and resends. A peer
+                // that has not read for STEP_TIMEOUT gets a new stream, as
+                // a unary Step would have timed out.
+                let since = *stream.full_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= STEP_TIMEOUT {
+                    stream.call.abort();
+                    peer.stream = None;
+                    failed(node, to, &peer.address, &peer.failing, "timed out");
+                } else {
+                    node.report_unreachable(to);
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                peer.stream = None;
                 node.report_unreachable(to);
             }
         }
     }
-}
 
-/// Most bytes of raft messages put in one [`pb::RaftBatch`] (far below the
-/// server's decoding limit; a larger drain goes out as several batches).
-const MAX_BATCH_BYTES: usize = 4 << 20;
-/// Batches handed to a peer's stream before its sender waits: with the
-/// HTTP/2 window this is the pipeline depth.
-const STREAM_BATCHES: usize = 64;
-
-/// An open `Raft.Stream` call: where its batches go, and the call itself.
-type StreamCall = (
-    mpsc::Sender<pb::RaftBatch>,
-    tokio::task::JoinHandle<Result<(), Status>>,
-);
-
-/// One peer's outgoing side: the open `Raft.Stream` call, if any.
-struct Peer {
-    node: RaftNode,
-    to: u64,
-    address: String,
-    client: pb::raft_client::RaftClient<Channel>,
-    stream: Option<StreamCall>,
-    failing: bool,
-}
-
-impl Peer {
-    /// Sends `messages` (encoded, in order) on the stream, opening it when
-    /// none is open. False when the peer cannot take them.
-    async fn send_batch(&mut self, messages: Vec<Vec<u8>>) -> bool {
-        if let Some((tx, call)) = &self.stream
-            && (tx.is_closed() || call.is_finished())
-        {
-            let (_, call) = self.stream.take().expect("checked above");
-            let why = match call.await {
-                Ok(Ok(())) => "the stream was closed by the peer".to_string(),
-                Ok(Err(status)) if says_removed(&status) => {
-                    self.node.report_removed(self.to);
-                    status.message().to_string()
+    /// Sends a snapshot on the unary `Raft.Step` from a task of its own (it
+    /// is large and rare, and raft-rs wants to hear how it ended).
+    fn send_snapshot(&self, node: &RaftNode, peer: &Peer, to: u64, m: Message) {
+        let mut client = peer.client.clone();
+        let node = node.clone();
+        let address = peer.address.clone();
+        let failing = peer.failing.clone();
+        self.runtime.spawn(async move {
+            let mut request = Request::new(pb::RaftMessage {
+                message: encode_message(&m),
+            });
+            request.set_timeout(SNAPSHOT_TIMEOUT);
+            let result = tokio::time::timeout(SNAPSHOT_TIMEOUT, client.step(request)).await;
+            let ok = matches!(result, Ok(Ok(_)));
+            tracing::info!(
+                peer = to,
+                address = %address,
+                index = m.get_snapshot().get_metadata().get_index(),
+                delivered = ok,
+                "snapshot sent"
+            );
+            node.report_snapshot(to, !ok);
+            match result {
+                Ok(Ok(_)) => {
+                    if failing.swap(false, Ordering::Relaxed) {
+                        tracing::info!(peer = to, address = %address, "controller reachable again");
+                    }
                 }
-                Ok(Err(status)) => status.message().to_string(),
-                Err(e) => format!("the stream's task failed: {e}"),
-            };
-            self.failed(why);
-            return false;
-        }
-        // "Reachable again" only once a stream outlived a batch: a new one
-        // takes batches before it has connected.
-        let established = self.stream.is_some();
-        let tx = match &self.stream {
-            Some((tx, _)) => tx.clone(),
-            None => {
-                let (tx, rx) = mpsc::channel(STREAM_BATCHES);
-                let mut client = self.client.clone();
-                let call = tokio::spawn(async move {
-                    client
-                        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-                        .await
-                        .map(|_| ())
-                });
-                self.stream = Some((tx.clone(), call));
-                tx
-            }
-        };
-        // A peer that stops reading fills the HTTP/2 window, then this
-        // channel: give up after STEP_TIMEOUT, as a unary Step would.
-        match tokio::time::timeout(STEP_TIMEOUT, tx.send(pb::RaftBatch { messages })).await {
-            Ok(Ok(())) => {
-                if established {
-                    self.reachable();
+                Ok(Err(status)) => {
+                    if says_removed(&status) {
+                        node.report_removed(to);
+                    }
+                    failed(&node, to, &address, &failing, status.message());
                 }
-                true
+                Err(_) => failed(&node, to, &address, &failing, "timed out"),
             }
-            Ok(Err(_)) => {
-                // The call ended; its error is read on the next batch.
-                self.node.report_unreachable(self.to);
-                false
-            }
-            Err(_) => {
-                if let Some((_, call)) = self.stream.take() {
-                    call.abort();
-                }
-                self.failed("timed out".to_string());
-                false
-            }
-        }
-    }
-
-    /// Sends a snapshot on the unary `Raft.Step` (it is large and rare, and
-    /// raft-rs wants to hear how it ended).
-    async fn send_snapshot(&mut self, m: Message) -> bool {
-        let mut request = Request::new(pb::RaftMessage {
-            message: encode_message(&m),
         });
-        request.set_timeout(SNAPSHOT_TIMEOUT);
-        let result = tokio::time::timeout(SNAPSHOT_TIMEOUT, self.client.step(request)).await;
-        let ok = matches!(result, Ok(Ok(_)));
-        tracing::info!(
-            peer = self.to,
-            address = %self.address,
-            index = m.get_snapshot().get_metadata().get_index(),
-            delivered = ok,
-            "snapshot sent"
-        );
-        self.node.report_snapshot(self.to, !ok);
-        match result {
-            Ok(Ok(_)) => self.reachable(),
-            Ok(Err(status)) => {
-                if says_removed(&status) {
-                    self.node.report_removed(self.to);
-                }
-                self.failed(status.message().to_string())
-            }
-            Err(_) => self.failed("timed out".to_string()),
-        }
-        ok
-    }
-
-    fn reachable(&mut self) {
-        if self.failing {
-            tracing::info!(peer = self.to, address = %self.address, "controller reachable again");
-            self.failing = false;
-        }
-    }
-
-    fn failed(&mut self, why: String) {
-        if !self.failing {
-            tracing::warn!(peer = self.to, address = %self.address, "raft messages not delivered: {why}");
-            self.failing = true;
-        }
-        self.node.report_unreachable(self.to);
     }
 }
 
-/// Drains one peer's queue: everything queued since the last batch goes
-/// out as one [`pb::RaftBatch`] on one long-lived `Raft.Stream` call, so
-/// the order is kept and no batch waits for the previous one's answer
-/// (etcd's rafthttp streams the same way). Snapshots go on `Raft.Step`,
-/// after what queued before them.
-async fn peer_loop(
-    node: RaftNode,
-    to: u64,
-    address: String,
-    channel: Channel,
-    mut rx: mpsc::Receiver<Message>,
-) {
-    let client = pb::raft_client::RaftClient::new(channel)
-        .max_encoding_message_size(usize::MAX)
-        .max_decoding_message_size(usize::MAX);
-    let mut peer = Peer {
-        node,
-        to,
-        address,
-        client,
-        stream: None,
-        failing: false,
-    };
-    let mut next = None;
-    loop {
-        let first = match next.take() {
-            Some(m) => m,
-            None => match rx.recv().await {
-                Some(m) => m,
-                None => break,
-            },
-        };
-        let ok = if first.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
-            peer.send_snapshot(first).await
-        } else {
-            let mut batch = Vec::new();
-            let mut bytes = 0;
-            let mut pending = Some(first);
-            while let Some(m) = pending.take() {
-                if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
-                    next = Some(m);
-                    break;
-                }
-                let encoded = encode_message(&m);
-                bytes += encoded.len();
-                batch.push(encoded);
-                if bytes >= MAX_BATCH_BYTES {
-                    break;
-                }
-                pending = rx.try_recv().ok();
-            }
-            peer.send_batch(batch).await
-        };
-        if !ok {
-            // What queued behind a failed send is stale by the time the
-            // peer is back; raft resends what matters.
-            next = None;
-            while rx.try_recv().is_ok() {}
-        }
+/// Logs (once per outage) that messages to `to` were not delivered, and
+/// reports it unreachable.
+fn failed(node: &RaftNode, to: u64, address: &str, failing: &AtomicBool, why: &str) {
+    if !failing.swap(true, Ordering::Relaxed) {
+        tracing::warn!(peer = to, address = %address, "raft messages not delivered: {why}");
     }
-    if let Some((_, call)) = peer.stream.take() {
-        call.abort();
+    node.report_unreachable(to);
+}
+
+impl Transport for GrpcTransport {
+    /// Called on the Raft thread with a Ready's messages: each peer's go
+    /// out as one batch (several past MAX_BATCH_BYTES), in order, with a
+    /// snapshot after what came before it.
+    fn send(&self, msgs: Vec<Message>) {
+        let Some(node) = self.node.get() else {
+            return;
+        };
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut batches: Vec<(u64, Vec<Vec<u8>>, usize)> = Vec::new();
+        for m in msgs {
+            let to = m.to;
+            if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                if let Some(i) = batches.iter().position(|(t, _, _)| *t == to) {
+                    let (_, batch, _) = batches.swap_remove(i);
+                    if let Some(peer) = self.peer(node, &mut peers, to) {
+                        self.send_batch(node, peer, to, batch);
+                    }
+                }
+                if let Some(peer) = self.peer(node, &mut peers, to) {
+                    self.send_snapshot(node, peer, to, m);
+                }
+                continue;
+            }
+            let encoded = encode_message(&m);
+            let i = match batches.iter().position(|(t, _, _)| *t == to) {
+                Some(i) => i,
+                None => {
+                    batches.push((to, Vec::new(), 0));
+                    batches.len() - 1
+                }
+            };
+            batches[i].2 += encoded.len();
+            batches[i].1.push(encoded);
+            if batches[i].2 >= MAX_BATCH_BYTES {
+                let (_, batch, _) = batches.swap_remove(i);
+                if let Some(peer) = self.peer(node, &mut peers, to) {
+                    self.send_batch(node, peer, to, batch);
+                }
+            }
+        }
+        for (to, batch, _) in batches {
+            if let Some(peer) = self.peer(node, &mut peers, to) {
+                self.send_batch(node, peer, to, batch);
+            }
+        }
     }
 }
 
@@ -781,6 +779,18 @@ pub fn metrics_text(store: &StoreFront) -> String {
         "Commands proposed here that failed (outcome unknown).",
         "counter",
         m.proposals_failed as f64,
+    );
+    gauge(
+        "gantry_raft_log_writes_total",
+        "Ready writes to the durable log (one fsync each).",
+        "counter",
+        m.log_writes as f64,
+    );
+    gauge(
+        "gantry_raft_log_write_seconds_total",
+        "Seconds spent writing the durable log.",
+        "counter",
+        m.log_write_seconds,
     );
     let h = &m.proposal_latency;
     let name = "gantry_raft_proposal_latency_seconds";

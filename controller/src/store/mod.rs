@@ -24,6 +24,7 @@ pub mod command;
 pub mod disk;
 pub mod log;
 pub mod machine;
+pub mod wal;
 pub mod watch;
 
 use std::path::Path;
@@ -34,6 +35,7 @@ pub use log::{
     Entry, EntryKind, HardState, Log, LogBatch, LogError, MemLog, Membership, SnapshotRecord,
 };
 pub use machine::{ApplyError, ApplyOutcome, Snapshot, SnapshotError, StateMachine};
+pub use wal::{WAL_DIR, WalLog};
 pub use watch::{Event, EventKind, Object, WatchError, WatchHub, WatchStream};
 
 /// The log file's name inside the store's directory.
