@@ -545,6 +545,15 @@ fn hooks_get_the_state_on_stdin() {
     }
     let out_dir = tempfile::tempdir().unwrap();
     let save = |name: &str| format!("cat > {}/{name}.json", out_dir.path().display());
+    // Also what the hook finds as the network namespace of the state's pid:
+    // the container's own, although the runtime makes it after the clone.
+    let save_with_netns = |name: &str| {
+        let dir = out_dir.path().display();
+        format!(
+            "tee {dir}/{name}.json | sed -n 's/.*\"pid\":\\([0-9]*\\).*/\\1/p' \
+             | {{ read pid; readlink /proc/$pid/ns/net > {dir}/{name}.netns; }}"
+        )
+    };
     let c = Ctr::new(
         "hooks",
         BundleBuilder::new()
@@ -552,7 +561,7 @@ fn hooks_get_the_state_on_stdin() {
             .hook(
                 "createRuntime",
                 "/bin/sh",
-                &["sh", "-c", &save("createRuntime")],
+                &["sh", "-c", &save_with_netns("createRuntime")],
                 Some(5),
             )
             .hook(
@@ -586,6 +595,15 @@ fn hooks_get_the_state_on_stdin() {
         std::fs::read_to_string(c.log_path()).unwrap_or_default()
     );
     let pid = c.pid();
+    let netns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    let container_netns = netns(&pid.to_string());
+    assert_ne!(container_netns, netns("self"), "the container has its own");
+    let hook_netns = std::fs::read_to_string(out_dir.path().join("createRuntime.netns")).unwrap();
+    assert_eq!(
+        hook_netns.trim(),
+        container_netns.to_string_lossy(),
+        "the createRuntime hook saw another network namespace"
+    );
     assert!(c.rt(&["start", &c.id]).status.success());
     // `start` returns once the init is released (as runc's does); the
     // startContainer hook then runs inside the container before the user

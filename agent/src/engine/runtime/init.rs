@@ -9,14 +9,17 @@
 //!
 //! Protocol on the report pipe (child → parent), one message per line:
 //! `H` (mounts done: run the runtime's hooks, then say go), `R` (ready,
-//! waiting for start), `E<message>` (a step failed). On the go pipe
-//! (parent → child): the init's host pid as 4 bytes (go), one byte after the
-//! hooks, and in `run` mode one byte for start.
+//! waiting for start), `E<message>` (a step failed). On the go channel
+//! (parent → child, a Unix socket pair used as a pipe): first `n` with the
+//! new network namespace's descriptor when the parent made it
+//! ([`super::netns`]), then the init's host pid as 4 bytes (go), one byte
+//! after the hooks, and in `run` mode one byte for start.
 
 use super::caps::{self, CapMasks};
 use super::devices;
 use super::hooks;
 use super::mounts;
+use super::netns;
 use super::spec::Plan;
 use nix::mount::MsFlags;
 use nix::unistd::{Gid, Uid};
@@ -108,11 +111,11 @@ pub struct InitArgs<'a> {
     pub id: &'a str,
     /// The checked config.
     pub plan: &'a Plan,
-    /// Read end of the go pipe.
+    /// The init's end of the go channel.
     pub go: RawFd,
     /// Write end of the report pipe (close-on-exec).
     pub report: RawFd,
-    /// The parent's end of the go pipe, closed in the child so that the
+    /// The parent's end of the go channel, closed in the child so that the
     /// child sees EOF if the parent dies.
     pub parent_go: RawFd,
     /// The parent's end of the report pipe, closed in the child.
@@ -128,6 +131,9 @@ pub struct InitArgs<'a> {
     /// joins its cgroup through them instead of finding the hierarchies in
     /// `/proc/self/mountinfo` itself, which is slow and on its critical path.
     pub cgroup_roots: &'a [CgroupRoot],
+    /// Whether the parent sends the new network namespace over `go` (see
+    /// [`super::netns`]): the init was cloned without `CLONE_NEWNET`.
+    pub netns_from_parent: bool,
 }
 
 /// The parent's go message: the init's host pid, then the cgroup v1 `tasks`
@@ -389,20 +395,31 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
     let root_fd = mounts::open_rootfs(rootfs)?;
     let mut dev_mounted = false;
     let mut devpts_mounted = false;
+    let mut netns_pending = args.netns_from_parent;
     for m in spec.mounts().iter().flatten() {
         if is_cgroup_mount(m) {
             // Mounted once we are in our cgroup namespace, below.
             continue;
         }
+        let typ = m.typ().as_deref().unwrap_or("");
+        if netns_pending && typ == "sysfs" {
+            // sysfs shows the network devices of its mounter's namespace.
+            netns::receive_and_join(args.go)?;
+            netns_pending = false;
+        }
         mounts::mount_one(root_fd.as_fd(), rootfs, &plan.bundle, m)?;
         let dest = m.destination().as_path();
-        let typ = m.typ().as_deref().unwrap_or("");
         if dest == Path::new("/dev") && typ == "tmpfs" {
             dev_mounted = true;
         }
         if dest == Path::new("/dev/pts") && typ == "devpts" {
             devpts_mounted = true;
         }
+    }
+    if netns_pending {
+        // Before devices, hooks and `lo`: from here on everything sees the
+        // container's network namespace, as if `clone` had made it.
+        netns::receive_and_join(args.go)?;
     }
     if dev_mounted {
         devices::create_in_fresh_dev(rootfs, devpts_mounted)?;

@@ -11,11 +11,13 @@
 //!    is refused before a single thing exists (no state, cgroup or process).
 //! 2. The state directory `<root>/<id>` is made (its `mkdir` is the lock
 //!    against a second container of the same id).
-//! 3. `clone(2)` with the namespace flags; the child is the init ([`init`]).
-//!    Parent and child talk over two close-on-exec pipes: *go* (parent →
-//!    child) and *report* (child → parent: `H` run your hooks, `R` ready,
-//!    `E<step>: <errno>` failed). The parent makes the cgroup while the
-//!    child sets up its mounts, then says go. On cgroup v1 the child joins
+//! 3. `clone(2)` with the namespace flags but `CLONE_NEWNET`; the child is
+//!    the init ([`init`]). Parent and child talk over a close-on-exec socket
+//!    pair, *go* (parent → child), and pipe, *report* (child → parent: `H`
+//!    run your hooks, `R` ready, `E<step>: <errno>` failed). While the child
+//!    sets up its mounts the parent makes the network namespace and sends
+//!    it over go ([`netns`]: the costliest namespace, off the init's path),
+//!    then makes the cgroup and says go. On cgroup v1 the child joins
 //!    its cgroup itself through `tasks` (a parent writing `cgroup.procs`
 //!    waits for an RCU grace period, most of a start's time), as late as it
 //!    can: just before `R`, through descriptors of the hierarchies that
@@ -43,6 +45,7 @@ pub mod exec;
 pub mod hooks;
 pub mod init;
 pub mod mounts;
+pub mod netns;
 pub mod spec;
 pub mod state;
 
@@ -606,14 +609,18 @@ impl Runtime {
             }
             StartMode::Pipe => None,
         };
-        let (go_r, go_w) = exec::pipe().map_err(|source| RuntimeError::Sys {
-            call: "pipe",
+        let (go_r, go_w) = netns::channel().map_err(|source| RuntimeError::Sys {
+            call: "socketpair",
             source,
         })?;
         let (rep_r, rep_w) = exec::pipe().map_err(|source| RuntimeError::Sys {
             call: "pipe",
             source,
         })?;
+        // A new network namespace is made by us after the clone, while the
+        // init mounts (see `netns`), not by `clone` itself.
+        let netns_by_parent = plan.namespaces.clone_flags & libc::CLONE_NEWNET != 0;
+        let clone_flags = plan.namespaces.clone_flags & !libc::CLONE_NEWNET;
         let stdio = match &options.stdio {
             InitStdio::Inherit => None,
             InitStdio::Fds {
@@ -659,6 +666,7 @@ impl Runtime {
             },
             parent_hooks: !runtime_hooks.is_empty(),
             cgroup_roots: &cgroup_roots,
+            netns_from_parent: netns_by_parent,
         };
         let pid = {
             let _pid_ns = match plan
@@ -670,7 +678,7 @@ impl Runtime {
                 Some((_, path)) => Some(EnteredPidNs::enter(path)?),
                 None => None,
             };
-            clone_init(plan.namespaces.clone_flags, || init::container_init(&args))?
+            clone_init(clone_flags, || init::container_init(&args))?
         };
         guard.pid = Some(pid);
         if start == StartMode::Pipe {
@@ -682,6 +690,10 @@ impl Runtime {
         drop(rep_w);
         drop(fifo);
         drop(options);
+        if netns_by_parent {
+            // First, so that the init, mounting meanwhile, waits the least.
+            netns::make_and_send(&go_w)?;
+        }
 
         // The cgroup is made while the child already sets up its mounts
         // (two cores work at once); the child waits for go before it needs it.
