@@ -12,8 +12,10 @@
 //! waiting for start), `E<message>` (a step failed). On the go channel
 //! (parent → child, a Unix socket pair used as a pipe): first `n` with the
 //! new network namespace's descriptor when the parent made it
-//! ([`super::netns`]), then the init's host pid as 4 bytes (go), one byte
-//! after the hooks, and in `run` mode one byte for start.
+//! ([`super::netns`]), then the init's host pid and the cgroup to join
+//! (go), `l` once the cgroup's limits are written (the init joins
+//! meanwhile but waits for it before it reports ready), and one byte after
+//! the hooks.
 
 use super::caps::{self, CapMasks};
 use super::devices;
@@ -180,11 +182,20 @@ fn wait_for_go(go: RawFd, roots: Option<&[CgroupRoot]>) -> StepResult<i32> {
     Ok(pid)
 }
 
+/// The parent's message after go once the cgroup's limits are written.
+pub const LIMITS_APPLIED: u8 = b'l';
+
 /// Waits for go, joins the cgroup (through `roots` when given, by path
-/// otherwise), then unshares the cgroup namespace if asked. Returns our
-/// host pid.
+/// otherwise), waits until the parent has written the cgroup's limits,
+/// then unshares the cgroup namespace if asked. Returns our host pid.
 fn enter_cgroup(args: &InitArgs<'_>, roots: Option<&[CgroupRoot]>) -> StepResult<i32> {
     let pid = wait_for_go(args.go, roots)?;
+    let mut b = [0u8; 1];
+    if !read_exact(args.go, &mut b) || b[0] != LIMITS_APPLIED {
+        // The parent failed to write the limits (and says so) or died.
+        // SAFETY: see container_init.
+        unsafe { libc::_exit(1) }
+    }
     if args.plan.namespaces.new_cgroupns {
         // Only now: we are in our cgroup, which becomes the root of the new
         // cgroup namespace.

@@ -17,7 +17,9 @@
 //!    run your hooks, `R` ready, `E<step>: <errno>` failed). While the child
 //!    sets up its mounts the parent makes the network namespace and sends
 //!    it over go ([`netns`]: the costliest namespace, off the init's path),
-//!    then makes the cgroup and says go. On cgroup v1 the child joins
+//!    then makes the cgroup and says go; on v1 the init joins while the
+//!    parent writes the limits, and waits for a second message once they
+//!    are written. On cgroup v1 the child joins
 //!    its cgroup itself through `tasks` (a parent writing `cgroup.procs`
 //!    waits for an RCU grace period, most of a start's time), as late as it
 //!    can: just before `R`, through descriptors of the hierarchies that
@@ -698,17 +700,27 @@ impl Runtime {
         // The cgroup is made while the child already sets up its mounts
         // (two cores work at once); the child waits for go before it needs it.
         drop(cgroup_roots);
-        let cgroup = Cgroup::create(&cg_root, &plan.cgroup_path, Some(&plan.resources))?;
-        guard.cgroup = Some(cgroup.clone());
-        let cgroup_tasks = self_join_tasks(&cgroup);
-        if cgroup_tasks.is_empty() {
+        let unlimited =
+            Cgroup::create_unlimited(&cg_root, &plan.cgroup_path, Some(&plan.resources))?;
+        if unlimited.created() {
+            guard.cgroup = Some(unlimited.cgroup().clone());
+        }
+        let cgroup_tasks = self_join_tasks(unlimited.cgroup());
+        // On v1 the init joins (six `tasks` writes) while we write the
+        // limits; it waits for the second message, sent once they are
+        // written, before it reports ready, so nothing of the user's runs
+        // unlimited. On v2 we move it, after the limits as before.
+        let cgroup = if cgroup_tasks.is_empty() {
+            let cgroup = unlimited.apply()?;
             cgroup.add_process(pid)?;
-        }
-        // A child that already failed has closed its end: its report, read
-        // below, says why, so a failed write is not the error to return.
-        if let Err(e) = write_all(&go_w, &init::go_message(pid, &cgroup_tasks)) {
-            tracing::debug!("write go: {e}");
-        }
+            send_go(&go_w, &init::go_message(pid, &cgroup_tasks));
+            cgroup
+        } else {
+            send_go(&go_w, &init::go_message(pid, &cgroup_tasks));
+            unlimited.apply()?
+        };
+        guard.cgroup = Some(cgroup.clone());
+        send_go(&go_w, &[init::LIMITS_APPLIED]);
 
         let (start_time, _) = state::proc_start_time(pid).ok_or_else(|| RuntimeError::Init {
             id: id.to_string(),
@@ -961,6 +973,15 @@ fn self_join_tasks(cgroup: &Cgroup) -> Vec<PathBuf> {
     match cgroup {
         Cgroup::V1 { dirs } => dirs.iter().map(|d| d.join("tasks")).collect(),
         Cgroup::V2 { .. } => Vec::new(),
+    }
+}
+
+/// Sends a message on the go channel. A child that already failed has
+/// closed its end: its report, read next, says why, so a failed write is
+/// not the error to return.
+fn send_go(go: &OwnedFd, msg: &[u8]) {
+    if let Err(e) = write_all(go, msg) {
+        tracing::debug!("write go: {e}");
     }
 }
 
