@@ -932,6 +932,45 @@ fn delete_force_clears_a_half_created_container() {
 }
 
 #[test]
+fn run_of_a_taken_id_fails_and_leaves_the_first_container_alone() {
+    if !can_run("taken-id") {
+        return;
+    }
+    // `run` takes the id (its state directory) only after the clone: the
+    // second container must still fail before it touches the first one's
+    // cgroup, limits or process.
+    let c = Ctr::new(
+        "taken",
+        BundleBuilder::new()
+            .args(["sleep", "100"])
+            .memory_limit(64 << 20),
+    );
+    let created = c.create();
+    assert!(created.status.success(), "{}", stderr(&created));
+    let pid = c.pid();
+    let other = BundleBuilder::new()
+        .args(["true"])
+        .memory_limit(32 << 20)
+        .build_temp()
+        .unwrap();
+    let out = c.rt(&["run", "-b", path_str(other.path()), &c.id]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+    let state = c.rt(&["state", &c.id]);
+    let state: serde_json::Value = serde_json::from_slice(&state.stdout).unwrap();
+    assert_eq!(state["status"], "created");
+    assert_eq!(state["pid"], pid);
+    let limit = Path::new("/sys/fs/cgroup/memory/gantry")
+        .join(&c.id)
+        .join("memory.limit_in_bytes");
+    if limit.exists() {
+        let value = std::fs::read_to_string(&limit).unwrap();
+        assert_eq!(value.trim(), (64u64 << 20).to_string());
+    }
+    assert!(c.rt(&["delete", "--force", &c.id]).status.success());
+}
+
+#[test]
 fn mount_targets_never_leave_the_rootfs() {
     if !can_run("escape") {
         return;

@@ -10,7 +10,8 @@
 //! 1. [`spec`] reads and checks `config.json` in the caller: anything refused
 //!    is refused before a single thing exists (no state, cgroup or process).
 //! 2. The state directory `<root>/<id>` is made (its `mkdir` is the lock
-//!    against a second container of the same id).
+//!    against a second container of the same id); `run` makes it right
+//!    after the clone instead, before anything else of the id exists.
 //! 3. `clone(2)` with the namespace flags but `CLONE_NEWNET`; the child is
 //!    the init ([`init`]). Parent and child talk over a close-on-exec socket
 //!    pair, *go* (parent → child), and pipe, *report* (child → parent: `H`
@@ -581,20 +582,21 @@ impl Runtime {
         let pid_file = options.pid_file.clone();
         let bundle = std::fs::canonicalize(bundle).map_err(|e| io_err(bundle, e))?;
         let plan = spec::load(&bundle, id).map_err(invalid)?;
-        std::fs::create_dir_all(&self.root).map_err(|e| io_err(&self.root, e))?;
         let dir = self.root.join(id);
-        match std::fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(RuntimeError::AlreadyExists(id.to_string()));
-            }
-            Err(e) => return Err(io_err(&dir, e)),
-        }
         let mut guard = CreateGuard {
-            dir: Some(dir.clone()),
+            dir: None,
             cgroup: None,
             pid: None,
         };
+        // The state directory is the lock on the id. `create` needs it
+        // before the clone (the init gets the fifo); `run` makes it after
+        // the clone, while the init mounts (on a disk, e.g. ext4, a mkdir
+        // is 0.05-0.1 ms), and before the cgroup: a second container of the
+        // same id must never touch the first one's cgroup.
+        if start == StartMode::Fifo {
+            make_state_dir(&self.root, &dir, id)?;
+            guard.dir = Some(dir.clone());
+        }
         let fifo = match start {
             StartMode::Fifo => {
                 let path = dir.join(state::EXEC_FIFO);
@@ -695,6 +697,10 @@ impl Runtime {
         if netns_by_parent {
             // First, so that the init, mounting meanwhile, waits the least.
             netns::make_and_send(&go_w)?;
+        }
+        if start == StartMode::Pipe {
+            make_state_dir(&self.root, &dir, id)?;
+            guard.dir = Some(dir.clone());
         }
 
         // The cgroup is made while the child already sets up its mounts
@@ -1101,6 +1107,23 @@ fn delete_cgroup(cgroup: &Cgroup) -> Result<(), RuntimeError> {
                 pause = (pause * 2).min(Duration::from_millis(20));
             }
         }
+    }
+}
+
+/// Makes the state directory `dir` of container `id` in `root` (made too
+/// if missing); an existing one means the id is taken.
+fn make_state_dir(root: &Path, dir: &Path, id: &str) -> Result<(), RuntimeError> {
+    let mut made = std::fs::create_dir(dir);
+    if matches!(&made, Err(e) if e.kind() == std::io::ErrorKind::NotFound) {
+        std::fs::create_dir_all(root).map_err(|e| io_err(root, e))?;
+        made = std::fs::create_dir(dir);
+    }
+    match made {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(RuntimeError::AlreadyExists(id.to_string()))
+        }
+        Err(e) => Err(io_err(dir, e)),
     }
 }
 
