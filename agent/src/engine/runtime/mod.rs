@@ -15,10 +15,11 @@
 //! 3. `clone(2)` with the namespace flags but `CLONE_NEWNET`; the child is
 //!    the init ([`init`]). Parent and child talk over a close-on-exec socket
 //!    pair, *go* (parent → child), and pipe, *report* (child → parent: `H`
-//!    run your hooks, `R` ready, `E<step>: <errno>` failed). While the child
-//!    sets up its mounts the parent makes the network namespace and sends
-//!    it over go ([`netns`]: the costliest namespace, off the init's path),
-//!    then makes the cgroup and says go; on v1 the init joins while the
+//!    run your hooks, `R` ready, `E<step>: <errno>` failed). A helper
+//!    started before the clone makes the network namespace and sends it
+//!    over go ([`netns`]: the costliest namespace, off the init's and the
+//!    parent's paths). While the child sets up its mounts the parent makes
+//!    the cgroup and says go; on v1 the init joins while the
 //!    parent writes the limits, and waits for a second message once they
 //!    are written. On cgroup v1 the child joins
 //!    its cgroup itself through `tasks` (a parent writing `cgroup.procs`
@@ -617,14 +618,19 @@ impl Runtime {
             call: "socketpair",
             source,
         })?;
+        // A new network namespace is made by a helper while we go on to
+        // the clone and the init mounts (see `netns`), not by `clone`.
+        let netns_by_parent = plan.namespaces.clone_flags & libc::CLONE_NEWNET != 0;
+        let clone_flags = plan.namespaces.clone_flags & !libc::CLONE_NEWNET;
+        let netns_helper = if netns_by_parent {
+            netns::MakeHelper::start(&go_w)
+        } else {
+            None
+        };
         let (rep_r, rep_w) = exec::pipe().map_err(|source| RuntimeError::Sys {
             call: "pipe",
             source,
         })?;
-        // A new network namespace is made by us after the clone, while the
-        // init mounts (see `netns`), not by `clone` itself.
-        let netns_by_parent = plan.namespaces.clone_flags & libc::CLONE_NEWNET != 0;
-        let clone_flags = plan.namespaces.clone_flags & !libc::CLONE_NEWNET;
         let stdio = match &options.stdio {
             InitStdio::Inherit => None,
             InitStdio::Fds {
@@ -694,7 +700,7 @@ impl Runtime {
         drop(rep_w);
         drop(fifo);
         drop(options);
-        if netns_by_parent {
+        if netns_by_parent && netns_helper.is_none() {
             // First, so that the init, mounting meanwhile, waits the least.
             netns::make_and_send(&go_w)?;
         }
@@ -712,6 +718,12 @@ impl Runtime {
             guard.cgroup = Some(unlimited.cgroup().clone());
         }
         let cgroup_tasks = self_join_tasks(unlimited.cgroup());
+        // The helper's message must come before go; it is long sent by now.
+        if let Some(helper) = netns_helper
+            && !helper.wait()
+        {
+            netns::make_and_send(&go_w)?;
+        }
         // On v1 the init joins (six `tasks` writes) while we write the
         // limits; it waits for the second message, sent once they are
         // written, before it reports ready, so nothing of the user's runs

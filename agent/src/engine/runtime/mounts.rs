@@ -735,7 +735,7 @@ extern "C" fn detach_old_root_helper(_: *mut libc::c_void) -> libc::c_int {
 /// # Safety
 /// The arguments must be valid for system call `nr`.
 #[cfg(target_arch = "x86_64")]
-unsafe fn raw_syscall5(
+pub(super) unsafe fn raw_syscall5(
     nr: libc::c_long,
     a1: usize,
     a2: usize,
