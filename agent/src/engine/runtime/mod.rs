@@ -24,9 +24,9 @@
 //!    are written. On cgroup v1 the child joins
 //!    its cgroup itself through `tasks` (a parent writing `cgroup.procs`
 //!    waits for an RCU grace period, most of a start's time), as late as it
-//!    can: just before `R`, through descriptors of the hierarchies that
-//!    the parent opened before the clone (they outlive pivot_root). On v2
-//!    the parent moves it.
+//!    can: just before `R`, through the `tasks` files that the parent
+//!    opened and sent with go (`SCM_RIGHTS`: no path lookup in the init,
+//!    nothing to find after pivot_root). On v2 the parent moves it.
 //! 4. The init mounts, makes devices, pivots (a helper unmounts the old root
 //!    meanwhile, reaped before `R`: [`mounts::pivot_root`]), masks, reports `R` and blocks
 //!    opening `exec.fifo` for writing; `start` opens it for reading, which
@@ -650,18 +650,6 @@ impl Runtime {
                     .collect()
             })
             .unwrap_or_default();
-        // Detected before the clone so that the init gets the v1
-        // hierarchies already open (see `InitArgs::cgroup_roots`).
-        let cg_root = CgroupRoot::detect()?;
-        let cgroup_roots = cg_root
-            .v1_hierarchies()?
-            .into_iter()
-            .map(init::CgroupRoot::open)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| RuntimeError::Init {
-                id: id.to_string(),
-                message: e.to_string(),
-            })?;
         let args = init::InitArgs {
             id,
             plan: &plan,
@@ -675,7 +663,6 @@ impl Runtime {
                 None => init::StartSignal::Immediately,
             },
             parent_hooks: !runtime_hooks.is_empty(),
-            cgroup_roots: &cgroup_roots,
             netns_from_parent: netns_by_parent,
         };
         let pid = {
@@ -711,7 +698,7 @@ impl Runtime {
 
         // The cgroup is made while the child already sets up its mounts
         // (two cores work at once); the child waits for go before it needs it.
-        drop(cgroup_roots);
+        let cg_root = CgroupRoot::detect()?;
         let unlimited =
             Cgroup::create_unlimited(&cg_root, &plan.cgroup_path, Some(&plan.resources))?;
         if unlimited.created() {
@@ -734,7 +721,9 @@ impl Runtime {
             send_go(&go_w, &init::go_message(pid, &cgroup_tasks));
             cgroup
         } else {
-            send_go(&go_w, &init::go_message(pid, &cgroup_tasks));
+            let tasks = open_tasks_files(id, &cgroup_tasks)?;
+            send_go_with_fds(&go_w, &init::go_message(pid, &cgroup_tasks), &tasks);
+            drop(tasks);
             unlimited.apply()?
         };
         guard.cgroup = Some(cgroup.clone());
@@ -1000,6 +989,56 @@ fn self_join_tasks(cgroup: &Cgroup) -> Vec<PathBuf> {
 fn send_go(go: &OwnedFd, msg: &[u8]) {
     if let Err(e) = write_all(go, msg) {
         tracing::debug!("write go: {e}");
+    }
+}
+
+/// Opens the cgroup v1 `tasks` files the init joins through (write only).
+fn open_tasks_files(id: &str, paths: &[PathBuf]) -> Result<Vec<OwnedFd>, RuntimeError> {
+    if paths.len() > init::MAX_GO_FDS {
+        return Err(RuntimeError::Init {
+            id: id.to_string(),
+            message: format!(
+                "{} cgroup hierarchies: at most {} are supported",
+                paths.len(),
+                init::MAX_GO_FDS
+            ),
+        });
+    }
+    paths
+        .iter()
+        .map(|p| {
+            nix::fcntl::open(
+                p,
+                nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(|e| io_err(p, e.into()))
+        })
+        .collect()
+}
+
+/// Sends the go message with the `tasks` descriptors attached to it (see
+/// [`init::go_message`]); a child that already failed is left to its
+/// report, as in [`send_go`].
+fn send_go_with_fds(go: &OwnedFd, msg: &[u8], fds: &[OwnedFd]) {
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&raw)];
+    let sent = loop {
+        match nix::sys::socket::sendmsg::<()>(
+            go.as_raw_fd(),
+            &[std::io::IoSlice::new(msg)],
+            &cmsg,
+            nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Err(nix::Error::EINTR) => continue,
+            other => break other,
+        }
+    };
+    match sent {
+        // The rest (the message is short; a stream socket may still split it).
+        Ok(n) => send_go(go, &msg[n..]),
+        Err(e) => tracing::debug!("write go: {e}"),
     }
 }
 
