@@ -22,6 +22,7 @@
 
 use super::RuntimeError;
 use super::init::{SetupError, StepResult};
+use super::vmhelper::VmHelper;
 use nix::sched::CloneFlags;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -149,77 +150,35 @@ pub fn receive_and_join(channel: RawFd) -> StepResult<()> {
 /// before the parent's go, which [`MakeHelper::wait`] comes before.
 #[derive(Debug)]
 pub struct MakeHelper {
-    pid: libc::pid_t,
-    /// The helper's stack; freed only after the helper has exited.
-    _stack: Vec<u128>,
+    helper: VmHelper,
 }
 
 impl MakeHelper {
     /// Starts the helper sending on `channel`; None if it cannot be started
     /// (the caller then calls [`make_and_send`] itself).
-    #[cfg(target_arch = "x86_64")]
     pub fn start(channel: &OwnedFd) -> Option<MakeHelper> {
-        const STACK_WORDS: usize = 4096; // 64 KiB; four system calls
-        // Not zeroed: a zeroed 64 KiB is 16 page faults (a memset) on the
-        // critical path; the helper touches only the top of its stack.
-        let mut stack = Vec::<u128>::with_capacity(STACK_WORDS);
-        // SAFETY: one past the end of the allocation (its capacity), 16-byte
-        // aligned (u128); the memory is ours for as long as `stack` lives.
-        let top = unsafe { stack.as_mut_ptr().add(STACK_WORDS) }.cast::<libc::c_void>();
-        // SAFETY: the helper runs `helper_main` on its own stack, which
-        // lives until it is reaped (wait or drop); it gets the descriptor
-        // number as its argument and writes only its own stack. Without
-        // CLONE_FILES it has its own copy of our descriptor table.
-        let pid = unsafe {
-            libc::clone(
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `helper_main` follows vmhelper's rules; its argument is
+        // the descriptor's number itself, not a pointer. Without
+        // CLONE_FILES the helper has its own copy of our descriptor table.
+        let helper = unsafe {
+            VmHelper::start(
                 helper_main,
-                top,
-                libc::CLONE_VM | libc::SIGCHLD,
                 channel.as_raw_fd() as usize as *mut libc::c_void,
+                false,
             )
         };
-        (pid > 0).then_some(MakeHelper { pid, _stack: stack })
-    }
-
-    /// No helper on other architectures (its system calls are x86-64 asm).
-    #[cfg(not(target_arch = "x86_64"))]
-    pub fn start(_channel: &OwnedFd) -> Option<MakeHelper> {
-        None
+        #[cfg(not(target_arch = "x86_64"))]
+        let helper = {
+            let _ = channel;
+            None
+        };
+        helper.map(|helper| MakeHelper { helper })
     }
 
     /// Waits for the helper; true if it sent the namespace.
-    pub fn wait(mut self) -> bool {
-        self.reap()
-    }
-
-    fn reap(&mut self) -> bool {
-        if self.pid <= 0 {
-            return false;
-        }
-        let mut status = 0;
-        // Bounded: the helper makes four system calls, none of which waits
-        // for anyone (the channel's buffer is empty).
-        loop {
-            // SAFETY: waiting for our own child; status is a valid int.
-            let r = unsafe { libc::waitpid(self.pid, &mut status, 0) };
-            if r == self.pid {
-                break;
-            }
-            if r < 0 && nix::Error::last() == nix::Error::EINTR {
-                continue;
-            }
-            self.pid = 0;
-            return false;
-        }
-        self.pid = 0;
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
-    }
-}
-
-impl Drop for MakeHelper {
-    fn drop(&mut self) {
-        // The stack must outlive the helper that runs on it.
-        self.reap();
+    pub fn wait(self) -> bool {
+        self.helper.wait()
     }
 }
 
