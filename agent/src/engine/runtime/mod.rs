@@ -39,9 +39,11 @@
 //! the init and removes the cgroup and the state directory.
 //!
 //! Invariant: nothing here starts a thread; the init and exec children are
-//! forks of a single-threaded caller and may allocate freely. (The init's
-//! old-root helper shares the init's memory but is a process of its own
-//! that only makes raw system calls, reaped before the init goes on.)
+//! forks of a single-threaded caller and may allocate freely. (The
+//! [`vmhelper`]s, the init's old-root unmount, the parent's network
+//! namespace and half of `run`'s cgroup removal, share their creator's
+//! memory but are processes of their own that only make raw system calls,
+//! each reaped before its creator goes past what it does.)
 //!
 pub mod caps;
 pub mod devices;
