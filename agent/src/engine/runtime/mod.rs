@@ -40,10 +40,10 @@
 //!
 //! Invariant: nothing here starts a thread; the init and exec children are
 //! forks of a single-threaded caller and may allocate freely. (The
-//! [`vmhelper`]s, the init's old-root unmount, the parent's network
-//! namespace and half of `run`'s cgroup removal, share their creator's
-//! memory but are processes of their own that only make raw system calls,
-//! each reaped before its creator goes past what it does.)
+//! [`vmhelper`]s, the init's old-root unmount and the parent's network
+//! namespace, share their creator's memory but are processes of their own
+//! that only make raw system calls, each reaped before its creator goes
+//! past what it does.)
 //!
 pub mod caps;
 pub mod devices;
@@ -253,7 +253,7 @@ impl Runtime {
         self.run_poststart(&record);
         let code = wait_exit_code(pid)?;
         forward_signals_to(0);
-        self.remove_after_run(&dir, &record, cgroup)?;
+        self.remove(&dir, &record, false, Some(cgroup))?;
         Ok(code)
     }
 
@@ -573,48 +573,6 @@ impl Runtime {
             }
         }
         remove_state_dir(dir)
-    }
-
-    /// `run`'s tail, [`Runtime::remove`] with two processes: on cgroup v1 a
-    /// helper removes half of the group's directories (an `rmdir` of a v1
-    /// group is about 30 µs of kernel work) while we remove the other half
-    /// and the state directory. Anything the helper left is removed here
-    /// afterwards, the usual way.
-    fn remove_after_run(
-        &self,
-        dir: &Path,
-        record: &Record,
-        cgroup: Cgroup,
-    ) -> Result<(), RuntimeError> {
-        if let Cgroup::V1 { dirs } = &cgroup
-            && dirs.len() >= 2
-            && record.poststop.is_empty()
-            && let Some(list) = vmhelper::RmdirList::new(&dirs[..dirs.len() / 2])
-        {
-            let (first, rest) = dirs.split_at(dirs.len() / 2);
-            // SAFETY: rmdir_helper follows vmhelper's rules; `list` lives
-            // until the helper is reaped (by `wait` below, or by its drop,
-            // which comes first: it was declared later).
-            let helper =
-                unsafe { vmhelper::VmHelper::start(vmhelper::rmdir_helper, list.arg(), true) };
-            if let Some(helper) = helper {
-                let result = self.remove(
-                    dir,
-                    record,
-                    false,
-                    Some(Cgroup::V1 {
-                        dirs: rest.to_vec(),
-                    }),
-                );
-                if !helper.wait() {
-                    delete_cgroup(&Cgroup::V1 {
-                        dirs: first.to_vec(),
-                    })?;
-                }
-                return result;
-            }
-        }
-        self.remove(dir, record, false, Some(cgroup))
     }
 
     /// create up to the init's ready report; the state is saved.
