@@ -79,6 +79,11 @@ touch /sys/gantry-probe 2>&1
 echo x 2>&1 >/proc/sys/kernel/hostname | sed 's/.*: //'
 section cgroup; cat /proc/self/cgroup
 section oom; cat /proc/self/oom_score_adj
+section net
+# The container's own network namespace: only `lo`, up. sysfs shows the
+# devices of the namespace that mounted it, so /sys/class/net must agree.
+ip -o link | sed 's/^[0-9]*: //'
+ls /sys/class/net
 section tmp; stat -c '%n %a %u:%g' / /tmp /root /proc /sys /dev
 "#;
 

@@ -545,6 +545,15 @@ fn hooks_get_the_state_on_stdin() {
     }
     let out_dir = tempfile::tempdir().unwrap();
     let save = |name: &str| format!("cat > {}/{name}.json", out_dir.path().display());
+    // Also what the hook finds as the network namespace of the state's pid:
+    // the container's own, although the runtime makes it after the clone.
+    let save_with_netns = |name: &str| {
+        let dir = out_dir.path().display();
+        format!(
+            "tee {dir}/{name}.json | sed -n 's/.*\"pid\":\\([0-9]*\\).*/\\1/p' \
+             | {{ read pid; readlink /proc/$pid/ns/net > {dir}/{name}.netns; }}"
+        )
+    };
     let c = Ctr::new(
         "hooks",
         BundleBuilder::new()
@@ -552,7 +561,7 @@ fn hooks_get_the_state_on_stdin() {
             .hook(
                 "createRuntime",
                 "/bin/sh",
-                &["sh", "-c", &save("createRuntime")],
+                &["sh", "-c", &save_with_netns("createRuntime")],
                 Some(5),
             )
             .hook(
@@ -586,6 +595,15 @@ fn hooks_get_the_state_on_stdin() {
         std::fs::read_to_string(c.log_path()).unwrap_or_default()
     );
     let pid = c.pid();
+    let netns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    let container_netns = netns(&pid.to_string());
+    assert_ne!(container_netns, netns("self"), "the container has its own");
+    let hook_netns = std::fs::read_to_string(out_dir.path().join("createRuntime.netns")).unwrap();
+    assert_eq!(
+        hook_netns.trim(),
+        container_netns.to_string_lossy(),
+        "the createRuntime hook saw another network namespace"
+    );
     assert!(c.rt(&["start", &c.id]).status.success());
     // `start` returns once the init is released (as runc's does); the
     // startContainer hook then runs inside the container before the user
@@ -911,6 +929,45 @@ fn delete_force_clears_a_half_created_container() {
     assert!(c.rt(&["delete", "--force", &c.id]).status.success());
     assert!(!c.root.path().join(&c.id).exists());
     assert_eq!(c.run().0, 0);
+}
+
+#[test]
+fn run_of_a_taken_id_fails_and_leaves_the_first_container_alone() {
+    if !can_run("taken-id") {
+        return;
+    }
+    // `run` takes the id (its state directory) only after the clone: the
+    // second container must still fail before it touches the first one's
+    // cgroup, limits or process.
+    let c = Ctr::new(
+        "taken",
+        BundleBuilder::new()
+            .args(["sleep", "100"])
+            .memory_limit(64 << 20),
+    );
+    let created = c.create();
+    assert!(created.status.success(), "{}", stderr(&created));
+    let pid = c.pid();
+    let other = BundleBuilder::new()
+        .args(["true"])
+        .memory_limit(32 << 20)
+        .build_temp()
+        .unwrap();
+    let out = c.rt(&["run", "-b", path_str(other.path()), &c.id]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+    let state = c.rt(&["state", &c.id]);
+    let state: serde_json::Value = serde_json::from_slice(&state.stdout).unwrap();
+    assert_eq!(state["status"], "created");
+    assert_eq!(state["pid"], pid);
+    let limit = Path::new("/sys/fs/cgroup/memory/gantry")
+        .join(&c.id)
+        .join("memory.limit_in_bytes");
+    if limit.exists() {
+        let value = std::fs::read_to_string(&limit).unwrap();
+        assert_eq!(value.trim(), (64u64 << 20).to_string());
+    }
+    assert!(c.rt(&["delete", "--force", &c.id]).status.success());
 }
 
 #[test]

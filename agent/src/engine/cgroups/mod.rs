@@ -210,6 +210,33 @@ fn signal_pids(pids: &[i32], signal: nix::sys::signal::Signal) -> Result<(), Cgr
     Ok(())
 }
 
+/// A group made by [`Cgroup::create_unlimited`] whose limits are still to
+/// be written.
+#[derive(Debug)]
+pub struct UnlimitedCgroup {
+    cgroup: Cgroup,
+    limits: Limits,
+    created: bool,
+}
+
+impl UnlimitedCgroup {
+    /// The group (processes may join it already).
+    pub fn cgroup(&self) -> &Cgroup {
+        &self.cgroup
+    }
+
+    /// Whether this call made the group (false: it existed already).
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    /// Writes the limits; on error the group stays as it is.
+    pub fn apply(self) -> Result<Cgroup, CgroupError> {
+        self.cgroup.apply(&self.limits)?;
+        Ok(self.cgroup)
+    }
+}
+
 impl Cgroup {
     /// Creates (or reuses) the group at `relative` and applies `resources`.
     ///
@@ -221,6 +248,31 @@ impl Cgroup {
         relative: &Path,
         resources: Option<&LinuxResources>,
     ) -> Result<Cgroup, CgroupError> {
+        let pending = Cgroup::create_unlimited(root, relative, resources)?;
+        if let Err(e) = pending.cgroup.apply(&pending.limits) {
+            if pending.created
+                && let Err(cleanup) = pending.cgroup.delete()
+            {
+                // The limit error is what the caller needs; the leftover is logged.
+                tracing::warn!(error = %cleanup, "removing a half-made cgroup failed");
+            }
+            return Err(e);
+        }
+        Ok(pending.cgroup)
+    }
+
+    /// [`Cgroup::create`]'s first half: validates `resources` and makes (or
+    /// reuses) the group, with `cpuset` ready to take tasks, but writes no
+    /// limit yet ([`UnlimitedCgroup::apply`] does).
+    ///
+    /// Why: a container's init may join its group while its parent writes
+    /// the limits, as long as it runs nothing of the user's before they are
+    /// written. A failed `apply` leaves the group to the caller's cleanup.
+    pub fn create_unlimited(
+        root: &CgroupRoot,
+        relative: &Path,
+        resources: Option<&LinuxResources>,
+    ) -> Result<UnlimitedCgroup, CgroupError> {
         let relative = clean_relative(relative)?;
         let limits = match resources {
             Some(r) => Limits::from_resources(r)?,
@@ -236,14 +288,11 @@ impl Cgroup {
                 (Cgroup::V2 { dir }, created)
             }
         };
-        if let Err(e) = cgroup.apply(&limits) {
-            if created && let Err(cleanup) = cgroup.delete() {
-                // The limit error is what the caller needs; the leftover is logged.
-                tracing::warn!(error = %cleanup, "removing a half-made cgroup failed");
-            }
-            return Err(e);
-        }
-        Ok(cgroup)
+        Ok(UnlimitedCgroup {
+            cgroup,
+            limits,
+            created,
+        })
     }
 
     /// Opens an existing group without changing it.

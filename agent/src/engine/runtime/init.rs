@@ -9,14 +9,19 @@
 //!
 //! Protocol on the report pipe (child → parent), one message per line:
 //! `H` (mounts done: run the runtime's hooks, then say go), `R` (ready,
-//! waiting for start), `E<message>` (a step failed). On the go pipe
-//! (parent → child): the init's host pid as 4 bytes (go), one byte after the
-//! hooks, and in `run` mode one byte for start.
+//! waiting for start), `E<message>` (a step failed). On the go channel
+//! (parent → child, a Unix socket pair used as a pipe): first `n` with the
+//! new network namespace's descriptor when the parent made it
+//! ([`super::netns`]), then the init's host pid and the cgroup to join
+//! (go), `l` once the cgroup's limits are written (the init joins
+//! meanwhile but waits for it before it reports ready), and one byte after
+//! the hooks.
 
 use super::caps::{self, CapMasks};
 use super::devices;
 use super::hooks;
 use super::mounts;
+use super::netns;
 use super::spec::Plan;
 use nix::mount::MsFlags;
 use nix::unistd::{Gid, Uid};
@@ -108,11 +113,11 @@ pub struct InitArgs<'a> {
     pub id: &'a str,
     /// The checked config.
     pub plan: &'a Plan,
-    /// Read end of the go pipe.
+    /// The init's end of the go channel.
     pub go: RawFd,
     /// Write end of the report pipe (close-on-exec).
     pub report: RawFd,
-    /// The parent's end of the go pipe, closed in the child so that the
+    /// The parent's end of the go channel, closed in the child so that the
     /// child sees EOF if the parent dies.
     pub parent_go: RawFd,
     /// The parent's end of the report pipe, closed in the child.
@@ -123,15 +128,16 @@ pub struct InitArgs<'a> {
     pub start: StartSignal,
     /// Whether the parent must run prestart/createRuntime hooks (`H`).
     pub parent_hooks: bool,
-    /// The cgroup v1 hierarchies, opened by the parent before the clone
-    /// (empty on v2, where the parent moves the init). When set, the init
-    /// joins its cgroup through them instead of finding the hierarchies in
-    /// `/proc/self/mountinfo` itself, which is slow and on its critical path.
-    pub cgroup_roots: &'a [CgroupRoot],
+    /// Whether the parent sends the new network namespace over `go` (see
+    /// [`super::netns`]): the init was cloned without `CLONE_NEWNET`.
+    pub netns_from_parent: bool,
 }
 
 /// The parent's go message: the init's host pid, then the cgroup v1 `tasks`
-/// files to join the cgroup through (see [`join_cgroup_self`]), if any.
+/// files to join the cgroup through (see [`join_cgroup_self`]), if any. The
+/// parent sends those files open with it (`SCM_RIGHTS`, in the same order),
+/// so that the init only writes to them: no path lookups on its critical
+/// path, and nothing to find after pivot_root.
 pub fn go_message(pid: i32, cgroup_tasks: &[PathBuf]) -> Vec<u8> {
     let paths: Vec<&[u8]> = cgroup_tasks
         .iter()
@@ -145,15 +151,15 @@ pub fn go_message(pid: i32, cgroup_tasks: &[PathBuf]) -> Vec<u8> {
     msg
 }
 
+/// The most `tasks` descriptors a go message carries (one per v1
+/// hierarchy; a host has about a dozen).
+pub const MAX_GO_FDS: usize = 32;
+
 /// Waits for the parent's go (see [`go_message`]), joins the cgroup if told
 /// to, and returns our host pid. Exits quietly if the parent is gone.
-fn wait_for_go(go: RawFd, roots: Option<&[CgroupRoot]>) -> StepResult<i32> {
+fn wait_for_go(go: RawFd) -> StepResult<i32> {
     let mut head = [0u8; 8];
-    if !read_exact(go, &mut head) {
-        // The parent died or gave up: nobody to report to.
-        // SAFETY: see container_init.
-        unsafe { libc::_exit(1) }
-    }
+    let fds = recv_head(go, &mut head)?;
     let pid = i32::from_ne_bytes([head[0], head[1], head[2], head[3]]);
     let len = u32::from_ne_bytes([head[4], head[5], head[6], head[7]]) as usize;
     if len > 0 {
@@ -166,19 +172,69 @@ fn wait_for_go(go: RawFd, roots: Option<&[CgroupRoot]>) -> StepResult<i32> {
             .split(|b| *b == b'\n')
             .map(|p| PathBuf::from(OsStr::from_bytes(p)))
             .collect();
-        match roots {
-            Some(roots) => join_cgroup_through(roots, &tasks)?,
-            None => join_cgroup_self(&tasks)?,
+        if fds.len() == tasks.len() {
+            for (fd, path) in fds.iter().zip(&tasks) {
+                sys("write tasks", nix::unistd::write(fd, b"0").map(|_| ())).map_err(|e| {
+                    SetupError::other(format!("join cgroup {}", path.display()), e.to_string())
+                })?;
+            }
+        } else {
+            join_cgroup_self(&tasks)?;
         }
     }
     Ok(pid)
 }
 
-/// Waits for go, joins the cgroup (through `roots` when given, by path
-/// otherwise), then unshares the cgroup namespace if asked. Returns our
-/// host pid.
-fn enter_cgroup(args: &InitArgs<'_>, roots: Option<&[CgroupRoot]>) -> StepResult<i32> {
-    let pid = wait_for_go(args.go, roots)?;
+/// Reads the go message's fixed head, and the descriptors that come with
+/// it. Exits quietly if the parent is gone.
+fn recv_head(go: RawFd, head: &mut [u8; 8]) -> StepResult<Vec<std::os::fd::OwnedFd>> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::FromRawFd;
+    let mut space = nix::cmsg_space!([RawFd; MAX_GO_FDS]);
+    let mut fds = Vec::new();
+    let mut got = 0;
+    // Bounded: each round reads at least one byte or ends the init.
+    while got < head.len() {
+        let mut iov = [std::io::IoSliceMut::new(&mut head[got..])];
+        let msg = match recvmsg::<()>(go, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(SetupError::sys("read go", e)),
+            Ok(msg) => msg,
+        };
+        if msg.bytes == 0 {
+            // The parent died or gave up: nobody to report to.
+            // SAFETY: see container_init.
+            unsafe { libc::_exit(1) }
+        }
+        for c in msg.cmsgs().map_err(|e| SetupError::sys("read go", e))? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                // SAFETY: the kernel just installed these descriptors in our
+                // table; nobody else owns them.
+                fds.extend(
+                    raw.into_iter()
+                        .map(|r| unsafe { std::os::fd::OwnedFd::from_raw_fd(r) }),
+                );
+            }
+        }
+        got += msg.bytes;
+    }
+    Ok(fds)
+}
+
+/// The parent's message after go once the cgroup's limits are written.
+pub const LIMITS_APPLIED: u8 = b'l';
+
+/// Waits for go, joins the cgroup, waits until the parent has written the
+/// cgroup's limits, then unshares the cgroup namespace if asked. Returns
+/// our host pid.
+fn enter_cgroup(args: &InitArgs<'_>) -> StepResult<i32> {
+    let pid = wait_for_go(args.go)?;
+    let mut b = [0u8; 1];
+    if !read_exact(args.go, &mut b) || b[0] != LIMITS_APPLIED {
+        // The parent failed to write the limits (and says so) or died.
+        // SAFETY: see container_init.
+        unsafe { libc::_exit(1) }
+    }
     if args.plan.namespaces.new_cgroupns {
         // Only now: we are in our cgroup, which becomes the root of the new
         // cgroup namespace.
@@ -188,66 +244,6 @@ fn enter_cgroup(args: &InitArgs<'_>, roots: Option<&[CgroupRoot]>) -> StepResult
         )?;
     }
     Ok(pid)
-}
-
-/// A host cgroup hierarchy, opened before pivot_root: where it is mounted
-/// on the host and a descriptor of its root, through which files below it
-/// stay reachable after the host's paths are gone.
-#[derive(Debug)]
-pub struct CgroupRoot {
-    mount_point: PathBuf,
-    fd: std::os::fd::OwnedFd,
-}
-
-impl CgroupRoot {
-    /// Opens the hierarchy mounted at `mount_point` (`O_PATH`, close-on-exec).
-    pub fn open(mount_point: PathBuf) -> StepResult<CgroupRoot> {
-        let fd = nix::fcntl::open(
-            &mount_point,
-            nix::fcntl::OFlag::O_PATH
-                | nix::fcntl::OFlag::O_DIRECTORY
-                | nix::fcntl::OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        )
-        .map_err(|e| SetupError::sys(format!("open {}", mount_point.display()), e))?;
-        Ok(CgroupRoot { mount_point, fd })
-    }
-}
-
-/// Opens every cgroup hierarchy mounted under `/sys/fs/cgroup`.
-fn open_cgroup_roots() -> StepResult<Vec<CgroupRoot>> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| SetupError::io("read /proc/self/mountinfo", e))?;
-    mounts::parse_cgroup_mounts(&info, "/sys/fs/cgroup")
-        .into_iter()
-        .map(|h| CgroupRoot::open(Path::new("/sys/fs/cgroup").join(&h.name)))
-        .collect()
-}
-
-/// [`join_cgroup_self`] through descriptors opened by [`open_cgroup_roots`]:
-/// each `tasks` path is opened relative to the hierarchy that holds it.
-fn join_cgroup_through(roots: &[CgroupRoot], tasks: &[PathBuf]) -> StepResult<()> {
-    for path in tasks {
-        let step = || format!("join cgroup {}", path.display());
-        let root = roots
-            .iter()
-            .filter(|r| path.starts_with(&r.mount_point))
-            .max_by_key(|r| r.mount_point.as_os_str().len())
-            .ok_or_else(|| SetupError::other(step(), "no such cgroup hierarchy"))?;
-        let relative = path
-            .strip_prefix(&root.mount_point)
-            .map_err(|_| SetupError::other(step(), "outside its hierarchy"))?;
-        let fd = nix::fcntl::openat(
-            &root.fd,
-            relative,
-            nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        )
-        .map_err(|e| SetupError::sys(step(), e))?;
-        sys("write tasks", nix::unistd::write(&fd, b"0").map(|_| ()))
-            .map_err(|e| SetupError::other(step(), e.to_string()))?;
-    }
-    Ok(())
 }
 
 /// Moves the calling (single-threaded) process into a cgroup v1 group by
@@ -389,20 +385,31 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
     let root_fd = mounts::open_rootfs(rootfs)?;
     let mut dev_mounted = false;
     let mut devpts_mounted = false;
+    let mut netns_pending = args.netns_from_parent;
     for m in spec.mounts().iter().flatten() {
         if is_cgroup_mount(m) {
             // Mounted once we are in our cgroup namespace, below.
             continue;
         }
+        let typ = m.typ().as_deref().unwrap_or("");
+        if netns_pending && typ == "sysfs" {
+            // sysfs shows the network devices of its mounter's namespace.
+            netns::receive_and_join(args.go)?;
+            netns_pending = false;
+        }
         mounts::mount_one(root_fd.as_fd(), rootfs, &plan.bundle, m)?;
         let dest = m.destination().as_path();
-        let typ = m.typ().as_deref().unwrap_or("");
         if dest == Path::new("/dev") && typ == "tmpfs" {
             dev_mounted = true;
         }
         if dest == Path::new("/dev/pts") && typ == "devpts" {
             devpts_mounted = true;
         }
+    }
+    if netns_pending {
+        // Before devices, hooks and `lo`: from here on everything sees the
+        // container's network namespace, as if `clone` had made it.
+        netns::receive_and_join(args.go)?;
     }
     if dev_mounted {
         devices::create_in_fresh_dev(rootfs, devpts_mounted)?;
@@ -421,9 +428,8 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
     // Everything so far ran while the parent made the cgroup. The go (and
     // joining the cgroup) waits as late as possible: until just before
     // `R`, unless something before pivot_root needs to be in the cgroup
-    // namespace (cgroup mounts) or to know our pid (hooks). For the late
-    // join the cgroup hierarchies are opened now, while the host's paths
-    // are still reachable.
+    // namespace (cgroup mounts) or to know our pid (hooks). The join needs
+    // no host path: the parent sends the `tasks` files open with go.
     let late_go = !args.parent_hooks
         && !spec.mounts().iter().flatten().any(is_cgroup_mount)
         && spec
@@ -432,14 +438,8 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
             .and_then(|h| h.create_container().as_ref())
             .is_none_or(|l| l.is_empty());
     let mut host_pid = 0;
-    let roots = if late_go {
-        if args.cgroup_roots.is_empty() {
-            open_cgroup_roots()?
-        } else {
-            Vec::new()
-        }
-    } else {
-        host_pid = enter_cgroup(args, None)?;
+    if !late_go {
+        host_pid = enter_cgroup(args)?;
         for m in spec
             .mounts()
             .iter()
@@ -448,8 +448,7 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
         {
             mounts::mount_cgroups(rootfs, m)?;
         }
-        Vec::new()
-    };
+    }
 
     if args.parent_hooks {
         report(args.report, b'H', "");
@@ -530,12 +529,7 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
     }
     let prepared = PreparedProcess::new(process)?;
     if late_go {
-        let roots = if roots.is_empty() {
-            args.cgroup_roots
-        } else {
-            &roots
-        };
-        host_pid = enter_cgroup(args, Some(roots))?;
+        host_pid = enter_cgroup(args)?;
     }
 
     // The old root's unmount ran in parallel with everything since

@@ -10,17 +10,23 @@
 //! 1. [`spec`] reads and checks `config.json` in the caller: anything refused
 //!    is refused before a single thing exists (no state, cgroup or process).
 //! 2. The state directory `<root>/<id>` is made (its `mkdir` is the lock
-//!    against a second container of the same id).
-//! 3. `clone(2)` with the namespace flags; the child is the init ([`init`]).
-//!    Parent and child talk over two close-on-exec pipes: *go* (parent →
-//!    child) and *report* (child → parent: `H` run your hooks, `R` ready,
-//!    `E<step>: <errno>` failed). The parent makes the cgroup while the
-//!    child sets up its mounts, then says go. On cgroup v1 the child joins
+//!    against a second container of the same id); `run` makes it right
+//!    after the clone instead, before anything else of the id exists.
+//! 3. `clone(2)` with the namespace flags but `CLONE_NEWNET`; the child is
+//!    the init ([`init`]). Parent and child talk over a close-on-exec socket
+//!    pair, *go* (parent → child), and pipe, *report* (child → parent: `H`
+//!    run your hooks, `R` ready, `E<step>: <errno>` failed). A helper
+//!    started before the clone makes the network namespace and sends it
+//!    over go ([`netns`]: the costliest namespace, off the init's and the
+//!    parent's paths). While the child sets up its mounts the parent makes
+//!    the cgroup and says go; on v1 the init joins while the
+//!    parent writes the limits, and waits for a second message once they
+//!    are written. On cgroup v1 the child joins
 //!    its cgroup itself through `tasks` (a parent writing `cgroup.procs`
 //!    waits for an RCU grace period, most of a start's time), as late as it
-//!    can: just before `R`, through descriptors of the hierarchies that
-//!    the parent opened before the clone (they outlive pivot_root). On v2
-//!    the parent moves it.
+//!    can: just before `R`, through the `tasks` files that the parent
+//!    opened and sent with go (`SCM_RIGHTS`: no path lookup in the init,
+//!    nothing to find after pivot_root). On v2 the parent moves it.
 //! 4. The init mounts, makes devices, pivots (a helper unmounts the old root
 //!    meanwhile, reaped before `R`: [`mounts::pivot_root`]), masks, reports `R` and blocks
 //!    opening `exec.fifo` for writing; `start` opens it for reading, which
@@ -33,9 +39,11 @@
 //! the init and removes the cgroup and the state directory.
 //!
 //! Invariant: nothing here starts a thread; the init and exec children are
-//! forks of a single-threaded caller and may allocate freely. (The init's
-//! old-root helper shares the init's memory but is a process of its own
-//! that only makes raw system calls, reaped before the init goes on.)
+//! forks of a single-threaded caller and may allocate freely. (The
+//! [`vmhelper`]s, the init's old-root unmount and the parent's network
+//! namespace, share their creator's memory but are processes of their own
+//! that only make raw system calls, each reaped before its creator goes
+//! past what it does.)
 //!
 pub mod caps;
 pub mod devices;
@@ -43,8 +51,10 @@ pub mod exec;
 pub mod hooks;
 pub mod init;
 pub mod mounts;
+pub mod netns;
 pub mod spec;
 pub mod state;
+pub mod vmhelper;
 
 use super::cgroups::{Cgroup, CgroupRoot};
 use oci_spec::runtime::{ContainerState, Process};
@@ -576,20 +586,21 @@ impl Runtime {
         let pid_file = options.pid_file.clone();
         let bundle = std::fs::canonicalize(bundle).map_err(|e| io_err(bundle, e))?;
         let plan = spec::load(&bundle, id).map_err(invalid)?;
-        std::fs::create_dir_all(&self.root).map_err(|e| io_err(&self.root, e))?;
         let dir = self.root.join(id);
-        match std::fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(RuntimeError::AlreadyExists(id.to_string()));
-            }
-            Err(e) => return Err(io_err(&dir, e)),
-        }
         let mut guard = CreateGuard {
-            dir: Some(dir.clone()),
+            dir: None,
             cgroup: None,
             pid: None,
         };
+        // The state directory is the lock on the id. `create` needs it
+        // before the clone (the init gets the fifo); `run` makes it after
+        // the clone, while the init mounts (on a disk, e.g. ext4, a mkdir
+        // is 0.05-0.1 ms), and before the cgroup: a second container of the
+        // same id must never touch the first one's cgroup.
+        if start == StartMode::Fifo {
+            make_state_dir(&self.root, &dir, id)?;
+            guard.dir = Some(dir.clone());
+        }
         let fifo = match start {
             StartMode::Fifo => {
                 let path = dir.join(state::EXEC_FIFO);
@@ -606,10 +617,19 @@ impl Runtime {
             }
             StartMode::Pipe => None,
         };
-        let (go_r, go_w) = exec::pipe().map_err(|source| RuntimeError::Sys {
-            call: "pipe",
+        let (go_r, go_w) = netns::channel().map_err(|source| RuntimeError::Sys {
+            call: "socketpair",
             source,
         })?;
+        // A new network namespace is made by a helper while we go on to
+        // the clone and the init mounts (see `netns`), not by `clone`.
+        let netns_by_parent = plan.namespaces.clone_flags & libc::CLONE_NEWNET != 0;
+        let clone_flags = plan.namespaces.clone_flags & !libc::CLONE_NEWNET;
+        let netns_helper = if netns_by_parent {
+            netns::MakeHelper::start(&go_w)
+        } else {
+            None
+        };
         let (rep_r, rep_w) = exec::pipe().map_err(|source| RuntimeError::Sys {
             call: "pipe",
             source,
@@ -633,18 +653,6 @@ impl Runtime {
                     .collect()
             })
             .unwrap_or_default();
-        // Detected before the clone so that the init gets the v1
-        // hierarchies already open (see `InitArgs::cgroup_roots`).
-        let cg_root = CgroupRoot::detect()?;
-        let cgroup_roots = cg_root
-            .v1_hierarchies()?
-            .into_iter()
-            .map(init::CgroupRoot::open)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| RuntimeError::Init {
-                id: id.to_string(),
-                message: e.to_string(),
-            })?;
         let args = init::InitArgs {
             id,
             plan: &plan,
@@ -658,7 +666,7 @@ impl Runtime {
                 None => init::StartSignal::Immediately,
             },
             parent_hooks: !runtime_hooks.is_empty(),
-            cgroup_roots: &cgroup_roots,
+            netns_from_parent: netns_by_parent,
         };
         let pid = {
             let _pid_ns = match plan
@@ -670,7 +678,7 @@ impl Runtime {
                 Some((_, path)) => Some(EnteredPidNs::enter(path)?),
                 None => None,
             };
-            clone_init(plan.namespaces.clone_flags, || init::container_init(&args))?
+            clone_init(clone_flags, || init::container_init(&args))?
         };
         guard.pid = Some(pid);
         if start == StartMode::Pipe {
@@ -682,21 +690,47 @@ impl Runtime {
         drop(rep_w);
         drop(fifo);
         drop(options);
+        if netns_by_parent && netns_helper.is_none() {
+            // First, so that the init, mounting meanwhile, waits the least.
+            netns::make_and_send(&go_w)?;
+        }
+        if start == StartMode::Pipe {
+            make_state_dir(&self.root, &dir, id)?;
+            guard.dir = Some(dir.clone());
+        }
 
         // The cgroup is made while the child already sets up its mounts
         // (two cores work at once); the child waits for go before it needs it.
-        drop(cgroup_roots);
-        let cgroup = Cgroup::create(&cg_root, &plan.cgroup_path, Some(&plan.resources))?;
-        guard.cgroup = Some(cgroup.clone());
-        let cgroup_tasks = self_join_tasks(&cgroup);
-        if cgroup_tasks.is_empty() {
+        let cg_root = CgroupRoot::detect()?;
+        let unlimited =
+            Cgroup::create_unlimited(&cg_root, &plan.cgroup_path, Some(&plan.resources))?;
+        if unlimited.created() {
+            guard.cgroup = Some(unlimited.cgroup().clone());
+        }
+        let cgroup_tasks = self_join_tasks(unlimited.cgroup());
+        // The helper's message must come before go; it is long sent by now.
+        if let Some(helper) = netns_helper
+            && !helper.wait()
+        {
+            netns::make_and_send(&go_w)?;
+        }
+        // On v1 the init joins (six `tasks` writes) while we write the
+        // limits; it waits for the second message, sent once they are
+        // written, before it reports ready, so nothing of the user's runs
+        // unlimited. On v2 we move it, after the limits as before.
+        let cgroup = if cgroup_tasks.is_empty() {
+            let cgroup = unlimited.apply()?;
             cgroup.add_process(pid)?;
-        }
-        // A child that already failed has closed its end: its report, read
-        // below, says why, so a failed write is not the error to return.
-        if let Err(e) = write_all(&go_w, &init::go_message(pid, &cgroup_tasks)) {
-            tracing::debug!("write go: {e}");
-        }
+            send_go(&go_w, &init::go_message(pid, &cgroup_tasks));
+            cgroup
+        } else {
+            let tasks = open_tasks_files(id, &cgroup_tasks)?;
+            send_go_with_fds(&go_w, &init::go_message(pid, &cgroup_tasks), &tasks);
+            drop(tasks);
+            unlimited.apply()?
+        };
+        guard.cgroup = Some(cgroup.clone());
+        send_go(&go_w, &[init::LIMITS_APPLIED]);
 
         let (start_time, _) = state::proc_start_time(pid).ok_or_else(|| RuntimeError::Init {
             id: id.to_string(),
@@ -952,6 +986,65 @@ fn self_join_tasks(cgroup: &Cgroup) -> Vec<PathBuf> {
     }
 }
 
+/// Sends a message on the go channel. A child that already failed has
+/// closed its end: its report, read next, says why, so a failed write is
+/// not the error to return.
+fn send_go(go: &OwnedFd, msg: &[u8]) {
+    if let Err(e) = write_all(go, msg) {
+        tracing::debug!("write go: {e}");
+    }
+}
+
+/// Opens the cgroup v1 `tasks` files the init joins through (write only).
+fn open_tasks_files(id: &str, paths: &[PathBuf]) -> Result<Vec<OwnedFd>, RuntimeError> {
+    if paths.len() > init::MAX_GO_FDS {
+        return Err(RuntimeError::Init {
+            id: id.to_string(),
+            message: format!(
+                "{} cgroup hierarchies: at most {} are supported",
+                paths.len(),
+                init::MAX_GO_FDS
+            ),
+        });
+    }
+    paths
+        .iter()
+        .map(|p| {
+            nix::fcntl::open(
+                p,
+                nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(|e| io_err(p, e.into()))
+        })
+        .collect()
+}
+
+/// Sends the go message with the `tasks` descriptors attached to it (see
+/// [`init::go_message`]); a child that already failed is left to its
+/// report, as in [`send_go`].
+fn send_go_with_fds(go: &OwnedFd, msg: &[u8], fds: &[OwnedFd]) {
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&raw)];
+    let sent = loop {
+        match nix::sys::socket::sendmsg::<()>(
+            go.as_raw_fd(),
+            &[std::io::IoSlice::new(msg)],
+            &cmsg,
+            nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Err(nix::Error::EINTR) => continue,
+            other => break other,
+        }
+    };
+    match sent {
+        // The rest (the message is short; a stream socket may still split it).
+        Ok(n) => send_go(go, &msg[n..]),
+        Err(e) => tracing::debug!("write go: {e}"),
+    }
+}
+
 /// Writes all of `data` to a pipe.
 fn write_all(fd: &OwnedFd, mut data: &[u8]) -> nix::Result<()> {
     while !data.is_empty() {
@@ -1068,6 +1161,23 @@ fn delete_cgroup(cgroup: &Cgroup) -> Result<(), RuntimeError> {
                 pause = (pause * 2).min(Duration::from_millis(20));
             }
         }
+    }
+}
+
+/// Makes the state directory `dir` of container `id` in `root` (made too
+/// if missing); an existing one means the id is taken.
+fn make_state_dir(root: &Path, dir: &Path, id: &str) -> Result<(), RuntimeError> {
+    let mut made = std::fs::create_dir(dir);
+    if matches!(&made, Err(e) if e.kind() == std::io::ErrorKind::NotFound) {
+        std::fs::create_dir_all(root).map_err(|e| io_err(root, e))?;
+        made = std::fs::create_dir(dir);
+    }
+    match made {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            Err(RuntimeError::AlreadyExists(id.to_string()))
+        }
+        Err(e) => Err(io_err(dir, e)),
     }
 }
 

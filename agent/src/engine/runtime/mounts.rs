@@ -630,69 +630,16 @@ impl OldRoot {
 
 /// A helper process sharing the init's memory (`CLONE_VM`, its own small
 /// stack) that unmounts the old root; see [`pivot_root`].
-#[derive(Debug)]
-struct DetachHelper {
-    pid: libc::pid_t,
-    /// The helper's stack; freed only after the helper has exited.
-    _stack: Vec<u128>,
-}
-
-impl DetachHelper {
-    /// Waits for the helper; true if it unmounted the old root.
-    fn wait(mut self) -> bool {
-        self.reap()
-    }
-
-    fn reap(&mut self) -> bool {
-        if self.pid <= 0 {
-            return false;
-        }
-        let mut status = 0;
-        loop {
-            // SAFETY: waiting for our own child; status is a valid int.
-            let r = unsafe { libc::waitpid(self.pid, &mut status, 0) };
-            if r == self.pid {
-                break;
-            }
-            if r < 0 && nix::Error::last() == nix::Error::EINTR {
-                continue;
-            }
-            self.pid = 0;
-            return false;
-        }
-        self.pid = 0;
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
-    }
-}
-
-impl Drop for DetachHelper {
-    fn drop(&mut self) {
-        // The stack must outlive the helper that runs on it.
-        self.reap();
-    }
-}
+type DetachHelper = super::vmhelper::VmHelper;
 
 /// Starts the helper that unmounts the old root; None if it cannot be
 /// started (the caller then unmounts it itself).
 #[cfg(target_arch = "x86_64")]
 fn detach_old_root_async() -> Option<DetachHelper> {
-    const STACK_WORDS: usize = 4096; // 64 KiB; the helper makes two system calls
-    let mut stack = vec![0u128; STACK_WORDS];
-    // SAFETY: one past the end of the allocation, 16-byte aligned (u128).
-    let top = unsafe { stack.as_mut_ptr().add(STACK_WORDS) }.cast::<libc::c_void>();
-    // SAFETY: the helper runs `detach_old_root_helper` on its own stack,
-    // which lives until it is reaped (DetachHelper's drop); it shares our
-    // memory but touches none of it (raw system calls, no errno, no
-    // allocation) and shares our descriptor table, not our cwd.
-    let pid = unsafe {
-        libc::clone(
-            detach_old_root_helper,
-            top,
-            libc::CLONE_VM | libc::CLONE_FILES | libc::SIGCHLD,
-            std::ptr::null_mut(),
-        )
-    };
-    (pid > 0).then_some(DetachHelper { pid, _stack: stack })
+    // SAFETY: `detach_old_root_helper` follows vmhelper's rules (raw system
+    // calls on a static path, no argument); it shares our descriptor table,
+    // not our cwd, which is the old root it unmounts.
+    unsafe { DetachHelper::start(detach_old_root_helper, std::ptr::null_mut(), true) }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -735,7 +682,7 @@ extern "C" fn detach_old_root_helper(_: *mut libc::c_void) -> libc::c_int {
 /// # Safety
 /// The arguments must be valid for system call `nr`.
 #[cfg(target_arch = "x86_64")]
-unsafe fn raw_syscall5(
+pub(super) unsafe fn raw_syscall5(
     nr: libc::c_long,
     a1: usize,
     a2: usize,
