@@ -683,6 +683,8 @@ services:
     depends_on:
       sick:
         condition: service_healthy
+    deploy:
+      mode: global
 ",
     );
     env.deploy("rs", &file);
@@ -815,13 +817,18 @@ services:
         job.iter().all(|t| t["state"] == "complete"),
         "after started before its job completed: {job:?}"
     );
+    // A global service's tasks name their node from the start: they must
+    // still not reach an agent before they are assigned.
     let gated = env.tasks("rs_gated", true);
-    assert_eq!(gated.len(), 1, "{gated:?}");
-    assert_eq!(gated[0]["state"], "pending", "{gated:?}");
-    assert_eq!(
-        gated[0]["message"], "waiting for service sick to be healthy (depends_on)",
-        "{gated:?}"
-    );
+    assert_eq!(gated.len(), 3, "one per node: {gated:?}");
+    for t in &gated {
+        assert_eq!(t["state"], "pending", "{gated:?}");
+        assert_eq!(
+            t["message"], "waiting for service sick to be healthy (depends_on)",
+            "{gated:?}"
+        );
+    }
+    assert_eq!(env.containers_of("rs_gated").len(), 0, "a held task ran");
 }
 
 /// An agent host dies: its replicas run elsewhere within seconds; when it

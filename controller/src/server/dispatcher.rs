@@ -630,7 +630,7 @@ impl Dispatcher {
             let mut wanted: Vec<Task> = Vec::new();
             let mut unwanted: Vec<Task> = Vec::new();
             for t in s.tasks_on_node(node) {
-                if t.desired_state == DesiredState::Running {
+                if t.desired_state == DesiredState::Running && is_assigned(t) {
                     wanted.push(t.clone());
                 } else if t.occupies_node() {
                     unwanted.push(t.clone());
@@ -724,8 +724,8 @@ impl Dispatcher {
                     let relevant = match known {
                         Some(g) => g != task.generation,
                         // A task the agent never had is only worth sending
-                        // while it is wanted.
-                        None => task.desired_state == DesiredState::Running,
+                        // while it is wanted, and once it is assigned.
+                        None => task.desired_state == DesiredState::Running && is_assigned(&task),
                     };
                     if relevant {
                         sent.insert(task.id.clone(), task.generation);
@@ -840,6 +840,15 @@ impl Dispatcher {
             Err(e) => tracing::error!(%node, error = %e, "recording task status failed"),
         }
     }
+}
+
+/// Whether the scheduler has assigned `task` (as swarmkit's dispatcher,
+/// only those go to an agent). A global task names its node from the
+/// start, but until it is assigned it may still be held back (Compose
+/// `depends_on`, `not_before` of a retry): sent early, the agent would run
+/// it at once and its reports would be refused as "never assigned".
+fn is_assigned(task: &Task) -> bool {
+    task.status.state.rank() >= TaskState::Assigned.rank()
 }
 
 /// The status a node reports in its hello, as ready.
