@@ -104,17 +104,9 @@ pub enum ServerError {
     /// This controller was removed from the cluster (`gantry cluster
     /// remove-controller`): it stops, and refuses to start again from the
     /// same data unless `--force-new-cluster` (etcd's removed member).
-    #[error(
-        "this controller was removed from the cluster (id {id}); its data in {dir} is stale \
-         (remove it and start with --join to add this controller again, or start with \
-         --force-new-cluster to make a new cluster from it)"
-    )]
-    Removed {
-        /// Its raft id.
-        id: u64,
-        /// The data directory.
-        dir: String,
-    },
+    /// Always [`crate::raft::RaftError::Removed`], whose message it shows.
+    #[error(transparent)]
+    Removed(crate::raft::RaftError),
     /// Serving failed.
     #[error("serving on {addr}: {source}")]
     Serve {
@@ -344,9 +336,11 @@ pub async fn serve_on(
     // Restart when this member has an identity; else what the flags say.
     let identity = load_identity(&dir)?;
     let transport = GrpcTransport::new(tokio::runtime::Handle::current());
-    let removed = |id: u64| ServerError::Removed {
-        id,
-        dir: config.data_dir.display().to_string(),
+    let removed = |id: u64| {
+        ServerError::Removed(crate::raft::RaftError::Removed {
+            id,
+            dir: config.data_dir.display().to_string(),
+        })
     };
     let (identity, bootstrap) = match (identity, &config.mode) {
         (Some(id), StartMode::ForceNewCluster) => (id, Bootstrap::ForceNewCluster),
