@@ -67,6 +67,8 @@ enum Request {
         reply: oneshot::Sender<Result<u64, RaftError>>,
     },
     Step(Box<Message>),
+    /// A peer's batch (one of its Readies), stepped in one turn.
+    StepBatch(Vec<Message>),
     Unreachable(u64),
     SnapshotDone {
         id: u64,
@@ -330,6 +332,16 @@ impl RaftNode {
     /// Hands a decoded message from a peer to the loop.
     pub fn step_message(&self, message: Message) -> Result<(), RaftError> {
         self.send(Request::Step(Box::new(message)))
+    }
+
+    /// Hands a peer's batch of decoded messages to the loop in one
+    /// hand-off (they are stepped in order, in one turn).
+    pub fn step_messages(&self, messages: Vec<Message>) -> Result<(), RaftError> {
+        match messages.len() {
+            0 => Ok(()),
+            1 => self.step_message(messages.into_iter().next().unwrap_or_default()),
+            _ => self.send(Request::StepBatch(messages)),
+        }
     }
 
     /// Tells raft-rs that a message to `id` could not be delivered.
@@ -884,13 +896,11 @@ impl Loop {
                     );
                 }
             }
-            Request::Step(message) => {
-                if message.from != 0 {
-                    self.last_heard.insert(message.from, Instant::now());
+            Request::Step(message) => self.step(*message),
+            Request::StepBatch(messages) => {
+                for message in messages {
+                    self.step(message);
                 }
-                // Stale or misaddressed messages are refused by raft-rs;
-                // nothing to do about them here.
-                let _ = self.raw.step(*message);
             }
             Request::Unreachable(id) => self.raw.report_unreachable(id),
             Request::SnapshotDone { id, failed } => self.raw.report_snapshot(
@@ -906,6 +916,15 @@ impl Loop {
             Request::Stop => return true,
         }
         false
+    }
+
+    fn step(&mut self, message: Message) {
+        if message.from != 0 {
+            self.last_heard.insert(message.from, Instant::now());
+        }
+        // Stale or misaddressed messages are refused by raft-rs; nothing to
+        // do about them here.
+        let _ = self.raw.step(message);
     }
 
     fn next_key(&mut self) -> u64 {
