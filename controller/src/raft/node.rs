@@ -8,16 +8,17 @@
 //!
 //! 1. send `messages` (the leader's appends may leave before its own fsync,
 //!    Raft §10.2.1);
-//! 2. answer ReadIndex requests, apply committed entries to the
-//!    [`StateMachine`], publish their events, answer their proposers
+//! 2. answer ReadIndex requests; a leader applies committed entries to the
+//!    [`StateMachine`], publishes their events, answers their proposers
 //!    (raft-rs hands out only entries already durable here, so answers need
-//!    not wait for this Ready's fsync);
+//!    not wait for this Ready's fsync); a follower does that after step 5,
+//!    so that its acknowledgement does not wait for its applying;
 //! 3. persist the snapshot, the entries and the hard state in **one**
 //!    fsynced redb transaction (a commit-index-only change waits for the
 //!    next write);
 //! 4. install a received snapshot into the state machine;
 //! 5. send `persisted_messages` (votes, append responses: they promise
-//!    what was just made durable);
+//!    what was just made durable); a follower applies step 2's entries;
 //! 6. `advance`, then the light ready: messages, committed entries;
 //!    `advance_apply`;
 //! 7. snapshot and compact when `snapshot_every` entries were applied.
@@ -1283,12 +1284,21 @@ impl Loop {
         };
 
         // Committed entries are already durable here (raft-rs hands out
-        // only entries up to the persisted index), so they are applied and
-        // answered before this Ready's fsync, as raft-rs's example does:
-        // a leader's answers do not wait for the next batch's fsync.
+        // only entries up to the persisted index), so a leader applies and
+        // answers them before this Ready's fsync, as raft-rs's example
+        // does: its answers do not wait for the next batch's fsync. A
+        // follower applies them after its fsync and acknowledgement
+        // instead: its ack is on every write's path (the leader commits on
+        // it), its own proposers' answers only on theirs; etcd's followers
+        // apply after sending too.
         self.answer_reads(ready.take_read_states());
         let committed = ready.take_committed_entries();
-        self.apply(committed)?;
+        let after_ack = if self.raw.raft.state == StateRole::Leader {
+            self.apply(committed)?;
+            Vec::new()
+        } else {
+            committed
+        };
 
         // Snapshot, entries and hard state: one transaction, one fsync. A
         // change of the commit index alone is not worth an fsync (raft-rs's
@@ -1315,6 +1325,7 @@ impl Loop {
         if !ready.persisted_messages().is_empty() {
             self.transport.send(ready.take_persisted_messages());
         }
+        self.apply(after_ack)?;
 
         let mut light = self.raw.advance(ready);
         if light.commit_index().is_some() {
