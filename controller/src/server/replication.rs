@@ -425,6 +425,12 @@ impl RaftService {
     /// that was removed: that one is told so (etcd answers a removed
     /// member's messages the same way), and stops.
     fn step_one(&self, bytes: &[u8]) -> Result<(), Status> {
+        let message = self.checked(bytes)?;
+        step_result(self.store.raft().step_message(message))
+    }
+
+    /// Decodes one message, refusing a removed member's.
+    fn checked(&self, bytes: &[u8]) -> Result<Message, Status> {
         let raft = self.store.raft();
         let message = crate::raft::decode_message(bytes)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -439,11 +445,15 @@ impl RaftService {
             );
             return Err(status);
         }
-        match raft.step_message(message) {
-            Ok(()) => Ok(()),
-            Err(RaftError::Stopped) => Err(Status::unavailable("the controller is shutting down")),
-            Err(e) => Err(Status::invalid_argument(e.to_string())),
-        }
+        Ok(message)
+    }
+}
+
+fn step_result(result: Result<(), RaftError>) -> Result<(), Status> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(RaftError::Stopped) => Err(Status::unavailable("the controller is shutting down")),
+        Err(e) => Err(Status::invalid_argument(e.to_string())),
     }
 }
 
@@ -488,9 +498,15 @@ impl pb::raft_server::Raft for RaftService {
             let Some(batch) = batch else {
                 break;
             };
-            for bytes in &batch.messages {
-                self.step_one(bytes)?;
-            }
+            // One hand-off to the Raft loop per batch, not per message: a
+            // batch is one Ready's messages for this member, and the loop
+            // steps them all in one turn.
+            let messages = batch
+                .messages
+                .iter()
+                .map(|bytes| self.checked(bytes))
+                .collect::<Result<Vec<_>, _>>()?;
+            step_result(self.store.raft().step_messages(messages))?;
         }
         Ok(Response::new(pb::Empty {}))
     }
