@@ -15,8 +15,9 @@
 //!    its own waiting does that after step 5, so that its acknowledgement
 //!    does not wait for its applying;
 //! 3. persist the snapshot, the entries and the hard state in **one**
-//!    fsynced redb transaction (a commit-index-only change waits for the
-//!    next write);
+//!    durable write (entries and hard state: one WAL record, one
+//!    `fdatasync`; a snapshot also goes to redb); a commit-index-only
+//!    change waits for the next write;
 //! 4. install a received snapshot into the state machine;
 //! 5. send `persisted_messages` (votes, append responses: they promise
 //!    what was just made durable); a follower applies step 2's entries;
@@ -1307,7 +1308,8 @@ impl Loop {
             committed
         };
 
-        // Snapshot, entries and hard state: one transaction, one fsync. A
+        // Snapshot, entries and hard state: one durable write (one WAL record
+        // and `fdatasync` without a snapshot). A
         // change of the commit index alone is not worth an fsync (raft-rs's
         // `must_sync` is false then: the commit index is recovered from the
         // leader); it rides along with the next write.

@@ -83,7 +83,8 @@ impl RaftStorage {
             .swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Writes `batch` in one fsynced transaction, remembering its hard state.
+    /// Writes `batch` durably in one write (a WAL record and its
+    /// `fdatasync`, see [`crate::store::wal`]), remembering its hard state.
     pub fn persist(&mut self, batch: LogBatch) -> Result<(), LogError> {
         let hard_state = batch.hard_state;
         let snapshot = batch.snapshot.is_some();
@@ -118,7 +119,7 @@ impl RaftStorage {
     }
 
     /// Writes what a Ready asks to persist (a snapshot, raft-rs's entries,
-    /// the hard state) in one fsynced transaction, and keeps the entries in
+    /// the hard state) in one durable write, and keeps the entries in
     /// the cache.
     pub fn persist_ready(
         &mut self,
