@@ -571,7 +571,8 @@ fn is_cgroup_mount(m: &oci_spec::runtime::Mount) -> bool {
 }
 
 /// Brings up `lo` in the container's new network namespace (one ioctl; no
-/// netlink socket needed).
+/// netlink socket needed), unless it is up already: the helper that made
+/// the namespace brings it up too, off this path ([`netns`]).
 fn loopback_up() -> StepResult<()> {
     // SAFETY: plain socket/ioctl calls on a zeroed ifreq we own.
     unsafe {
@@ -584,7 +585,7 @@ fn loopback_up() -> StepResult<()> {
             req.ifr_name[i] = *b as libc::c_char;
         }
         let mut r = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req);
-        if r == 0 {
+        if r == 0 && req.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short == 0 {
             req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
             r = libc::ioctl(sock, libc::SIOCSIFFLAGS, &req);
         }

@@ -17,6 +17,11 @@
 //! anything after its mounts (devices, hooks, `lo`), so what a hook, `exec`
 //! or the user's program sees is what `clone` would have made.
 //!
+//! Once the namespace is sent, the helper brings its `lo` up too (an
+//! `ioctl` that costs about 0.07 ms: the device's and IPv6's set-up), still
+//! while the init mounts; the init checks and only brings `lo` up itself
+//! if it is not up yet, so the result does not depend on who was first.
+//!
 //! Only a *new* network namespace without a path goes this way; a
 //! namespace joined by path is joined by the init as before.
 
@@ -183,8 +188,9 @@ impl MakeHelper {
 }
 
 /// The helper's body: `unshare(CLONE_NEWNET)`, open the new namespace,
-/// send it with the tag byte on the channel (its argument). Exits 0 once
-/// sent, 1 otherwise (nothing sent: the parent then does it itself).
+/// send it with the tag byte on the channel (its argument), bring `lo` up.
+/// Exits 0 once sent, 1 otherwise (nothing sent: the parent then does it
+/// itself).
 #[cfg(target_arch = "x86_64")]
 extern "C" fn helper_main(arg: *mut libc::c_void) -> libc::c_int {
     use super::mounts::raw_syscall5 as sys5;
@@ -241,7 +247,62 @@ extern "C" fn helper_main(arg: *mut libc::c_void) -> libc::c_int {
             0,
             0,
         );
+        if sent != 1 {
+            return 1;
+        }
+        // Still in the new namespace, with time to spare (the init mounts
+        // meanwhile): bring `lo` up here, off the init's path. Best effort:
+        // the init checks it and brings it up itself if this failed or has
+        // not happened yet (`init::loopback_up`).
+        loopback_up_raw();
         // The descriptor in flight keeps the namespace; ours goes with exit.
-        if sent == 1 { 0 } else { 1 }
+        0
+    }
+}
+
+/// `ip link set lo up` in the caller's network namespace, with raw system
+/// calls only (the helper may not touch errno or allocate); errors ignored.
+#[cfg(target_arch = "x86_64")]
+fn loopback_up_raw() {
+    use super::mounts::raw_syscall5 as sys5;
+    // SAFETY: raw socket/ioctl/close calls on a zeroed ifreq on this stack.
+    unsafe {
+        let sock = sys5(
+            libc::SYS_socket,
+            libc::AF_INET as usize,
+            (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as usize,
+            0,
+            0,
+            0,
+        );
+        if sock < 0 {
+            return;
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        req.ifr_name[0] = b'l' as libc::c_char;
+        req.ifr_name[1] = b'o' as libc::c_char;
+        // The kernel reads and writes the request through this pointer.
+        let req: *mut libc::ifreq = &mut req;
+        let sock = sock as usize;
+        if sys5(
+            libc::SYS_ioctl,
+            sock,
+            libc::SIOCGIFFLAGS as usize,
+            req as usize,
+            0,
+            0,
+        ) == 0
+        {
+            (*req).ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            sys5(
+                libc::SYS_ioctl,
+                sock,
+                libc::SIOCSIFFLAGS as usize,
+                req as usize,
+                0,
+                0,
+            );
+        }
+        sys5(libc::SYS_close, sock, 0, 0, 0, 0);
     }
 }
