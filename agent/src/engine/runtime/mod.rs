@@ -20,9 +20,10 @@
 //!    the init ([`init`]). Parent and child talk over a close-on-exec socket
 //!    pair, *go* (parent → child), and pipe, *report* (child → parent: `H`
 //!    run your hooks, `R` ready, `E<step>: <errno>` failed). A helper
-//!    started before the clone makes the network namespace and sends it
-//!    over go ([`netns`]: the costliest namespace, off the init's and the
-//!    parent's paths). While the child sets up its mounts the parent makes
+//!    started before the clone (by `run` before the config is even read)
+//!    makes the network namespace and sends it on a channel of its own
+//!    ([`netns`]: the costliest namespace, off the init's and the parent's
+//!    paths). While the child sets up its mounts the parent makes
 //!    the cgroup and says go; on v1 the init joins while the
 //!    parent writes the limits, and waits for a second message once they
 //!    are written. On cgroup v1 the child joins
@@ -213,7 +214,7 @@ impl Runtime {
         bundle: &Path,
         options: CreateOptions,
     ) -> Result<State, RuntimeError> {
-        let launched = self.launch(id, bundle, options, StartMode::Fifo)?;
+        let launched = self.launch(id, bundle, options, StartMode::Fifo, None)?;
         launched.guard.disarm();
         Ok(to_state(&launched.record, ContainerState::Created))
     }
@@ -227,8 +228,12 @@ impl Runtime {
         bundle: &Path,
         options: CreateOptions,
     ) -> Result<i32, RuntimeError> {
+        // A new network namespace is the rule for `run` and the longest
+        // step of a start: its helper starts before the config is read
+        // (see `netns::Pending`). Without one it is not used.
+        let early_netns = netns::Pending::start().ok();
         let launched = self
-            .launch(id, bundle, options, StartMode::Pipe)
+            .launch(id, bundle, options, StartMode::Pipe, early_netns)
             .inspect_err(|_| forward_signals_to(0))?;
         let Launched {
             record,
@@ -237,6 +242,7 @@ impl Runtime {
             report,
             guard,
             cgroup,
+            unused_netns,
         } = launched;
         let pid = record.pid;
         // The init did not wait for a start signal: it execs as soon as it
@@ -256,6 +262,8 @@ impl Runtime {
         guard.disarm();
         self.run_poststart(&record);
         let code = wait_exit_code(pid)?;
+        // Reaped (long exited) only now, off the start's path.
+        drop(unused_netns);
         forward_signals_to(0);
         self.remove(&dir, &record, false, Some(cgroup))?;
         Ok(code)
@@ -586,6 +594,7 @@ impl Runtime {
         bundle: &Path,
         options: CreateOptions,
         start: StartMode,
+        mut early_netns: Option<netns::Pending>,
     ) -> Result<Launched, RuntimeError> {
         let pid_file = options.pid_file.clone();
         let bundle = std::fs::canonicalize(bundle).map_err(|e| io_err(bundle, e))?;
@@ -626,11 +635,14 @@ impl Runtime {
             source,
         })?;
         // A new network namespace is made by a helper while we go on to
-        // the clone and the init mounts (see `netns`), not by `clone`.
-        let netns_by_parent = plan.namespaces.clone_flags & libc::CLONE_NEWNET != 0;
+        // the clone and the init mounts (see `netns`), not by `clone`:
+        // `run`'s, started before the config was read, or one started now.
         let clone_flags = plan.namespaces.clone_flags & !libc::CLONE_NEWNET;
-        let netns_helper = if netns_by_parent {
-            netns::MakeHelper::start(&go_w)
+        let mut netns = if plan.namespaces.clone_flags & libc::CLONE_NEWNET != 0 {
+            Some(match early_netns.take() {
+                Some(pending) => pending,
+                None => netns::Pending::start()?,
+            })
         } else {
             None
         };
@@ -670,7 +682,8 @@ impl Runtime {
                 None => init::StartSignal::Immediately,
             },
             parent_hooks: !runtime_hooks.is_empty(),
-            netns_from_parent: netns_by_parent,
+            netns: netns.as_ref().map(|p| p.init_end.as_raw_fd()),
+            parent_netns: netns.as_ref().map(|p| p.parent_end.as_raw_fd()),
         };
         let pid = {
             let _pid_ns = match plan
@@ -694,9 +707,11 @@ impl Runtime {
         drop(rep_w);
         drop(fifo);
         drop(options);
-        if netns_by_parent && netns_helper.is_none() {
+        if let Some(pending) = &mut netns
+            && !pending.has_helper()
+        {
             // First, so that the init, mounting meanwhile, waits the least.
-            netns::make_and_send(&go_w)?;
+            pending.finish()?;
         }
         if start == StartMode::Pipe {
             make_state_dir(&self.root, &dir, id)?;
@@ -712,11 +727,10 @@ impl Runtime {
             guard.cgroup = Some(unlimited.cgroup().clone());
         }
         let cgroup_tasks = self_join_tasks(unlimited.cgroup());
-        // The helper's message must come before go; it is long sent by now.
-        if let Some(helper) = netns_helper
-            && !helper.wait()
-        {
-            netns::make_and_send(&go_w)?;
+        // The helper is long done by now; if it failed, the namespace is
+        // made here, before go, so that the init never waits in vain.
+        if let Some(pending) = &mut netns {
+            pending.finish()?;
         }
         // On v1 the init joins (six `tasks` writes) while we write the
         // limits; it waits for the second message, sent once they are
@@ -791,6 +805,7 @@ impl Runtime {
             write_pid_file(path, pid)?;
         }
         Ok(Launched {
+            unused_netns: early_netns,
             cgroup,
             record,
             dir,
@@ -812,6 +827,8 @@ enum StartMode {
 
 /// A container whose init reported ready, with the pipes still open.
 struct Launched {
+    /// `run`'s early network namespace when the config has none to make.
+    unused_netns: Option<netns::Pending>,
     cgroup: Cgroup,
     record: Record,
     dir: PathBuf,
