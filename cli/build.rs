@@ -45,7 +45,8 @@
 //! `perf record -F 50000 -e cpu-clock -a` (plus `sched_process_fork` and
 //! `sched_process_exec` to keep the samples of gantry's own processes),
 //! map them to symbols with `nm -n` of the same binary, and write the
-//! names in order of first appearance. `GANTRY_NO_SYMBOL_ORDER=1`, another
+//! names in order of first appearance (sampling misses some short
+//! functions: the file is the union of two such samplings of 600 runs). `GANTRY_NO_SYMBOL_ORDER=1`, another
 //! linker (`-C linker=`, `linker-features`, an older rustc) or target
 //! leaves it out.
 
