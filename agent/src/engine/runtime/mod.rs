@@ -1255,9 +1255,11 @@ fn make_state_dir(root: &Path, dir: &Path, id: &str) -> Result<(), RuntimeError>
 /// otherwise it is removed.
 fn remove_state_dir(dir: &Path) -> Result<(), RuntimeError> {
     let _ = std::fs::remove_file(dir.join(state::STATE_FILE));
-    // A container deleted before `start` still has its fifo; a spare must
-    // be empty.
+    // A spare must be empty: a container deleted before `start` still has
+    // its fifo, and an interrupted save may have left its temporary file
+    // (nothing else is ever written here).
     let _ = std::fs::remove_file(dir.join(state::EXEC_FIFO));
+    let _ = std::fs::remove_file(dir.join(state::TEMP_FILE));
     if let Some(root) = dir.parent() {
         for k in 0..SPARE_STATE_DIRS {
             match rename_noreplace(dir, &spare_state_dir(root, k)) {
