@@ -45,8 +45,12 @@
 //! `perf record -F 50000 -e cpu-clock -a` (plus `sched_process_fork` and
 //! `sched_process_exec` to keep the samples of gantry's own processes),
 //! map them to symbols with `nm -n` of the same binary, and write the
-//! names in order of first appearance (sampling misses some short
-//! functions: the file is the union of two such samplings of 600 runs). `GANTRY_NO_SYMBOL_ORDER=1`, another
+//! names sorted by their address in a link without the file (sampling
+//! misses some short functions: the file is the union of two such
+//! samplings of 600 runs). That order keeps each library's and crate's
+//! functions together, as the plain link does: a shim, once it gave back
+//! its start-up pages, faults back fewer 64 KiB windows for its loop than
+//! with the functions in order of first use (shim PSS, docs/benchmarks.md). `GANTRY_NO_SYMBOL_ORDER=1`, another
 //! linker (`-C linker=`, `linker-features`, an older rustc) or target
 //! leaves it out.
 
