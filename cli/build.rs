@@ -27,6 +27,33 @@
 //! previous dynamically linked (still non-PIE) binary; so does a toolchain
 //! without glibc's static archives (a cargo warning says so).
 
+//! **Hot code first.** With the `rust-lld` that rustc uses by default on
+//! x86_64-unknown-linux-gnu (Rust 1.90 and later), the link also takes
+//! `start-path.order`, a `--symbol-ordering-file`: the functions that a
+//! `gantry runtime run` executes (the parent, the init and its helpers),
+//! placed together at the start of `.text`. Why: the binary's 16 MB of
+//! text are mapped lazily, one fault per 64 KiB window touched (the
+//! kernel's fault-around), and the start path's code was spread over
+//! about 75 windows; the init, a `clone` of the parent, faults the same
+//! pages again (a fork does not copy the page tables of file mappings).
+//! Both sides are on the critical path of every container start (measured
+//! in docs/benchmarks.md). The file lists mangled names (stable for a
+//! given toolchain, Cargo.lock and profile); a name the link does not know
+//! is skipped without a warning, so a stale file costs speed, never the
+//! build. Regenerate it after larger changes to the start path: sample
+//! the user-space instruction pointers of `gantry runtime run` loops with
+//! `perf record -F 50000 -e cpu-clock -a` (plus `sched_process_fork` and
+//! `sched_process_exec` to keep the samples of gantry's own processes),
+//! map them to symbols with `nm -n` of the same binary, and write the
+//! names sorted by their address in a link without the file (sampling
+//! misses some short functions: the file is the union of two such
+//! samplings of 600 runs). That order keeps each library's and crate's
+//! functions together, as the plain link does: a shim, once it gave back
+//! its start-up pages, faults back fewer 64 KiB windows for its loop than
+//! with the functions in order of first use (shim PSS, docs/benchmarks.md). `GANTRY_NO_SYMBOL_ORDER=1`, another
+//! linker (`-C linker=`, `linker-features`, an older rustc) or target
+//! leaves it out.
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -46,6 +73,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=GANTRY_DYNAMIC_LINK");
     println!("cargo:rustc-link-arg-bins=-no-pie");
+    symbol_order();
     let linux_gnu = std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
         && std::env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("gnu");
     if !linux_gnu || std::env::var_os("GANTRY_DYNAMIC_LINK").is_some_and(|v| v == "1") {
@@ -97,4 +125,53 @@ fn archive_path(name: &str) -> Result<String, String> {
     Ok(std::fs::canonicalize(&path)
         .map(|p| p.display().to_string())
         .unwrap_or(path))
+}
+
+/// Passes `start-path.order` to the linker when it is rustc's own `rust-lld`.
+fn symbol_order() {
+    println!("cargo:rerun-if-changed=start-path.order");
+    println!("cargo:rerun-if-env-changed=GANTRY_NO_SYMBOL_ORDER");
+    if std::env::var_os("GANTRY_NO_SYMBOL_ORDER").is_some_and(|v| v == "1")
+        || std::env::var("TARGET").as_deref() != Ok("x86_64-unknown-linux-gnu")
+    {
+        return;
+    }
+    // A linker chosen by hand may be GNU ld, which refuses the option.
+    let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    if flags.contains("linker") || flags.contains("link-self-contained") {
+        return;
+    }
+    if std::env::vars_os().any(|(k, _)| {
+        k.to_str()
+            .is_some_and(|k| k.starts_with("CARGO_TARGET_") && k.ends_with("_LINKER"))
+    }) {
+        return;
+    }
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let minor = Command::new(&rustc)
+        .arg("-V")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|v| {
+            v.split_whitespace()
+                .nth(1)?
+                .split('.')
+                .nth(1)?
+                .parse::<u32>()
+                .ok()
+        });
+    // rust-lld is the default linker of this target since Rust 1.90.
+    if minor.is_none_or(|m| m < 90) {
+        return;
+    }
+    let dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
+    let file = dir.join("start-path.order");
+    if file.is_file() {
+        println!(
+            "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
+            file.display()
+        );
+        println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+    }
 }

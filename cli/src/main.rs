@@ -95,6 +95,12 @@ fn main() -> ExitCode {
         // skips the logging setup (its diagnostics go to a file through
         // stderr).
         Some("shim") | Some("runtime") => {
+            // `runtime run` in its usual shapes skips clap altogether.
+            let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            if let Some(run) = cmd::runtime::parse_run_fast(&args) {
+                cmd::init_logging();
+                return finish(cmd::runtime::run_fast(run));
+            }
             return match StartPath::parse().command {
                 StartCommand::Shim(args) => finish(cmd::shim::run(args)),
                 StartCommand::Runtime(args) => {
@@ -174,6 +180,62 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("gantry").chain(args.iter().copied()))
+    }
+
+    /// The start path's own parser of `runtime run` agrees with clap on
+    /// every command line it accepts, and leaves the rest to clap.
+    #[test]
+    fn runtime_run_fast_parse_agrees_with_clap() {
+        let clap_run = |args: &[&str]| {
+            StartPath::try_parse_from(std::iter::once("gantry").chain(args.iter().copied()))
+                .ok()
+                .and_then(|p| match p.command {
+                    StartCommand::Runtime(a) => cmd::runtime::as_fast_run(a),
+                    StartCommand::Shim(_) => None,
+                })
+        };
+        let fast_run = |args: &[&str]| {
+            let os: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+            cmd::runtime::parse_run_fast(&os)
+        };
+        // The shapes the fast path is for: taken, and the same as clap's.
+        for args in [
+            &["runtime", "run", "c1"][..],
+            &["runtime", "--root", "/r", "run", "--bundle", "/b", "c1"],
+            &["runtime", "--root=/r", "run", "-b", "/b", "c1"],
+            &["runtime", "run", "--root", "/r", "c1", "--bundle=/b"],
+            &["runtime", "run", "c1", "--pid-file", "/p", "-b", "b"],
+            &["runtime", "run", "--pid-file=/p", "c1"],
+            &["runtime", "run", "run"],
+            &["runtime", "run", "--root=-x", "c1"],
+        ] {
+            let fast = fast_run(args);
+            assert!(fast.is_some(), "{args:?} left to clap");
+            assert_eq!(fast, clap_run(args), "{args:?}");
+        }
+        // Errors, other flags and shapes: left to clap.
+        for args in [
+            &["runtime", "run"][..],
+            &["runtime", "run", "a", "b"],
+            &["runtime", "run", "--root", "/r", "--root", "/s", "c1"],
+            &["runtime", "run", "-b", "/b", "--bundle", "/c", "c1"],
+            &["runtime", "run", "--root", "-x", "c1"],
+            &["runtime", "run", "--root=", "c1"],
+            &["runtime", "run", "-b=/b", "c1"],
+            &["runtime", "run", "-bx", "c1"],
+            &["runtime", "run", "--", "c1"],
+            &["runtime", "run", "--help"],
+            &["runtime", "--log", "/l", "run", "c1"],
+            &["runtime", "run", "--console-socket", "/s", "c1"],
+            &["runtime", "--bundle", "/b", "run", "c1"],
+            &["runtime", "create", "c1"],
+            &["runtime", "run", "--rootx", "/r", "c1"],
+            &["runtime", "run", "-", "c1"],
+            &["runtime", "run", ""],
+            &["runtime"],
+        ] {
+            assert_eq!(fast_run(args), None, "{args:?}");
+        }
     }
 
     #[test]

@@ -433,6 +433,49 @@ fn lifecycle_create_start_kill_delete() {
     assert!(!c.cgroup_dir().exists());
 }
 
+/// A removed container's state directory is kept as a spare for the next
+/// one (a rename instead of an `rmdir`, see `make_state_dir`): the spare
+/// must come back empty, even from a container deleted before `start`
+/// (which still had its `exec.fifo`), and never show as a container.
+#[test]
+fn a_removed_containers_state_directory_is_reused_clean() {
+    if !can_run("spare") {
+        return;
+    }
+    let c = Ctr::new("spare", sh("exit 3"));
+    assert!(c.create().status.success());
+    let out = c.rt(&["delete", &c.id]);
+    assert!(out.status.success(), "delete: {}", stderr(&out));
+    assert!(!c.root.path().join(&c.id).exists());
+    // The same id again, through the directory just removed.
+    let out = c.create();
+    assert!(out.status.success(), "second create: {}", stderr(&out));
+    assert_eq!(c.status(), "created");
+    assert!(c.rt(&["start", &c.id]).status.success());
+    c.wait_status("stopped");
+    let listed = c.rt(&["list", "--format", "json"]);
+    let list: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert!(c.rt(&["delete", &c.id]).status.success());
+    assert_eq!(c.run().0, 3);
+    assert_eq!(c.run().0, 3, "a second run of the same id");
+    let listed = c.rt(&["list", "--format", "json"]);
+    let list: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+    // What is left in the root is spares: names no container id can have,
+    // and empty.
+    for entry in std::fs::read_dir(c.root.path()).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".log") {
+            continue;
+        }
+        assert!(name.contains('~'), "left in the state root: {name}");
+        let inside = std::fs::read_dir(entry.path()).unwrap().count();
+        assert_eq!(inside, 0, "spare {name} is not empty");
+    }
+}
+
 #[test]
 fn delete_force_kills_a_running_container() {
     if !can_run("force") {

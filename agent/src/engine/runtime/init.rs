@@ -128,9 +128,11 @@ pub struct InitArgs<'a> {
     pub start: StartSignal,
     /// Whether the parent must run prestart/createRuntime hooks (`H`).
     pub parent_hooks: bool,
-    /// Whether the parent sends the new network namespace over `go` (see
+    /// The channel that brings the new network namespace (see
     /// [`super::netns`]): the init was cloned without `CLONE_NEWNET`.
-    pub netns_from_parent: bool,
+    pub netns: Option<RawFd>,
+    /// The parent's end of that channel, closed in the child.
+    pub parent_netns: Option<RawFd>,
 }
 
 /// The parent's go message: the init's host pid, then the cgroup v1 `tasks`
@@ -299,6 +301,9 @@ pub fn container_init(args: &InitArgs<'_>) -> ! {
     unsafe {
         libc::close(args.parent_go);
         libc::close(args.parent_report);
+        if let Some(fd) = args.parent_netns {
+            libc::close(fd);
+        }
     }
     let err = match init_steps(args) {
         Ok(never) => match never {},
@@ -385,17 +390,17 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
     let root_fd = mounts::open_rootfs(rootfs)?;
     let mut dev_mounted = false;
     let mut devpts_mounted = false;
-    let mut netns_pending = args.netns_from_parent;
+    let mut netns_pending = args.netns;
     for m in spec.mounts().iter().flatten() {
         if is_cgroup_mount(m) {
             // Mounted once we are in our cgroup namespace, below.
             continue;
         }
         let typ = m.typ().as_deref().unwrap_or("");
-        if netns_pending && typ == "sysfs" {
+        if let Some(channel) = netns_pending.filter(|_| typ == "sysfs") {
             // sysfs shows the network devices of its mounter's namespace.
-            netns::receive_and_join(args.go)?;
-            netns_pending = false;
+            netns::receive_and_join(channel)?;
+            netns_pending = None;
         }
         mounts::mount_one(root_fd.as_fd(), rootfs, &plan.bundle, m)?;
         let dest = m.destination().as_path();
@@ -406,10 +411,10 @@ fn init_steps(args: &InitArgs<'_>) -> StepResult<std::convert::Infallible> {
             devpts_mounted = true;
         }
     }
-    if netns_pending {
+    if let Some(channel) = netns_pending {
         // Before devices, hooks and `lo`: from here on everything sees the
         // container's network namespace, as if `clone` had made it.
-        netns::receive_and_join(args.go)?;
+        netns::receive_and_join(channel)?;
     }
     if dev_mounted {
         devices::create_in_fresh_dev(rootfs, devpts_mounted)?;
@@ -571,7 +576,8 @@ fn is_cgroup_mount(m: &oci_spec::runtime::Mount) -> bool {
 }
 
 /// Brings up `lo` in the container's new network namespace (one ioctl; no
-/// netlink socket needed).
+/// netlink socket needed), unless it is up already: the helper that made
+/// the namespace brings it up too, off this path ([`netns`]).
 fn loopback_up() -> StepResult<()> {
     // SAFETY: plain socket/ioctl calls on a zeroed ifreq we own.
     unsafe {
@@ -584,7 +590,7 @@ fn loopback_up() -> StepResult<()> {
             req.ifr_name[i] = *b as libc::c_char;
         }
         let mut r = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req);
-        if r == 0 {
+        if r == 0 && req.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short == 0 {
             req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
             r = libc::ioctl(sock, libc::SIOCSIFFLAGS, &req);
         }

@@ -16,6 +16,9 @@ pub const STATE_FILE: &str = "state.json";
 /// The fifo the init blocks on until `start`.
 pub const EXEC_FIFO: &str = "exec.fifo";
 
+/// The temporary file [`save`] writes before it renames it to [`STATE_FILE`].
+pub const TEMP_FILE: &str = ".state.json.tmp";
+
 /// Errors reading or writing state.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -68,7 +71,7 @@ pub struct Record {
 /// Writes `record` to `dir/state.json` atomically.
 pub fn save(dir: &Path, record: &Record) -> Result<(), StateError> {
     let path = dir.join(STATE_FILE);
-    let tmp = dir.join(".state.json.tmp");
+    let tmp = dir.join(TEMP_FILE);
     let data = serde_json::to_vec(record).map_err(|e| StateError::Corrupt {
         path: path.clone(),
         reason: e.to_string(),
