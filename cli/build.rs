@@ -40,17 +40,11 @@
 //! in docs/benchmarks.md). The file lists mangled names (stable for a
 //! given toolchain, Cargo.lock and profile); a name the link does not know
 //! is skipped without a warning, so a stale file costs speed, never the
-//! build. Regenerate it after larger changes to the start path: sample
-//! the user-space instruction pointers of `gantry runtime run` loops with
-//! `perf record -F 50000 -e cpu-clock -a` (plus `sched_process_fork` and
-//! `sched_process_exec` to keep the samples of gantry's own processes),
-//! map them to symbols with `nm -n` of the same binary, and write the
-//! names sorted by their address in a link without the file (sampling
-//! misses some short functions: the file is the union of two such
-//! samplings of 600 runs). That order keeps each library's and crate's
-//! functions together, as the plain link does: a shim, once it gave back
-//! its start-up pages, faults back fewer 64 KiB windows for its loop than
-//! with the functions in order of first use (shim PSS, docs/benchmarks.md). `GANTRY_NO_SYMBOL_ORDER=1`, another
+//! build. Regenerate it after larger changes to the start path with
+//! `cli/start-path-order.sh` (as root: it samples the user-space
+//! instruction pointers of 600 `gantry runtime run`s twice with `perf
+//! record`, maps them to functions with `nm` and writes the union in the
+//! order of a link without the file). `GANTRY_NO_SYMBOL_ORDER=1`, another
 //! linker (`-C linker=`, `linker-features`, an older rustc) or target
 //! leaves it out.
 
