@@ -159,8 +159,7 @@ impl FakeAgent {
         let mut client = DispatcherClient::connect(url.to_string())
             .await
             .expect("dispatcher connects");
-        let (tx, rx) = mpsc::channel(64);
-        tx.send(pb::AgentMessage {
+        let hello = || pb::AgentMessage {
             message: Some(pb::agent_message::Message::Hello(pb::Hello {
                 node_id: node.into(),
                 hostname: format!("host-{node}"),
@@ -180,14 +179,24 @@ impl FakeAgent {
                 protocol_version: gantry_proto::PROTOCOL_VERSION,
                 last_generation: 0,
             })),
-        })
-        .await
-        .expect("hello queued");
-        let mut inbound = client
-            .session(ReceiverStream::new(rx))
-            .await
-            .expect("session opens")
-            .into_inner();
+        };
+        // As a real agent does, try again while the controller is not
+        // ready for sessions (UNAVAILABLE: a controller just started may
+        // not have elected itself yet on a busy machine).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (tx, mut inbound) = loop {
+            let (tx, rx) = mpsc::channel(64);
+            tx.send(hello()).await.expect("hello queued");
+            match client.session(ReceiverStream::new(rx)).await {
+                Ok(session) => break (tx, session.into_inner()),
+                Err(status)
+                    if status.code() == tonic::Code::Unavailable && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(status) => panic!("session opens: {status:?}"),
+            }
+        };
         let first = inbound
             .message()
             .await
@@ -1669,7 +1678,7 @@ async fn draining_a_node_moves_its_tasks() {
         }
     })
     .await;
-    let node = c
+    let written = c
         .update_node(pb::UpdateNodeRequest {
             node: "host-n1".into(),
             availability: Some(pb::Availability::Drain as i32),
@@ -1677,6 +1686,14 @@ async fn draining_a_node_moves_its_tasks() {
         })
         .await
         .expect("drain")
+        .into_inner();
+    assert!(written.revision > 0, "{written:?}");
+    let node = c
+        .inspect_node(pb::NodeRef {
+            node: "host-n1".into(),
+        })
+        .await
+        .expect("inspect")
         .into_inner();
     assert_eq!(
         node.spec.expect("spec").availability,

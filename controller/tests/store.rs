@@ -119,6 +119,70 @@ fn cluster() -> (StateMachine, Vec<Command>) {
     (sm, commands)
 }
 
+/// An edit names its node by id or by hostname, resolved at apply: the
+/// node that has the name at that point of the log; an unknown name is
+/// not found and a name two nodes share is refused, changing nothing.
+#[test]
+fn node_spec_edits_resolve_a_hostname_at_apply() {
+    let named = |node: &str, hostname: &str| Command::UpdateNodeStatus {
+        node: node_id(node),
+        status: NodeStatus {
+            hostname: hostname.to_string(),
+            ..NodeStatus::default()
+        },
+    };
+    let edit = |node: &str, v: &str| Command::EditNodeSpec {
+        node: node.to_string(),
+        availability: None,
+        label_add: [("zone".to_string(), v.to_string())].into(),
+        label_rm: Vec::new(),
+        label_default: BTreeMap::new(),
+    };
+    let zone = |sm: &StateMachine, node: &str| {
+        sm.node(&node_id(node))
+            .unwrap()
+            .spec
+            .labels
+            .get("zone")
+            .cloned()
+    };
+    let mut sm = StateMachine::new();
+    let setup = [
+        upsert("a1"),
+        upsert("b2"),
+        named("a1", "web-1"),
+        named("b2", "web-2"),
+    ];
+    for r in run(&mut sm, &setup) {
+        r.expect("setup applies");
+    }
+    run(&mut sm, &[edit("web-2", "eu")])[0]
+        .clone()
+        .expect("by hostname");
+    assert_eq!(zone(&sm, "b2").as_deref(), Some("eu"));
+    assert_eq!(zone(&sm, "a1"), None);
+    run(&mut sm, &[edit("a1", "us")])[0].clone().expect("by id");
+    assert_eq!(zone(&sm, "a1").as_deref(), Some("us"));
+    let err = run(&mut sm, &[edit("web-9", "x")])[0].clone().unwrap_err();
+    assert!(err.contains("web-9") && err.contains("not found"), "{err}");
+    // The name moves: the next edit by it lands on the node that has it now.
+    run(&mut sm, &[named("b2", "web-1")])[0]
+        .clone()
+        .expect("rename");
+    let before = sm.clone();
+    let err = run(&mut sm, &[edit("web-1", "x")])[0].clone().unwrap_err();
+    assert!(err.contains("shared by 2 nodes"), "{err}");
+    assert_eq!(zone(&sm, "a1"), zone(&before, "a1"));
+    assert_eq!(zone(&sm, "b2"), zone(&before, "b2"));
+    run(&mut sm, &[named("a1", "db-1"), edit("web-1", "ap")])
+        .into_iter()
+        .for_each(|r| {
+            r.expect("applies");
+        });
+    assert_eq!(zone(&sm, "b2").as_deref(), Some("ap"));
+    assert_eq!(zone(&sm, "a1").as_deref(), Some("us"));
+}
+
 /// Two `UpdateNode` edits of different labels, proposed from the same read
 /// of the node, both survive: each is applied to the node as the log has
 /// it (the linearizability test found the earlier whole-spec upsert losing
@@ -127,7 +191,7 @@ fn cluster() -> (StateMachine, Vec<Command>) {
 fn node_spec_edits_of_different_labels_both_survive() {
     let (mut sm, _) = cluster();
     let edit = |k: &str, v: &str| Command::EditNodeSpec {
-        node: node_id("n1"),
+        node: "n1".to_string(),
         availability: None,
         label_add: [(k.to_string(), v.to_string())].into(),
         label_rm: Vec::new(),
@@ -140,7 +204,7 @@ fn node_spec_edits_of_different_labels_both_survive() {
     assert_eq!(labels.get("a").map(String::as_str), Some("3"));
     assert_eq!(labels.get("b").map(String::as_str), Some("2"));
     let drop_b = Command::EditNodeSpec {
-        node: node_id("n1"),
+        node: "n1".to_string(),
         availability: Some(Availability::Drain),
         label_add: BTreeMap::new(),
         label_rm: vec!["b".into()],
@@ -151,7 +215,7 @@ fn node_spec_edits_of_different_labels_both_survive() {
     assert_eq!(n1.spec.availability, Availability::Drain);
     assert!(!n1.spec.labels.contains_key("b"));
     let missing = Command::EditNodeSpec {
-        node: node_id("n9"),
+        node: "n9".to_string(),
         availability: None,
         label_add: BTreeMap::new(),
         label_rm: Vec::new(),
@@ -162,7 +226,7 @@ fn node_spec_edits_of_different_labels_both_survive() {
     // An agent's labels at registration fill only what the node lacks: an
     // operator's edit applied just before keeps its value.
     let register = Command::EditNodeSpec {
-        node: node_id("n1"),
+        node: "n1".to_string(),
         availability: None,
         label_add: BTreeMap::new(),
         label_rm: Vec::new(),
@@ -908,7 +972,7 @@ proptest! {
                     for ev in &outcome.events {
                         prop_assert_eq!(ev.revision, index);
                         if ev.kind != EventKind::Deleted {
-                            let version = match &ev.object {
+                            let version = match &*ev.object {
                                 Object::Node(n) => n.version,
                                 Object::Service(s) => s.version,
                                 Object::Task(t) => t.version,

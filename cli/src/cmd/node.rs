@@ -152,19 +152,19 @@ pub fn run(args: Args, controller: &ControllerFlag) -> anyhow::Result<ExitCode> 
                 label_rm,
             } => {
                 let request = pb::UpdateNodeRequest {
-                    node,
+                    node: node.clone(),
                     availability: availability.map(|a| pb::Availability::from(a) as i32),
                     label_add: label_add.into_iter().collect::<BTreeMap<_, _>>(),
                     label_rm,
                 };
-                let wire = client
+                client
                     .call(Repeat::Write, request, |mut c, r| async move {
                         c.update_node(r).await
                     })
                     .await
                     .map_err(|s| client.error(s))?;
-                let node: m::Node = from_wire(wire, "node")?;
-                println!("{}", node.id);
+                // The node as named, as `docker node update` prints it.
+                println!("{node}");
             }
         }
         Ok(ExitCode::SUCCESS)

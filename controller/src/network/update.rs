@@ -137,7 +137,7 @@ impl Changes {
     /// Adds what `events` touched.
     pub fn add(&mut self, events: &[Event]) {
         for e in events {
-            match &e.object {
+            match &*e.object {
                 Object::Node(n) => {
                     self.nodes.insert(n.id.clone());
                 }

@@ -438,6 +438,10 @@ pub struct RaftMetrics {
     pub proposals_committed: u64,
     /// Proposals on this member that failed (outcome unknown).
     pub proposals_failed: u64,
+    /// ReadIndex requests asked again after going unanswered for
+    /// `READ_RETRY` (a leader change, a lost message): each one a read
+    /// that waited at least that long.
+    pub reads_retried: u64,
     /// Snapshots taken or installed.
     pub snapshots: u64,
     /// Proposal latency on this member (propose → applied → answered).

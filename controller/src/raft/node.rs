@@ -895,7 +895,13 @@ impl Loop {
                     self.reads.insert(
                         key,
                         PendingRead {
-                            ctx: key.to_le_bytes().to_vec(),
+                            // Unique in the cluster, not only here: the
+                            // leader keeps one pending read per context and
+                            // drops a second with the same one, so a bare
+                            // key (every member counts from 1) made reads
+                            // from two members collide and one wait for
+                            // READ_RETRY.
+                            ctx: self.route(key, 0),
                             deadline: Instant::now() + self.request_timeout,
                             issued: None,
                             reply,
@@ -1244,16 +1250,21 @@ impl Loop {
         }
         let now = Instant::now();
         let mut due = Vec::new();
+        let mut retried = 0;
         for read in self.reads.values_mut() {
             if read
                 .issued
                 .is_none_or(|t| now.duration_since(t) >= READ_RETRY)
             {
+                retried += u64::from(read.issued.is_some());
                 read.issued = Some(now);
                 due.push(read.ctx.clone());
             }
         }
         let issued = !due.is_empty();
+        if retried > 0 {
+            lock(&self.shared.metrics).reads_retried += retried;
+        }
         for ctx in due {
             self.raw.read_index(ctx);
         }
@@ -1353,12 +1364,9 @@ impl Loop {
 
     fn answer_reads(&mut self, states: Vec<::raft::ReadState>) {
         for state in states {
-            let Some(key) = state
-                .request_ctx
-                .as_slice()
-                .try_into()
-                .ok()
-                .map(u64::from_le_bytes)
+            let Some(key) = Route::decode(&state.request_ctx)
+                .filter(|r| r.node == self.shared.id && r.incarnation == self.incarnation)
+                .map(|r| r.key)
             else {
                 continue;
             };

@@ -501,6 +501,33 @@ async fn three_members_apply_the_same_commands_in_the_same_order() {
     }
 }
 
+/// Linearizable reads on every member at once: a read's context is unique
+/// in the cluster (a leader holds one pending read per context and drops a
+/// second with the same one), so none is lost and asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_on_every_member_at_once_are_all_answered() {
+    let c = TestCluster::grow(3).await;
+    let ids = c.ids();
+    c.wait_leader(&ids).await;
+    let index = c.write(&ids, "k", "v").await;
+    for _ in 0..20 {
+        let mut reads = Vec::new();
+        for &id in &ids {
+            let node = c.node(id);
+            reads.push(tokio::spawn(async move { node.read_index().await }));
+        }
+        for read in reads {
+            let read = read.await.expect("reader").expect("read");
+            assert!(read >= index, "read index {read} before the write {index}");
+        }
+    }
+    let retried: u64 = ids
+        .iter()
+        .map(|&id| c.node(id).metrics().reads_retried)
+        .sum();
+    assert_eq!(retried, 0, "reads were lost and asked again");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn minority_leader_stops_committing_and_heals_without_divergence() {
     let c = TestCluster::grow(3).await;

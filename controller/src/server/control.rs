@@ -19,6 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use gantry_proto::v1 as pb;
 use tokio::sync::mpsc;
@@ -33,7 +34,7 @@ use crate::model::{
     DesiredState, Node, NodeId, NodeState, Service, ServiceId, ServiceMode, Task, TaskId, TaskState,
 };
 use crate::orchestrator::MAX_REPLICAS;
-use crate::store::{Command, EventKind, Object, StateMachine, WatchError};
+use crate::store::{ApplyError, Command, EventKind, Object, StateMachine, WatchError};
 use crate::wire;
 
 /// The Control service.
@@ -289,7 +290,7 @@ fn event_to_wire(event: crate::store::Event) -> pb::Event {
         EventKind::Updated => pb::EventAction::Update,
         EventKind::Deleted => pb::EventAction::Remove,
     };
-    let object = match event.object {
+    let object = match Arc::unwrap_or_clone(event.object) {
         Object::Node(n) => pb::event::Object::Node(n.into()),
         Object::Service(s) => pb::event::Object::Service(s.into()),
         Object::Task(t) => pb::event::Object::Task(t.into()),
@@ -725,23 +726,11 @@ impl pb::control_server::Control for Control {
     async fn update_node(
         &self,
         request: Request<pb::UpdateNodeRequest>,
-    ) -> Result<Response<pb::Node>, Status> {
+    ) -> Result<Response<pb::WriteResponse>, Status> {
         let req = request.into_inner();
-        // No ReadIndex round for a node id this member knows: ids never
-        // change nor return, and the edit is applied by the state machine
-        // to the node as the log has it (NOT_FOUND if it is gone), so a
-        // stale read cannot misdirect it. A hostname (which can move) or an
-        // id not applied here yet gets the linearizable read first.
-        let known = NodeId::new(&req.node)
-            .ok()
-            .and_then(|id| self.store.read(|s| s.node(&id).cloned()));
-        let node = match known {
-            Some(node) => node,
-            None => {
-                self.current().await?;
-                self.store.read(|s| resolve_node(s, &req.node).cloned())?
-            }
-        };
+        if req.node.is_empty() {
+            return Err(Status::invalid_argument("node: must not be empty"));
+        }
         let availability = req
             .availability
             .map(|a| wire::availability_from_wire(a, "availability"))
@@ -752,26 +741,30 @@ impl pb::control_server::Control for Control {
                 "label_add: a label key must not be empty",
             ));
         }
-        // The edit itself, not a spec built from this read: the state
-        // machine applies it to the node as the log has it, so concurrent
+        // The edit itself, with the node as named: the state machine
+        // resolves the name and applies the edit to the node as the log has
+        // it, so no read comes first (none could be stale), and concurrent
         // updates of different labels do not undo each other.
-        self.store
+        let (revision, _) = self
+            .store
             .propose_one(Command::EditNodeSpec {
-                node: node.id.clone(),
+                node: req.node,
                 availability,
                 label_add: req.label_add,
                 label_rm: req.label_rm,
                 label_default: BTreeMap::new(),
             })
             .await
-            .map_err(state_status)?;
-        self.store
-            .read(|s| {
-                s.node(&node.id)
-                    .map(|n| n.clone().into())
-                    .ok_or_else(|| Status::not_found(format!("node {} not found", node.id)))
-            })
-            .map(Response::new)
+            .map_err(|e| match e {
+                // A hostname several nodes share: bad input, as before the
+                // name was resolved at apply.
+                StateError::Refused {
+                    source: source @ ApplyError::Invalid { .. },
+                    ..
+                } => Status::invalid_argument(source.to_string()),
+                e => state_status(e),
+            })?;
+        Ok(Response::new(pb::WriteResponse { revision }))
     }
 
     async fn remove_node(

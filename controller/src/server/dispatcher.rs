@@ -440,7 +440,7 @@ impl Dispatcher {
             // saves a proposal when there is nothing to add.
             Some(node) if reg.labels.keys().any(|k| !node.spec.labels.contains_key(k)) => commands
                 .push(Command::EditNodeSpec {
-                    node: reg.node.clone(),
+                    node: reg.node.to_string(),
                     availability: None,
                     label_add: BTreeMap::new(),
                     label_rm: Vec::new(),
@@ -706,7 +706,7 @@ impl Dispatcher {
         let mut changes = Vec::new();
         let mut generation = 0;
         for event in events {
-            let Object::Task(task) = event.object else {
+            let Object::Task(task) = &*event.object else {
                 continue;
             };
             if task.node.as_ref() != Some(node) {
@@ -716,7 +716,7 @@ impl Dispatcher {
                 EventKind::Deleted => {
                     if sent.remove(&task.id).is_some() {
                         generation = event.revision;
-                        changes.push(AssignmentChange::Remove(task.id));
+                        changes.push(AssignmentChange::Remove(task.id.clone()));
                     }
                 }
                 EventKind::Created | EventKind::Updated => {
@@ -725,12 +725,12 @@ impl Dispatcher {
                         Some(g) => g != task.generation,
                         // A task the agent never had is only worth sending
                         // while it is wanted, and once it is assigned.
-                        None => task.desired_state == DesiredState::Running && is_assigned(&task),
+                        None => task.desired_state == DesiredState::Running && is_assigned(task),
                     };
                     if relevant {
                         sent.insert(task.id.clone(), task.generation);
                         generation = event.revision;
-                        changes.push(AssignmentChange::Update(task));
+                        changes.push(AssignmentChange::Update(task.clone()));
                     }
                 }
             }

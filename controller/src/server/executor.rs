@@ -135,7 +135,7 @@ pub async fn run_orchestrator(store: StoreFront, shutdown: impl Future<Output = 
 fn orchestrator_scope(events: &[Event]) -> Scope {
     let mut services = BTreeSet::new();
     for e in events {
-        match &e.object {
+        match &*e.object {
             Object::Node(_) => return Scope::All,
             Object::Service(s) => {
                 services.insert(s.id.clone());
@@ -433,7 +433,7 @@ pub async fn run_task_history(store: StoreFront, shutdown: impl Future<Output = 
         let relevant = events.is_none_or(|events| {
             events
                 .iter()
-                .any(|e| matches!(&e.object, Object::Task(_) | Object::Service(_)))
+                .any(|e| matches!(&*e.object, Object::Task(_) | Object::Service(_)))
         });
         async move {
             if relevant {

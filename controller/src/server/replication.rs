@@ -797,6 +797,12 @@ pub fn metrics_text(store: &StoreFront) -> String {
         m.proposals_failed as f64,
     );
     gauge(
+        "gantry_raft_reads_retried_total",
+        "Linearizable reads asked again after going unanswered for 200 ms.",
+        "counter",
+        m.reads_retried as f64,
+    );
+    gauge(
         "gantry_raft_log_writes_total",
         "Ready writes to the durable log (one fsync each).",
         "counter",

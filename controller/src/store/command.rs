@@ -85,8 +85,13 @@ pub enum Command {
     /// [`Command::UpsertNode`] built from a read of the spec would put back
     /// labels another edit had just changed).
     EditNodeSpec {
-        /// The node.
-        node: NodeId,
+        /// The node: its id, or its hostname when no node has that id (the
+        /// one node with it; several are refused). Resolved at apply, so
+        /// an edit by name needs no linearizable read before it and lands
+        /// on the node the name means at that point of the log, as
+        /// `gantry node update NAME` expects. Older entries hold ids, which
+        /// resolve to themselves.
+        node: String,
         /// The new availability, if it changes.
         availability: Option<Availability>,
         /// Labels to add or overwrite.
@@ -255,4 +260,46 @@ pub fn decode(bytes: &[u8]) -> Result<Command, CommandError> {
     }
     let envelope: EnvelopeIn = serde_json::from_slice(bytes).map_err(CommandError::Malformed)?;
     Ok(envelope.command)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Command {
+        Command::RemoveNode {
+            node: NodeId::new("n1").expect("valid"),
+        }
+    }
+
+    #[test]
+    fn a_command_round_trips() {
+        let bytes = encode(&sample()).expect("encodes");
+        assert_eq!(decode(&bytes).expect("decodes"), sample());
+    }
+
+    /// Another version is named as such, whether or not its command would
+    /// parse as this version's.
+    #[test]
+    fn another_version_is_refused_by_number() {
+        let parses = br#"{"v":2,"command":{"type":"remove-node","node":"n1"}}"#;
+        let does_not = br#"{"v":2,"command":{"type":"teleport-node","to":"mars"}}"#;
+        for bytes in [&parses[..], &does_not[..]] {
+            match decode(bytes) {
+                Err(CommandError::UnsupportedVersion {
+                    found: 2,
+                    supported: COMMAND_VERSION,
+                }) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(
+            decode(br#"{"v":1,"command":{"type":"teleport-node"}}"#),
+            Err(CommandError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode(b"not json"),
+            Err(CommandError::Malformed(_))
+        ));
+    }
 }

@@ -10,8 +10,10 @@
 //! **Invariant:** every object's `version` is the log index of the command
 //! that last changed it, and the applied index is at least every version.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -355,7 +357,9 @@ impl StateMachine {
     fn execute(&mut self, index: u64, command: &Command) -> Result<Vec<Event>, ApplyError> {
         let name = command.name();
         match command {
-            Command::UpsertNode { node, spec } => self.upsert_node(index, name, node, spec),
+            Command::UpsertNode { node, spec } => {
+                self.upsert_node(index, name, node, Cow::Borrowed(spec))
+            }
             Command::EditNodeSpec {
                 node,
                 availability,
@@ -363,7 +367,8 @@ impl StateMachine {
                 label_rm,
                 label_default,
             } => {
-                let current = self.nodes.get(node).ok_or_else(|| not_found(name, node))?;
+                let id = self.resolve_node(name, node)?;
+                let current = &self.nodes[&id];
                 let mut spec = current.spec.clone();
                 for (k, v) in label_default {
                     spec.labels.entry(k.clone()).or_insert_with(|| v.clone());
@@ -376,7 +381,7 @@ impl StateMachine {
                 for k in label_rm {
                     spec.labels.remove(k);
                 }
-                self.upsert_node(index, name, node, &spec)
+                self.upsert_node(index, name, &id, Cow::Owned(spec))
             }
             Command::RemoveNode { node } => {
                 let removed = self
@@ -438,17 +443,52 @@ impl StateMachine {
         }
     }
 
+    /// The node `reference` names: the node with that id, else the one node
+    /// with that hostname (the rule `gantry node` commands follow).
+    fn resolve_node(&self, name: &'static str, reference: &str) -> Result<NodeId, ApplyError> {
+        if let Ok(id) = NodeId::new(reference)
+            && self.nodes.contains_key(&id)
+        {
+            return Ok(id);
+        }
+        let named: Vec<&NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| n.status.hostname == reference)
+            .map(|n| &n.id)
+            .collect();
+        match named.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(ApplyError::NotFound {
+                command: name,
+                kind: "node",
+                id: reference.to_string(),
+            }),
+            several => Err(invalid(
+                name,
+                "node",
+                &reference,
+                "node",
+                format!(
+                    "hostname {reference} is shared by {} nodes; name one by id",
+                    several.len()
+                ),
+            )),
+        }
+    }
+
     fn upsert_node(
         &mut self,
         index: u64,
         name: &'static str,
         id: &NodeId,
-        spec: &NodeSpec,
+        // Owned when the caller built it (an edit), so it moves in uncopied.
+        spec: Cow<'_, NodeSpec>,
     ) -> Result<Vec<Event>, ApplyError> {
         match self.nodes.get_mut(id) {
             Some(node) if node.spec == *spec => Ok(Vec::new()),
             Some(node) => {
-                node.spec = spec.clone();
+                node.spec = spec.into_owned();
                 node.version = index;
                 Ok(vec![event(
                     index,
@@ -476,7 +516,7 @@ impl StateMachine {
                 };
                 let node = Node {
                     id: id.clone(),
-                    spec: spec.clone(),
+                    spec: spec.into_owned(),
                     status: NodeStatus::default(),
                     version: index,
                     subnet,
@@ -1201,7 +1241,7 @@ fn event(revision: u64, kind: EventKind, object: Object) -> Event {
     Event {
         revision,
         kind,
-        object,
+        object: Arc::new(object),
     }
 }
 

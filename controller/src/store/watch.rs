@@ -92,8 +92,11 @@ pub struct Event {
     pub revision: u64,
     /// Created, updated or deleted.
     pub kind: EventKind,
-    /// The object after the change (its last state for a deletion).
-    pub object: Object,
+    /// The object after the change (its last state for a deletion). Shared:
+    /// the hub's history, every watcher and the proposer hold the same one,
+    /// so handing an event on never copies the object (a node's labels, a
+    /// service's spec).
+    pub object: Arc<Object>,
 }
 
 /// The retained history, shared by the hub and its streams.
@@ -376,13 +379,13 @@ mod tests {
         Event {
             revision,
             kind: EventKind::Created,
-            object: Object::Node(Node {
+            object: Arc::new(Object::Node(Node {
                 id: NodeId::new(id).expect("valid"),
                 spec: NodeSpec::default(),
                 status: NodeStatus::default(),
                 version: revision,
                 subnet: None,
-            }),
+            })),
         }
     }
 
