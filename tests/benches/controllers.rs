@@ -4,8 +4,8 @@
 //!
 //! Run: `cargo bench -p gantry-tests --bench controllers` as root. It first
 //! brings the release `gantry` binary up to date (or measures `GANTRY_BIN`)
-//! and installs nothing: etcd must be there (`apt-get install -y
-//! etcd-server`), else it prints `SKIPPED`.
+//! and installs etcd when it is missing (`apt-get install etcd-server`);
+//! when that fails it prints `SKIPPED` with the reason.
 //!
 //! Measured:
 //! - **writes**: N concurrent clients (1, 16, 256), each its own HTTP/2

@@ -311,11 +311,14 @@ fn main() {
         row("remove_service", &remove),
         row("full_reload_same_size", &reload),
     ];
-    let wrk_rows = if Command::new("wrk").arg("--version").output().is_ok() {
-        wrk_bench()
-    } else {
-        println!("SKIPPED (data path): wrk is not installed (apt-get install wrk)");
-        Vec::new()
+    // wrk is installed when missing, as the container-start bench installs
+    // runc and crun.
+    let wrk_rows = match gantry_tests::peers::find_or_install("wrk") {
+        Ok(_) => wrk_bench(),
+        Err(err) => {
+            println!("SKIPPED (data path): {err}");
+            Vec::new()
+        }
     };
     let workspace = workspace_root();
     let report = json!({

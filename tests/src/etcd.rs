@@ -46,14 +46,23 @@ pub struct EtcdCluster {
     pub cluster: Cluster,
 }
 
-/// Whether etcd can run here: `None` when it can, else why not.
+/// Whether etcd can run here: `None` when it can, else why not. A missing
+/// etcd is installed first (Debian's `etcd-server`, as the container-start
+/// bench installs runc and crun); on a machine with systemd the package
+/// also starts a host-wide `etcd.service`, which the benchmark neither uses
+/// nor stops.
 pub fn missing_etcd() -> Option<String> {
-    if !Path::new(ETCD_BIN).exists() {
-        return Some(format!(
-            "needs etcd ({ETCD_BIN}; apt-get install -y etcd-server)"
-        ));
+    if Path::new(ETCD_BIN).exists() {
+        return None;
     }
-    None
+    match crate::peers::find_or_install("etcd") {
+        Ok(_) if Path::new(ETCD_BIN).exists() => None,
+        Ok(found) => Some(format!(
+            "needs etcd at {ETCD_BIN}; found {} instead",
+            found.display()
+        )),
+        Err(err) => Some(format!("needs etcd ({ETCD_BIN}): {err}")),
+    }
 }
 
 /// `etcd --version`'s first line (`etcd Version: 3.4.23`).

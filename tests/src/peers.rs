@@ -133,7 +133,10 @@ impl OciRuntime {
 
 /// The Debian package that provides `binary`, where it differs in name.
 fn package_of(binary: &str) -> &str {
-    binary
+    match binary {
+        "etcd" => "etcd-server",
+        other => other,
+    }
 }
 
 /// `binary` from `PATH` or the usual system directories (`runc` is in
@@ -178,12 +181,22 @@ pub fn find_or_install(binary: &str) -> Result<PathBuf, PeersError> {
         reason,
     };
     let apt = find_binary("apt-get").ok_or_else(|| not_installed("no apt-get".into()))?;
-    let output = Command::new(apt)
-        .args(["install", "-y", "--no-install-recommends", package])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| not_installed(e.to_string()))?;
+    let apt_get = |args: &[&str]| {
+        Command::new(&apt)
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| not_installed(e.to_string()))
+    };
+    let install = ["install", "-y", "--no-install-recommends", package];
+    let mut output = apt_get(&install)?;
+    if !output.status.success() {
+        // A fresh machine may have no package lists yet (what
+        // deploy/lib.sh's `apt-get update` does for the scripts).
+        apt_get(&["update", "-qq"])?;
+        output = apt_get(&install)?;
+    }
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let last = stderr.lines().last().unwrap_or("").trim().to_string();
