@@ -32,7 +32,7 @@ pub fn gantry_bin() -> PathBuf {
     let bin = profile_dir.join("gantry");
     assert!(
         bin.exists(),
-        "{} is missing: run `cargo build --bin gantry` first (tests/run-all.sh does)",
+        "{} is missing: run `cargo build --bin gantry` first (deploy/test-all.sh does)",
         bin.display()
     );
     bin

@@ -453,14 +453,15 @@ fn a_removed_containers_state_directory_is_reused_clean() {
     assert_eq!(c.status(), "created");
     assert!(c.rt(&["start", &c.id]).status.success());
     c.wait_status("stopped");
-    let listed = c.rt(&["list", "--format", "json"]);
-    let list: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let listed = || -> serde_json::Value {
+        serde_json::from_slice(&c.rt(&["list", "--format", "json"]).stdout).unwrap()
+    };
+    let list = listed();
     assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
     assert!(c.rt(&["delete", &c.id]).status.success());
     assert_eq!(c.run().0, 3);
     assert_eq!(c.run().0, 3, "a second run of the same id");
-    let listed = c.rt(&["list", "--format", "json"]);
-    let list: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let list = listed();
     assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
     // What is left in the root is spares: names no container id can have,
     // and empty.
